@@ -1,0 +1,195 @@
+"""Rotary position embeddings: frequencies for every scaling transformers knows, and how to apply them.
+
+The formulas follow transformers' `modeling_rope_utils.py` exactly (same float32 arithmetic), so that cos/sin are
+bit-comparable with the reference; analyses that want float64 pass `dtype=torch.float64`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import torch
+
+ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
+
+
+@dataclass(frozen=True)
+class RopeParams:
+    """One RoPE setting. `rope_type` selects the scaling; unused fields are ignored by that scaling."""
+
+    theta: float = 10000.0
+    rope_type: str = "default"
+    factor: float = 1.0
+    partial_rotary_factor: float = 1.0
+    original_max_position_embeddings: int | None = None  # yarn, llama3; dynamic uses max_position_embeddings
+    max_position_embeddings: int | None = None  # the model's, needed by dynamic NTK and yarn without factor
+    low_freq_factor: float = 1.0  # llama3
+    high_freq_factor: float = 4.0  # llama3
+    beta_fast: float = 32.0  # yarn
+    beta_slow: float = 1.0  # yarn
+    attention_factor: float | None = None  # yarn: None -> 0.1 ln(s) + 1
+    mscale: float | None = None  # yarn (DeepSeek variant)
+    mscale_all_dim: float | None = None
+    truncate: bool = True  # yarn
+
+    def __post_init__(self):
+        if self.rope_type not in ROPE_TYPES:
+            raise ValueError(f"unsupported rope_type {self.rope_type!r} (supported: {', '.join(ROPE_TYPES)})")
+        if self.theta <= 0:
+            raise ValueError(f"rope theta must be positive, got {self.theta}")
+        if self.rope_type != "default" and self.factor <= 0:
+            raise ValueError(f"rope factor must be positive, got {self.factor}")
+        if self.rope_type in ("yarn", "llama3") and self.original_max_position_embeddings is None:
+            raise ValueError(f"rope_type {self.rope_type!r} needs original_max_position_embeddings")
+        if self.rope_type == "dynamic" and self.max_position_embeddings is None:
+            raise ValueError("rope_type 'dynamic' needs max_position_embeddings")
+
+    def replace(self, **changes) -> "RopeParams":
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_hf(cls, params: dict, *, max_position_embeddings: int | None) -> "RopeParams":
+        """From a transformers `rope_parameters` / `rope_scaling` dict (with `rope_theta` merged in)."""
+        known = {
+            "rope_type", "type", "rope_theta", "factor", "partial_rotary_factor", "original_max_position_embeddings",
+            "low_freq_factor", "high_freq_factor", "beta_fast", "beta_slow", "attention_factor", "mscale",
+            "mscale_all_dim", "truncate",
+        }
+        unknown = set(params) - known
+        if unknown:
+            raise ValueError(f"unsupported rope parameters {sorted(unknown)}")
+        rope_type = params.get("rope_type", params.get("type", "default"))
+        kw = dict(theta=float(params.get("rope_theta", 10000.0)), rope_type=rope_type, max_position_embeddings=max_position_embeddings)
+        for key in ("factor", "partial_rotary_factor", "low_freq_factor", "high_freq_factor", "beta_fast", "beta_slow"):
+            if params.get(key) is not None:
+                kw[key] = float(params[key])
+        for key in ("attention_factor", "mscale", "mscale_all_dim"):
+            if params.get(key) is not None:
+                kw[key] = float(params[key])
+        if params.get("original_max_position_embeddings") is not None:
+            kw["original_max_position_embeddings"] = int(params["original_max_position_embeddings"])
+        if "truncate" in params:
+            kw["truncate"] = bool(params["truncate"])
+        if rope_type == "yarn" and params.get("factor") is None:
+            # transformers: factor defaults to max_position_embeddings / original_max_position_embeddings
+            kw["factor"] = max_position_embeddings / kw["original_max_position_embeddings"]
+        return cls(**kw)
+
+    def to_hf(self) -> dict:
+        """The transformers `rope_parameters` dict for this setting (inverse of `from_hf`)."""
+        out = {"rope_type": self.rope_type, "rope_theta": self.theta}
+        if self.partial_rotary_factor != 1.0:
+            out["partial_rotary_factor"] = self.partial_rotary_factor
+        if self.rope_type != "default":
+            out["factor"] = self.factor
+        if self.rope_type in ("yarn", "llama3"):
+            out["original_max_position_embeddings"] = self.original_max_position_embeddings
+        if self.rope_type == "llama3":
+            out.update(low_freq_factor=self.low_freq_factor, high_freq_factor=self.high_freq_factor)
+        if self.rope_type == "yarn":
+            out.update(beta_fast=self.beta_fast, beta_slow=self.beta_slow, truncate=self.truncate)
+            for key in ("attention_factor", "mscale", "mscale_all_dim"):
+                if getattr(self, key) is not None:
+                    out[key] = getattr(self, key)
+        return out
+
+
+def rotary_dim(params: RopeParams, head_dim: int) -> int:
+    return int(head_dim * params.partial_rotary_factor)
+
+
+def _base_inv_freq(base: float, dim: int, dtype: torch.dtype) -> torch.Tensor:
+    # transformers: 1 / base ** (arange(0, dim, 2, int64).float() / dim)
+    return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).to(dtype) / dim))
+
+
+def inv_freq(params: RopeParams, head_dim: int, seq_len: int | None = None, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies θ_i [rotary_dim // 2] and the cos/sin scaling factor (YaRN's attention factor, else 1).
+
+    `seq_len` (the current total length) only matters for dynamic NTK, which rescales once it exceeds the window.
+    """
+    dim = rotary_dim(params, head_dim)
+    base, factor = params.theta, params.factor
+    if params.rope_type == "default":
+        return _base_inv_freq(base, dim, dtype), 1.0
+    if params.rope_type == "linear":
+        return _base_inv_freq(base, dim, dtype) / factor, 1.0
+    if params.rope_type == "dynamic":
+        max_pos = params.max_position_embeddings
+        seq_len = max(seq_len or max_pos, max_pos)
+        base = base * ((factor * seq_len / max_pos) - (factor - 1)) ** (dim / (dim - 2))
+        return _base_inv_freq(base, dim, dtype), 1.0
+    if params.rope_type == "llama3":
+        return _llama3_inv_freq(params, dim, dtype), 1.0
+    if params.rope_type == "yarn":
+        return _yarn_inv_freq(params, dim, dtype)
+    raise AssertionError(params.rope_type)
+
+
+def _llama3_inv_freq(p: RopeParams, dim: int, dtype: torch.dtype) -> torch.Tensor:
+    freq = _base_inv_freq(p.theta, dim, dtype)
+    old_len = p.original_max_position_embeddings
+    low_freq_wavelen = old_len / p.low_freq_factor
+    high_freq_wavelen = old_len / p.high_freq_factor
+    wavelen = 2 * math.pi / freq
+    scaled = torch.where(wavelen > low_freq_wavelen, freq / p.factor, freq)
+    smooth = (old_len / wavelen - p.low_freq_factor) / (p.high_freq_factor - p.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / p.factor + smooth * scaled
+    is_medium = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def _yarn_inv_freq(p: RopeParams, dim: int, dtype: torch.dtype) -> tuple[torch.Tensor, float]:
+    base, factor = p.theta, p.factor
+    if p.attention_factor is not None:
+        attention_factor = p.attention_factor
+    elif p.mscale and p.mscale_all_dim:
+        attention_factor = float(yarn_mscale(factor, p.mscale) / yarn_mscale(factor, p.mscale_all_dim))
+    else:
+        attention_factor = yarn_mscale(factor)
+
+    def correction_dim(num_rotations: float) -> float:
+        return (dim * math.log(p.original_max_position_embeddings / (num_rotations * 2 * math.pi))) / (2 * math.log(base))
+
+    low, high = correction_dim(p.beta_fast), correction_dim(p.beta_slow)
+    if p.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # transformers: prevent a singular ramp
+    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1).to(dtype)
+    pos_freqs = base ** (torch.arange(0, dim, 2).to(dtype) / dim)
+    extrapolation, interpolation = 1.0 / pos_freqs, 1.0 / (factor * pos_freqs)
+    extrapolation_weight = 1 - ramp
+    return interpolation * (1 - extrapolation_weight) + extrapolation * extrapolation_weight, attention_factor
+
+
+def rope_cos_sin(params: RopeParams, head_dim: int, positions: torch.Tensor, seq_len: int | None = None, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [batch, pos, rotary_dim] for integer `positions` [batch, pos], computed in float32 like transformers."""
+    freq, scaling = inv_freq(params, head_dim, seq_len=seq_len)
+    freq = freq.to(positions.device)
+    angles = positions[..., None].float() * freq  # [batch, pos, rotary_dim / 2]
+    emb = torch.cat((angles, angles), dim=-1)  # [batch, pos, rotary_dim]
+    return (emb.cos() * scaling).to(dtype), (emb.sin() * scaling).to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """[x1, x2] -> [-x2, x1] over the last dim: the "rotate_half" (non-interleaved) RoPE layout of Llama."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x [batch, pos, head, d_head] by cos/sin [batch, pos, rotary_dim]; dims past rotary_dim pass through."""
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]  # broadcast over heads
+    rot = cos.shape[-1]
+    if rot == x.shape[-1]:
+        return x * cos + rotate_half(x) * sin
+    x_rot, x_pass = x[..., :rot], x[..., rot:]
+    return torch.cat((x_rot * cos + rotate_half(x_rot) * sin, x_pass), dim=-1)
