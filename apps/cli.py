@@ -1,0 +1,34 @@
+"""The `residscope` command line. Each feature registers its commands from its own module (`register(app)`),
+so heavy imports (torch, transformers) happen inside the commands, not at start-up."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+app = typer.Typer(
+    name="residscope",
+    help="Look inside decoder-only LLMs and cut them: hooks, positional analyses, ShortGPT pruning.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+# One module per feature; each defines register(app).
+from . import cli_models  # noqa: E402
+
+for _module in (cli_models,):
+    _module.register(app)
+
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: user errors become one line on stderr and exit code 2."""
+    from .errors import run_cli
+
+    run_cli(app, argv if argv is not None else sys.argv[1:])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,36 @@
+"""Turn the library's input errors into one-line messages for the CLI (no tracebacks for bad input)."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+
+def user_error_types() -> tuple[type[BaseException], ...]:
+    # FileNotFoundError / ValueError subclasses carry messages that already name the file, key or argument.
+    from residscope.model.config import ConfigError
+    from residscope.model.errors import CheckpointError
+
+    return (ConfigError, CheckpointError, FileNotFoundError, ValueError, KeyError)
+
+
+def run_cli(app: typer.Typer, argv: list[str]) -> None:
+    try:
+        app(args=argv, standalone_mode=False)
+    except typer.Exit as e:  # normal exit with a code
+        sys.exit(e.exit_code)
+    except typer.Abort:
+        print("residscope: aborted", file=sys.stderr)
+        sys.exit(130)
+    except Exception as e:  # noqa: BLE001 - classify below
+        import click
+
+        if isinstance(e, click.exceptions.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        if isinstance(e, user_error_types()):
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            print(f"residscope: error: {msg}", file=sys.stderr)
+            sys.exit(2)
+        raise

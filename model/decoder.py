@@ -1,0 +1,519 @@
+"""The hookable decoder: one pre-norm transformer covering Llama 2 / SmolLM2, Mistral, Qwen2, Gemma 3 and Baichuan 2.
+
+Hook names follow TransformerLens, so `run_with_cache`, `run_with_hooks` and `ActivationCache` work unchanged:
+    hook_embed
+    blocks.{i}.hook_resid_pre / hook_attn_out / hook_resid_mid / hook_mlp_out / hook_resid_post
+    blocks.{i}.ln1.hook_normalized, blocks.{i}.ln2.hook_normalized
+    blocks.{i}.attn.hook_q / hook_k / hook_v        [batch, pos, head, d_head]  (k, v: key/value heads)
+    blocks.{i}.attn.hook_rot_q / hook_rot_k         [batch, pos, head, d_head]  (after RoPE)
+    blocks.{i}.attn.hook_attn_scores / hook_pattern [batch, head, q_pos, k_pos] (explicit path only)
+    blocks.{i}.attn.hook_z                          [batch, pos, head, d_head]
+    blocks.{i}.mlp.hook_pre / hook_pre_linear / hook_post  [batch, pos, d_mlp]
+    ln_final.hook_normalized
+Attention runs through SDPA unless a hook is attached to `hook_attn_scores` or `hook_pattern` (or the layer needs
+logit soft-capping); then an explicit path computes the same result and exposes scores and pattern.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformer_lens import HookedRootModule
+from transformer_lens.hook_points import HookPoint
+
+from .config import DecoderConfig
+from .rope import RopeParams, apply_rope, rope_cos_sin
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# small pure helpers
+# ---------------------------------------------------------------------------------------------------------------------
+def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """[batch, kv_head, pos, d_head] -> [batch, kv_head * n_rep, pos, d_head]; KV head j serves query heads j*n_rep..+n_rep-1."""
+    if n_rep == 1:
+        return x
+    b, kvh, p, d = x.shape
+    return x[:, :, None].expand(b, kvh, n_rep, p, d).reshape(b, kvh * n_rep, p, d)
+
+
+def alibi_slopes(n_heads: int) -> torch.Tensor:
+    """ALiBi slopes [n_heads]: 2^(-8(h+1)/n) for a power of two n; otherwise the closest power of two c's slopes,
+    then every other slope of the 2c sequence for the remaining n - c heads (Press et al.; Baichuan 2 13B)."""
+
+    def power_of_two_slopes(n: int) -> list[float]:
+        start = 2 ** (-(2 ** -(torch.log2(torch.tensor(float(n))).item() - 3)))
+        return [start * start**i for i in range(n)]
+
+    closest = 2 ** int(torch.log2(torch.tensor(float(n_heads))).floor().item())
+    slopes = power_of_two_slopes(closest)
+    if closest < n_heads:
+        slopes += power_of_two_slopes(2 * closest)[0::2][: n_heads - closest]
+    return torch.tensor(slopes, dtype=torch.float32)
+
+
+def attention_allowed(q_idx: torch.Tensor, k_idx: torch.Tensor, window: int | None) -> torch.Tensor:
+    """Bool [q, k]: causal (j <= i), and within the window (i - W < j) when one is set."""
+    allowed = k_idx[None, :] <= q_idx[:, None]
+    if window is not None:
+        allowed &= k_idx[None, :] > q_idx[:, None] - window
+    return allowed
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# per-forward position state shared by all layers
+# ---------------------------------------------------------------------------------------------------------------------
+@dataclass
+class Positions:
+    """What every attention layer needs to know about positions in one forward call.
+
+    positions: [batch, q_pos] integer position ids of the new tokens (RoPE); key_valid: [batch, k_pos] bool, False for
+    padding (None when there is none); past: number of cached tokens before the new ones.
+    """
+
+    positions: torch.Tensor
+    key_valid: torch.Tensor | None
+    past: int
+    _cos_sin: dict = field(default_factory=dict)
+    _masks: dict = field(default_factory=dict)
+
+    @property
+    def q_len(self) -> int:
+        return self.positions.shape[1]
+
+    @property
+    def k_len(self) -> int:
+        return self.past + self.q_len
+
+    def cos_sin(self, params: RopeParams, head_dim: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (params, head_dim, dtype)
+        if key not in self._cos_sin:
+            # dynamic NTK rescales from the current total length, like transformers' dynamic_rope_update
+            seq_len = int(self.positions.max().item()) + 1
+            self._cos_sin[key] = rope_cos_sin(params, head_dim, self.positions, seq_len=seq_len, dtype=dtype)
+        return self._cos_sin[key]
+
+    def needs_mask(self, window: int | None) -> bool:
+        """False when plain `is_causal` attention is exact: no padding, no past, and the window covers everything."""
+        return self.key_valid is not None or self.past > 0 or (window is not None and window < self.k_len)
+
+    def mask(self, window: int | None) -> torch.Tensor:
+        """Bool [batch or 1, 1, q_pos, k_pos]: True where query i may attend key j."""
+        if window not in self._masks:
+            device = self.positions.device
+            q_idx = torch.arange(self.past, self.k_len, device=device)
+            k_idx = torch.arange(self.k_len, device=device)
+            allowed = attention_allowed(q_idx, k_idx, window)[None, None]  # [1, 1, q, k]
+            if self.key_valid is not None:
+                allowed = allowed & self.key_valid[:, None, None, :]
+                # a padding query may have no visible key: let it see itself so softmax stays finite (output unused)
+                allowed = allowed | (q_idx[:, None] == k_idx[None, :])[None, None]
+            self._masks[window] = allowed
+        return self._masks[window]
+
+
+class KVCache:
+    """Keys (after RoPE) and values per attention module, [batch, kv_head, pos, d_head], grown by each forward.
+
+    Keyed by module rather than layer number, so a cache stays valid on a model whose layers were removed.
+    """
+
+    def __init__(self):
+        self.entries: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.attention_mask: torch.Tensor | None = None  # [batch, pos] of everything cached so far
+        self.length = 0  # tokens cached so far
+
+    def update(self, attn: nn.Module, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        old = self.entries.get(attn)
+        if old is not None:
+            k, v = torch.cat((old[0], k), dim=2), torch.cat((old[1], v), dim=2)
+        self.entries[attn] = (k, v)
+        return k, v
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# modules
+# ---------------------------------------------------------------------------------------------------------------------
+class RMSNorm(nn.Module):
+    """RMSNorm computed in float32. offset 0: Llama's w * normed.to(dtype); offset 1: Gemma's (normed * (1 + w)).to(dtype)."""
+
+    def __init__(self, d: int, eps: float, offset: float = 0.0):
+        super().__init__()
+        self.eps, self.offset = eps, offset
+        self.weight = nn.Parameter(torch.zeros(d) if offset else torch.ones(d))
+        self.hook_normalized = HookPoint()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.offset:
+            out = (normed * (self.offset + self.weight.float())).type_as(x)
+        else:
+            out = self.weight * normed.to(x.dtype)
+        return self.hook_normalized(out)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: DecoderConfig, layer: int):
+        super().__init__()
+        self.cfg, self.layer = cfg, layer
+        h, kvh, d = cfg.n_heads, cfg.n_kv_heads, cfg.d_head
+        self.q_proj = nn.Linear(cfg.d_model, h * d, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.d_model, kvh * d, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.d_model, kvh * d, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(h * d, cfg.d_model, bias=cfg.o_bias)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(d, cfg.norm_eps, cfg.norm_offset)
+            self.k_norm = RMSNorm(d, cfg.norm_eps, cfg.norm_offset)
+        if cfg.positional == "alibi":
+            self.register_buffer("alibi_slopes", alibi_slopes(h), persistent=False)
+        # run-time positional knobs (see Decoder.set_rope / set_window / set_attn_logit_scale)
+        self.rope: RopeParams | None = cfg.rope_of(layer)
+        self.window: int | None = cfg.window_of(layer)
+        self.logit_scale: float = 1.0
+        for name in ("q", "k", "v", "rot_q", "rot_k", "attn_scores", "pattern", "z"):
+            setattr(self, f"hook_{name}", HookPoint())
+
+    def wants_pattern(self) -> bool:
+        hooked = any(hp._forward_hooks or hp._backward_hooks for hp in (self.hook_attn_scores, self.hook_pattern))
+        return hooked or self.cfg.attn_softcap is not None
+
+    def forward(self, x: torch.Tensor, pos: Positions, cache: KVCache | None = None) -> torch.Tensor:
+        cfg = self.cfg
+        b, p, _ = x.shape
+        q = self.hook_q(self._maybe_norm("q_norm", self.q_proj(x).view(b, p, cfg.n_heads, cfg.d_head)))  # [batch, pos, head, d_head]
+        k = self.hook_k(self._maybe_norm("k_norm", self.k_proj(x).view(b, p, cfg.n_kv_heads, cfg.d_head)))  # [batch, pos, kv_head, d_head]
+        v = self.hook_v(self.v_proj(x).view(b, p, cfg.n_kv_heads, cfg.d_head))  # [batch, pos, kv_head, d_head]
+        if self.rope is not None:
+            cos, sin = pos.cos_sin(self.rope, cfg.d_head, q.dtype)  # [batch, pos, rotary_dim]
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = self.hook_rot_q(q), self.hook_rot_k(k)
+
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [batch, head, pos, d_head]
+        if cache is not None:
+            k, v = cache.update(self, k, v)  # [batch, kv_head, past + pos, d_head]
+        scale = cfg.scale * self.logit_scale
+        if self.wants_pattern():
+            z = self._explicit(q, k, v, pos, scale)
+        else:
+            z = self._sdpa(q, k, v, pos, scale)
+        z = self.hook_z(z.transpose(1, 2))  # [batch, pos, head, d_head]
+        return self.o_proj(z.reshape(b, p, cfg.n_heads * cfg.d_head))
+
+    def _maybe_norm(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        return getattr(self, name)(x) if self.cfg.qk_norm else x
+
+    def _alibi_bias(self, pos: Positions, dtype: torch.dtype) -> torch.Tensor:
+        """[1, head, q_pos, k_pos]: slope_h * (j - i), added to the scores."""
+        q_idx = torch.arange(pos.past, pos.k_len, device=self.alibi_slopes.device)
+        k_idx = torch.arange(pos.k_len, device=self.alibi_slopes.device)
+        rel = (k_idx[None, :] - q_idx[:, None]).float()  # [q, k]
+        return (self.alibi_slopes[:, None, None] * rel).to(dtype)[None]
+
+    def _sdpa(self, q, k, v, pos: Positions, scale: float) -> torch.Tensor:
+        alibi = self.cfg.positional == "alibi"
+        if not alibi and not pos.needs_mask(self.window):
+            is_causal = pos.q_len > 1
+            return F.scaled_dot_product_attention(q, k, v, is_causal=is_causal, scale=scale, enable_gqa=self.cfg.n_rep > 1)
+        mask = pos.mask(self.window)  # [batch or 1, 1, q, k] bool
+        if alibi:
+            mask = self._alibi_bias(pos, q.dtype).masked_fill(~mask, float("-inf"))
+        k, v = repeat_kv(k, self.cfg.n_rep), repeat_kv(v, self.cfg.n_rep)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+    def _explicit(self, q, k, v, pos: Positions, scale: float) -> torch.Tensor:
+        k, v = repeat_kv(k, self.cfg.n_rep), repeat_kv(v, self.cfg.n_rep)  # [batch, head, k_pos, d_head]
+        scores = (q @ k.transpose(-1, -2)) * scale  # [batch, head, q_pos, k_pos]
+        if self.cfg.attn_softcap is not None:
+            scores = torch.tanh(scores / self.cfg.attn_softcap) * self.cfg.attn_softcap
+        if self.cfg.positional == "alibi":
+            scores = scores + self._alibi_bias(pos, scores.dtype)
+        if pos.q_len > 1 or pos.needs_mask(self.window):
+            scores = scores.masked_fill(~pos.mask(self.window), float("-inf"))
+        scores = self.hook_attn_scores(scores)
+        pattern = self.hook_pattern(F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype))  # [batch, head, q_pos, k_pos]
+        return pattern @ v  # [batch, head, q_pos, d_head]
+
+
+class MLP(nn.Module):
+    """Gated MLP: down(act(gate(x)) * up(x)); SwiGLU (silu) or GeGLU (tanh gelu)."""
+
+    def __init__(self, cfg: DecoderConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.d_model, cfg.d_mlp, bias=cfg.mlp_bias)
+        self.up_proj = nn.Linear(cfg.d_model, cfg.d_mlp, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(cfg.d_mlp, cfg.d_model, bias=cfg.mlp_bias)
+        self.act = F.silu if cfg.act == "silu" else (lambda x: F.gelu(x, approximate="tanh"))
+        self.hook_pre, self.hook_pre_linear, self.hook_post = HookPoint(), HookPoint(), HookPoint()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate = self.hook_pre(self.gate_proj(x))  # [batch, pos, d_mlp]
+        up = self.hook_pre_linear(self.up_proj(x))  # [batch, pos, d_mlp]
+        return self.down_proj(self.hook_post(self.act(gate) * up))
+
+
+class Block(nn.Module):
+    """Pre-norm block: h = x + attn(ln1(x)); out = h + mlp(ln2(h)). Gemma 3 also normalises each output (ln1_post, ln2_post).
+
+    `attn` or `mlp` may be None after sub-block surgery: that half then adds nothing to the residual stream.
+    """
+
+    def __init__(self, cfg: DecoderConfig, layer: int):
+        super().__init__()
+        self.ln1 = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.norm_offset)
+        self.attn: Attention | None = Attention(cfg, layer)
+        self.ln2 = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.norm_offset)
+        self.mlp: MLP | None = MLP(cfg)
+        if cfg.post_norms:
+            self.ln1_post = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.norm_offset)
+            self.ln2_post = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.norm_offset)
+        self.post_norms = cfg.post_norms
+        for name in ("resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post"):
+            setattr(self, f"hook_{name}", HookPoint())
+
+    def forward(self, x: torch.Tensor, pos: Positions, cache: KVCache | None = None) -> torch.Tensor:
+        x = self.hook_resid_pre(x)  # [batch, pos, d_model]
+        if self.attn is not None:
+            attn_out = self.attn(self.ln1(x), pos, cache)
+            if self.post_norms:
+                attn_out = self.ln1_post(attn_out)
+            x = x + self.hook_attn_out(attn_out)
+        x = self.hook_resid_mid(x)
+        if self.mlp is not None:
+            mlp_out = self.mlp(self.ln2(x))
+            if self.post_norms:
+                mlp_out = self.ln2_post(mlp_out)
+            x = x + self.hook_mlp_out(mlp_out)
+        return self.hook_resid_post(x)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the model
+# ---------------------------------------------------------------------------------------------------------------------
+class Decoder(HookedRootModule):
+    """A decoder-only LM with TransformerLens hook points. `model(input_ids, attention_mask=None)` -> logits [batch, pos, vocab]."""
+
+    def __init__(self, cfg: DecoderConfig, tokenizer=None):
+        super().__init__()
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.embed = nn.Embedding(cfg.d_vocab, cfg.d_model)
+        self.hook_embed = HookPoint()
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.ln_final = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.norm_offset)
+        self.unembed = nn.Linear(cfg.d_model, cfg.d_vocab, bias=False)
+        if cfg.tie_embeddings:
+            self.unembed.weight = self.embed.weight
+        self.setup()
+
+    # ---- forward -------------------------------------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        position_ids: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+        stop_at_layer: int | None = None,
+    ) -> torch.Tensor:
+        """input_ids [batch, pos] -> logits [batch, pos, vocab].
+
+        attention_mask [batch, pos] (1 = token, 0 = padding, left or right): padded keys are hidden and positions count
+        only real tokens, so a padded row equals the unpadded sequence. With `kv_cache`, pass the mask of the new tokens
+        only. `stop_at_layer=L` returns the residual stream entering block L instead of logits.
+        """
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, pos], got shape {tuple(input_ids.shape)}")
+        pos = self._positions(input_ids, attention_mask, position_ids, kv_cache)
+        x = self.embed(input_ids)  # [batch, pos, d_model]
+        if self.cfg.embed_scale is not None:
+            x = x * torch.tensor(self.cfg.embed_scale, dtype=torch.float32).to(x.dtype)  # rounded like transformers
+        x = self.hook_embed(x)
+        for block in self.blocks[:stop_at_layer]:
+            x = block(x, pos, kv_cache)
+        if kv_cache is not None:
+            kv_cache.length += input_ids.shape[1]
+        if stop_at_layer is not None:
+            return x
+        return self.unembed_residual(self.ln_final(x))
+
+    def unembed_residual(self, normed: torch.Tensor) -> torch.Tensor:
+        """Logits [batch, pos, vocab] from the final-normed residual stream (NormHead and soft-capping included)."""
+        if self.cfg.norm_head:
+            logits = F.linear(normed, F.normalize(self.unembed.weight, dim=-1))
+        else:
+            logits = self.unembed(normed)
+        if self.cfg.final_softcap is not None:
+            logits = torch.tanh(logits / self.cfg.final_softcap) * self.cfg.final_softcap
+        return logits
+
+    def _positions(self, input_ids, attention_mask, position_ids, kv_cache) -> Positions:
+        past = kv_cache.length if kv_cache is not None else 0
+        b, p = input_ids.shape
+        key_valid = None
+        if kv_cache is not None and (attention_mask is not None or kv_cache.attention_mask is not None):
+            new = attention_mask if attention_mask is not None else torch.ones(b, p, dtype=torch.long, device=input_ids.device)
+            old = kv_cache.attention_mask
+            if old is None:
+                old = torch.ones(b, past, dtype=new.dtype, device=new.device)
+            attention_mask = torch.cat((old, new.to(old.dtype)), dim=1)  # [batch, past + pos]
+            kv_cache.attention_mask = attention_mask
+        if attention_mask is not None:
+            if attention_mask.shape != (b, past + p):
+                raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(b, past + p)}")
+            key_valid = attention_mask.bool()
+            if bool(key_valid.all()):
+                key_valid = None
+        if position_ids is None:
+            if attention_mask is not None:
+                # count only real tokens, like transformers' generate: position = (number of real tokens before) - 1
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
+            else:
+                position_ids = torch.arange(past, past + p, device=input_ids.device).expand(b, p)
+        return Positions(positions=position_ids, key_valid=key_valid, past=past)
+
+    # ---- generation ----------------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        max_new_tokens: int = 20,
+        *,
+        attention_mask: torch.Tensor | None = None,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        generator: torch.Generator | None = None,
+        eos_token_id: int | list[int] | None = None,
+        use_cache: bool = True,
+    ) -> torch.Tensor:
+        """Greedy or sampled continuation with a KV cache. Returns the full ids [batch, pos + new]; rows that hit EOS
+        are padded with EOS afterwards. Without `use_cache` every step recomputes the whole sequence (same tokens)."""
+        eos = eos_token_id if eos_token_id is not None else self.cfg.eos_token_id
+        eos = torch.tensor([eos] if isinstance(eos, int) else list(eos or []), device=input_ids.device)
+        cache = KVCache() if use_cache else None
+        ids, done = input_ids, torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        mask = attention_mask
+        step_input, step_mask = ids, mask
+        for _ in range(max_new_tokens):
+            if use_cache:
+                logits = self(step_input, step_mask, kv_cache=cache)[:, -1]
+            else:
+                logits = self(ids, mask)[:, -1]
+            nxt = self._choose(logits.float(), do_sample, temperature, top_k, top_p, generator)  # [batch]
+            if eos.numel():
+                nxt = torch.where(done, eos[0], nxt)
+                done |= torch.isin(nxt, eos)
+            ids = torch.cat((ids, nxt[:, None]), dim=1)
+            if mask is not None:
+                mask = torch.cat((mask, torch.ones_like(mask[:, :1])), dim=1)
+            step_input, step_mask = nxt[:, None], (None if mask is None else torch.ones_like(mask[:, :1]))
+            if eos.numel() and bool(done.all()):
+                break
+        return ids
+
+    @staticmethod
+    def _choose(logits, do_sample, temperature, top_k, top_p, generator) -> torch.Tensor:
+        if not do_sample:
+            return logits.argmax(-1)
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
+        logits = logits / temperature
+        if top_k is not None:
+            kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if top_p is not None:
+            sorted_logits, order = logits.sort(dim=-1, descending=True)
+            cum = sorted_logits.softmax(-1).cumsum(-1)
+            drop = cum - sorted_logits.softmax(-1) > top_p  # keep the smallest prefix whose mass reaches top_p
+            logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+        return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
+
+    # ---- run-time positional knobs -------------------------------------------------------------------------------
+    def _layers(self, layers) -> list[Attention]:
+        idx = range(len(self.blocks)) if layers is None else ([layers] if isinstance(layers, int) else list(layers))
+        out = []
+        for i in idx:
+            if not 0 <= i < len(self.blocks):
+                raise ValueError(f"layer {i} out of range (model has {len(self.blocks)} layers)")
+            if self.blocks[i].attn is not None:
+                out.append(self.blocks[i].attn)
+        return out
+
+    def set_rope(self, params: RopeParams | None = None, *, layers=None, **changes) -> None:
+        """Replace the RoPE setting of some layers (all by default): a full RopeParams, or field changes applied to each
+        layer's current one (e.g. `set_rope(theta=5e5)`, `set_rope(rope_type="linear", factor=4)`)."""
+        if self.cfg.positional != "rope":
+            raise ValueError(f"this model uses {self.cfg.positional!r} positions, not RoPE")
+        for attn in self._layers(layers):
+            attn.rope = params if params is not None else attn.rope.replace(**changes)
+
+    def set_window(self, window: int | None, *, layers=None) -> None:
+        """Sliding attention window W (query i sees keys i-W < j <= i) for some layers; None = full causal attention."""
+        if window is not None and window < 1:
+            raise ValueError(f"window must be >= 1 or None, got {window}")
+        for attn in self._layers(layers):
+            attn.window = window
+
+    def set_attn_logit_scale(self, scale: float, *, layers=None) -> None:
+        """Multiply attention logits by `scale` (λ of attention-window extension) before the softmax."""
+        for attn in self._layers(layers):
+            attn.logit_scale = float(scale)
+
+    def positional_state(self) -> list[dict]:
+        return [
+            dict(rope=b.attn.rope, window=b.attn.window, logit_scale=b.attn.logit_scale) if b.attn is not None else {}
+            for b in self.blocks
+        ]
+
+    def load_positional_state(self, state: list[dict]) -> None:
+        for block, s in zip(self.blocks, state, strict=True):
+            if block.attn is not None:
+                block.attn.rope, block.attn.window, block.attn.logit_scale = s["rope"], s["window"], s["logit_scale"]
+
+    def reset_positional(self) -> None:
+        """Back to the configured RoPE, windows and logit scale of every layer."""
+        for i, block in enumerate(self.blocks):
+            if block.attn is not None:
+                a = block.attn
+                a.rope, a.window, a.logit_scale = self.cfg.rope_of(a.layer), self.cfg.window_of(a.layer), 1.0
+
+    @contextlib.contextmanager
+    def positional_overrides(self) -> Iterator["Decoder"]:
+        """`with model.positional_overrides(): model.set_rope(...)` restores the previous settings on exit."""
+        saved = self.positional_state()
+        try:
+            yield self
+        finally:
+            self.load_positional_state(saved)
+
+    # ---- conveniences --------------------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.embed.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.weight.dtype
+
+    def to_tokens(self, text: str | list[str], *, add_special_tokens: bool = True) -> torch.Tensor:
+        """Token ids [batch, pos] on the model's device (right padding is not applied: pass equal-length texts or one)."""
+        if self.tokenizer is None:
+            raise ValueError("this model has no tokenizer")
+        texts = [text] if isinstance(text, str) else list(text)
+        rows = [self.tokenizer(t, add_special_tokens=add_special_tokens)["input_ids"] for t in texts]
+        if len({len(r) for r in rows}) != 1:
+            raise ValueError("texts tokenise to different lengths; tokenise them yourself with padding and pass attention_mask")
+        return torch.tensor(rows, device=self.device)
+
+    def to_string(self, ids: torch.Tensor) -> str | list[str]:
+        if self.tokenizer is None:
+            raise ValueError("this model has no tokenizer")
+        if ids.dim() == 1:
+            return self.tokenizer.decode(ids.tolist())
+        return [self.tokenizer.decode(r.tolist()) for r in ids]

@@ -1,0 +1,171 @@
+"""Normalise transformers `config.json` dicts (llama, mistral, qwen2, gemma3_text, baichuan) into a DecoderConfig.
+
+Options that would change the computation and that residscope does not implement are refused with a message naming the
+key, never approximated.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from .config import FULL, SLIDING, ConfigError
+from .rope import RopeParams
+
+SUPPORTED = ("llama", "mistral", "qwen2", "gemma3_text", "baichuan")
+
+# Keys whose non-default value changes the forward pass and that we do not implement: key -> allowed values.
+_REFUSED = {
+    "use_mrope": (None, False),
+    "use_bidirectional_attention": (None, False),
+    "pretraining_tp": (None, 1),
+    "attention_chunk_size": (None,),
+}
+
+
+def _rope_params(cfg: dict, source: str, max_pos: int | None, *, block: dict | None = None) -> RopeParams:
+    """RoPE settings from the new `rope_parameters` dict and/or the legacy `rope_theta` + `rope_scaling` keys."""
+    if block is None:
+        block = {**(cfg.get("rope_parameters") or {}), **(cfg.get("rope_scaling") or {})}
+    params = dict(block)
+    params.setdefault("rope_theta", cfg.get("rope_theta") or 10000.0)
+    if cfg.get("partial_rotary_factor") is not None:
+        params.setdefault("partial_rotary_factor", cfg["partial_rotary_factor"])
+    try:
+        return RopeParams.from_hf(params, max_position_embeddings=max_pos)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"{source}: rope_parameters: {e}") from None
+
+
+def _require(cfg: dict, key: str, source: str):
+    if cfg.get(key) is None:
+        raise ConfigError(f"{source}: missing key {key!r}")
+    return cfg[key]
+
+
+def _check_refused(cfg: dict, source: str) -> None:
+    for key, allowed in _REFUSED.items():
+        if cfg.get(key) not in allowed:
+            raise ConfigError(f"{source}: unsupported option {key}={cfg[key]!r}")
+
+
+def _activation(cfg: dict, source: str) -> str:
+    act = cfg.get("hidden_activation") or cfg.get("hidden_act") or "silu"
+    if act in ("silu", "swish"):
+        return "silu"
+    if act in ("gelu_pytorch_tanh", "gelu_tanh"):
+        return "gelu_tanh"
+    raise ConfigError(f"{source}: unsupported hidden_act {act!r}")
+
+
+def decoder_config_from_hf(cls, cfg: dict[str, Any], *, source: str = "config.json", position_embedding: str | None = None):
+    model_type = cfg.get("model_type")
+    if model_type not in SUPPORTED:
+        raise ConfigError(f"{source}: unsupported model_type {model_type!r} (supported: {', '.join(SUPPORTED)})")
+    _check_refused(cfg, source)
+    if position_embedding is not None and model_type != "baichuan":
+        raise ConfigError(f"position_embedding override is only for baichuan configs, not {model_type!r}")
+
+    d_model = int(_require(cfg, "hidden_size", source))
+    n_heads = int(_require(cfg, "num_attention_heads", source))
+    n_layers = int(_require(cfg, "num_hidden_layers", source))
+    n_kv = int(cfg.get("num_key_value_heads") or n_heads)
+    d_head = int(cfg.get("head_dim") or d_model // n_heads)
+    max_pos = cfg.get("max_position_embeddings")
+    common = dict(
+        model_type=model_type,
+        n_layers=n_layers,
+        d_model=d_model,
+        n_heads=n_heads,
+        n_kv_heads=n_kv,
+        d_head=d_head,
+        d_mlp=int(_require(cfg, "intermediate_size", source)),
+        d_vocab=int(_require(cfg, "vocab_size", source)),
+        norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+        act=_activation(cfg, source),
+        tie_embeddings=bool(cfg.get("tie_word_embeddings", model_type in ("gemma3_text",))),
+        max_position_embeddings=max_pos,
+        bos_token_id=cfg.get("bos_token_id"),
+        eos_token_id=cfg.get("eos_token_id"),
+        pad_token_id=cfg.get("pad_token_id"),
+        hf_config=dict(cfg),
+    )
+
+    try:
+        if model_type in ("llama", "mistral"):
+            bias = bool(cfg.get("attention_bias", False))
+            window = cfg.get("sliding_window") if model_type == "mistral" else None
+            layer_types = cfg.get("layer_types") or [SLIDING if window else FULL] * n_layers
+            return cls(
+                **common, qkv_bias=bias, o_bias=bias, mlp_bias=bool(cfg.get("mlp_bias", False)),
+                rope={t: _rope_params(cfg, source, max_pos) for t in set(layer_types)},
+                layer_types=list(layer_types), sliding_window=window,
+            )
+        if model_type == "qwen2":
+            window = cfg.get("sliding_window") if cfg.get("use_sliding_window") else None
+            layer_types = cfg.get("layer_types") or [
+                SLIDING if window is not None and i >= cfg.get("max_window_layers", n_layers) else FULL for i in range(n_layers)
+            ]
+            if window is None:
+                layer_types = [FULL] * n_layers
+            return cls(
+                **common, qkv_bias=True, o_bias=False,
+                rope={t: _rope_params(cfg, source, max_pos) for t in set(layer_types)},
+                layer_types=list(layer_types), sliding_window=window,
+            )
+        if model_type == "gemma3_text":
+            return _gemma3(cls, cfg, common, source)
+        if model_type == "baichuan":
+            return _baichuan(cls, cfg, common, source, position_embedding)
+    except (TypeError, KeyError) as e:
+        raise ConfigError(f"{source}: {e}") from None
+    raise AssertionError(model_type)
+
+
+def _gemma3(cls, cfg: dict, common: dict, source: str):
+    n_layers = common["n_layers"]
+    pattern = cfg.get("sliding_window_pattern", 6)
+    layer_types = cfg.get("layer_types") or [SLIDING if (i + 1) % pattern else FULL for i in range(n_layers)]
+    max_pos = common["max_position_embeddings"]
+    rp = cfg.get("rope_parameters") or {}
+    if FULL in rp or SLIDING in rp:  # transformers 5 format: one block per layer type
+        full_block = dict(rp.get(FULL) or {})
+        local_block = dict(rp.get(SLIDING) or {})
+    else:  # legacy: rope_theta (+ rope_scaling) for global layers, rope_local_base_freq for local layers
+        full_block = dict(cfg.get("rope_scaling") or {})
+        full_block.setdefault("rope_theta", cfg.get("rope_theta", 1_000_000.0))
+        local_block = {"rope_type": "default", "rope_theta": cfg.get("rope_local_base_freq", 10_000.0)}
+    full_block.setdefault("rope_theta", cfg.get("rope_theta", 1_000_000.0))
+    local_block.setdefault("rope_theta", cfg.get("rope_local_base_freq", 10_000.0))
+    bias = bool(cfg.get("attention_bias", False))
+    return cls(
+        **common,
+        qkv_bias=bias, o_bias=bias,
+        norm_offset=1.0,
+        embed_scale=math.sqrt(common["d_model"]),
+        qk_norm=True,
+        post_norms=True,
+        rope={
+            FULL: _rope_params(cfg, source, max_pos, block=full_block),
+            SLIDING: _rope_params(cfg, source, max_pos, block=local_block),
+        },
+        layer_types=list(layer_types),
+        sliding_window=cfg.get("sliding_window"),
+        attn_scale=float(cfg.get("query_pre_attn_scalar", common["d_head"])) ** -0.5,
+        attn_softcap=cfg.get("attn_logit_softcapping"),
+        final_softcap=cfg.get("final_logit_softcapping"),
+    )
+
+
+def _baichuan(cls, cfg: dict, common: dict, source: str, position_embedding: str | None):
+    """Baichuan 2: RoPE when the config has max_position_embeddings (7B), ALiBi when it has only model_max_length (13B)."""
+    if position_embedding is None:
+        position_embedding = "rope" if cfg.get("max_position_embeddings") is not None else "alibi"
+    if position_embedding not in ("rope", "alibi"):
+        raise ConfigError(f"position_embedding must be 'rope' or 'alibi', got {position_embedding!r}")
+    if common["n_kv_heads"] != common["n_heads"]:
+        raise ConfigError(f"{source}: baichuan has no grouped-query attention (num_key_value_heads)")
+    max_pos = cfg.get("max_position_embeddings") or cfg.get("model_max_length")
+    common = {**common, "max_position_embeddings": max_pos, "tie_embeddings": bool(cfg.get("tie_word_embeddings", False))}
+    rope = {FULL: _rope_params(cfg, source, max_pos)} if position_embedding == "rope" else {}
+    return cls(**common, norm_head=True, positional=position_embedding, rope=rope)

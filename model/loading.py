@@ -1,0 +1,176 @@
+"""load_model / load_config: Hugging Face folders (and, through the registry, GGUF files and aliases) -> Decoder.
+
+Weights stream tensor by tensor from safetensors straight into parameters of the target dtype and device, so peak memory
+stays near the model's own size. Pickled `.bin` checkpoints are refused unless `allow_pickle=True`; remote code never runs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from .checkpoint import hf_to_local
+from .config import DecoderConfig
+from .decoder import Decoder, alibi_slopes
+from .errors import CheckpointError
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
+           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+
+
+def resolve_folder(source: str | os.PathLike) -> Path:
+    """A checkpoint folder for `source`: the folder itself, or what the registry makes of an alias or a GGUF file."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise CheckpointError(f"{path}: missing config.json")
+        return path
+    from .registry import resolve_source
+
+    return resolve_source(source)
+
+
+def load_config(source: str | os.PathLike, *, position_embedding: str | None = None) -> DecoderConfig:
+    """The DecoderConfig of a folder, GGUF file or alias, without loading weights."""
+    folder = resolve_folder(source)
+    return DecoderConfig.from_json(folder / "config.json", position_embedding=position_embedding)
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype {dtype!r} not supported (choose from {', '.join(sorted(_DTYPES))})")
+    return _DTYPES[dtype]
+
+
+def check_dtype_on_device(dtype: torch.dtype, device: torch.device) -> None:
+    """Fail early, with one line, where the device cannot run matmuls in this dtype."""
+    if dtype not in set(_DTYPES.values()):
+        raise CheckpointError(f"dtype {dtype} is not supported (use float32, float64, bfloat16 or float16)")
+    try:
+        a = torch.ones(2, 2, dtype=dtype, device=device)
+        (a @ a).sum().item()
+    except (RuntimeError, TypeError) as e:
+        raise CheckpointError(f"dtype {dtype} is not supported on device {device}: {str(e).splitlines()[0]}") from None
+
+
+def load_model(
+    source: str | os.PathLike,
+    device: str | torch.device = "cpu",
+    dtype: str | torch.dtype = torch.float32,
+    *,
+    allow_pickle: bool = False,
+    position_embedding: str | None = None,
+    load_tokenizer: bool = True,
+) -> Decoder:
+    """Load a checkpoint folder (config.json + safetensors, single or sharded), a GGUF file or an alias.
+
+    position_embedding: Baichuan 2 only, "rope" or "alibi" to override the choice made from the config.
+    """
+    device, dtype = torch.device(device), parse_dtype(dtype)
+    folder = resolve_folder(source)
+    cfg = DecoderConfig.from_json(folder / "config.json", position_embedding=position_embedding)
+    check_dtype_on_device(dtype, device)
+
+    with torch.device("meta"):
+        model = Decoder(cfg)
+    model = model.to(dtype=dtype).to_empty(device=device)
+    _fill_buffers(model)
+    _load_weights(model, folder, allow_pickle=allow_pickle)
+    model.eval()
+    if load_tokenizer:
+        model.tokenizer = load_tokenizer_from(folder)
+    model.source = str(source)
+    return model
+
+
+def _fill_buffers(model: Decoder) -> None:
+    """Non-persistent buffers lost by `to_empty`: recompute them."""
+    for block in model.blocks:
+        if block.attn is not None and hasattr(block.attn, "alibi_slopes"):
+            block.attn.alibi_slopes = alibi_slopes(model.cfg.n_heads).to(model.device)
+
+
+def weight_files(folder: Path, allow_pickle: bool) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
+        files = [folder / name for name in sorted(set(weight_map.values()))]
+        for f in files:
+            if not f.is_file():
+                raise CheckpointError(f"{f}: shard listed in {index.name} is missing")
+        return files
+    single = folder / "model.safetensors"
+    if single.is_file():
+        return [single]
+    pickles = sorted(folder.glob("*.bin"))
+    if pickles:
+        if not allow_pickle:
+            raise CheckpointError(f"{pickles[0]}: pickled checkpoint refused (it can run code); pass allow_pickle=True to load it")
+        return pickles
+    raise CheckpointError(f"{folder}: no model.safetensors, model.safetensors.index.json or *.bin weights")
+
+
+def _iter_tensors(path: Path):
+    if path.suffix == ".bin":
+        yield from torch.load(path, map_location="cpu", weights_only=True, mmap=True).items()
+        return
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():
+                yield key, f.get_tensor(key)
+    except Exception as e:  # safetensors raises its own error types for corrupt headers
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointError(f"{path}: cannot read safetensors ({str(e).splitlines()[0]})") from None
+
+
+def _load_weights(model: Decoder, folder: Path, *, allow_pickle: bool) -> None:
+    params = dict(model.named_parameters(remove_duplicate=False))
+    filled: set[str] = set()
+    for path in weight_files(folder, allow_pickle):
+        for key, tensor in _iter_tensors(path):
+            try:
+                pairs = hf_to_local(key, tensor, model.cfg)
+            except KeyError:
+                raise CheckpointError(f"{path}: unexpected tensor {key!r} for model_type {model.cfg.model_type!r}") from None
+            for name, value in pairs:
+                if name == "unembed.weight" and model.cfg.tie_embeddings:
+                    continue  # tied: the embedding is the unembedding
+                if name not in params:
+                    raise CheckpointError(f"{path}: tensor {key!r} has no place in this config ({name})")
+                target = params[name]
+                if tuple(value.shape) != tuple(target.shape):
+                    raise CheckpointError(f"{path}: tensor {key!r} has shape {tuple(value.shape)}, expected {tuple(target.shape)}")
+                with torch.no_grad():
+                    target.copy_(value)
+                filled.add(name)
+    missing = [n for n in params if n not in filled and not (n == "unembed.weight" and model.cfg.tie_embeddings)]
+    if missing:
+        raise CheckpointError(f"{folder}: missing tensor for {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+
+
+def load_tokenizer_from(folder: Path):
+    """The folder's tokenizer (local files only, no remote code), or None when it has none or it cannot be read."""
+    if not any((folder / f).is_file() for f in _TOKENIZER_FILES):
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
+    except Exception as e:  # noqa: BLE001 - a checkpoint without a usable tokenizer still loads
+        log.warning("%s: tokenizer not loaded (%s)", folder, str(e).splitlines()[0] if str(e) else type(e).__name__)
+        return None
