@@ -1,0 +1,132 @@
+"""Text for calibration and evaluation: the built-in corpus (CPython's `pydoc_data.topics`) and user files.
+
+The built-in corpus is about 465 KB of English reference text that ships with every CPython, split by topic:
+a topic goes to the held-out **evaluation** split when the first byte of sha256(topic name) is divisible by 4
+(19% of the text on CPython 3.11, about 90 KB), otherwise to **calibration**. The rule depends only on each topic's own name, so it
+stays fixed when a CPython release adds or removes topics. Within a split, topics are joined in sorted order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import torch
+
+SPLITS = ("calibration", "evaluation")
+
+
+def is_evaluation_topic(name: str) -> bool:
+    return hashlib.sha256(name.encode()).digest()[0] % 4 == 0
+
+
+def builtin_text(split: str = "calibration") -> str:
+    """The calibration or evaluation part of `pydoc_data.topics`, as one string."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    from pydoc_data.topics import topics
+
+    want_eval = split == "evaluation"
+    return "\n\n".join(topics[k] for k in sorted(topics) if is_evaluation_topic(k) == want_eval)
+
+
+def load_text(path: str | Path) -> str:
+    """A user corpus: a .txt file, or .jsonl with one JSON object per line holding a "text" field."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such text file")
+    if path.suffix == ".jsonl":
+        texts = []
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                raise ValueError(f"{path}:{n}: missing string field 'text'")
+            texts.append(record["text"])
+        if not texts:
+            raise ValueError(f"{path}: no records with a 'text' field")
+        return "\n\n".join(texts)
+    return path.read_text(encoding="utf-8")
+
+
+def dataset_text(name: str, *, split: str = "train", field: str = "text", max_chars: int = 5_000_000) -> str:
+    """Text from a `datasets` dataset (needs the optional `datasets` package and, for hub datasets, a network)."""
+    try:
+        import datasets
+    except ImportError:
+        raise ValueError("--dataset needs the optional 'datasets' package: pip install 'residscope[online]'") from None
+    ds = datasets.load_dataset(name, split=split, streaming=True)
+    parts, size = [], 0
+    for row in ds:
+        parts.append(row[field])
+        size += len(row[field])
+        if size >= max_chars:
+            break
+    return "\n\n".join(parts)
+
+
+def corpus_text(text_file: str | Path | None = None, *, dataset: str | None = None, split: str = "calibration") -> tuple[str, str]:
+    """(text, description) from a user file, a dataset, or the built-in split; the description names the source."""
+    if text_file is not None and dataset is not None:
+        raise ValueError("give either a text file or a dataset, not both")
+    if text_file is not None:
+        return load_text(text_file), f"file:{Path(text_file).name}"
+    if dataset is not None:
+        return dataset_text(dataset), f"dataset:{dataset}"
+    return builtin_text(split), f"builtin:pydoc_data.topics/{split}"
+
+
+def tokenize(tokenizer, text: str) -> torch.Tensor:
+    """Token ids [n_tokens] of the whole text, without special tokens."""
+    ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def token_chunks(tokens: torch.Tensor, seq_len: int, samples: int | None = None, *, seed: int = 0, bos_token_id: int | None = None) -> torch.Tensor:
+    """Non-overlapping chunks [samples, seq_len] of a token stream, in a seeded random order.
+
+    With `bos_token_id`, each chunk is BOS followed by seq_len - 1 text tokens. `samples=None` takes every chunk.
+    Asking for more chunks than the text holds is an error that says how many there are.
+    """
+    if seq_len < 2:
+        raise ValueError(f"seq-len must be at least 2, got {seq_len}")
+    body = seq_len - (bos_token_id is not None)
+    n_available = tokens.numel() // body
+    if samples is None:
+        samples = n_available
+    if samples < 1 or samples > n_available:
+        raise ValueError(f"samples={samples} chunks of {seq_len} tokens requested, the text has {n_available} ({tokens.numel()} tokens)")
+    gen = torch.Generator().manual_seed(seed)
+    order = torch.randperm(n_available, generator=gen)[:samples]
+    chunks = tokens[: n_available * body].view(n_available, body)[order]  # [samples, body]
+    if bos_token_id is not None:
+        chunks = torch.cat((torch.full((samples, 1), bos_token_id, dtype=chunks.dtype), chunks), dim=1)
+    return chunks
+
+
+def batched(chunks: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
+    """[samples, seq_len] -> an iterator of [batch, seq_len] tensors."""
+    if batch_size < 1:
+        raise ValueError(f"batch-size must be >= 1, got {batch_size}")
+    yield from chunks.split(batch_size)
+
+
+def calibration_batches(model, *, seq_len: int = 256, samples: int = 32, batch_size: int = 4, seed: int = 0,
+                        split: str = "calibration", text_file: str | Path | None = None, dataset: str | None = None) -> tuple[list[torch.Tensor], str]:
+    """Batches of token ids for `model` (its tokenizer) from the chosen source, and a description of that source."""
+    if model.tokenizer is None:
+        raise ValueError("the model has no tokenizer; pass token-id batches directly")
+    text, source = corpus_text(text_file, dataset=dataset, split=split)
+    chunks = token_chunks(tokenize(model.tokenizer, text), seq_len, samples, seed=seed)
+    return list(batched(chunks, batch_size)), f"{source} ({samples}x{seq_len} tokens, seed {seed})"
+
+
+def iter_devices(batches: Iterable[torch.Tensor], device: torch.device) -> Iterator[torch.Tensor]:
+    for b in batches:
+        yield b.to(device)
