@@ -13,6 +13,7 @@ from .config import FULL, SLIDING, ConfigError
 from .rope import RopeParams
 
 SUPPORTED = ("llama", "mistral", "qwen2", "gemma3_text", "baichuan")
+POSITIONAL_KEY = "residscope_position_embedding"
 
 # Keys whose non-default value changes the forward pass and that we do not implement: key -> allowed values.
 _REFUSED = {
@@ -96,10 +97,15 @@ def decoder_config_from_hf(cls, cfg: dict[str, Any], *, source: str = "config.js
             bias = bool(cfg.get("attention_bias", False))
             window = cfg.get("sliding_window") if model_type == "mistral" else None
             layer_types = cfg.get("layer_types") or [SLIDING if window else FULL] * n_layers
+            # residscope's own key, for models trained here (the zoo): "none" (NoPE) or "alibi" instead of RoPE.
+            # transformers ignores it, so such checkpoints only run correctly in residscope.
+            positional = cfg.get(POSITIONAL_KEY, "rope")
+            if positional not in ("rope", "alibi", "none"):
+                raise ConfigError(f"{source}: {POSITIONAL_KEY} must be 'rope', 'alibi' or 'none', got {positional!r}")
+            rope = {t: _rope_params(cfg, source, max_pos) for t in set(layer_types)} if positional == "rope" else {}
             return cls(
                 **common, qkv_bias=bias, o_bias=bias, mlp_bias=bool(cfg.get("mlp_bias", False)),
-                rope={t: _rope_params(cfg, source, max_pos) for t in set(layer_types)},
-                layer_types=list(layer_types), sliding_window=window,
+                positional=positional, rope=rope, layer_types=list(layer_types), sliding_window=window,
             )
         if model_type == "qwen2":
             window = cfg.get("sliding_window") if cfg.get("use_sliding_window") else None
