@@ -1,0 +1,106 @@
+"""Perplexity: exp of the mean next-token negative log-likelihood over every predicted token of some batches.
+
+Shared by surgery (before/after pruning), context-window extension and the CLI. Batches stream through the model one
+at a time under `torch.inference_mode`; only a float64 running sum and a token count are kept between them.
+Log-probabilities are computed in float32 whatever the model's dtype, so half-precision models are scored fairly.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+Batch = torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]
+
+
+@dataclass
+class PerplexityResult:
+    ppl: float  # exp(nll)
+    nll: float  # mean negative log-likelihood per predicted token, in nats
+    n_tokens: int  # predicted tokens counted (positions 1.. of each row, padding excluded)
+    source: str | None = None  # where the text came from, when known
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def unpack_batch(batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A batch is token ids [batch, pos], or (ids, attention_mask) with mask [batch, pos] (1 = token, 0 = padding)."""
+    if isinstance(batch, torch.Tensor):
+        ids, mask = batch, None
+    elif isinstance(batch, (tuple, list)) and len(batch) == 2:
+        ids, mask = batch
+    else:
+        raise ValueError(f"a batch must be token ids [batch, pos] or (ids, attention_mask), got {type(batch).__name__}")
+    if ids.dim() != 2:
+        raise ValueError(f"token ids must be [batch, pos], got shape {tuple(ids.shape)}")
+    if mask is not None and mask.shape != ids.shape:
+        raise ValueError(f"attention_mask has shape {tuple(mask.shape)}, token ids {tuple(ids.shape)}")
+    return ids, mask
+
+
+def _total(batches) -> int | None:
+    try:
+        return len(batches)
+    except TypeError:
+        return None
+
+
+def token_nll_sum(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor | None) -> tuple[float, int]:
+    """(sum of next-token NLL, number of predicted tokens) for logits [batch, pos, vocab] and ids [batch, pos]."""
+    pred = logits[:, :-1].float()  # [batch, pos-1, vocab]: float32 log-softmax inside cross_entropy
+    target = ids[:, 1:]  # [batch, pos-1]
+    nll = F.cross_entropy(pred.reshape(-1, pred.shape[-1]), target.reshape(-1), reduction="none")  # [batch*(pos-1)]
+    if mask is not None:
+        # a prediction counts when both the context token and the target are real
+        keep = (mask[:, 1:].bool() & mask[:, :-1].bool()).reshape(-1)
+        nll = nll[keep]
+    return float(nll.double().sum()), int(nll.numel())
+
+
+def perplexity(model, batches: Iterable[Batch], *, progress: bool = True, desc: str = "perplexity") -> PerplexityResult:
+    """Mean next-token NLL and perplexity of `model` over all predicted tokens of `batches` ([batch, pos] each)."""
+    total_nll, n_tokens = 0.0, 0
+    with torch.inference_mode():
+        for batch in tqdm(batches, total=_total(batches), desc=desc, disable=not progress, leave=False):
+            ids, mask = unpack_batch(batch)
+            ids = ids.to(model.device)
+            mask = mask.to(model.device) if mask is not None else None
+            logits = model(ids, mask)  # [batch, pos, vocab]
+            s, n = token_nll_sum(logits, ids, mask)
+            total_nll += s
+            n_tokens += n
+    if n_tokens == 0:
+        raise ValueError("batches: no predicted tokens (need at least one row with 2 or more tokens)")
+    nll = total_nll / n_tokens
+    return PerplexityResult(ppl=math.exp(nll), nll=nll, n_tokens=n_tokens)
+
+
+def heldout_perplexity(
+    model,
+    *,
+    seq_len: int = 256,
+    samples: int | None = 32,
+    batch_size: int = 4,
+    seed: int = 0,
+    text_file: str | Path | None = None,
+    dataset: str | None = None,
+    progress: bool = True,
+) -> PerplexityResult:
+    """Perplexity on `samples` seeded chunks of `seq_len` tokens from the built-in **evaluation** split (held out from
+    calibration), or from a user text file / dataset. `samples=None` takes every chunk the text holds."""
+    from .corpus import batched, corpus_text, token_chunks, tokenize
+
+    if model.tokenizer is None:
+        raise ValueError("the model has no tokenizer; call perplexity() with token-id batches instead")
+    text, source = corpus_text(text_file, dataset=dataset, split="evaluation")
+    chunks = token_chunks(tokenize(model.tokenizer, text), seq_len, samples, seed=seed)  # [samples, seq_len]
+    result = perplexity(model, list(batched(chunks, batch_size)), progress=progress)
+    result.source = f"{source} ({chunks.shape[0]}x{seq_len} tokens, seed {seed})"
+    return result

@@ -1,0 +1,238 @@
+"""ShortGPT Block Influence and the other layer-importance scores used to choose which layers to remove.
+
+For block i with input x_i (`blocks.{i}.hook_resid_pre`) and output x_{i+1} (`blocks.{i}.hook_resid_post`):
+
+    bi                  1 - mean_t cos(x_i, x_{i+1})                         (Men et al. 2024, ShortGPT)
+    angular             mean_t arccos(cos(x_i, x_{i+1})) / pi               (Gromov et al. 2024, per token, all tokens)
+    relative-magnitude  mean_t ||f(x)|| / ||x + f(x)||, f(x) = x_{i+1} - x_i (Samragh et al. 2023; ShortGPT's baseline)
+    attn-bi             bi of the attention half: resid_pre -> resid_mid
+    mlp-bi              bi of the MLP half:       resid_mid -> resid_post
+
+Every score is "how much the block changes the stream": remove the smallest first. Means run over every token of every
+calibration sequence (padding excluded). Hook functions reduce each pair of residual streams to per-layer float64 sums
+on the fly, so memory does not grow with the number of layers or batches.
+
+`shortgpt_compat=True` reproduces the public reference code, which reads transformers' `output_hidden_states`: there
+the last entry is the final-norm output, so the last layer's output is `ln_final.hook_normalized` instead of
+`blocks.{L-1}.hook_resid_post`, and a NaN cosine (a zero vector) counts as 0.5. By default the last layer uses its
+own output, and tokens whose cosine is undefined are left out of the mean (and counted in `undefined_tokens`).
+
+Removal-order baselines (ShortGPT, section on metrics):
+    sequential  from the bottom of the stack, i.e. the input end: layers 0, 1, 2, ...
+    reverse     from the top, the output end: layers L-1, L-2, ...  (deeper layers assumed least important)
+    random      a seeded random permutation
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Iterable, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from residscope.analyses.perplexity import Batch, unpack_batch
+
+METRICS = ("bi", "angular", "relative-magnitude", "attn-bi", "mlp-bi")
+BASELINES = ("sequential", "reverse", "random")
+
+# which residual stream is the input and which the output of the part each metric scores
+_PAIR = {
+    "bi": ("hook_resid_pre", "hook_resid_post"),
+    "angular": ("hook_resid_pre", "hook_resid_post"),
+    "relative-magnitude": ("hook_resid_pre", "hook_resid_post"),
+    "attn-bi": ("hook_resid_pre", "hook_resid_mid"),
+    "mlp-bi": ("hook_resid_mid", "hook_resid_post"),
+}
+FINAL_NORM_HOOK = "ln_final.hook_normalized"
+
+
+def check_metric(metric: str) -> str:
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {', '.join(METRICS)}; got {metric!r}")
+    return metric
+
+
+@dataclass
+class InfluenceResult:
+    """Per-layer scores [n_layers] of one metric (smaller = less influential = removed first) and the statistics
+    behind them; the other per-layer means come for free from the same pass."""
+
+    metric: str
+    scores: torch.Tensor  # [n_layers] float64
+    n_tokens: int  # tokens averaged over (per layer, before excluding undefined cosines)
+    shortgpt_compat: bool = False
+    mean_cos: torch.Tensor | None = None  # [n_layers] mean cos(in, out)
+    angular: torch.Tensor | None = None  # [n_layers] mean arccos(cos)/pi
+    relative_magnitude: torch.Tensor | None = None  # [n_layers] mean ||out - in|| / ||out||
+    undefined_tokens: torch.Tensor | None = None  # [n_layers] tokens whose cosine was NaN (zero vector)
+    source: str | None = None  # calibration text description, when known
+    extras: dict = field(default_factory=dict)
+
+    def order(self) -> list[int]:
+        """All layers, least influential first (ties keep the lower index first)."""
+        return removal_order(self.scores, len(self.scores))
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        for k, v in out.items():
+            if isinstance(v, torch.Tensor):
+                out[k] = [None if math.isnan(x) else x for x in v.tolist()]
+        return out
+
+
+class _PairStats:
+    """Running float64 sums for one (input, output) pair of residual streams."""
+
+    def __init__(self, compat: bool):
+        self.compat = compat
+        self.cos = 0.0
+        self.angular = 0.0
+        self.relmag = 0.0
+        self.n = 0
+        self.n_defined = 0
+        self.n_undefined = 0
+
+    def add(self, x_in: torch.Tensor, x_out: torch.Tensor, keep: torch.Tensor | None) -> None:
+        a, b = x_in.float(), x_out.float()  # [batch, pos, d_model]
+        dot = (a * b).sum(-1)  # [batch, pos]
+        na, nb = a.norm(dim=-1), b.norm(dim=-1)
+        cos = dot / (na * nb)  # [batch, pos]; NaN when a vector is zero, like the reference code
+        relmag = (b - a).norm(dim=-1) / nb  # [batch, pos]
+        if keep is not None:
+            cos, relmag = cos[keep], relmag[keep]
+        cos, relmag = cos.reshape(-1).double(), relmag.reshape(-1).double()
+        undefined = torch.isnan(cos)
+        self.n += cos.numel()
+        self.n_undefined += int(undefined.sum())
+        if self.compat:
+            cos = cos.nan_to_num(nan=0.5)
+            relmag = relmag.nan_to_num(nan=0.0)
+        else:
+            cos, relmag = cos[~undefined], relmag[~undefined]
+        cos = cos.clamp(-1.0, 1.0)
+        self.n_defined += cos.numel()
+        self.cos += float(cos.sum())
+        self.angular += float(torch.arccos(cos).sum() / math.pi)
+        self.relmag += float(relmag.sum())
+
+    def means(self) -> tuple[float, float, float]:
+        if self.n_defined == 0:
+            return math.nan, math.nan, math.nan
+        return self.cos / self.n_defined, self.angular / self.n_defined, self.relmag / self.n_defined
+
+
+def _total(batches) -> int | None:
+    try:
+        return len(batches)
+    except TypeError:
+        return None
+
+
+def block_influence_result(
+    model,
+    batches: Iterable[Batch],
+    metric: str = "bi",
+    *,
+    shortgpt_compat: bool = False,
+    progress: bool = True,
+    source: str | None = None,
+) -> InfluenceResult:
+    """Stream `batches` (token ids [batch, pos], or (ids, attention_mask)) through `model` and score every layer."""
+    check_metric(metric)
+    n_layers = len(model.blocks)
+    in_hook, out_hook = _PAIR[metric]
+    stats = [_PairStats(shortgpt_compat) for _ in range(n_layers)]
+    pending: dict[int, torch.Tensor] = {}  # layer -> its input stream, held only until its output arrives
+    keep: torch.Tensor | None = None  # [batch, pos] bool, real tokens of the current batch
+
+    def take_input(layer: int):
+        def hook(x, hook):
+            pending[layer] = x
+        return hook
+
+    def take_output(layer: int):
+        def hook(x, hook):
+            stats[layer].add(pending.pop(layer), x, keep)
+        return hook
+
+    fwd_hooks = []
+    for i in range(n_layers):
+        fwd_hooks.append((f"blocks.{i}.{in_hook}", take_input(i)))
+        last_block_output = i == n_layers - 1 and out_hook == "hook_resid_post"
+        out_name = FINAL_NORM_HOOK if shortgpt_compat and last_block_output else f"blocks.{i}.{out_hook}"
+        fwd_hooks.append((out_name, take_output(i)))
+
+    n_tokens = 0
+    with torch.inference_mode():
+        for batch in tqdm(batches, total=_total(batches), desc=f"block influence ({metric})", disable=not progress, leave=False):
+            ids, mask = unpack_batch(batch)
+            ids = ids.to(model.device)
+            mask = mask.to(model.device) if mask is not None else None
+            keep = mask.bool() if mask is not None else None
+            model.run_with_hooks(ids, mask, fwd_hooks=fwd_hooks)
+            pending.clear()
+            n_tokens += int(keep.sum()) if keep is not None else ids.numel()
+    if n_tokens == 0:
+        raise ValueError("batches: no tokens to score")
+
+    means = torch.tensor([s.means() for s in stats], dtype=torch.float64)  # [n_layers, 3]
+    mean_cos, angular, relmag = means.unbind(-1)
+    if metric == "angular":
+        scores = angular.clone()
+    elif metric == "relative-magnitude":
+        scores = relmag.clone()
+    else:
+        scores = 1.0 - mean_cos
+    return InfluenceResult(
+        metric=metric,
+        scores=scores,
+        n_tokens=n_tokens,
+        shortgpt_compat=shortgpt_compat,
+        mean_cos=mean_cos,
+        angular=angular,
+        relative_magnitude=relmag,
+        undefined_tokens=torch.tensor([s.n_undefined for s in stats]),
+        source=source,
+    )
+
+
+def block_influence(model, batches: Iterable[Batch], metric: str = "bi", *, shortgpt_compat: bool = False,
+                    progress: bool = True) -> torch.Tensor:
+    """Per-layer scores [n_layers] (float64) of `metric`; see `block_influence_result` for the statistics behind them."""
+    return block_influence_result(model, batches, metric, shortgpt_compat=shortgpt_compat, progress=progress).scores
+
+
+def removal_order(
+    scores_or_baseline: torch.Tensor | Sequence[float] | InfluenceResult | str,
+    n: int,
+    *,
+    n_layers: int | None = None,
+    seed: int = 0,
+) -> list[int]:
+    """The `n` layers to remove, in removal order: smallest score first (stable: ties keep the lower index first),
+    or a baseline ("sequential", "reverse", "random" seeded by `seed`), which needs `n_layers`."""
+    if isinstance(scores_or_baseline, str):
+        name = scores_or_baseline
+        if name not in BASELINES:
+            raise ValueError(f"baseline must be one of {', '.join(BASELINES)} (or pass scores); got {name!r}")
+        if n_layers is None:
+            raise ValueError(f"baseline {name!r} needs n_layers")
+        order = list(range(n_layers))
+        if name == "reverse":
+            order.reverse()
+        elif name == "random":
+            order = torch.randperm(n_layers, generator=torch.Generator().manual_seed(seed)).tolist()
+    else:
+        scores = scores_or_baseline.scores if isinstance(scores_or_baseline, InfluenceResult) else scores_or_baseline
+        scores = torch.as_tensor(scores, dtype=torch.float64)
+        if scores.dim() != 1:
+            raise ValueError(f"scores must be one value per layer, got shape {tuple(scores.shape)}")
+        if torch.isnan(scores).any():
+            raise ValueError(f"scores: layer {int(torch.isnan(scores).nonzero()[0])} has no defined score (NaN)")
+        order = torch.sort(scores, stable=True).indices.tolist()
+        n_layers = len(order)
+    if not 0 <= n <= n_layers:
+        raise ValueError(f"remove: cannot remove {n} of {n_layers} layers")
+    return order[:n]
