@@ -331,7 +331,8 @@ class Decoder(HookedRootModule):
         pos = self._positions(input_ids, attention_mask, position_ids, kv_cache)
         x = self.embed(input_ids)  # [batch, pos, d_model]
         if self.cfg.embed_scale is not None:
-            x = x * torch.tensor(self.cfg.embed_scale, dtype=torch.float32).to(x.dtype)  # rounded like transformers
+            # rounded straight to the model dtype, like transformers' buffer (bf16: sqrt(3072) -> 55.5; fp64: exact)
+            x = x * torch.tensor(self.cfg.embed_scale, dtype=x.dtype)
         x = self.hook_embed(x)
         for block in self.blocks[:stop_at_layer]:
             x = block(x, pos, kv_cache)
