@@ -284,13 +284,13 @@ class _AttentionAccumulator:
                 self.dist = torch.zeros(self.n_layers, h, tq, dtype=torch.float64)
             if self.dist.shape[-1] != tq:
                 raise ValueError(f"all batches must have the same sequence length: got {tq} after {self.dist.shape[-1]}")
-            p = pattern.detach().float()
+            p = pattern.detach().double()  # [batch, head, q_pos, k_pos]
             k = min(self.first_k, tq)
             sink = p[:, :, k:, :k].sum(-1)  # [batch, head, q_pos - k]
-            self.sink[layer] += sink.mean(-1).sum(0).double().cpu() if tq > k else 0.0
+            self.sink[layer] += sink.mean(-1).sum(0).cpu() if tq > k else 0.0
             idx, valid = self._distance_index(tq, p.device)
             by_d = p.gather(-1, idx.expand(b, h, tq, tq)) * valid  # [batch, head, q_pos, distance]
-            self.dist[layer] += (by_d.sum((0, 2)).double() / valid.sum(0).double()).cpu()
+            self.dist[layer] += (by_d.sum((0, 2)) / valid.sum(0)).cpu()
 
         return accumulate
 
