@@ -1,0 +1,416 @@
+"""RoPE base and context length (Men et al., 2024, "Base of RoPE Bounds Context Length"; RESEARCH.md section 3).
+
+For queries/keys with i.i.d. components, the advantage of a similar key over a random one at relative distance m is
+proportional to
+
+    B(m) = sum_{i < d/2} cos(m * theta_i).
+
+* context bound of a set of frequencies: the largest L with B(m) >= 0 for every integer m in [0, L];
+* lower bound of the base for a length L: the smallest base whose default frequencies theta_i = base^(-2i/d) keep
+  B(m) >= 0 for every integer m in [0, L]. B is not monotone in the base, so the search below is an exhaustive sweep
+  of a log grid (no bisection over the whole range), refined only between the last failing and the first passing
+  grid point; see `base_lower_bounds` for exactly what "smallest" means.
+
+Everything is float64. B(m) is evaluated in blocks as a matrix product (cos(a + b) = cos a cos b - sin a sin b):
+rows are block starts, columns small offsets, so a block of J*K values costs J + K cosine evaluations per frequency
+and one [J, 2n] @ [2n, K] matmul instead of J*K*n cosines. Values within `_AMBIGUOUS` of zero are recomputed directly
+as sum(cos(m * theta)); float64 itself cannot decide the sign of |B| below ~1e-8 at m ~ 2^22 (the angle m*theta
+carries an absolute rounding error of ~m * 1e-16 rad), and every result reports its margin so close calls are visible.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from residscope.model.rope import RopeParams, inv_freq as rope_inv_freq, rotary_dim
+
+DEFAULT_MAX_M = 1 << 22  # 4M positions: the context bound search gives up (capped=True) beyond this
+_COLS = 512  # offsets per block (columns of the matmul)
+_MAX_ROWS = 1024  # block starts per block: at most 512K values (4 MiB) per block
+_AMBIGUOUS = 1e-6  # |B| below this is recomputed directly before its sign is trusted
+_N_WITNESSES = 16  # most negative positions kept from each failing scan, to kill neighbouring bases cheaply
+
+# Published lower bounds of the base, head dim 128 (Men et al., 2024, via RESEARCH.md section 3).
+PUBLISHED_BASE_LOWER_BOUNDS: dict[int, float] = {
+    1 << 10: 4.3e3, 1 << 11: 1.6e4, 1 << 12: 2.7e4, 1 << 13: 8.4e4, 1 << 14: 3.1e5, 1 << 15: 6.4e5,
+    1 << 16: 2.1e6, 1 << 17: 7.8e6, 1 << 18: 3.6e7, 1 << 19: 6.4e7, 1 << 20: 5.1e8,
+}
+
+
+def _one_thread(fn):
+    """Run `fn` with one intra-op thread. The tensors here are small ([1024, 128] @ [128, 512] at most), so a second
+    OpenMP thread gains little, while on a busy machine OpenMP's spin-waiting makes small ops 100x slower."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kw):
+        before = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return fn(*args, **kw)
+        finally:
+            torch.set_num_threads(before)
+
+    return wrapper
+
+
+# ---- frequencies ------------------------------------------------------------------------------------------------
+def default_inv_freq(base: float, head_dim: int) -> torch.Tensor:
+    """theta_i = base^(-2i/d), i < d/2, float64 [d/2]."""
+    if head_dim < 2 or head_dim % 2:
+        raise ValueError(f"head_dim must be an even integer >= 2, got {head_dim}")
+    if not base > 1:
+        raise ValueError(f"base must be > 1, got {base}")
+    return torch.exp(-math.log(base) * torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+
+
+def rope_frequencies(params: RopeParams, head_dim: int, seq_len: int | None = None) -> torch.Tensor:
+    """The frequencies a model's attention uses, from the model's own RoPE code, float64 [head_dim // 2].
+
+    Pairs past the rotary dim (partial rotary) are not rotated: they enter B(m) with frequency 0, i.e. cos = 1 at every
+    distance, exactly as a q/k pair that RoPE leaves alone contributes to q.k.
+    """
+    freq, _ = rope_inv_freq(params, head_dim, seq_len=seq_len, dtype=torch.float64)  # [rotary_dim // 2]
+    pad = head_dim // 2 - freq.numel()
+    return torch.cat((freq, torch.zeros(pad, dtype=torch.float64))) if pad > 0 else freq
+
+
+def ntk_base(base: float, factor: float, rotary_dim_: int) -> float:
+    """NTK-aware scaled base: base * s^(d / (d - 2)) (d = rotary dim), which stretches the lowest frequency by s."""
+    if factor <= 0:
+        raise ValueError(f"factor must be positive, got {factor}")
+    if rotary_dim_ <= 2:
+        raise ValueError(f"NTK scaling needs a rotary dim > 2, got {rotary_dim_}")
+    return base * factor ** (rotary_dim_ / (rotary_dim_ - 2))
+
+
+def ntk_params(params: RopeParams, factor: float, head_dim: int) -> RopeParams:
+    """`params` with the NTK-aware base for an extension by `factor` (all other fields, incl. any scaling, kept)."""
+    return params.replace(theta=ntk_base(params.theta, factor, rotary_dim(params, head_dim)))
+
+
+# ---- B(m) -------------------------------------------------------------------------------------------------------
+@_one_thread
+def rope_sum(m: torch.Tensor | int, base: float | None = None, head_dim: int | None = None, *, inv_freq: torch.Tensor | None = None,
+             chunk: int = 1 << 16) -> torch.Tensor:
+    """B(m) = sum_i cos(m * theta_i), computed directly, float64, for integer positions `m` [N] (chunked)."""
+    theta = _frequencies(base, head_dim, inv_freq)
+    m = torch.as_tensor(m, dtype=torch.float64).reshape(-1)  # [N]
+    out = torch.empty_like(m)
+    for lo in range(0, m.numel(), chunk):
+        out[lo:lo + chunk] = torch.cos(m[lo:lo + chunk, None] * theta).sum(-1)  # [chunk, n] -> [chunk]
+    return out
+
+
+def _frequencies(base, head_dim, inv_freq) -> torch.Tensor:
+    if inv_freq is not None:
+        if base is not None:
+            raise ValueError("give either base (with head_dim) or inv_freq, not both")
+        theta = torch.as_tensor(inv_freq, dtype=torch.float64).reshape(-1)
+        if theta.numel() == 0 or not torch.isfinite(theta).all() or (theta < 0).any():
+            raise ValueError("inv_freq must be a non-empty vector of finite, non-negative frequencies")
+        return theta
+    if base is None or head_dim is None:
+        raise ValueError("give base and head_dim, or inv_freq")
+    return default_inv_freq(float(base), int(head_dim))
+
+
+@dataclass
+class _Scan:
+    first_negative: int | None  # first integer m in [start, stop] with B(m) < 0
+    min_value: float  # min B over the scanned positions before the first negative
+    argmin: int
+    witnesses: list[int] = field(default_factory=list)  # the most negative positions of the failing block
+
+
+class _Blocks:
+    """Evaluates B(m) for one frequency vector in blocks [m0, m0 + rows * _COLS), as a float64 matmul."""
+
+    def __init__(self, theta: torch.Tensor):
+        self.theta = theta  # [n]
+        k = torch.arange(_COLS, dtype=torch.float64)
+        angles = theta[:, None] * k[None, :]  # [n, K]
+        self.cols = torch.cat((torch.cos(angles), torch.sin(angles)), 0)  # [2n, K]
+
+    def values(self, m0: int, rows: int) -> torch.Tensor:
+        starts = m0 + _COLS * torch.arange(rows, dtype=torch.float64)  # [J]
+        angles = starts[:, None] * self.theta[None, :]  # [J, n]
+        lhs = torch.cat((torch.cos(angles), -torch.sin(angles)), 1)  # [J, 2n]
+        return (lhs @ self.cols).reshape(-1)  # [J * K]: B(m0 + j*K + k)
+
+
+def _scan(theta: torch.Tensor, stop: int, start: int = 0, *, early_exit: bool = True) -> _Scan:
+    """Scan every integer m in [start, stop] for B(m) < 0, in growing blocks (early exit at the first negative)."""
+    blocks = _Blocks(theta)
+    m0, rows = start, 8
+    best, best_m = math.inf, start
+    first = None
+    witnesses: list[int] = []
+    while m0 <= stop:
+        vals = blocks.values(m0, rows)  # [rows * K]
+        vals = vals[: stop - m0 + 1]
+        close = (vals.abs() < _AMBIGUOUS).nonzero().reshape(-1)
+        if close.numel():  # float64 direct recomputation of near-zero values before trusting their sign
+            vals[close] = rope_sum(m0 + close, inv_freq=theta)
+        neg = (vals < 0).nonzero()
+        if first is None:
+            head = vals[: int(neg[0])] if neg.numel() else vals  # min before the first negative
+            if head.numel():
+                v, i = torch.min(head, 0)
+                if float(v) < best:
+                    best, best_m = float(v), m0 + int(i)
+        if neg.numel() and first is None:
+            first = m0 + int(neg[0])
+            k = min(_N_WITNESSES, vals.numel())
+            low_v, low_i = torch.topk(vals, k, largest=False)
+            witnesses = [m0 + int(j) for j, x in zip(low_i.tolist(), low_v.tolist()) if x < 0]
+            if early_exit:
+                break
+        m0 += vals.numel()
+        rows = min(rows * 2, _MAX_ROWS)
+    return _Scan(first, best, best_m, witnesses)
+
+
+# ---- context bound ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ContextBound:
+    """How far a set of RoPE frequencies keeps B(m) >= 0."""
+
+    bound: int  # largest L with B(m) >= 0 for every integer m in [0, L]; = max_m when capped
+    first_negative: int | None  # bound + 1 (where B first dips below 0); None when capped
+    capped: bool  # B stayed >= 0 up to max_m: the true bound is at least max_m
+    max_m: int
+    min_value: float  # min B(m) over [0, bound]: how close to 0 the curve came (float64 noise is ~1e-8)
+    n_freqs: int  # number of frequency pairs summed (d / 2)
+
+
+@_one_thread
+def context_bound(base: float | None = None, head_dim: int | None = None, *, inv_freq: torch.Tensor | None = None,
+                  max_m: int = DEFAULT_MAX_M) -> ContextBound:
+    """L_theta = the largest L with B(m) >= 0 for all integer m in [0, L], for a base and head dim (default RoPE
+    frequencies) or any frequency vector `inv_freq` [n]. Scans up to `max_m`; beyond that returns capped=True."""
+    if max_m < 1:
+        raise ValueError(f"max_m must be >= 1, got {max_m}")
+    theta = _frequencies(base, head_dim, inv_freq)
+    scan = _scan(theta, max_m)
+    if scan.first_negative is None:
+        return ContextBound(max_m, None, True, max_m, scan.min_value, theta.numel())
+    return ContextBound(scan.first_negative - 1, scan.first_negative, False, max_m, scan.min_value, theta.numel())
+
+
+# ---- lower bound of the base ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class BaseLowerBound:
+    """The smallest RoPE base keeping B(m) >= 0 on [0, length] (see `base_lower_bounds` for the exact meaning)."""
+
+    length: int
+    head_dim: int
+    value: float  # the reported lower bound: a base that passes (B >= 0 for every integer m in [0, length])
+    below: float  # a base just below `value` that fails: value / below - 1 <= refine_rtol
+    below_first_negative: int  # the first m <= length where B < 0 at `below`
+    grid_step: float  # relative spacing r of the exhaustive log grid (1 + r)^k that was swept
+    grid_value: float  # the first grid point that passes (every grid point from 1 + r up to it fails)
+    refine_rtol: float  # relative precision of the refinement between the last failing and first passing grid point
+    verified: bool  # value passes and below fails, re-checked by a full integer-m scan
+    min_value: float  # min B(m) over [0, length] at `value` (margin of the pass; float64 noise is ~1e-8)
+    reach: int  # context bound of `value` itself (how far past `length` it keeps B >= 0); capped at max_m
+    reach_capped: bool
+
+
+def base_lower_bound(length: int, head_dim: int = 128, *, grid_step: float = 1e-3, refine_rtol: float = 1e-6,
+                     max_m: int = DEFAULT_MAX_M) -> BaseLowerBound:
+    """The smallest base with B(m) >= 0 for every integer m in [0, length] (head dim `head_dim`). See `base_lower_bounds`."""
+    return base_lower_bounds([length], head_dim, grid_step=grid_step, refine_rtol=refine_rtol, max_m=max_m)[0]
+
+
+@_one_thread
+def base_lower_bounds(lengths: list[int], head_dim: int = 128, *, grid_step: float = 1e-3, refine_rtol: float = 1e-6,
+                      max_m: int = DEFAULT_MAX_M) -> list[BaseLowerBound]:
+    """Lower bounds of the base for several lengths from one sweep (results in the order of `lengths`).
+
+    What "smallest" means: the bases (1 + r)^k, k = 1, 2, ... (r = `grid_step`) are tested in increasing order, each
+    exactly (every integer m up to the length). `grid_value` is the first grid base that passes, and every grid base
+    below it fails, each with a witness m where B < 0. Between the last failing grid base and `grid_value` a bisection
+    keeps "lo fails, hi passes" until hi / lo - 1 <= `refine_rtol`: `value` = hi passes and `below` = lo fails. So
+    `value` is the infimum of the passing bases within relative `refine_rtol`, up to one caveat that no finite search
+    avoids: a passing island narrower than the grid spacing r that lies below `value` would be missed.
+    A passing base is not a promise for every larger base (B is not monotone in the base): use `context_bound` to check
+    a specific base.
+    """
+    if not grid_step > 0 or not refine_rtol > 0:
+        raise ValueError("grid_step and refine_rtol must be positive")
+    if not lengths:
+        return []
+    for length in lengths:
+        if int(length) != length or length < 1:
+            raise ValueError(f"length must be a positive integer, got {length}")
+    grid_index = _sweep(sorted({int(x) for x in lengths}), head_dim, grid_step)
+    out = {}
+    log_step = math.log1p(grid_step)
+    for length, k in grid_index.items():
+        out[length] = _refine(length, head_dim, k, log_step, grid_step, refine_rtol, max_m)
+    return [out[int(x)] for x in lengths]
+
+
+def _sweep(lengths: list[int], head_dim: int, grid_step: float, batch: int = 64) -> dict[int, int]:
+    """For each length, the index k of the first grid base (1 + r)^k that passes; every earlier grid base fails.
+
+    Cost control: a base fails as soon as one m <= length has B < 0. Most bases are killed by a "witness" (a position
+    where a nearby base was negative), tested for a batch of bases at once; only survivors get a full scan.
+    """
+    exps = torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim  # [n]
+    log_step = math.log1p(grid_step)
+    todo = list(lengths)  # unanswered, ascending
+    found: dict[int, int] = {}
+    witnesses: list[int] = []  # most recent last
+    k0 = 1
+    while todo:
+        log_base = log_step * torch.arange(k0, k0 + batch, dtype=torch.float64)  # [G]
+        theta = torch.exp(-log_base[:, None] * exps[None, :])  # [G, n]
+        alive = _survivors(theta, [w for w in witnesses if w <= todo[0]])  # [G] bool
+        n_before = len(witnesses)
+        for g in alive.nonzero().reshape(-1).tolist():
+            if not todo:
+                break
+            recent = [w for w in witnesses[n_before:] if w <= todo[0]]
+            if recent and bool((rope_sum(recent, inv_freq=theta[g]) < 0).any()):
+                continue
+            scan = _scan(theta[g], todo[-1])
+            first = scan.first_negative if scan.first_negative is not None else todo[-1] + 1
+            witnesses.extend([first] + scan.witnesses)
+            while todo and first > todo[0]:
+                found[todo.pop(0)] = k0 + g
+        witnesses = list(dict.fromkeys(witnesses[-512:]))
+        k0 += batch
+    return found
+
+
+def _survivors(theta: torch.Tensor, witnesses: list[int]) -> torch.Tensor:
+    """Which bases (rows of theta [G, n]) have B >= 0 at every witness position; the most recent witnesses first."""
+    alive = torch.ones(theta.shape[0], dtype=torch.bool)
+    for part in (witnesses[-32:], witnesses[:-32][-480:]):
+        idx = alive.nonzero().reshape(-1)
+        if not part or idx.numel() == 0:
+            continue
+        m = torch.tensor(part, dtype=torch.float64)  # [W]
+        vals = torch.cos(m[None, :, None] * theta[idx][:, None, :]).sum(-1)  # [g, W]
+        alive[idx] = ~(vals < 0).any(1)
+    return alive
+
+
+def _passes(log_base: float, head_dim: int, length: int) -> _Scan:
+    return _scan(torch.exp(-log_base * torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim), length)
+
+
+def _refine(length: int, head_dim: int, k: int, log_step: float, grid_step: float, refine_rtol: float, max_m: int) -> BaseLowerBound:
+    lo, hi = (k - 1) * log_step, k * log_step  # lo fails (or is base 1), hi passes
+    lo_scan = _passes(lo, head_dim, length) if k > 1 else None
+    while hi - lo > math.log1p(refine_rtol):
+        mid = 0.5 * (lo + hi)
+        scan = _passes(mid, head_dim, length)
+        if scan.first_negative is None:
+            hi = mid
+        else:
+            lo, lo_scan = mid, scan
+    value, below = math.exp(hi), math.exp(lo)
+    # Independent re-check: full scan of [0, length] at value (no early exit), and the witness of `below` directly.
+    full = _scan(default_inv_freq(value, head_dim), length, early_exit=False)
+    below_first = lo_scan.first_negative if lo_scan is not None else 0
+    below_ok = lo_scan is not None and float(rope_sum(below_first, below, head_dim)[0]) < 0
+    reach = context_bound(value, head_dim, max_m=max(max_m, length))
+    return BaseLowerBound(
+        length=length, head_dim=head_dim, value=value, below=below, below_first_negative=below_first,
+        grid_step=grid_step, grid_value=math.exp(k * log_step), refine_rtol=refine_rtol,
+        verified=full.first_negative is None and below_ok, min_value=full.min_value,
+        reach=reach.bound, reach_capped=reach.capped,
+    )
+
+
+# ---- the paper's table ------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TableRow:
+    length: int
+    computed: BaseLowerBound
+    published: float | None
+    published_reach: ContextBound | None  # context bound of the published base
+
+    @property
+    def note(self) -> str:
+        """One sentence on how the published value relates to ours."""
+        if self.published is None:
+            return ""
+        ours, pub, reach = self.computed.value, self.published, self.published_reach
+        if reach is not None and not reach.capped and reach.bound < self.length:
+            return (f"published base {pub:.2g} fails: B first dips below 0 at m={reach.first_negative:,} < {self.length:,} "
+                    f"(B is not monotone in the base; {ours:.4g} passes)")
+        if abs(float(f"{ours:.2g}") - pub) <= 1e-9 * pub:
+            return "agrees (published value is ours rounded to 2 significant digits)"
+        if pub > ours:
+            return (f"published base passes but is not the smallest: {ours:.4g} already keeps B >= 0 up to {self.length:,} "
+                    "(the paper's search was coarser)")
+        return f"published base {pub:.2g} is below ours; it passes only through rounding or an island narrower than the grid"
+
+
+@_one_thread
+def paper_table(head_dim: int = 128, lengths: list[int] | None = None, **kw) -> list[TableRow]:
+    """The paper's table (lengths 2^10 .. 2^20, head dim 128) computed here, next to the published values."""
+    lengths = lengths or sorted(PUBLISHED_BASE_LOWER_BOUNDS)
+    bounds = base_lower_bounds(lengths, head_dim, **kw)
+    rows = []
+    for length, computed in zip(lengths, bounds):
+        pub = PUBLISHED_BASE_LOWER_BOUNDS.get(length) if head_dim == 128 else None
+        reach = context_bound(pub, head_dim, max_m=length + 1) if pub is not None else None
+        rows.append(TableRow(length, computed, pub, reach))
+    return rows
+
+
+# ---- a model's own frequencies ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LayerKindBound:
+    """Context bound of one attention layer kind of a model (e.g. Gemma 3 sliding vs full layers)."""
+
+    layer_kind: str
+    layers: list[int]
+    head_dim: int
+    rotary_dim: int
+    base: float  # rope theta as configured
+    rope_type: str
+    factor: float | None  # scaling factor (None for default RoPE)
+    seq_len: int | None  # the length dynamic NTK was evaluated at (None: no dynamic scaling)
+    bound: ContextBound
+    max_position_embeddings: int | None
+    sliding_window: int | None  # local layers never look further than this
+
+    @property
+    def covers_max_positions(self) -> bool | None:
+        """Whether B stays >= 0 over every distance the layer can see (max positions, or the window if shorter)."""
+        reach = min(x for x in (self.max_position_embeddings, self.sliding_window) if x is not None) \
+            if (self.max_position_embeddings or self.sliding_window) else None
+        if reach is None:
+            return None
+        return self.bound.capped or self.bound.bound >= reach - 1
+
+
+@_one_thread
+def model_bounds(cfg, *, seq_len: int | None = None, max_m: int = DEFAULT_MAX_M) -> list[LayerKindBound]:
+    """Per layer kind of a `DecoderConfig`: head dim, rotary dim, base, scaling and the context bound of the frequencies
+    the model's RoPE code produces (dynamic NTK at `seq_len`, default: the configured max positions)."""
+    if cfg.positional != "rope":
+        raise ValueError(f"model uses {cfg.positional!r} position embeddings, not RoPE: no RoPE context bound")
+    out = []
+    for kind in dict.fromkeys(cfg.layer_types):
+        params: RopeParams = cfg.rope[kind]
+        theta = rope_frequencies(params, cfg.d_head, seq_len=seq_len)
+        layers = [i for i, t in enumerate(cfg.layer_types) if t == kind]
+        window = cfg.window_of(layers[0])
+        dyn_len = (max(seq_len or 0, params.max_position_embeddings) if params.rope_type == "dynamic" else None)
+        out.append(LayerKindBound(
+            layer_kind=kind, layers=layers, head_dim=cfg.d_head, rotary_dim=rotary_dim(params, cfg.d_head),
+            base=params.theta, rope_type=params.rope_type, factor=None if params.rope_type == "default" else params.factor,
+            seq_len=dyn_len, bound=context_bound(inv_freq=theta, max_m=max_m),
+            max_position_embeddings=cfg.max_position_embeddings, sliding_window=window,
+        ))
+    return out
