@@ -13,9 +13,10 @@ proportional to
 
 Everything is float64. B(m) is evaluated in blocks as a matrix product (cos(a + b) = cos a cos b - sin a sin b):
 rows are block starts, columns small offsets, so a block of J*K values costs J + K cosine evaluations per frequency
-and one [J, 2n] @ [2n, K] matmul instead of J*K*n cosines. Values within `_AMBIGUOUS` of zero are recomputed directly
-as sum(cos(m * theta)); float64 itself cannot decide the sign of |B| below ~1e-8 at m ~ 2^22 (the angle m*theta
-carries an absolute rounding error of ~m * 1e-16 rad), and every result reports its margin so close calls are visible.
+and one [J, 2n] @ [2n, K] matmul instead of J*K*n cosines. The matmul runs in float32 as a screen; every value it cannot
+vouch for (below its worst-case error bound) is recomputed directly as sum(cos(m * theta)) in float64, so every sign
+decision is a float64 one. float64 itself cannot decide the sign of |B| below ~1e-8 at m ~ 2^22 (the angle m*theta
+carries an absolute rounding error of ~m * 1e-16 rad); every result reports its margin so close calls are visible.
 """
 
 from __future__ import annotations
@@ -31,7 +32,6 @@ from residscope.model.rope import RopeParams, inv_freq as rope_inv_freq, rotary_
 DEFAULT_MAX_M = 1 << 22  # 4M positions: the context bound search gives up (capped=True) beyond this
 _COLS = 512  # offsets per block (columns of the matmul)
 _MAX_ROWS = 1024  # block starts per block: at most 512K values (4 MiB) per block
-_AMBIGUOUS = 1e-6  # |B| below this is recomputed directly before its sign is trusted
 _N_WITNESSES = 16  # most negative positions kept from each failing scan, to kill neighbouring bases cheaply
 
 # Published lower bounds of the base, head dim 128 (Men et al., 2024, via RESEARCH.md section 3).
@@ -127,19 +127,24 @@ class _Scan:
 
 
 class _Blocks:
-    """Evaluates B(m) for one frequency vector in blocks [m0, m0 + rows * _COLS), as a float64 matmul."""
+    """Screens B(m) for one frequency vector in blocks [m0, m0 + rows * _COLS) with a float32 matmul.
+
+    float32 bounds the error of a block value by (2n)^2 * 2^-23 (2n products of terms in [-1, 1]); every value below
+    that tolerance is recomputed directly in float64, so signs and the first negative are float64-exact.
+    """
 
     def __init__(self, theta: torch.Tensor):
         self.theta = theta  # [n]
         k = torch.arange(_COLS, dtype=torch.float64)
         angles = theta[:, None] * k[None, :]  # [n, K]
-        self.cols = torch.cat((torch.cos(angles), torch.sin(angles)), 0)  # [2n, K]
+        self.cols = torch.cat((torch.cos(angles), torch.sin(angles)), 0).float()  # [2n, K]
+        self.tol = (2 * theta.numel()) ** 2 * 2.0 ** -23
 
-    def values(self, m0: int, rows: int) -> torch.Tensor:
+    def screen(self, m0: int, rows: int) -> torch.Tensor:
         starts = m0 + _COLS * torch.arange(rows, dtype=torch.float64)  # [J]
-        angles = starts[:, None] * self.theta[None, :]  # [J, n]
-        lhs = torch.cat((torch.cos(angles), -torch.sin(angles)), 1)  # [J, 2n]
-        return (lhs @ self.cols).reshape(-1)  # [J * K]: B(m0 + j*K + k)
+        angles = starts[:, None] * self.theta[None, :]  # [J, n], float64: m0 * theta can reach ~1e6 rad
+        lhs = torch.cat((torch.cos(angles), -torch.sin(angles)), 1).float()  # [J, 2n]
+        return (lhs @ self.cols).reshape(-1)  # [J * K]: B(m0 + j*K + k), float32
 
 
 def _scan(theta: torch.Tensor, stop: int, start: int = 0, *, early_exit: bool = True) -> _Scan:
@@ -150,26 +155,30 @@ def _scan(theta: torch.Tensor, stop: int, start: int = 0, *, early_exit: bool = 
     first = None
     witnesses: list[int] = []
     while m0 <= stop:
-        vals = blocks.values(m0, rows)  # [rows * K]
-        vals = vals[: stop - m0 + 1]
-        close = (vals.abs() < _AMBIGUOUS).nonzero().reshape(-1)
-        if close.numel():  # float64 direct recomputation of near-zero values before trusting their sign
-            vals[close] = rope_sum(m0 + close, inv_freq=theta)
-        neg = (vals < 0).nonzero()
+        approx = blocks.screen(m0, rows)[: stop - m0 + 1]  # [N] float32
+        n_vals = approx.numel()
+        low = (approx < blocks.tol).nonzero().reshape(-1)  # [C] positions whose sign float32 cannot vouch for
+        exact = rope_sum(m0 + low, inv_freq=theta) if low.numel() else torch.empty(0, dtype=torch.float64)  # [C]
+        neg = (exact < 0).nonzero().reshape(-1)
         if first is None:
-            head = vals[: int(neg[0])] if neg.numel() else vals  # min before the first negative
-            if head.numel():
-                v, i = torch.min(head, 0)
-                if float(v) < best:
-                    best, best_m = float(v), m0 + int(i)
+            cut = int(low[neg[0]]) if neg.numel() else n_vals  # min before the first negative
+            head_low = exact[low < cut]
+            cand = [(float(approx[:cut].min()), 0)] if cut else []
+            if head_low.numel():
+                i = int(torch.argmin(head_low))
+                cand.append((float(head_low[i]), int(low[low < cut][i])))
+            elif cut:
+                cand = [(float(approx[:cut].min()), int(torch.argmin(approx[:cut])))]
+            for v, i in cand:
+                if v < best:
+                    best, best_m = v, m0 + i
         if neg.numel() and first is None:
-            first = m0 + int(neg[0])
-            k = min(_N_WITNESSES, vals.numel())
-            low_v, low_i = torch.topk(vals, k, largest=False)
-            witnesses = [m0 + int(j) for j, x in zip(low_i.tolist(), low_v.tolist()) if x < 0]
+            first = m0 + int(low[neg[0]])
+            order = torch.argsort(exact[neg])[:_N_WITNESSES]
+            witnesses = (m0 + low[neg[order]]).tolist()
             if early_exit:
                 break
-        m0 += vals.numel()
+        m0 += n_vals
         rows = min(rows * 2, _MAX_ROWS)
     return _Scan(first, best, best_m, witnesses)
 
