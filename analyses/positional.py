@@ -18,7 +18,10 @@ How much of the residual stream is positional, per layer (all expectations over 
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
@@ -95,6 +98,34 @@ class PositionalDecomposition:
         # E||h - m||^2 = E||h||^2 - 2 p.m + ||m||^2, per position
         total = (self.second_moment - 2 * (self.vectors * m).sum(-1) + m.pow(2).sum(-1)).sum(-1)
         return between / total
+
+    def save(self, path: str | Path) -> Path:
+        """Write the decomposition as safetensors (atomically: temp file, then rename)."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.tmp")
+        save_file({"vectors": self.vectors.contiguous(), "second_moment": self.second_moment.contiguous(),
+                   "mean_token_norm": self.mean_token_norm.contiguous()}, str(tmp),
+                  metadata={"n_samples": str(self.n_samples), "hook_names": json.dumps(self.hook_names)})
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "PositionalDecomposition":
+        """Read a decomposition written by `save` (e.g. to reuse positional vectors for context extension)."""
+        from safetensors import SafetensorError, safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such positional-vector file")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                tensors = {k: f.get_tensor(k) for k in ("vectors", "second_moment", "mean_token_norm")}
+            return cls(**tensors, n_samples=int(meta["n_samples"]), hook_names=json.loads(meta.get("hook_names", "[]")))
+        except (KeyError, ValueError, OSError, SafetensorError) as e:
+            raise ValueError(f"{path}: not a positional-vector file written by PositionalDecomposition.save ({e})") from None
 
 
 class _MomentAccumulator:

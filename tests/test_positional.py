@@ -178,3 +178,64 @@ def test_removal_study_rows(tiny, ids, dec):
     assert rows[1].ppl != rows[0].ppl
     # layer 1 = output of block 0: removing there cannot change block 0's attention
     assert rows[1].sink_mass[0] == pytest.approx(rows[0].sink_mass[0], rel=1e-12)
+
+
+def test_decomposition_round_trips_through_safetensors(dec, tmp_path):
+    from residscope.analyses.positional import PositionalDecomposition
+
+    path = dec.save(tmp_path / "pv.safetensors")
+    back = PositionalDecomposition.load(path)
+    torch.testing.assert_close(back.vectors, dec.vectors, rtol=0, atol=0)
+    assert back.n_samples == dec.n_samples and back.hook_names == dec.hook_names
+    assert not list(tmp_path.glob(".*tmp"))
+    (tmp_path / "bad.safetensors").write_bytes(b"junk")
+    with pytest.raises(ValueError, match="bad.safetensors"):
+        PositionalDecomposition.load(tmp_path / "bad.safetensors")
+
+
+def byte_tokenizer():
+    """A 256-symbol byte-level tokenizer, so a tiny random model can read the built-in corpus."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok)
+
+
+def test_cli_writes_summary_vectors_and_figures(tmp_path, capsys):
+    import json
+
+    import typer
+
+    from residscope.analyses.positional import PositionalDecomposition
+    from residscope.apps import cli_positional
+    from residscope.apps.errors import run_cli
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2)
+    folder = save_hf(transformers.LlamaForCausalLM(cfg), tmp_path)
+    byte_tokenizer().save_pretrained(folder)
+    app = typer.Typer()
+    cli_positional.register(app)
+    app.command("noop")(lambda: None)  # two commands, so typer keeps the subcommand name
+    out = tmp_path / "out"
+    args = ["positional", "--model", str(folder), "--samples", "8", "--seq-len", "16", "--out", str(out), "--batch-size",
+            "4", "--remove-layers", "1", "--eval-samples", "4", "--probe-tokens", "128", "--json"]
+    run_cli(app, args)
+    summary = json.loads(capsys.readouterr().out)
+    assert json.loads((out / "summary.json").read_text()) == summary
+    assert summary["n_samples"] == 8 and summary["seq_len"] == 16
+    assert len(summary["positional"]["n_distinct"]) == 3 and len(summary["attention"]["sink_mass_by_block"]) == 2
+    assert [r["label"] for r in summary["removal"]] == ["original", "remove at 1 (all positions)", "remove at 1 (first 4)"]
+    assert [p["metric"] for p in summary["probes"]] == ["r2", "auc"]
+    for name in summary["files"]:
+        assert (out / name).is_file(), name
+    assert PositionalDecomposition.load(out / "positional_vectors.safetensors").vectors.shape == (3, 16, 32)
+    assert not list(out.glob(".*"))  # no temporary files left behind
+
+    with pytest.raises(SystemExit) as e:
+        run_cli(app, [*args[:-1], "--remove-layers", "7"])
+    assert e.value.code == 2 and "--remove-layers: layer 7 out of range" in capsys.readouterr().err
