@@ -143,8 +143,10 @@ def prune(
 ) -> None:
     """Remove layers (lowest score first, or explicit ones), report held-out perplexity before and after, and save a
     standard transformers checkpoint."""
-    from residscope.analyses.perplexity import heldout_perplexity
-    from residscope.surgery import BASELINES, METRICS, pruning_record, remove_layers, removal_order, save_pretrained
+    from residscope.analyses.corpus import calibration_batches
+    from residscope.analyses.perplexity import perplexity
+    from residscope.surgery import (BASELINES, METRICS, block_influence_result, pruning_record, remove_layers,
+                                    removal_order, save_pretrained)
     from residscope.surgery.export import check_target
     from residscope.surgery.removal import check_layers
 
@@ -169,20 +171,30 @@ def prune(
     elif not 0 < remove < n_layers:
         raise ValueError(f"--remove must be between 1 and {n_layers - 1} for this {n_layers}-layer model; got {remove}")
 
-    def evaluate(mm):
-        return heldout_perplexity(mm, seq_len=seq_len, samples=eval_samples, batch_size=batch_size, seed=seed, progress=True)
+    # token batches are built once: every candidate model is scored on the same held-out and calibration tokens
+    eval_batches, eval_source = calibration_batches(m, seq_len=seq_len, samples=eval_samples, batch_size=batch_size,
+                                                    seed=seed, split="evaluation")
 
-    calib = dict(seq_len=seq_len, samples=samples, batch_size=batch_size, seed=seed, text=text, dataset=dataset)
+    def evaluate(mm):
+        r = perplexity(mm, eval_batches, desc="held-out perplexity")
+        r.source = eval_source
+        return r
+
     dense = evaluate(m)
     report: dict = {"model": model, "n_layers": n_layers, "dense": dense.to_dict()}
 
     influences: dict[str, object] = {}
+    calib: list = []
 
     def scores_for(name: str):
         """Influence result for a metric; bi, angular and relative-magnitude come from one pass."""
         key = name if name in ("attn-bi", "mlp-bi") else "block"
+        if not calib:
+            calib.extend(calibration_batches(m, seq_len=seq_len, samples=samples, batch_size=batch_size, seed=seed,
+                                             text_file=text, dataset=dataset))
         if key not in influences:
-            influences[key] = _influence(m, "bi" if key == "block" else name, shortgpt_compat, **calib)
+            influences[key] = block_influence_result(m, calib[0], "bi" if key == "block" else name,
+                                                     shortgpt_compat=shortgpt_compat, source=calib[1])
         res = influences[key]
         return {"angular": res.angular, "relative-magnitude": res.relative_magnitude}.get(name, res.scores), res
 

@@ -25,6 +25,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from importlib import metadata
 from pathlib import Path
 
@@ -108,6 +109,11 @@ def save_pretrained(model, out_dir: str | os.PathLike, *, pruning_info: dict | N
     record.setdefault("removed_layers", [i for i in range(record["n_layers_before"]) if i not in origin])
     if SUBLAYER_KEY in config:
         record[SUBLAYER_KEY] = config[SUBLAYER_KEY]
+        warnings.warn(
+            f"{out_dir}: removed attention/MLP halves {config[SUBLAYER_KEY]} cannot be expressed in a transformers config; "
+            "saved in residscope's own format (transformers would re-initialise the missing tensors at random)",
+            UserWarning, stacklevel=2,
+        )
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
