@@ -48,22 +48,30 @@ def block_names(cfg: DecoderConfig) -> dict[str, str]:
     return {**_BLOCK_NAMES, **(_FOUR_NORMS if cfg.post_norms else _TWO_NORMS)}
 
 
-def hf_to_local(key: str, tensor: torch.Tensor, cfg: DecoderConfig) -> list[tuple[str, torch.Tensor]]:
-    """Local (name, tensor) pairs for one checkpoint tensor; [] for ignorable buffers; KeyError for unknown keys."""
+def local_names(key: str, cfg: DecoderConfig) -> list[str]:
+    """Local parameter names for one checkpoint key: [] for ignorable buffers, several when the checkpoint fuses
+    tensors (Baichuan's W_pack = rows [q; k; v], split in that order along dim 0). KeyError for unknown keys."""
     if IGNORED.search(key):
         return []
     if key in _TOP_NAMES:
-        return [(_TOP_NAMES[key], tensor)]
+        return [_TOP_NAMES[key]]
     m = _LAYER.match(key)
     if m:
         layer, suffix = m.group(1), m.group(2)
-        if suffix == "self_attn.W_pack.weight":  # Baichuan: fused rows [q; k; v]
-            q, k, v = tensor.chunk(3, dim=0)
-            return [(f"blocks.{layer}.attn.{n}_proj.weight", t) for n, t in zip("qkv", (q, k, v))]
+        if suffix == "self_attn.W_pack.weight":
+            return [f"blocks.{layer}.attn.{n}_proj.weight" for n in "qkv"]
         names = block_names(cfg)
         if suffix in names:
-            return [(f"blocks.{layer}.{names[suffix]}", tensor)]
+            return [f"blocks.{layer}.{names[suffix]}"]
     raise KeyError(key)
+
+
+def hf_to_local(key: str, tensor: torch.Tensor, cfg: DecoderConfig) -> list[tuple[str, torch.Tensor]]:
+    """Local (name, tensor) pairs for one checkpoint tensor (fused tensors split)."""
+    names = local_names(key, cfg)
+    if len(names) <= 1:
+        return [(n, tensor) for n in names]
+    return list(zip(names, tensor.chunk(len(names), dim=0)))
 
 
 def local_to_hf(state: dict[str, torch.Tensor], cfg: DecoderConfig) -> dict[str, torch.Tensor]:

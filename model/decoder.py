@@ -306,9 +306,13 @@ class Decoder(HookedRootModule):
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.ln_final = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.norm_offset)
         self.unembed = nn.Linear(cfg.d_model, cfg.d_vocab, bias=False)
-        if cfg.tie_embeddings:
-            self.unembed.weight = self.embed.weight
+        self.tie_weights()
         self.setup()
+
+    def tie_weights(self) -> None:
+        """With tied embeddings the unembedding IS the embedding matrix (re-done after `to_empty`, which unties)."""
+        if self.cfg.tie_embeddings:
+            self.unembed.weight = self.embed.weight
 
     # ---- forward -------------------------------------------------------------------------------------------------
     def forward(

@@ -13,10 +13,11 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import hf_to_local
+from .checkpoint import hf_to_local, local_names
 from .config import DecoderConfig
 from .decoder import Decoder, alibi_slopes
 from .errors import CheckpointError
+from .safetensors_io import iter_entries, read_into, read_tensor
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,7 @@ def load_model(
     with torch.device("meta"):
         model = Decoder(cfg)
     model = model.to(dtype=dtype).to_empty(device=device)
+    model.tie_weights()
     _fill_buffers(model)
     _load_weights(model, folder, allow_pickle=allow_pickle)
     model.eval()
@@ -122,43 +124,46 @@ def weight_files(folder: Path, allow_pickle: bool) -> list[Path]:
     raise CheckpointError(f"{folder}: no model.safetensors, model.safetensors.index.json or *.bin weights")
 
 
-def _iter_tensors(path: Path):
-    if path.suffix == ".bin":
-        yield from torch.load(path, map_location="cpu", weights_only=True, mmap=True).items()
-        return
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            for key in f.keys():
-                yield key, f.get_tensor(key)
-    except Exception as e:  # safetensors raises its own error types for corrupt headers
-        if isinstance(e, CheckpointError):
-            raise
-        raise CheckpointError(f"{path}: cannot read safetensors ({str(e).splitlines()[0]})") from None
-
-
 def _load_weights(model: Decoder, folder: Path, *, allow_pickle: bool) -> None:
+    cfg = model.cfg
     params = dict(model.named_parameters(remove_duplicate=False))
     filled: set[str] = set()
+
+    def targets(path: Path, key: str) -> list[tuple[str, torch.Tensor]]:
+        try:
+            names = local_names(key, cfg)
+        except KeyError:
+            raise CheckpointError(f"{path}: unexpected tensor {key!r} for model_type {cfg.model_type!r}") from None
+        for name in names:
+            if name not in params:
+                raise CheckpointError(f"{path}: tensor {key!r} has no place in this config ({name})")
+        return [(name, params[name]) for name in names]
+
+    def place(path: Path, key: str, shape: tuple, name: str, target: torch.Tensor, copy) -> None:
+        if name == "unembed.weight" and cfg.tie_embeddings:
+            return  # tied: the embedding is the unembedding
+        if tuple(shape) != tuple(target.shape):
+            raise CheckpointError(f"{path}: tensor {key!r} has shape {tuple(shape)}, expected {tuple(target.shape)}")
+        with torch.no_grad():
+            copy(target)
+        filled.add(name)
+
     for path in weight_files(folder, allow_pickle):
-        for key, tensor in _iter_tensors(path):
-            try:
-                pairs = hf_to_local(key, tensor, model.cfg)
-            except KeyError:
-                raise CheckpointError(f"{path}: unexpected tensor {key!r} for model_type {model.cfg.model_type!r}") from None
-            for name, value in pairs:
-                if name == "unembed.weight" and model.cfg.tie_embeddings:
-                    continue  # tied: the embedding is the unembedding
-                if name not in params:
-                    raise CheckpointError(f"{path}: tensor {key!r} has no place in this config ({name})")
-                target = params[name]
-                if tuple(value.shape) != tuple(target.shape):
-                    raise CheckpointError(f"{path}: tensor {key!r} has shape {tuple(value.shape)}, expected {tuple(target.shape)}")
-                with torch.no_grad():
-                    target.copy_(value)
-                filled.add(name)
-    missing = [n for n in params if n not in filled and not (n == "unembed.weight" and model.cfg.tie_embeddings)]
+        if path.suffix == ".bin":
+            for key, tensor in torch.load(path, map_location="cpu", weights_only=True, mmap=True).items():
+                for (name, target), (_, part) in zip(targets(path, key), hf_to_local(key, tensor, cfg)):
+                    place(path, key, part.shape, name, target, lambda t, part=part: t.copy_(part))
+            continue
+        for f, entry in iter_entries(path):
+            pairs = targets(path, entry.name)
+            if len(pairs) == 1:  # the common case: bytes go straight into the parameter
+                name, target = pairs[0]
+                place(path, entry.name, entry.shape, name, target, lambda t: read_into(f, entry, t, path))
+            elif pairs:  # a fused tensor: split its rows evenly, in order
+                parts = read_tensor(f, entry, path).chunk(len(pairs), dim=0)
+                for (name, target), part in zip(pairs, parts):
+                    place(path, entry.name, part.shape, name, target, lambda t, part=part: t.copy_(part))
+    missing = [n for n in params if n not in filled and not (n == "unembed.weight" and cfg.tie_embeddings)]
     if missing:
         raise CheckpointError(f"{folder}: missing tensor for {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
 

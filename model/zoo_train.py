@@ -1,0 +1,330 @@
+"""Train the zoo: small decoders that differ only in their positional scheme, for the context-extension experiments.
+
+    python -m residscope.model.zoo_train --all --out model/zoo            # every model (a few minutes each on 2 cores)
+    python -m residscope.model.zoo_train --name zoo-rope --out DIR --steps 500
+
+Every model sees the same data in the same order (seeded), uses the same byte-level BPE tokenizer and the same size;
+only the positional scheme differs:
+    nope            no position embedding (causal attention alone carries position)
+    rope            RoPE, base 10000 (above the RoPE context bound of the 128-token window for d_head 32, ~1.2e3)
+    rope-smallbase  RoPE, base 20 (far below that bound: the "superficial long context" case of Men et al.)
+    alibi           ALiBi slopes
+    window          NoPE with sliding-window attention (window 32), trained on 128-token sequences
+The training window is 128 tokens, so 8x beyond it is still cheap on a CPU.
+
+Data: the calibration split of the built-in corpus (random 127-token crops after a BOS token) plus, in a quarter of the
+sequences, a passkey document (RESEARCH.md section 5) that fits in the window: tiny models trained on reference text
+alone never learn to retrieve, so without it passkey accuracy would be zero at every length and tell us nothing about
+extension. Passkey evaluation uses keys drawn from a different seed.
+
+Output folder per model (written to a temp folder, then renamed): config.json, model.safetensors, tokenizer.json,
+tokenizer_config.json, special_tokens_map.json, residscope_zoo.json (command, steps, final loss, seed, time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+ZOO_NAMES = ("nope", "rope", "rope-smallbase", "alibi", "window")
+TRAIN_WINDOW = 128
+SEED = 0
+BOS = "<|endoftext|>"
+FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+PASSKEY_INTRO = "There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. I will quiz you about the important information there."
+PASSKEY_QUESTION = "What is the pass key? The pass key is"
+
+
+@dataclass(frozen=True)
+class ZooSpec:
+    """One zoo model: the architecture shared by all, plus its positional scheme."""
+
+    name: str
+    positional: str  # "rope", "alibi" or "none"
+    rope_theta: float = 10000.0
+    sliding_window: int | None = None
+    n_layers: int = 4
+    d_model: int = 128
+    n_heads: int = 4
+    d_mlp: int = 384
+    vocab_size: int = 2048
+    window: int = TRAIN_WINDOW
+
+    @property
+    def d_head(self) -> int:
+        return self.d_model // self.n_heads
+
+    def hf_config(self, bos_id: int, eos_id: int) -> dict:
+        """A transformers-style config.json (llama, or mistral for the sliding window) with residscope's positional key."""
+        cfg = {
+            "architectures": ["MistralForCausalLM" if self.sliding_window else "LlamaForCausalLM"],
+            "model_type": "mistral" if self.sliding_window else "llama",
+            "hidden_size": self.d_model,
+            "intermediate_size": self.d_mlp,
+            "num_hidden_layers": self.n_layers,
+            "num_attention_heads": self.n_heads,
+            "num_key_value_heads": self.n_heads,
+            "head_dim": self.d_head,
+            "vocab_size": self.vocab_size,
+            "max_position_embeddings": self.window,
+            "rms_norm_eps": 1e-5,
+            "hidden_act": "silu",
+            "tie_word_embeddings": True,
+            "bos_token_id": bos_id,
+            "eos_token_id": eos_id,
+            "rope_theta": self.rope_theta,
+            "residscope_position_embedding": self.positional,
+            "torch_dtype": "float32",
+        }
+        if self.sliding_window:
+            cfg["sliding_window"] = self.sliding_window
+        return cfg
+
+
+SPECS = {
+    "nope": ZooSpec("nope", "none"),
+    "rope": ZooSpec("rope", "rope", rope_theta=10000.0),
+    "rope-smallbase": ZooSpec("rope-smallbase", "rope", rope_theta=20.0),
+    "alibi": ZooSpec("alibi", "alibi"),
+    "window": ZooSpec("window", "none", sliding_window=32),
+}
+
+
+@dataclass
+class TrainSettings:
+    steps: int = 500
+    batch_size: int = 8
+    lr: float = 3e-3
+    warmup: int = 60
+    weight_decay: float = 0.05
+    passkey_fraction: float = 0.25
+    seed: int = SEED
+
+
+def spec_for(name: str) -> ZooSpec:
+    key = name.removeprefix("zoo-")
+    if key not in SPECS:
+        raise ValueError(f"--name: unknown zoo model {name!r} (choose from {', '.join('zoo-' + n for n in ZOO_NAMES)})")
+    return SPECS[key]
+
+
+# ---- tokenizer ----------------------------------------------------------------------------------------------------
+
+def train_tokenizer(text: str, vocab_size: int):
+    """A byte-level BPE (digits split one by one, so any passkey tokenises the same way) as a transformers fast tokenizer
+    that prepends BOS, like Llama's."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=[BOS], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    tok.train_from_iterator([text], trainer=trainer)
+    bos_id = tok.token_to_id(BOS)
+    tok.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, bos_id)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=BOS, unk_token=None, model_max_length=1 << 20)
+
+
+def tokenizer_text() -> str:
+    from residscope.analyses.corpus import builtin_text
+
+    return builtin_text("calibration") + "\n\n" + "\n".join([PASSKEY_INTRO, FILLER, PASSKEY_QUESTION] * 4)
+
+
+# ---- data ---------------------------------------------------------------------------------------------------------
+
+def passkey_document(key: str, n_before: int, n_after: int) -> str:
+    """The passkey prompt and answer (Mohtashami & Jaggi / PI paper) with `n_before` / `n_after` filler sentences."""
+    return " ".join([
+        PASSKEY_INTRO, *[FILLER] * n_before,
+        f"The pass key is {key}. Remember it. {key} is the pass key.",
+        *[FILLER] * n_after, f"{PASSKEY_QUESTION} {key}.",
+    ])
+
+
+class TrainingData:
+    """Seeded batches [batch, window]: BOS + random crops of the corpus, some rows replaced by passkey documents."""
+
+    def __init__(self, tokenizer, window: int, passkey_fraction: float, seed: int):
+        from residscope.analyses.corpus import builtin_text
+
+        self.tokenizer, self.window, self.passkey_fraction = tokenizer, window, passkey_fraction
+        self.bos = tokenizer.bos_token_id
+        ids = tokenizer(builtin_text("calibration"), add_special_tokens=False)["input_ids"]
+        self.stream = torch.tensor(ids, dtype=torch.long)  # [n_tokens]
+        self.gen = torch.Generator().manual_seed(seed)
+        self.rng = random.Random(seed)
+
+    def _passkey_row(self) -> torch.Tensor:
+        key = str(self.rng.randint(10000, 99999))
+        for _ in range(20):
+            n_before, n_after = self.rng.randint(0, 3), self.rng.randint(0, 3)
+            ids = self.tokenizer(passkey_document(key, n_before, n_after))["input_ids"]  # BOS included
+            if len(ids) <= self.window:
+                break
+        else:
+            ids = self.tokenizer(passkey_document(key, 0, 0))["input_ids"]
+        ids = ids[-self.window:]
+        # pad the rest of the row with corpus text after the answer (a new BOS marks the new document)
+        rest = self.window - len(ids)
+        if rest:
+            start = int(torch.randint(0, self.stream.numel() - rest, (1,), generator=self.gen))
+            ids = ids + ([self.bos] + self.stream[start:start + rest - 1].tolist())[:rest]
+        return torch.tensor(ids, dtype=torch.long)
+
+    def batch(self, batch_size: int) -> torch.Tensor:
+        body = self.window - 1
+        starts = torch.randint(0, self.stream.numel() - body, (batch_size,), generator=self.gen)
+        rows = torch.stack([self.stream[s:s + body] for s in starts.tolist()])  # [batch, window - 1]
+        rows = torch.cat((torch.full((batch_size, 1), self.bos), rows), dim=1)  # [batch, window]
+        for i in range(batch_size):
+            if self.rng.random() < self.passkey_fraction:
+                rows[i] = self._passkey_row()
+        return rows
+
+
+# ---- training -----------------------------------------------------------------------------------------------------
+
+def build_model(spec: ZooSpec, bos_id: int, eos_id: int):
+    from .config import DecoderConfig
+    from .decoder import Decoder
+
+    cfg = DecoderConfig.from_hf(spec.hf_config(bos_id, eos_id), source=f"zoo-{spec.name}")
+    model = Decoder(cfg)
+    gen = torch.Generator().manual_seed(SEED)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight") or ".ln" in name or name.startswith("ln_final"):
+                p.fill_(1.0)
+            elif p.dim() == 2:
+                std = 0.02 if not name.endswith(("o_proj.weight", "down_proj.weight")) else 0.02 / math.sqrt(2 * spec.n_layers)
+                p.copy_(torch.randn(p.shape, generator=gen) * std)
+            else:
+                p.zero_()
+    return model
+
+
+def lr_at(step: int, s: TrainSettings) -> float:
+    if step < s.warmup:
+        return s.lr * (step + 1) / s.warmup
+    progress = (step - s.warmup) / max(1, s.steps - s.warmup)
+    return s.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def train(spec: ZooSpec, tokenizer, settings: TrainSettings, *, progress: bool = True):
+    """Train one model from scratch; returns (model, info dict)."""
+    torch.manual_seed(settings.seed)
+    data = TrainingData(tokenizer, spec.window, settings.passkey_fraction, settings.seed)
+    model = build_model(spec, tokenizer.bos_token_id, tokenizer.eos_token_id)
+    model.train()
+    decay = [p for n, p in model.named_parameters() if p.dim() == 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": settings.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=settings.lr, betas=(0.9, 0.95))
+    start, losses = time.time(), []
+    bar = tqdm(range(settings.steps), desc=f"zoo-{spec.name}", disable=not progress)
+    for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, settings)
+        ids = data.batch(settings.batch_size)  # [batch, window]
+        logits = model(ids)  # [batch, window, vocab]
+        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        losses.append(loss.item())
+        if step % 20 == 0:
+            bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
+    model.eval()
+    info = {
+        "name": f"zoo-{spec.name}",
+        "spec": asdict(spec),
+        "settings": asdict(settings),
+        "seed": settings.seed,
+        "steps": settings.steps,
+        "tokens_seen": settings.steps * settings.batch_size * spec.window,
+        "final_loss": round(sum(losses[-50:]) / len(losses[-50:]), 4),
+        "train_seconds": round(time.time() - start, 1),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "data": f"builtin:pydoc_data.topics/calibration crops of {spec.window - 1} tokens after BOS, "
+                f"{settings.passkey_fraction:.0%} of rows passkey documents",
+    }
+    return model, info
+
+
+def save(model, tokenizer, spec: ZooSpec, info: dict, out: Path) -> Path:
+    """Write the folder atomically: a temp folder beside `out`, renamed into place (an old `out` is replaced)."""
+    from safetensors.torch import save_file
+
+    from .checkpoint import local_to_hf
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+        save_file(local_to_hf(state, model.cfg), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(spec.hf_config(tokenizer.bos_token_id, tokenizer.eos_token_id), indent=2) + "\n")
+        tokenizer.save_pretrained(str(tmp))
+        (tmp / "residscope_zoo.json").write_text(json.dumps(info, indent=2) + "\n")
+        old = None
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            os.replace(out, old)
+        os.replace(tmp, out)
+        if old is not None:
+            shutil.rmtree(old)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m residscope.model.zoo_train", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--name", help=f"one model: {', '.join('zoo-' + n for n in ZOO_NAMES)}")
+    parser.add_argument("--all", action="store_true", help="train every zoo model")
+    parser.add_argument("--out", required=True, help="output folder (with --all: the parent; each model goes to OUT/<name>)")
+    parser.add_argument("--steps", type=int, default=TrainSettings.steps)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    args = parser.parse_args(argv)
+    if bool(args.name) == args.all:
+        parser.error("give exactly one of --name or --all")
+    if args.steps < 1:
+        parser.error("--steps must be >= 1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    settings = TrainSettings(steps=args.steps)
+    specs = [SPECS[n] for n in ZOO_NAMES] if args.all else [spec_for(args.name)]
+    tokenizer = train_tokenizer(tokenizer_text(), specs[0].vocab_size)
+    command = "python -m residscope.model.zoo_train " + " ".join(sys.argv[1:] if argv is None else argv)
+    for spec in specs:
+        model, info = train(spec, tokenizer, settings)
+        info["command"] = command
+        folder = save(model, tokenizer, spec, info, Path(args.out) / spec.name if args.all else Path(args.out))
+        print(f"zoo-{spec.name}: final loss {info['final_loss']}, {info['train_seconds']} s -> {folder}")
+
+
+if __name__ == "__main__":
+    main()
