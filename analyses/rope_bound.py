@@ -162,13 +162,16 @@ def _scan(theta: torch.Tensor, stop: int, start: int = 0, *, early_exit: bool = 
         neg = (exact < 0).nonzero().reshape(-1)
         if first is None:
             cut = int(low[neg[0]]) if neg.numel() else n_vals  # min before the first negative
-            head_low = exact[low < cut]
-            cand = [(float(approx[:cut].min()), 0)] if cut else []
-            if head_low.numel():
-                i = int(torch.argmin(head_low))
-                cand.append((float(head_low[i]), int(low[low < cut][i])))
-            elif cut:
-                cand = [(float(approx[:cut].min()), int(torch.argmin(approx[:cut])))]
+            cand = []
+            head_exact, head_low = exact[low < cut], low[low < cut]  # float64 values of the screened-out positions
+            if head_exact.numel():
+                i = int(torch.argmin(head_exact))
+                cand.append((float(head_exact[i]), int(head_low[i])))
+            trusted = approx[:cut].clone()
+            trusted[head_low] = math.inf  # float32 values are only trusted where they cleared the tolerance
+            if cut:
+                i = int(torch.argmin(trusted))
+                cand.append((float(trusted[i]), i))
             for v, i in cand:
                 if v < best:
                     best, best_m = v, m0 + i
