@@ -85,19 +85,30 @@ class PositionalDecomposition:
         """[layer, pos] E||c[l, t]||^2 = E||h||^2 - ||p||^2 (clamped at 0 against rounding)."""
         return (self.second_moment - self.vectors.pow(2).sum(-1)).clamp(min=0)
 
+    def variance_shares(self, skip_first: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """([layer] positional_share, [layer] positional_r2) over positions t >= skip_first (see the module docstring).
+
+        With skip_first=0 a massive first token can dominate both; skip_first=k describes the later positions alone.
+        """
+        if not 0 <= skip_first < self.seq_len:
+            raise ValueError(f"skip_first must be in 0..{self.seq_len - 1}, got {skip_first}")
+        p, h2 = self.vectors[:, skip_first:], self.second_moment[:, skip_first:]  # [layer, pos', d_model], [layer, pos']
+        share = p.pow(2).sum((-1, -2)) / h2.sum(-1)
+        m = p.mean(dim=1, keepdim=True)  # [layer, 1, d_model]
+        between = (p - m).pow(2).sum((-1, -2))
+        # E||h - m||^2 = E||h||^2 - 2 p.m + ||m||^2, per position
+        total = (h2 - 2 * (p * m).sum(-1) + m.pow(2).sum(-1)).sum(-1)
+        return share, between / total
+
     @property
     def positional_share(self) -> torch.Tensor:
         """[layer] sum_t ||p_t||^2 / sum_t E||h_t||^2 (see the module docstring)."""
-        return self.vectors.pow(2).sum((-1, -2)) / self.second_moment.sum(-1)
+        return self.variance_shares()[0]
 
     @property
     def positional_r2(self) -> torch.Tensor:
         """[layer] sum_t ||p_t - m||^2 / sum_t E||h_t - m||^2 with m the mean vector (see the module docstring)."""
-        m = self.mean_vector[:, None]  # [layer, 1, d_model]
-        between = (self.vectors - m).pow(2).sum((-1, -2))
-        # E||h - m||^2 = E||h||^2 - 2 p.m + ||m||^2, per position
-        total = (self.second_moment - 2 * (self.vectors * m).sum(-1) + m.pow(2).sum(-1)).sum(-1)
-        return between / total
+        return self.variance_shares()[1]
 
     def save(self, path: str | Path) -> Path:
         """Write the decomposition as safetensors (atomically: temp file, then rename)."""
@@ -212,7 +223,8 @@ class PositionalDescription:
     pca_explained: [layer, n_components] explained-variance ratio of those components
     n_distinct: [layer] number of distinct positional vectors (`count_distinct_vectors`), cluster_labels [layer, pos]
     first_token_ratio: [layer, first_k] E||h[l, t]|| of each of the first k tokens over the median over positions of E||h[l, t]||
-    positional_share, positional_r2: [layer] (see the module docstring)
+    positional_share, positional_r2: [layer] (see the module docstring); positional_r2_after_first_k: the same R² over
+        positions t >= first_k, so that massive first tokens do not dominate it
     """
 
     vector_norms: np.ndarray
@@ -224,6 +236,7 @@ class PositionalDescription:
     first_token_ratio: np.ndarray
     positional_share: np.ndarray
     positional_r2: np.ndarray
+    positional_r2_after_first_k: np.ndarray
     cos_threshold: float
     first_k: int
 
@@ -258,6 +271,7 @@ def describe_positions(dec: PositionalDecomposition, *, n_components: int = 3, c
         first_token_ratio=(dec.mean_token_norm[:, :k] / median_norm[:, None]).numpy(),
         positional_share=dec.positional_share.numpy(),
         positional_r2=dec.positional_r2.numpy(),
+        positional_r2_after_first_k=dec.variance_shares(min(k, seq_len - 1))[1].numpy(),
         cos_threshold=cos_threshold,
         first_k=k,
     )

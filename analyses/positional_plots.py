@@ -74,6 +74,8 @@ def layer_summary(desc: PositionalDescription) -> go.Figure:
     fig.add_trace(go.Bar(x=layers, y=desc.n_distinct, name="distinct vectors"), 2, 1)
     fig.add_trace(go.Scatter(x=layers, y=desc.positional_share, name="||p||² / E||h||²"), 3, 1)
     fig.add_trace(go.Scatter(x=layers, y=desc.positional_r2, name="R² of position (mean removed)"), 3, 1)
+    fig.add_trace(go.Scatter(x=layers, y=desc.positional_r2_after_first_k, name=f"R² of position, t >= {desc.first_k}"),
+                  3, 1)
     fig.update_yaxes(type="log", row=1, col=1)
     fig.update_xaxes(title_text="layer (0 = embeddings)", row=3, col=1)
     fig.update_layout(title="Positional vectors by layer", height=850)

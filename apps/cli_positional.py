@@ -95,6 +95,7 @@ def positional(
         cos_threshold=cos_threshold, layers="0 = embeddings (blocks.0.hook_resid_pre), l = blocks.{l-1}.hook_resid_post",
         positional=dict(
             positional_share=_round(desc.positional_share), positional_r2=_round(desc.positional_r2),
+            positional_r2_after_first_k=_round(desc.positional_r2_after_first_k),
             n_distinct=desc.n_distinct.tolist(), first_token_ratio=_round(desc.first_token_ratio[:, 0], 2),
             first_k_token_ratio=_round(desc.first_token_ratio, 2), mean_vector_norm=_round(dec.mean_vector.norm(dim=-1), 3),
             pca_explained=_round(desc.pca_explained, 3)),
@@ -125,10 +126,11 @@ def positional(
     pos = summary["positional"]
     sink = summary["attention"]["sink_mass_by_block"]
     lines = [f"positional vectors of {model}: {dec.n_samples} x {dec.seq_len} tokens ({source})",
-             f"{'layer':>5}  {'share':>7}  {'R2':>6}  {'distinct':>8}  {'tok0/median':>11}  {'sink (block l)':>14}"]
+             f"{'layer':>5}  {'share':>7}  {'R2':>6}  {'R2 t>=k':>7}  {'distinct':>8}  {'tok0/median':>11}  {'sink (block l)':>14}"]
     for layer in range(dec.n_resid_layers):
         s = f"{sink[layer]:>14.3f}" if layer < len(sink) else f"{'':>14}"
         lines.append(f"{layer:>5}  {pos['positional_share'][layer]:>7.3f}  {pos['positional_r2'][layer]:>6.3f}  "
+                     f"{pos['positional_r2_after_first_k'][layer]:>7.3f}  "
                      f"{pos['n_distinct'][layer]:>8}  {pos['first_token_ratio'][layer]:>11.1f}  {s}")
     for r in summary["removal"]:
         lines.append(f"{r['label']:<40} ppl {r['ppl']:>10.3f}  sink {r['sink_mass']:.3f}  decay {r['decay_ratio']:.2f}")

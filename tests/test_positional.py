@@ -239,3 +239,12 @@ def test_cli_writes_summary_vectors_and_figures(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         run_cli(app, [*args[:-1], "--remove-layers", "7"])
     assert e.value.code == 2 and "--remove-layers: layer 7 out of range" in capsys.readouterr().err
+
+
+def test_variance_shares_skip_the_first_tokens(tiny, ids, dec):
+    h = resid_stack(tiny, ids).double()[:, :, 3:]  # positions 3.. only
+    m = h.mean((1, 2), keepdim=True)
+    r2 = (h.mean(1, keepdim=True) - m).pow(2).sum((-1, -2, -3)) / (h - m).pow(2).sum(-1).mean(1).sum(-1)
+    torch.testing.assert_close(dec.variance_shares(3)[1], r2)
+    with pytest.raises(ValueError, match="skip_first"):
+        dec.variance_shares(SEQ)
