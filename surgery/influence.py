@@ -10,7 +10,8 @@ For block i with input x_i (`blocks.{i}.hook_resid_pre`) and output x_{i+1} (`bl
 
 Every score is "how much the block changes the stream": remove the smallest first. Means run over every token of every
 calibration sequence (padding excluded). Hook functions reduce each pair of residual streams to per-layer float64 sums
-on the fly, so memory does not grow with the number of layers or batches.
+on the fly, so memory does not grow with the number of layers or batches; the forward stops before the unembedding,
+which the scores do not need.
 
 `shortgpt_compat=True` reproduces the public reference code, which reads transformers' `output_hidden_states`: there
 the last entry is the final-norm output, so the last layer's output is `ln_final.hook_normalized` instead of
@@ -171,7 +172,12 @@ def block_influence_result(
             ids = ids.to(model.device)
             mask = mask.to(model.device) if mask is not None else None
             keep = mask.bool() if mask is not None else None
-            model.run_with_hooks(ids, mask, fwd_hooks=fwd_hooks)
+            with model.hooks(fwd_hooks=fwd_hooks):
+                # the scores need only the residual stream: stop before the unembedding (the largest matmul of
+                # small models), and apply the final norm alone when compat mode reads its output
+                resid = model(ids, mask, stop_at_layer=n_layers)  # [batch, pos, d_model]
+                if shortgpt_compat and out_hook == "hook_resid_post":
+                    model.ln_final(resid)
             pending.clear()
             n_tokens += int(keep.sum()) if keep is not None else ids.numel()
     if n_tokens == 0:
