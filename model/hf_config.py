@@ -158,7 +158,9 @@ def _gemma3(cls, cfg: dict, common: dict, source: str):
         layer_types=list(layer_types),
         sliding_window=cfg.get("sliding_window"),
         attn_scale=float(cfg.get("query_pre_attn_scalar", common["d_head"])) ** -0.5,
-        attn_softcap=cfg.get("attn_logit_softcapping"),
+        # Gemma 3 replaced Gemma 2's attention soft-capping by q/k norms: transformers keeps the config key but never
+        # applies it (only the final one), so neither do we.
+        attn_softcap=None,
         final_softcap=cfg.get("final_logit_softcapping"),
     )
 
