@@ -1,0 +1,458 @@
+"""Forward time and peak memory: residscope vs transformers (SDPA) vs TransformerLens' TransformerBridge.
+
+    python benchmarks/bench_forward.py                      # issue 2's workload: 4 x 1024 tokens, fp32, 1 warm-up + 5 repeats
+    python benchmarks/bench_forward.py --quick              # smoke run: 1 x 256 tokens, 3 repeats (about a minute)
+    python benchmarks/bench_forward.py --model smollm2-135m --json results.json
+    python benchmarks/bench_forward.py --profile            # torch.profiler op tables of residscope and transformers
+
+Checkpoint: by default a Llama with SmolLM2-135M's shape (hidden 576, 30 layers, 9 heads, 3 KV heads, intermediate 1536,
+vocab 49152, rope_theta 1e5, tied embeddings) with random weights, written with `save_pretrained` to a temp folder together
+with a tiny word-level tokenizer (TransformerBridge insists on one). Speed does not depend on the weights. `--model` takes a
+folder, GGUF file or alias instead (anything `residscope.model.loading.resolve_folder` understands).
+
+Cases, all under torch.inference_mode on the same input ids, in one process, timed interleaved (each repeat runs every case
+once, so load from other processes on the machine spreads over all cases), median reported:
+    hf            transformers LlamaForCausalLM, attn_implementation="sdpa": model(ids).logits
+    rs            residscope Decoder: model(ids)
+    hf_hidden     transformers with output_hidden_states=True (31 tensors)
+    rs_resid      residscope run_with_cache(names_filter=lambda n: "hook_resid" in n) (90 tensors: pre/mid/post per layer)
+    bridge        TransformerBridge.boot_transformers(folder): bridge(ids) (the bridge forces eager attention)
+    bridge_cache  TransformerBridge run_with_cache() with every hook (attention scores and patterns included)
+
+Peak memory: each case runs again in a fresh subprocess (this script with `--case NAME`) that loads only its model, runs a
+tiny forward to initialise the kernels, then resets the kernel's RSS high-water mark (/proc/self/clear_refs) and runs one
+forward at the full workload while keeping its outputs (logits, hidden states or cache) alive. Reported: peak RSS during
+that forward minus RSS just before it, i.e. what one forward adds on top of the loaded model, outputs included. glibc's
+mmap threshold is pinned (MALLOC_MMAP_THRESHOLD_) so freed tensors go back to the OS and do not hide in the heap.
+
+The script never asserts: it prints PASS/FAIL next to each target ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+CASES = ("hf", "rs", "hf_hidden", "rs_resid", "bridge", "bridge_cache")
+DESCRIPTIONS = {
+    "hf": "transformers (sdpa), no hooks",
+    "rs": "residscope, no hooks",
+    "hf_hidden": "transformers, output_hidden_states=True",
+    "rs_resid": "residscope, cache every hook_resid_*",
+    "bridge": "TransformerBridge, no cache",
+    "bridge_cache": "TransformerBridge, run_with_cache() (all hooks)",
+}
+# (case, baseline, target ratio or None, reference ratio from the issue or None)
+RATIOS = (
+    ("rs", "hf", 1.05, None),
+    ("rs_resid", "hf_hidden", 1.10, None),
+    ("bridge", "hf", None, 1.72),
+    ("bridge_cache", "hf", None, 2.8),
+)
+SMOLLM2_135M_SHAPE = dict(
+    hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, head_dim=64,
+    intermediate_size=1536, vocab_size=49152, rope_theta=1e5, tie_word_embeddings=True, max_position_embeddings=8192,
+    rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, pad_token_id=None,
+)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# checkpoint and models
+# ---------------------------------------------------------------------------------------------------------------------
+def write_random_checkpoint(folder: Path) -> Path:
+    """A SmolLM2-135M-shaped Llama with random weights and a tiny word-level tokenizer, saved with save_pretrained."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(**SMOLLM2_135M_SHAPE)).save_pretrained(folder)
+    tok = Tokenizer(models.WordLevel({"<unk>": 0, "<s>": 1, "</s>": 2}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>").save_pretrained(folder)
+    return folder
+
+
+def load_hf(folder: Path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="sdpa").eval()
+
+
+def load_rs(folder: Path):
+    from residscope.model import load_model
+
+    return load_model(folder, dtype=torch.float32, load_tokenizer=False).eval()
+
+
+def load_bridge(folder: Path):
+    """TransformerBridge from a local folder, hub off. Needs a tokenizer in the folder (or it refuses to boot)."""
+    from transformer_lens import TransformerBridge
+
+    return TransformerBridge.boot_transformers(str(folder), device="cpu", dtype=torch.float32).eval()
+
+
+def runner(case: str, model):
+    """A no-argument callable running `case` on ids; returns what the user would keep (logits, hidden states, cache)."""
+    if case == "hf":
+        return lambda ids: model(ids).logits
+    if case == "hf_hidden":
+        return lambda ids: (lambda out: (out.logits, out.hidden_states))(model(ids, output_hidden_states=True))
+    if case == "rs":
+        return lambda ids: model(ids)
+    if case == "rs_resid":
+        return lambda ids: model.run_with_cache(ids, names_filter=lambda n: "hook_resid" in n)
+    if case == "bridge":
+        return lambda ids: model(ids)
+    if case == "bridge_cache":
+        return lambda ids: model.run_with_cache(ids)
+    raise ValueError(f"--case: unknown case {case!r} (choose from {', '.join(CASES)})")
+
+
+def family(case: str) -> str:
+    return {"hf": "hf", "hf_hidden": "hf", "rs": "rs", "rs_resid": "rs", "bridge": "bridge", "bridge_cache": "bridge"}[case]
+
+
+LOADERS = {"hf": load_hf, "rs": load_rs, "bridge": load_bridge}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# memory helpers
+# ---------------------------------------------------------------------------------------------------------------------
+def _status_kib(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def mem_available_bytes() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def storage_bytes(cache) -> int:
+    """Bytes held by the distinct storages of a cache (aliased hook_in/hook_out tensors counted once)."""
+    seen = {}
+    for v in cache.values():
+        if isinstance(v, torch.Tensor):
+            s = v.untyped_storage()
+            seen[s.data_ptr()] = s.nbytes()
+    return sum(seen.values())
+
+
+def estimate_bridge_cache_bytes(bridge, batch: int, seq_len: int, vocab: int) -> int:
+    """Full-cache size at [batch, seq_len] from two short runs: bytes(p) = a p + c p^2 per sequence (c: scores + patterns)."""
+    sizes = {}
+    with torch.inference_mode():
+        for p in (32, 64):
+            _, cache = bridge.run_with_cache(torch.randint(0, vocab, (1, p)))
+            sizes[p] = storage_bytes(cache)
+            del cache
+    c = (sizes[64] - 2 * sizes[32]) / (64 * 64 - 2 * 32 * 32)
+    a = (sizes[32] - c * 32 * 32) / 32
+    return int(batch * (a * seq_len + c * seq_len * seq_len))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# --case: one case in a fresh process, prints one JSON line
+# ---------------------------------------------------------------------------------------------------------------------
+def measure_case_memory(case: str, folder: Path, batch: int, seq_len: int) -> dict:
+    model = LOADERS[family(case)](folder)
+    vocab = model.config.vocab_size if family(case) == "hf" else (model.cfg.d_vocab)
+    run = runner(case, model)
+    with torch.inference_mode():
+        run(torch.randint(0, vocab, (1, 8)))  # initialise kernels and lazy state outside the measured window
+    ids = torch.randint(0, vocab, (batch, seq_len), generator=torch.Generator().manual_seed(0))
+    gc.collect()
+    before_kib = _status_kib("VmRSS")
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS (Linux >= 4.0)
+        method = "VmHWM after clear_refs"
+    except OSError:
+        method = "ru_maxrss (not reset: includes loading)"
+    with torch.inference_mode():
+        out = run(ids)
+        peak_kib = _status_kib("VmHWM") if method.startswith("VmHWM") else None
+    if peak_kib is None:
+        import resource
+
+        peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    del out
+    return dict(case=case, rss_loaded_mib=before_kib / 1024, peak_mib=peak_kib / 1024,
+                extra_mib=(peak_kib - before_kib) / 1024, method=method)
+
+
+def memory_in_subprocess(case: str, folder: Path, args) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--case", case, "--model", str(folder),
+           "--batch", str(args.batch), "--seq-len", str(args.seq_len)]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        err = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        return dict(case=case, error=f"subprocess exited {proc.returncode}: {err}")
+    return json.loads(lines[-1])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# main benchmark
+# ---------------------------------------------------------------------------------------------------------------------
+def sanity_check(models: dict, vocab: int) -> dict:
+    """Max |logit diff| vs transformers on a short input, and the number of cached tensors per caching case."""
+    ids = torch.randint(0, vocab, (1, 32), generator=torch.Generator().manual_seed(1))
+    out = {}
+    with torch.inference_mode():
+        ref = models["hf"](ids).logits
+        out["hf_hidden_states"] = len(models["hf"](ids, output_hidden_states=True).hidden_states)
+        if "rs" in models:
+            out["rs_max_abs_logit_diff"] = (models["rs"](ids) - ref).abs().max().item()
+            _, cache = models["rs"].run_with_cache(ids, names_filter=lambda n: "hook_resid" in n)
+            out["rs_resid_cached_tensors"] = len(cache)
+        if "bridge" in models:
+            out["bridge_max_abs_logit_diff"] = (models["bridge"](ids) - ref).abs().max().item()
+            _, cache = models["bridge"].run_with_cache(ids)
+            out["bridge_cached_tensors"] = len(cache)
+    return out
+
+
+def time_cases(runs: dict, ids: torch.Tensor, warmup: int, repeats: int, log) -> dict[str, list[float]]:
+    times = {case: [] for case in runs}
+    for rep in range(warmup + repeats):
+        label = f"warm-up {rep + 1}/{warmup}" if rep < warmup else f"repeat {rep - warmup + 1}/{repeats}"
+        for case, run in runs.items():
+            gc.collect()
+            with torch.inference_mode():
+                t0 = time.perf_counter()
+                out = run(ids)
+                dt = time.perf_counter() - t0
+            del out
+            if rep >= warmup:
+                times[case].append(dt)
+            log(f"  {label}  {case:<13} {dt:8.2f} s")
+    return times
+
+
+def profile(models: dict, ids: torch.Tensor, log) -> dict:
+    """torch.profiler op tables (self CPU time) for one forward of residscope and transformers, each after a warm-up."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    tables = {}
+    for case in ("hf", "rs", "hf_hidden", "rs_resid"):
+        if family(case) not in models:
+            continue
+        run = runner(case, models[family(case)])
+        with torch.inference_mode():
+            run(ids)
+            with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+                run(ids)
+        table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18, max_name_column_width=45)
+        tables[case] = table
+        log(f"\n### torch.profiler: {case} ({DESCRIPTIONS[case]})\n{table}")
+    return tables
+
+
+def load_average() -> str:
+    try:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
+def markdown(result: dict) -> str:
+    med, mem = result["median_s"], result["memory"]
+    hf, hf_hidden = med.get("hf"), med.get("hf_hidden")
+    ratio_note = {case: (base, target, ref) for case, base, target, ref in RATIOS}
+    lines = [
+        f"Workload: {result['batch']} x {result['seq_len']} tokens, fp32, CPU ({result['threads']} threads), "
+        f"torch.inference_mode, {result['warmup']} warm-up + {result['repeats']} repeats, median. "
+        f"Checkpoint: {result['checkpoint']}.",
+        "",
+        "| case | median time (s) | min-max (s) | vs transformers | vs transformers + hidden states | target | peak extra memory (MiB) |",
+        "|---|---:|---:|---:|---:|---|---:|",
+    ]
+    for case in CASES:
+        if case in result.get("skipped", {}):
+            lines.append(f"| {DESCRIPTIONS[case]} | skipped | | | | | |")
+            continue
+        if case not in med:
+            continue
+        ts = result["times_s"][case]
+        r_hf = f"{med[case] / hf:.2f}x" if hf else ""
+        r_hid = f"{med[case] / hf_hidden:.2f}x" if hf_hidden and case in ("rs_resid", "hf_hidden", "bridge_cache") else ""
+        target = ""
+        if case in ratio_note:
+            base, tgt, ref = ratio_note[case]
+            ratio = med[case] / med[base] if med.get(base) else None
+            if tgt is not None and ratio is not None:
+                target = f"<= {tgt:.2f}x vs {'transformers' if base == 'hf' else 'hidden states'}: " + ("PASS" if ratio <= tgt else "FAIL")
+            elif ref is not None:
+                target = f"issue's reference {ref}x"
+        m = mem.get(case, {})
+        m_txt = f"{m['extra_mib']:.0f}" if "extra_mib" in m else ("n/a" if not m else "error")
+        lines.append(f"| {DESCRIPTIONS[case]} | {med[case]:.2f} | {min(ts):.2f}-{max(ts):.2f} | {r_hf} | {r_hid} | {target} | {m_txt} |")
+    lines += ["", f"Command: `{result['command']}`",
+              f"Machine: {result['machine']}; load average before / after: {result['load_before']} / {result['load_after']}."]
+    for case, why in result.get("skipped", {}).items():
+        lines.append(f"Skipped {case}: {why}")
+    for case, m in mem.items():
+        if "error" in m:
+            lines.append(f"Memory of {case} not measured: {m['error']}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help="checkpoint folder, GGUF file or alias (default: random SmolLM2-135M-shaped Llama)")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=1024)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--quick", action="store_true", help="1 x 256 tokens, 3 repeats (overrides --batch/--seq-len/--repeats)")
+    p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
+    p.add_argument("--cases", default=",".join(CASES), help=f"comma-separated subset of {','.join(CASES)}")
+    p.add_argument("--no-memory", action="store_true", help="skip the per-case peak-memory subprocesses")
+    p.add_argument("--profile", action="store_true", help="also print torch.profiler op tables of residscope and transformers")
+    p.add_argument("--json", metavar="FILE", help="write the results as JSON to FILE ('-' for stdout, then the log goes to stderr)")
+    p.add_argument("--case", help=argparse.SUPPRESS)  # internal: memory of one case in this fresh process
+    args = p.parse_args(argv)
+    if args.quick:
+        args.batch, args.seq_len, args.repeats = 1, 256, 3
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    if args.case:
+        print(json.dumps(measure_case_memory(args.case, Path(args.model), args.batch, args.seq_len)))
+        return 0
+
+    cases = [c.strip() for c in args.cases.split(",") if c.strip()]
+    unknown = [c for c in cases if c not in CASES]
+    if unknown:
+        p.error(f"--cases: unknown case {unknown[0]!r} (choose from {', '.join(CASES)})")
+    if "hf" not in cases:
+        cases.insert(0, "hf")  # every ratio needs the baseline
+    stream = sys.stderr if args.json == "-" else sys.stdout
+
+    def log(msg: str) -> None:
+        print(msg, file=stream, flush=True)
+
+    tmp = tempfile.TemporaryDirectory(prefix="residscope-bench-")
+    if args.model:
+        from residscope.model.loading import resolve_folder
+
+        try:
+            folder = resolve_folder(args.model)
+        except Exception as e:  # noqa: BLE001 - one line naming the argument
+            p.error(f"--model {args.model}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+        checkpoint = f"{args.model} ({folder})"
+    else:
+        folder = write_random_checkpoint(Path(tmp.name) / "smollm2-135m-shaped")
+        checkpoint = "random-weight Llama with SmolLM2-135M's shape (135M parameters), save_pretrained to a temp folder"
+    log(f"checkpoint: {folder}")
+
+    result = dict(command="python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
+                  checkpoint=checkpoint, batch=args.batch, seq_len=args.seq_len, warmup=args.warmup, repeats=args.repeats,
+                  threads=torch.get_num_threads(), load_before=load_average(),
+                  machine=f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, python {platform.python_version()}",
+                  skipped={}, memory={})
+    import transformer_lens
+    import transformers
+
+    result["versions"] = dict(torch=torch.__version__, transformers=transformers.__version__,
+                              transformer_lens=getattr(transformer_lens, "__version__", "?"))
+
+    models = {}
+    for fam in ("hf", "rs", "bridge"):
+        if not any(family(c) == fam for c in cases):
+            continue
+        t0 = time.perf_counter()
+        try:
+            models[fam] = LOADERS[fam](folder)
+        except Exception as e:  # noqa: BLE001 - the bridge may not boot offline; say why and go on
+            why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            for c in cases:
+                if family(c) == fam:
+                    result["skipped"][c] = f"could not load ({why})"
+            log(f"{fam}: not loaded: {why}")
+            continue
+        log(f"{fam}: loaded in {time.perf_counter() - t0:.1f} s")
+    cases = [c for c in cases if c not in result["skipped"]]
+    vocab = models["hf"].config.vocab_size
+
+    if "bridge_cache" in cases:
+        need = estimate_bridge_cache_bytes(models["bridge"], args.batch, args.seq_len, vocab)
+        avail = mem_available_bytes()
+        result["bridge_cache_estimate_gib"] = need / 2**30
+        log(f"bridge full cache at {args.batch} x {args.seq_len}: about {need / 2**30:.1f} GiB "
+            f"(available: {avail / 2**30:.1f} GiB)" if avail else "")
+        if avail is not None and need > 0.7 * avail:
+            result["skipped"]["bridge_cache"] = (f"its cache would take about {need / 2**30:.1f} GiB, more than 70% of the "
+                                                 f"{avail / 2**30:.1f} GiB available; rerun with a smaller --batch/--seq-len")
+            cases.remove("bridge_cache")
+
+    result["sanity"] = sanity_check(models, vocab)
+    log(f"sanity: {result['sanity']}")
+
+    ids = torch.randint(0, vocab, (args.batch, args.seq_len), generator=torch.Generator().manual_seed(0))
+    log(f"timing {', '.join(cases)} on {args.batch} x {args.seq_len} tokens (load average {result['load_before']})")
+    runs = {c: runner(c, models[family(c)]) for c in cases}
+    times = time_cases(runs, ids, args.warmup, args.repeats, log)
+    result["times_s"] = times
+    result["median_s"] = {c: statistics.median(ts) for c, ts in times.items()}
+    result["ratios"] = {f"{c}/{b}": result["median_s"][c] / result["median_s"][b]
+                        for c, b, _, _ in RATIOS if c in result["median_s"] and b in result["median_s"]}
+    result["targets"] = {f"{c}/{b}": ("PASS" if result["ratios"][f"{c}/{b}"] <= t else "FAIL")
+                         for c, b, t, _ in RATIOS if t is not None and f"{c}/{b}" in result["ratios"]}
+
+    if args.profile:
+        result["profile"] = profile(models, ids, log)
+
+    del runs, models
+    gc.collect()
+    if not args.no_memory:
+        for c in cases:
+            log(f"memory: {c} in a fresh process ...")
+            result["memory"][c] = memory_in_subprocess(c, folder, args)
+            log(f"  {result['memory'][c]}")
+    result["load_after"] = load_average()
+    table = markdown(result)
+    result["markdown"] = table
+    log("\n" + table)
+    if args.json:
+        text = json.dumps(result, indent=2)
+        if args.json == "-":
+            print(text)
+        else:
+            tmp_path = Path(args.json).with_suffix(".tmp")
+            tmp_path.write_text(text)
+            tmp_path.replace(args.json)
+    tmp.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
