@@ -355,10 +355,12 @@ class TableRow:
         if self.published is None:
             return ""
         ours, pub, reach = self.computed.value, self.published, self.published_reach
+        rounds_to_ours = abs(float(f"{ours:.2g}") - pub) <= 1e-9 * pub
         if reach is not None and not reach.capped and reach.bound < self.length:
-            return (f"published base {pub:.2g} fails: B first dips below 0 at m={reach.first_negative:,} < {self.length:,} "
-                    f"(B is not monotone in the base; {ours:.4g} passes)")
-        if abs(float(f"{ours:.2g}") - pub) <= 1e-9 * pub:
+            why = "it is ours rounded to 2 digits, but" if rounds_to_ours else "and"
+            return (f"published base {pub:.2g} fails: {why} B first dips below 0 at m={reach.first_negative:,} < "
+                    f"{self.length:,} (B is not monotone in the base; {ours:.4g} passes)")
+        if rounds_to_ours:
             return "agrees (published value is ours rounded to 2 significant digits)"
         if pub > ours:
             return (f"published base passes but is not the smallest: {ours:.4g} already keeps B >= 0 up to {self.length:,} "

@@ -156,3 +156,21 @@ def test_model_bounds_dynamic_uses_seq_len_and_rejects_non_rope():
     assert longer.bound.bound == expected and longer.seq_len == 1024
     with pytest.raises(ValueError, match="alibi"):
         rb.model_bounds(cfg.replace(positional="alibi", rope={}))
+
+
+def test_cli_json_fields_and_one_line_errors(capsys):
+    import json
+
+    from residscope.apps.cli import main
+
+    main(["rope-bound", "--base", "10000", "--head-dim", "128", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert out["context_bound"] == rb.context_bound(1e4, 128).bound and out["capped"] is False
+    main(["rope-bound", "--length", "100", "--head-dim", "16", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert out["base_lower_bound"] == rb.base_lower_bound(100, 16).value and out["verified"] is True
+    with pytest.raises(SystemExit) as e:
+        main(["rope-bound", "--base", "0.5"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "--base" in err and "\n" not in err
