@@ -17,6 +17,7 @@ logit soft-capping); then an explicit path computes the same result and exposes 
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -46,10 +47,11 @@ def alibi_slopes(n_heads: int) -> torch.Tensor:
     then every other slope of the 2c sequence for the remaining n - c heads (Press et al.; Baichuan 2 13B)."""
 
     def power_of_two_slopes(n: int) -> list[float]:
-        start = 2 ** (-(2 ** -(torch.log2(torch.tensor(float(n))).item() - 3)))
+        start = 2 ** (-(2 ** -(math.log2(n) - 3)))
         return [start * start**i for i in range(n)]
 
-    closest = 2 ** int(torch.log2(torch.tensor(float(n_heads))).floor().item())
+    # plain Python math: this runs inside `torch.device("meta")` when load_model builds the model, where .item() fails
+    closest = 2 ** math.floor(math.log2(n_heads))
     slopes = power_of_two_slopes(closest)
     if closest < n_heads:
         slopes += power_of_two_slopes(2 * closest)[0::2][: n_heads - closest]
