@@ -30,8 +30,12 @@ def _rope_params(cfg: dict, source: str, max_pos: int | None, *, block: dict | N
         block = {**(cfg.get("rope_parameters") or {}), **(cfg.get("rope_scaling") or {})}
     params = dict(block)
     params.setdefault("rope_theta", cfg.get("rope_theta") or 10000.0)
-    if cfg.get("partial_rotary_factor") is not None:
-        params.setdefault("partial_rotary_factor", cfg["partial_rotary_factor"])
+    partial = params.get("partial_rotary_factor", cfg.get("partial_rotary_factor"))
+    if partial not in (None, 1, 1.0):
+        # transformers' RoPE for these architectures rotates the whole head and ignores this key: refuse rather
+        # than pick one of two readings of the checkpoint
+        raise ConfigError(f"{source}: unsupported option partial_rotary_factor={partial!r}")
+    params.pop("partial_rotary_factor", None)
     try:
         return RopeParams.from_hf(params, max_position_embeddings=max_pos)
     except (ValueError, TypeError) as e:
