@@ -42,7 +42,7 @@ def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     return x[:, :, None].expand(b, kvh, n_rep, p, d).reshape(b, kvh * n_rep, p, d)
 
 
-def alibi_slopes(n_heads: int) -> torch.Tensor:
+def alibi_slopes(n_heads: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """ALiBi slopes [n_heads]: 2^(-8(h+1)/n) for a power of two n; otherwise the closest power of two c's slopes,
     then every other slope of the 2c sequence for the remaining n - c heads (Press et al.; Baichuan 2 13B)."""
 
@@ -55,7 +55,7 @@ def alibi_slopes(n_heads: int) -> torch.Tensor:
     slopes = power_of_two_slopes(closest)
     if closest < n_heads:
         slopes += power_of_two_slopes(2 * closest)[0::2][: n_heads - closest]
-    return torch.tensor(slopes, dtype=torch.float32)
+    return torch.tensor(slopes, dtype=dtype)
 
 
 def attention_allowed(q_idx: torch.Tensor, k_idx: torch.Tensor, window: int | None) -> torch.Tensor:
@@ -210,11 +210,18 @@ class Attention(nn.Module):
         return getattr(self, name)(x) if self.cfg.qk_norm else x
 
     def _alibi_bias(self, pos: Positions, dtype: torch.dtype) -> torch.Tensor:
-        """[1, head, q_pos, k_pos]: slope_h * (j - i), added to the scores."""
-        q_idx = torch.arange(pos.past, pos.k_len, device=self.alibi_slopes.device)
-        k_idx = torch.arange(pos.k_len, device=self.alibi_slopes.device)
-        rel = (k_idx[None, :] - q_idx[:, None]).float()  # [q, k]
-        return (self.alibi_slopes[:, None, None] * rel).to(dtype)[None]
+        """[1, head, q_pos, k_pos]: slope_h * (j - i), added to the scores.
+
+        Computed in float32, or in float64 from exact slopes for a float64 model (the float32 buffer would otherwise
+        put ~1e-6 of float32 rounding into float64 runs); slopes come from the formula, so `.to(bf16)` cannot round them.
+        """
+        device = self.alibi_slopes.device
+        compute = torch.promote_types(dtype, torch.float32)
+        q_idx = torch.arange(pos.past, pos.k_len, device=device)
+        k_idx = torch.arange(pos.k_len, device=device)
+        rel = (k_idx[None, :] - q_idx[:, None]).to(compute)  # [q, k]
+        slopes = alibi_slopes(self.cfg.n_heads, dtype=compute).to(device)  # [head]
+        return (slopes[:, None, None] * rel).to(dtype)[None]
 
     def _sdpa(self, q, k, v, pos: Positions, scale: float) -> torch.Tensor:
         alibi = self.cfg.positional == "alibi"
