@@ -1,0 +1,426 @@
+"""Context-window extension without training: direct extrapolation, Position Interpolation, NTK-aware and dynamic NTK
+scaling, YaRN, positional-vector replacement and attention-window extension (RESEARCH.md sections 3-5).
+
+Every method is a reversible setting of a loaded model:
+
+    with apply_method(model, "yarn", factor=4):
+        logits = model(ids)            # YaRN-scaled RoPE here
+    # back to the configured positions here
+
+    none         direct extrapolation (the model as trained; ALiBi models are evaluated this way, "ALiBi as is")
+    pi           Position Interpolation: every RoPE frequency divided by s (linear scaling)
+    ntk          NTK-aware scaling: base' = base * s^(d / (d - 2)), d the rotary dim
+    dynamic-ntk  NTK scaling recomputed from the current length L: s_eff = s * L / W - (s - 1) once L > W (transformers'
+                 formula: the identity within the window at any factor, but at factor 1 still s_eff = L / W beyond it)
+    yarn         YaRN: NTK-by-parts ramp (beta_fast 32, beta_slow 1) and cos/sin scaled by 0.1 ln s + 1
+    pv-replace   positional-vector replacement (Dong et al.): at residual layer l, h <- h - p_orig[t] + alpha * p_interp[t]
+                 with p_interp the in-window positional vectors stretched by ratio r (default s); NoPE and any other model
+    window       attention-window extension (Dong et al.): window W -> s W and attention logits multiplied by lambda
+                 (default ln(sW) / ln(W), which keeps the entropy of uniform attention over the window)
+
+W, the trained window, is `max_position_embeddings` of the config unless given (`window=`). The RoPE methods need a
+model whose layers use unscaled (`default`) RoPE; `window` needs sliding-window layers; `pv-replace` needs a
+tokenizer (or decompositions passed in). Settings go through the decoder's positional knobs inside
+`model.positional_overrides()` and hooks through `model.hooks(...)`, so leaving the `with` block restores everything.
+
+Evaluation: `sliding_window_perplexity` (streaming, deterministic windows of the evaluation split), `passkey_accuracy`
+(greedy decoding, exact match over several keys, against length and depth) and `positional_drift` (how far the positional
+vectors of positions beyond the window lie from the in-window set).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Iterator, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+METHODS = ("none", "pi", "ntk", "dynamic-ntk", "yarn", "pv-replace", "window")
+ROPE_METHODS = ("pi", "ntk", "dynamic-ntk", "yarn")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# applying a method
+# ---------------------------------------------------------------------------------------------------------------------
+@dataclass
+class Extension:
+    """What `apply_method` set: the method, its factor and resolved settings, and the hooks it attached."""
+
+    method: str
+    factor: float
+    settings: dict = field(default_factory=dict)
+    fwd_hooks: list = field(default_factory=list, repr=False)
+
+    @property
+    def cache_safe(self) -> bool:
+        """False when hooks index the residual stream by position: generate with `use_cache=False` then."""
+        return not self.fwd_hooks
+
+
+def trained_window(model, window: int | None = None) -> int:
+    """The context window the model was trained with: `window` if given, else max_position_embeddings of its config."""
+    w = window if window is not None else model.cfg.max_position_embeddings
+    if w is None or w < 1:
+        raise ValueError("the model's config has no max_position_embeddings: pass window= (the trained context length)")
+    return int(w)
+
+
+def bos_token_id(model) -> int | None:
+    """The BOS id the tokenizer puts in front of a text (None when it adds none)."""
+    tok = model.tokenizer
+    if tok is None or tok.bos_token_id is None:
+        return None
+    ids = tok("a", add_special_tokens=True)["input_ids"]
+    return tok.bos_token_id if ids and ids[0] == tok.bos_token_id else None
+
+
+def _check_rope_layers(model, method: str) -> None:
+    if model.cfg.positional != "rope":
+        raise ValueError(f"method {method!r} scales RoPE, but this model uses {model.cfg.positional!r} positions (use none, pv-replace or window)")
+    for block in model.blocks:
+        if block.attn is not None and block.attn.rope is not None and block.attn.rope.rope_type != "default":
+            raise ValueError(f"method {method!r}: layer {block.attn.layer} already uses rope_type {block.attn.rope.rope_type!r}; "
+                             "extension methods start from unscaled RoPE")
+
+
+def rope_setting(params, method: str, factor: float, window: int, head_dim: int):
+    """The RopeParams of `method` at extension `factor` from an unscaled setting `params` (trained window `window`)."""
+    from .rope_bound import ntk_params
+
+    if method == "pi":
+        return params.replace(rope_type="linear", factor=float(factor))
+    if method == "ntk":
+        return ntk_params(params, float(factor), head_dim)
+    if method == "dynamic-ntk":
+        return params.replace(rope_type="dynamic", factor=float(factor), max_position_embeddings=window)
+    if method == "yarn":
+        return params.replace(rope_type="yarn", factor=float(factor), original_max_position_embeddings=window)
+    raise ValueError(f"not a RoPE method: {method!r}")
+
+
+def default_pv_layer(model) -> int:
+    """Residual layer for positional-vector replacement: an early one (Dong et al. used 4 of 22), at least 1."""
+    return max(1, model.cfg.n_layers // 4)
+
+
+def in_window_decomposition(model, length: int, *, samples: int = 64, batch_size: int = 8, seed: int = 0, progress: bool = False):
+    """Positional vectors of `model` on `samples` calibration chunks of `length` tokens (BOS first when the tokenizer adds one)."""
+    from .corpus import batched, builtin_text, token_chunks, tokenize
+    from .positional import decompose_positions
+
+    if model.tokenizer is None:
+        raise ValueError("pv-replace needs the model's tokenizer (or pass decomposition= and original=)")
+    tokens = tokenize(model.tokenizer, builtin_text("calibration"))
+    available = tokens.numel() // length
+    chunks = token_chunks(tokens, length, min(samples, available), seed=seed, bos_token_id=bos_token_id(model))
+    return decompose_positions(model, list(batched(chunks, batch_size)), progress=progress)
+
+
+@contextlib.contextmanager
+def apply_method(
+    model,
+    method: str,
+    factor: float = 1.0,
+    *,
+    window: int | None = None,
+    logit_scale: float | None = None,
+    ratio: float | None = None,
+    alpha: float = 1.0,
+    layer: int | None = None,
+    keep_first: int = 4,
+    max_length: int | None = None,
+    decomposition=None,
+    original=None,
+    samples: int = 64,
+    progress: bool = False,
+) -> Iterator[Extension]:
+    """Context manager: `model` extended by `method` at `factor` inside the block, restored on exit.
+
+    window: trained window (RoPE methods, pv-replace) or attention window (method "window"; default: the config's
+    sliding window). logit_scale: lambda of "window". ratio, alpha, layer, keep_first: positional-vector replacement
+    (defaults: ratio = factor, alpha 1, `default_pv_layer`, first 4 tokens kept); its vectors come from `decomposition`
+    (in-window) and `original` (measured at the lengths you run, default `max_length` = window * factor), computed from
+    the calibration split when not given.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r} (choose from {', '.join(METHODS)})")
+    if not factor >= 1:
+        raise ValueError(f"factor must be >= 1 (an extension), got {factor}")
+    ext = Extension(method=method, factor=float(factor))
+    with model.positional_overrides():
+        if method in ROPE_METHODS:
+            _check_rope_layers(model, method)
+            w = trained_window(model, window)
+            for block in model.blocks:
+                attn = block.attn
+                if attn is not None and attn.rope is not None:
+                    model.set_rope(rope_setting(attn.rope, method, factor, w, model.cfg.d_head), layers=attn.layer)
+            ext.settings = {"window": w, **{k: v for k, v in model.blocks[0].attn.rope.to_hf().items()}}
+        elif method == "window":
+            layers = [b.attn.layer for b in model.blocks if b.attn is not None and b.attn.window is not None]
+            if not layers:
+                raise ValueError("method 'window' extends sliding attention windows, but this model has none")
+            w = window if window is not None else model.blocks[layers[0]].attn.window
+            new = int(round(w * factor))
+            lam = logit_scale if logit_scale is not None else math.log(new) / math.log(w) if w > 1 else 1.0
+            model.set_window(new, layers=layers)
+            model.set_attn_logit_scale(lam, layers=layers)
+            ext.settings = {"window": w, "extended_window": new, "logit_scale": lam, "layers": layers}
+        elif method == "pv-replace":
+            from .positional import pv_replacement_hooks
+
+            w = trained_window(model, window)
+            r = float(ratio) if ratio is not None else float(factor)
+            lay = layer if layer is not None else default_pv_layer(model)
+            if decomposition is None:
+                decomposition = in_window_decomposition(model, w, samples=samples, progress=progress)
+            if original is None:
+                length = max_length or int(round(w * factor))
+                # p_orig at lengths <= w is the in-window decomposition itself (causal attention: position t sees only <= t)
+                original = decomposition if length <= decomposition.seq_len else in_window_decomposition(
+                    model, length, samples=max(8, samples // 4), progress=progress)
+            ext.fwd_hooks = pv_replacement_hooks(decomposition, lay, r, alpha, keep_first, original=original)
+            ext.settings = {"window": w, "ratio": r, "alpha": alpha, "layer": lay, "keep_first": keep_first,
+                            "original_length": original.seq_len, "samples": decomposition.n_samples}
+        if ext.fwd_hooks:
+            with model.hooks(fwd_hooks=ext.fwd_hooks):
+                yield ext
+        else:
+            yield ext
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# sliding-window perplexity
+# ---------------------------------------------------------------------------------------------------------------------
+@dataclass
+class LengthPerplexity:
+    method: str
+    length: int
+    ppl: float
+    nll: float
+    n_tokens: int
+    n_windows: int
+    factor: float = 1.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def evaluation_tokens(model, max_tokens: int | None = None) -> torch.Tensor:
+    """Token ids [n] of the built-in evaluation split (held out from calibration and from zoo training)."""
+    from .corpus import builtin_text, tokenize
+
+    if model.tokenizer is None:
+        raise ValueError("the model has no tokenizer; pass token ids to sliding_window_perplexity instead")
+    tokens = tokenize(model.tokenizer, builtin_text("evaluation"))
+    return tokens[:max_tokens] if max_tokens else tokens
+
+
+def sliding_windows(n_tokens: int, length: int, stride: int, *, bos: bool = False) -> list[tuple[int, int, int]]:
+    """(start, end, first_scored) per window over a stream of n_tokens: each window holds `length` tokens, starts
+    `stride` after the previous one, and scores only targets no earlier window scored. A window's first token is a
+    target only when a BOS token precedes it (`bos`)."""
+    if length < 2:
+        raise ValueError(f"length must be >= 2, got {length}")
+    if not 1 <= stride <= length:
+        raise ValueError(f"stride must be in 1..length ({length}), got {stride}")
+    if n_tokens < length:
+        raise ValueError(f"the text has {n_tokens} tokens, fewer than one window of {length}")
+    out, scored_until = [], 0
+    for start in range(0, n_tokens - length + 1, stride):
+        end = start + length
+        out.append((start, end, max(scored_until, start + (not bos))))
+        scored_until = end
+    return out
+
+
+@torch.inference_mode()
+def sliding_window_perplexity(model, tokens: torch.Tensor, length: int, *, stride: int | None = None, bos: int | None = None,
+                              batch_size: int = 4, progress: bool = True, desc: str = "perplexity") -> tuple[float, float, int, int]:
+    """(ppl, nll, n_tokens, n_windows) of `tokens` [n] read in windows of `length` tokens (BOS + length-1 text tokens when
+    `bos` is given), `stride` apart (default length // 2), each scoring only the targets no earlier window scored, so
+    every token after the first window is predicted with at least length - stride tokens of context. Deterministic."""
+    import torch.nn.functional as F
+
+    body = length - (bos is not None)
+    stride = stride if stride is not None else max(1, body // 2)
+    windows = sliding_windows(tokens.numel(), body, min(stride, body), bos=bos is not None)
+    total, count = 0.0, 0
+    for i in tqdm(range(0, len(windows), batch_size), desc=desc, disable=not progress, leave=False):
+        group = windows[i:i + batch_size]
+        ids = torch.stack([tokens[s:e] for s, e, _ in group])  # [batch, body]
+        if bos is not None:
+            ids = torch.cat((torch.full((ids.shape[0], 1), bos, dtype=ids.dtype), ids), dim=1)  # [batch, length]
+        logits = model(ids.to(model.device)).float()  # [batch, length, vocab]
+        nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:].to(model.device), reduction="none")  # [batch, length-1]
+        offset = bos is not None
+        for row, (s, _, first) in enumerate(group):
+            # target at stream index j sits at column (j - s) + offset - 1 of nll
+            total += float(nll[row, first - s + offset - 1:].double().sum())
+            count += nll.shape[1] - (first - s + offset - 1)
+    nll_mean = total / count
+    return math.exp(nll_mean), nll_mean, count, len(windows)
+
+
+def extension_perplexity(model, methods: Sequence[str], lengths: Sequence[int], *, factor: float | None = None,
+                         window: int | None = None, max_tokens: int | None = 8192, stride: int | None = None,
+                         batch_size: int = 4, progress: bool = True,
+                         method_kw: dict[str, dict] | None = None) -> list[LengthPerplexity]:
+    """Sliding-window perplexity of each method at each length. factor None: max(lengths) / trained window (at least 1),
+    one setting for all lengths, as when a model is extended once to a target length. method_kw: extra keyword
+    arguments of `apply_method` per method name."""
+    tokens = evaluation_tokens(model, max_tokens)
+    bos = bos_token_id(model)
+    rows = []
+    for method in methods:
+        f = factor if factor is not None else max(1.0, max(lengths) / trained_window(model, window))
+        kw = dict((method_kw or {}).get(method, {}))
+        if method == "pv-replace":
+            kw.setdefault("max_length", max(lengths))
+        with apply_method(model, method, f, **kw):
+            for length in lengths:
+                ppl, nll, n, nw = sliding_window_perplexity(model, tokens, length, stride=stride, bos=bos,
+                                                            batch_size=batch_size, progress=progress, desc=f"{method} @ {length}")
+                rows.append(LengthPerplexity(method=method, length=int(length), ppl=ppl, nll=nll, n_tokens=n, n_windows=nw, factor=f))
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# passkey retrieval (RESEARCH.md section 5)
+# ---------------------------------------------------------------------------------------------------------------------
+FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
+         "I will quiz you about the important information there.")
+QUESTION = "What is the pass key? The pass key is"
+
+
+def passkey_text(key: str, n_filler: int, depth: float) -> str:
+    """The prompt: intro, n_filler filler sentences with the key sentence after round(depth * n_filler) of them, question."""
+    if not 0 <= depth <= 1:
+        raise ValueError(f"depth must be in [0, 1], got {depth}")
+    before = round(depth * n_filler)
+    return " ".join([INTRO, *[FILLER] * before, f"The pass key is {key}. Remember it. {key} is the pass key.",
+                     *[FILLER] * (n_filler - before), QUESTION])
+
+
+def passkey_prompt(tokenizer, length: int, depth: float, key: str) -> torch.Tensor:
+    """Token ids [n] of the longest prompt with at most `length` tokens (special tokens included)."""
+    def size(n: int) -> int:
+        return len(tokenizer(passkey_text(key, n, depth))["input_ids"])
+
+    if size(0) > length:
+        raise ValueError(f"length {length} is too short for a passkey prompt ({size(0)} tokens without filler)")
+    per = max(1, size(1) - size(0))
+    n = max(0, (length - size(0)) // per)
+    while n > 0 and size(n) > length:
+        n -= 1
+    while size(n + 1) <= length:
+        n += 1
+    return torch.tensor(tokenizer(passkey_text(key, n, depth))["input_ids"], dtype=torch.long)
+
+
+@dataclass
+class PasskeyRow:
+    method: str
+    length: int  # requested length; prompts are the longest that fit
+    depth: float
+    accuracy: float
+    n_keys: int
+    prompt_tokens: int
+    answers: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def passkey_keys(n_keys: int, seed: int = 1234, digits: int = 5) -> list[str]:
+    rng = random.Random(seed)
+    return [str(rng.randint(10 ** (digits - 1), 10 ** digits - 1)) for _ in range(n_keys)]
+
+
+@torch.inference_mode()
+def passkey_accuracy(model, lengths: Sequence[int], depths: Sequence[float] = (0.0, 0.5, 1.0), *, n_keys: int = 5,
+                     seed: int = 1234, method: str = "none", ext: Extension | None = None, progress: bool = True) -> list[PasskeyRow]:
+    """Exact-match passkey accuracy per (length, depth) over `n_keys` random 5-digit keys, greedy decoding.
+
+    Run inside `apply_method` and pass its Extension as `ext` (so hooked methods decode without a KV cache)."""
+    if model.tokenizer is None:
+        raise ValueError("passkey retrieval needs the model's tokenizer")
+    keys = passkey_keys(n_keys, seed)
+    use_cache = ext.cache_safe if ext is not None else True
+    rows = []
+    grid = [(length, depth) for length in lengths for depth in depths]
+    for length, depth in tqdm(grid, desc=f"passkey {method}", disable=not progress, leave=False):
+        answers, hits, n_tok = [], 0, 0
+        for key in keys:
+            ids = passkey_prompt(model.tokenizer, length, depth, key)[None].to(model.device)  # [1, n]
+            n_tok = ids.shape[1]
+            out = model.generate(ids, max_new_tokens=len(key) + 3, use_cache=use_cache)
+            text = model.tokenizer.decode(out[0, ids.shape[1]:].tolist(), skip_special_tokens=True)
+            found = re.search(r"\d+", text)
+            answer = found.group(0) if found else ""
+            answers.append(answer)
+            hits += answer == key
+        rows.append(PasskeyRow(method=method, length=int(length), depth=float(depth), accuracy=hits / len(keys),
+                               n_keys=len(keys), prompt_tokens=int(n_tok), answers=answers))
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# positional vectors beyond the window
+# ---------------------------------------------------------------------------------------------------------------------
+@dataclass
+class PositionalDrift:
+    """Per residual layer (0 = embeddings): mean over positions t >= W of min_{s < W} ||p[l, t] - p[l, s]||, divided by
+    the RMS distance of in-window vectors to their mean (so 0 = inside the in-window set, ~1 = as far as the set is wide)."""
+
+    method: str
+    length: int
+    window: int
+    relative_distance: list[float]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def drift_from_decomposition(dec, window: int) -> list[float]:
+    out = []
+    for p in dec.vectors:  # [pos, d_model]
+        inside, beyond = p[:window], p[window:]
+        if beyond.numel() == 0:
+            out.append(0.0)
+            continue
+        spread = (inside - inside.mean(0)).pow(2).sum(-1).mean().sqrt().clamp(min=1e-12)
+        nearest = torch.cdist(beyond, inside).min(dim=1).values  # [pos - window]
+        out.append(float(nearest.mean() / spread))
+    return out
+
+
+def positional_drift(model, method: str, length: int, *, factor: float | None = None, samples: int = 32,
+                     ext_kw: dict | None = None, progress: bool = False) -> PositionalDrift:
+    """Positional vectors at `length` under `method` (decomposed on calibration chunks) against the in-window set."""
+    w = trained_window(model, (ext_kw or {}).get("window"))
+    f = factor if factor is not None else max(1.0, length / w)
+    kw = dict(ext_kw or {})
+    if method == "pv-replace":
+        kw.setdefault("max_length", length)
+    with apply_method(model, method, f, **kw):
+        dec = in_window_decomposition(model, length, samples=samples, progress=progress)
+    return PositionalDrift(method=method, length=int(length), window=w, relative_distance=drift_from_decomposition(dec, w))
+
+
+def applicable_methods(model) -> list[str]:
+    """The methods that make sense for this model's positional scheme."""
+    methods = ["none"]
+    if model.cfg.positional == "rope" and all(b.attn is None or b.attn.rope is None or b.attn.rope.rope_type == "default"
+                                              for b in model.blocks):
+        methods += list(ROPE_METHODS)
+    methods.append("pv-replace")
+    if any(b.attn is not None and b.attn.window is not None for b in model.blocks):
+        methods.append("window")
+    return methods

@@ -1,0 +1,166 @@
+"""`residscope extend` (sliding-window perplexity against length per extension method) and `residscope passkey`
+(passkey retrieval against length and depth). Methods: none, pi, ntk, dynamic-ntk, yarn, pv-replace, window."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+
+def _ints(spec: str, option: str) -> list[int]:
+    try:
+        values = [int(x) for x in spec.replace(" ", "").split(",") if x]
+    except ValueError:
+        raise ValueError(f"{option}: expected comma-separated integers like 128,256,512; got {spec!r}") from None
+    if not values or any(v < 2 for v in values):
+        raise ValueError(f"{option}: lengths must be integers >= 2, got {spec!r}")
+    return values
+
+
+def _floats(spec: str, option: str) -> list[float]:
+    try:
+        values = [float(x) for x in spec.replace(" ", "").split(",") if x]
+    except ValueError:
+        raise ValueError(f"{option}: expected comma-separated numbers like 0,0.5,1; got {spec!r}") from None
+    if not values or any(not 0 <= v <= 1 for v in values):
+        raise ValueError(f"{option}: depths must be in [0, 1], got {spec!r}")
+    return values
+
+
+def _methods(model, method: Optional[str], methods: Optional[str], compare: bool) -> list[str]:
+    from residscope.analyses.extension import METHODS, applicable_methods
+
+    if compare:
+        chosen = applicable_methods(model) if methods is None else [m.strip() for m in methods.split(",") if m.strip()]
+    else:
+        chosen = [method or "none"]
+    for m in chosen:
+        if m not in METHODS:
+            raise ValueError(f"--method: unknown method {m!r} (choose from {', '.join(METHODS)})")
+    return chosen
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _method_kw(window, ratio, alpha, layer, logit_scale) -> dict[str, dict]:
+    """Keyword arguments of apply_method per method, from the CLI options (only those each method takes)."""
+    common = {"window": window} if window is not None else {}
+    pv = {k: v for k, v in dict(ratio=ratio, alpha=alpha, layer=layer).items() if v is not None}
+    return {"none": {}, "pi": common, "ntk": common, "dynamic-ntk": common, "yarn": common,
+            "pv-replace": {**common, **pv}, "window": {"logit_scale": logit_scale} if logit_scale is not None else {}}
+
+
+def extend(
+    model: str = typer.Option("smollm2-135m", "--model", help="checkpoint folder, GGUF file or alias (e.g. zoo-rope)"),
+    method: Optional[str] = typer.Option(None, "--method", help="none, pi, ntk, dynamic-ntk, yarn, pv-replace or window"),
+    compare: bool = typer.Option(False, "--compare", help="every method that applies to the model (or --methods): one table, one figure"),
+    methods: Optional[str] = typer.Option(None, "--methods", help="with --compare: comma-separated methods"),
+    factor: Optional[float] = typer.Option(None, "--factor", help="extension factor s (default: longest length / trained window)"),
+    lengths: Optional[str] = typer.Option(None, "--lengths", help="comma-separated evaluation lengths (default: 1x,2x,4x,8x the window)"),
+    window: Optional[int] = typer.Option(None, "--window", help="trained window (default: max_position_embeddings of the config)"),
+    ratio: Optional[float] = typer.Option(None, "--ratio", help="pv-replace: interpolation ratio r (default: factor)"),
+    alpha: Optional[float] = typer.Option(None, "--alpha", help="pv-replace: scale of the new positional vectors (default 1)"),
+    layer: Optional[int] = typer.Option(None, "--layer", help="pv-replace: residual layer (0 = embeddings; default n_layers // 4)"),
+    logit_scale: Optional[float] = typer.Option(None, "--logit-scale", help="window: lambda (default ln(sW) / ln(W))"),
+    max_tokens: int = typer.Option(8192, "--max-tokens", help="evaluation-split tokens read (0 = all)"),
+    stride: Optional[int] = typer.Option(None, "--stride", help="window stride (default: half the length)"),
+    batch_size: int = typer.Option(4, "--batch-size"),
+    html: Optional[Path] = typer.Option(None, "--html", help="write the plotly figure (perplexity against length) here"),
+    as_json: bool = typer.Option(False, "--json", help='print {"results": [{"method", "length", "ppl", ...}]}'),
+    dtype: str = typer.Option("float32", "--dtype"),
+    device: str = typer.Option("cpu", "--device"),
+) -> None:
+    """Sliding-window perplexity of the held-out split against length, for one extension method or a comparison."""
+    from residscope.analyses.extension import extension_perplexity, trained_window
+    from residscope.analyses.extension_plots import perplexity_figure, perplexity_table
+    from residscope.model import load_model
+
+    if batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
+    if factor is not None and factor < 1:
+        raise ValueError(f"--factor must be >= 1, got {factor}")
+    m = load_model(model, device=device, dtype=dtype)
+    w = trained_window(m, window)
+    lens = _ints(lengths, "--lengths") if lengths else [w, 2 * w, 4 * w, 8 * w]
+    chosen = _methods(m, method, methods, compare)
+    rows = extension_perplexity(m, chosen, lens, factor=factor, window=window, max_tokens=max_tokens or None, stride=stride,
+                                batch_size=batch_size, progress=not as_json,
+                                method_kw=_method_kw(window, ratio, alpha, layer, logit_scale))
+    if html is not None:
+        fig = perplexity_figure(rows, title=f"{model}: sliding-window perplexity against length", window=w)
+        _write_atomic(html, fig.to_html(include_plotlyjs="cdn"))
+    if as_json:
+        print(json.dumps({"model": model, "window": w, "results": [r.to_dict() for r in rows]}, indent=2))
+    else:
+        print(f"{model} (trained window {w}), sliding-window perplexity of the evaluation split")
+        print(perplexity_table(rows))
+        if html is not None:
+            print(f"figure: {html}")
+
+
+def passkey(
+    model: str = typer.Option("smollm2-135m", "--model", help="checkpoint folder, GGUF file or alias (e.g. zoo-rope)"),
+    method: Optional[str] = typer.Option(None, "--method", help="none, pi, ntk, dynamic-ntk, yarn, pv-replace or window"),
+    compare: bool = typer.Option(False, "--compare", help="every method that applies to the model (or --methods)"),
+    methods: Optional[str] = typer.Option(None, "--methods", help="with --compare: comma-separated methods"),
+    factor: Optional[float] = typer.Option(None, "--factor", help="extension factor s (default: longest length / trained window)"),
+    lengths: Optional[str] = typer.Option(None, "--lengths", help="comma-separated prompt lengths (default: 1x,2x,4x,8x the window)"),
+    depths: str = typer.Option("0,0.5,1", "--depths", help="comma-separated depths of the key in [0, 1]"),
+    keys: int = typer.Option(5, "--keys", help="random 5-digit keys per length and depth"),
+    seed: int = typer.Option(1234, "--seed", help="seed of the keys"),
+    window: Optional[int] = typer.Option(None, "--window", help="trained window (default: max_position_embeddings of the config)"),
+    ratio: Optional[float] = typer.Option(None, "--ratio"),
+    alpha: Optional[float] = typer.Option(None, "--alpha"),
+    layer: Optional[int] = typer.Option(None, "--layer"),
+    logit_scale: Optional[float] = typer.Option(None, "--logit-scale"),
+    html: Optional[Path] = typer.Option(None, "--html", help="write the plotly figure (accuracy against length) here"),
+    as_json: bool = typer.Option(False, "--json", help='print {"results": [{"method", "length", "depth", "accuracy", ...}]}'),
+    dtype: str = typer.Option("float32", "--dtype"),
+    device: str = typer.Option("cpu", "--device"),
+) -> None:
+    """Passkey retrieval (exact match, greedy) against prompt length and key depth, per extension method."""
+    from residscope.analyses.extension import apply_method, passkey_accuracy, trained_window
+    from residscope.analyses.extension_plots import passkey_figure, passkey_table
+    from residscope.model import load_model
+
+    if keys < 1:
+        raise ValueError(f"--keys must be >= 1, got {keys}")
+    if factor is not None and factor < 1:
+        raise ValueError(f"--factor must be >= 1, got {factor}")
+    m = load_model(model, device=device, dtype=dtype)
+    w = trained_window(m, window)
+    lens = _ints(lengths, "--lengths") if lengths else [w, 2 * w, 4 * w, 8 * w]
+    dps = _floats(depths, "--depths")
+    kw = _method_kw(window, ratio, alpha, layer, logit_scale)
+    rows = []
+    for meth in _methods(m, method, methods, compare):
+        f = factor if factor is not None else max(1.0, max(lens) / w)
+        extra = dict(kw[meth])
+        if meth == "pv-replace":
+            extra.setdefault("max_length", max(lens))
+        with apply_method(m, meth, f, **extra) as e:
+            rows += passkey_accuracy(m, lens, dps, n_keys=keys, seed=seed, method=meth, ext=e, progress=not as_json)
+    if html is not None:
+        _write_atomic(html, passkey_figure(rows, title=f"{model}: passkey retrieval").to_html(include_plotlyjs="cdn"))
+    if as_json:
+        print(json.dumps({"model": model, "window": w, "results": [r.to_dict() for r in rows]}, indent=2))
+    else:
+        print(f"{model} (trained window {w}), passkey accuracy (mean over depths [per depth {dps}])")
+        print(passkey_table(rows))
+
+
+def register(app: typer.Typer) -> None:
+    app.command("extend")(extend)
+    app.command("passkey")(passkey)
