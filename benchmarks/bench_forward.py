@@ -5,6 +5,9 @@
     python benchmarks/bench_forward.py --model smollm2-135m --json results.json
     python benchmarks/bench_forward.py --profile            # torch.profiler op tables of residscope and transformers
 
+On a shared machine (load average above the core count) pass `--threads 1`: OpenMP threads that get descheduled spin at
+barriers, and a 2-thread forward measured 6-17x slower than a 1-thread one under load 18 on 2 cores.
+
 Checkpoint: by default a Llama with SmolLM2-135M's shape (hidden 576, 30 layers, 9 heads, 3 KV heads, intermediate 1536,
 vocab 49152, rope_theta 1e5, tied embeddings) with random weights, written with `save_pretrained` to a temp folder together
 with a tiny word-level tokenizer (TransformerBridge insists on one). Speed does not depend on the weights. `--model` takes a
@@ -418,6 +421,9 @@ def main(argv=None) -> int:
     log(f"sanity: {result['sanity']}")
 
     ids = torch.randint(0, vocab, (args.batch, args.seq_len), generator=torch.Generator().manual_seed(0))
+    if args.threads != 1 and torch.get_num_threads() > 1 and os.getloadavg()[0] > (os.cpu_count() or 1):
+        log(f"warning: load average {os.getloadavg()[0]:.1f} > {os.cpu_count()} cores with {torch.get_num_threads()} torch "
+            "threads: OpenMP oversubscription makes times meaningless; consider --threads 1")
     log(f"timing {', '.join(cases)} on {args.batch} x {args.seq_len} tokens (load average {result['load_before']})")
     runs = {c: runner(c, models[family(c)]) for c in cases}
     times = time_cases(runs, ids, args.warmup, args.repeats, log)
