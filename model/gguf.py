@@ -65,10 +65,11 @@ def gguf_cache_key(gguf_path: str | os.PathLike) -> str:
     return hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:16]
 
 
-def cache_folder_for(gguf_path: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Path:
+def cache_folder_for(gguf_path: str | os.PathLike, cache_dir: str | os.PathLike | None = None, *,
+                     key: str | None = None) -> Path:
     """The folder a GGUF file converts into (it may not exist yet)."""
     base = Path(cache_dir) if cache_dir is not None else cache_root() / "gguf"
-    return base / f"{Path(gguf_path).stem}-{gguf_cache_key(gguf_path)}"
+    return base / f"{Path(gguf_path).stem}-{key or gguf_cache_key(gguf_path)}"
 
 
 # ---- completion marker ---------------------------------------------------------------------------
@@ -257,7 +258,7 @@ def convert_gguf(gguf_path: str | os.PathLike, *, cache_dir: str | os.PathLike |
         raise FileNotFoundError(f"GGUF file not found: {gguf_path}")
     gguf_path = gguf_path.resolve()
     key = gguf_cache_key(gguf_path)
-    target = cache_folder_for(gguf_path, cache_dir)
+    target = cache_folder_for(gguf_path, cache_dir, key=key)
     if not force:
         problem = cache_problem(target, key)
         if problem is None:
@@ -267,6 +268,7 @@ def convert_gguf(gguf_path: str | os.PathLike, *, cache_dir: str | os.PathLike |
     target.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temp(target.parent)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private (0700); a cache folder is readable like any other
     log.info("converting %s to a float32 Hugging Face folder in %s (once; cached afterwards)", gguf_path.name, target.parent)
     try:
         write_hf_folder(gguf_path, tmp)
