@@ -248,3 +248,29 @@ def test_variance_shares_skip_the_first_tokens(tiny, ids, dec):
     torch.testing.assert_close(dec.variance_shares(3)[1], r2)
     with pytest.raises(ValueError, match="skip_first"):
         dec.variance_shares(SEQ)
+
+
+@pytest.mark.real
+def test_real_model_massive_first_token_and_sinks(real_model):
+    """SmolLM2-135M: the first token's residual norm dwarfs the median token's in the middle layers, attention piles
+    onto the first tokens there, and removing the first tokens' positional vectors costs perplexity."""
+    from residscope.analyses.corpus import calibration_batches
+
+    m = real_model
+    batches, _ = calibration_batches(m, seq_len=64, samples=8, batch_size=8)
+    dec = decompose_positions(m, batches, progress=False)
+    desc = describe_positions(dec)
+    middle = slice(m.cfg.n_layers // 3, 2 * m.cfg.n_layers // 3 + 1)
+    assert np.median(desc.first_token_ratio[middle, 0]) > 20
+    stats = attention_statistics(m, batches, progress=False)
+    # uniform causal attention would put k / (q + 1) on the first k keys
+    q = np.arange(4, dec.seq_len)
+    uniform = np.mean(4 / (q + 1))
+    late = stats.sink_mass[m.cfg.n_layers // 2:].mean()
+    assert late > 0.3 and late > 3 * uniform
+    from residscope.analyses.perplexity import perplexity
+
+    base = perplexity(m, batches, progress=False).ppl
+    with m.hooks(fwd_hooks=removal_hooks(dec, [m.cfg.n_layers // 2], first_k=4)):
+        removed = perplexity(m, batches, progress=False).ppl
+    assert removed > 1.5 * base
