@@ -6,7 +6,8 @@ Compares, on random Llama models of growing depth (and on SmolLM2-135M with --re
     hf-forward  transformers forward to logits
     hf-ref      the reference approach: transformers with output_hidden_states=True, then cosine per layer
 Each measurement runs in a fresh subprocess; peak memory is the highest RSS sampled during the first run minus the RSS
-just before it (model loaded and warmed up), so it counts activations only. Times: best of --repeat runs.
+just before it (model loaded and warmed up), so it counts activations only. Times: best of --repeat runs, in process
+CPU seconds (time.process_time), which a shared, busy machine disturbs far less than wall-clock time.
 
     .venv/bin/python benchmarks/bench_block_influence.py [--depths 8,16,32] [--real]
 """
@@ -100,9 +101,9 @@ def child(mode: str, source: str, batch: int, seq_len: int, repeat: int) -> dict
         run()
     times = []
     for _ in range(repeat):
-        t = time.perf_counter()
+        t = time.process_time()
         run()
-        times.append(time.perf_counter() - t)
+        times.append(time.process_time() - t)
     return {"mode": mode, "seconds": min(times), "extra_mb": mem.extra_mb}
 
 
@@ -147,7 +148,7 @@ def main() -> None:
         print(json.dumps(child(args.child, args.source, args.batch, args.seq_len, args.repeat)))
         return
 
-    print(f"tokens per run: {args.batch}x{args.seq_len}; times = best of {args.repeat}; memory = peak RSS above the loaded model")
+    print(f"tokens per run: {args.batch}x{args.seq_len}; CPU seconds, best of {args.repeat}; memory = peak RSS above the loaded model")
     print(f"{'model':<22} {'fwd s':>8} {'bi s':>8} {'bi/fwd':>8} {'ref/hfwd':>9} {'ref/bi':>8}   "
           f"{'fwd MB':>8} {'bi MB':>8} {'hfwd MB':>8} {'ref MB':>8}")
     with tempfile.TemporaryDirectory() as tmp:
