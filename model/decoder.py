@@ -244,7 +244,9 @@ class Attention(nn.Module):
         if pos.q_len > 1 or pos.needs_mask(self.window):
             scores = scores.masked_fill(~pos.mask(self.window), float("-inf"))
         scores = self.hook_attn_scores(scores)
-        pattern = self.hook_pattern(F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype))  # [batch, head, q_pos, k_pos]
+        # softmax in at least float32 (like transformers' eager path), in float64 for float64 models (like SDPA)
+        softmax_dtype = torch.promote_types(scores.dtype, torch.float32)
+        pattern = self.hook_pattern(F.softmax(scores, dim=-1, dtype=softmax_dtype).to(q.dtype))  # [batch, head, q_pos, k_pos]
         return pattern @ v  # [batch, head, q_pos, d_head]
 
 

@@ -161,7 +161,7 @@ def _gemma3(cls, cfg: dict, common: dict, source: str):
         },
         layer_types=list(layer_types),
         sliding_window=cfg.get("sliding_window"),
-        attn_scale=float(cfg.get("query_pre_attn_scalar", common["d_head"])) ** -0.5,
+        attn_scale=float(cfg.get("query_pre_attn_scalar") or 256) ** -0.5,  # transformers' Gemma3TextConfig default
         # Gemma 3 replaced Gemma 2's attention soft-capping by q/k norms: transformers keeps the config key but never
         # applies it (only the final one), so neither do we.
         attn_softcap=None,

@@ -401,3 +401,15 @@ def test_peak_memory_while_loading_stays_near_model_size(tmp_path):
     out = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, str(folder)], capture_output=True, text=True, check=True)
     ratio = float(out.stdout.strip().splitlines()[-1])
     assert ratio <= 1.3, f"peak memory while loading was {ratio:.2f}x the model's size"
+
+
+def test_float64_explicit_path_equals_sdpa_exactly(tmp_path):
+    """In float64 the explicit (pattern-hooked) path must not round through float32: a bug stays, rounding vanishes."""
+    torch.manual_seed(0)
+    folder = save_hf(LlamaForCausalLM(LlamaConfig(**SMALL)), tmp_path)
+    ours = load_model(folder, dtype=torch.float64)
+    ids = _ids(pos=20)
+    with torch.no_grad():
+        fast = ours(ids)
+        hooked = ours.run_with_hooks(ids, fwd_hooks=[(lambda n: n.endswith("hook_pattern"), lambda p, hook: p)])
+    assert_close(hooked, fast, atol=1e-12, rtol=1e-12)
