@@ -19,8 +19,10 @@ disk is registered as `zoo-<name>` too.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata
+import json
 import logging
 import os
 import tempfile
@@ -34,7 +36,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2-135m"
 ZOO_DIR = Path(__file__).parent / "zoo"
-ZOO_PLANNED = ("nope", "rope", "alibi", "window")  # model/zoo/<name>/ -> alias zoo-<name>
+ZOO_PLANNED = ("nope", "rope", "rope-smallbase", "alibi", "window")  # model/zoo/<name>/ -> alias zoo-<name> (zoo_train.ZOO_NAMES)
 
 
 class ModelNotInstalledError(FileNotFoundError):
@@ -197,7 +199,7 @@ def _zoo_entry(name: str) -> ModelEntry:
         architecture="llama",
         description=f"small {name} decoder trained for the positional-vector experiments",
         origin=f"shipped with residscope in {folder}",
-        install=f"not built: {folder} has no config.json (the zoo models are built by the project and shipped in the package)",
+        install=f"not built: {folder} has no config.json (build it: python -m residscope.model.zoo_train --name zoo-{name} --out {folder})",
         find=find,
         kind="folder",
     )
@@ -222,7 +224,11 @@ def list_models() -> list[ModelRow]:
     rows = []
     for entry in _REGISTRY.values():
         path = entry.find()
-        rows.append(ModelRow(alias=entry.alias, architecture=entry.architecture, description=entry.description,
+        architecture = entry.architecture
+        if entry.kind == "folder" and path is not None:
+            with contextlib.suppress(OSError, ValueError, AttributeError):
+                architecture = json.loads((path / "config.json").read_text()).get("model_type", architecture)
+        rows.append(ModelRow(alias=entry.alias, architecture=architecture, description=entry.description,
                              origin=entry.origin, installed=path is not None, install=entry.install,
                              path=str(path) if path is not None else None, default=entry.alias == DEFAULT_MODEL))
     return rows
