@@ -30,7 +30,8 @@ def run_cli(app: typer.Typer, argv: list[str]) -> None:
             e.show()
             sys.exit(e.exit_code)
         if isinstance(e, user_error_types()):
-            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            text = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)  # str(KeyError) adds quotes
+            msg = text.strip().splitlines()[0] if text.strip() else type(e).__name__
             print(f"residscope: error: {msg}", file=sys.stderr)
             sys.exit(2)
         raise
