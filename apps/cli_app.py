@@ -44,4 +44,5 @@ def register(app: typer.Typer) -> None:
             code = subprocess.call(streamlit_command(port, address), env=env)
         except KeyboardInterrupt:
             code = 0
-        raise typer.Exit(code)
+        if code:
+            sys.exit(code)  # streamlit's own exit code (typer.Exit would be swallowed by the CLI's non-standalone mode)

@@ -52,7 +52,8 @@ def page_tokens(source: str) -> None:
                      hide_index=True, height=320)
     with right:
         st.subheader("Next-token predictions")
-        fig = go.Figure(go.Bar(x=run.top_probs[::-1], y=[f"{t} " for t in run.top_tokens[::-1]], orientation="h",
+        labels = [f"{rank}. {t}" for rank, t in enumerate(run.top_tokens, 1)]  # ranks: several ids can decode alike
+        fig = go.Figure(go.Bar(x=run.top_probs[::-1], y=labels[::-1], orientation="h",
                                text=[f"{p:.3f}" for p in run.top_probs[::-1]], textposition="auto",
                                customdata=run.top_logits[::-1],
                                hovertemplate="%{y}: p = %{x:.4f}, logit %{customdata:.2f}<extra></extra>"))
@@ -213,9 +214,11 @@ def page_rope(source: str) -> None:
     if scaling != "none":
         fig.add_trace(go.Scatter(x=m, y=b_scaled, mode="lines", name=f"{scaling} x{factor:g}"))
     fig.add_hline(y=0, line_dash="dash", line_color="gray")
-    for bound, name in [(plain, "bound")] + ([(scaled, "scaled bound")] if scaling != "none" else []):
-        if not bound.capped:
-            fig.add_vline(x=bound.first_negative, line_dash="dot", line_color="gray", annotation_text=name)
+    for bound, name in [(plain, f"base {base:g}")] + ([(scaled, f"{scaling} x{factor:g}")] if scaling != "none" else []):
+        if not bound.capped:  # a marker, not a vline: plotly shapes on a log axis take log10 coordinates
+            fig.add_trace(go.Scatter(x=[bound.first_negative], y=[0], mode="markers+text", marker_symbol="x",
+                                     marker_size=11, text=[f"{bound.first_negative:,}"], textposition="top center",
+                                     name=f"first B < 0, {name}"))
     fig.update_layout(title=f"B(m), head dim {head_dim}", xaxis_title="relative distance m", yaxis_title="B(m)",
                       xaxis_type="log")
     show(fig, key="b_curve")

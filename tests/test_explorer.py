@@ -1,0 +1,285 @@
+"""The Streamlit explorer under `streamlit.testing.v1.AppTest`: every page renders without an exception or error on a
+tiny random checkpoint, its key numbers match the library, the buttons' heavier work runs, errors are one-line messages;
+plus `residscope app` and one real test of the main page on the bundled model."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tiny_llama import make_tiny_checkpoint
+
+APP = Path(__file__).resolve().parents[1] / "apps" / "explorer_app.py"
+PAGES = ("tokens", "attention", "residual", "rope", "pruning", "extension")
+TIMEOUT = 180  # seconds per script run: generous for a busy 2-core machine
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> str:
+    return str(make_tiny_checkpoint(tmp_path_factory.mktemp("explorer") / "tiny"))
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny):
+    from residscope.model import load_model
+
+    return load_model(tiny)
+
+
+def run_app(model: str, page: str, monkeypatch=None):
+    from streamlit.testing.v1 import AppTest
+
+    os.environ["RESIDSCOPE_EXPLORER_MODEL"] = model
+    at = AppTest.from_file(str(APP), default_timeout=TIMEOUT)
+    at.query_params["page"] = page
+    return at.run()
+
+
+def assert_clean(at) -> None:
+    assert not at.exception, [e.value for e in at.exception]
+    assert not at.error, [e.value for e in at.error]
+
+
+def metrics(at) -> dict[str, str]:
+    return {m.label: m.value for m in at.metric}
+
+
+def array(value) -> np.ndarray:
+    """A plotly data array from a figure's JSON: a list, or plotly's typed-array encoding {dtype, bdata, shape}."""
+    if isinstance(value, dict) and "bdata" in value:
+        flat = np.frombuffer(base64.b64decode(value["bdata"]), dtype=np.dtype(value["dtype"]))
+        return flat.reshape([int(n) for n in str(value.get("shape", flat.size)).split(",")])
+    return np.asarray(value)
+
+
+def chart_spec(at, key: str) -> dict:
+    for element in at.get("plotly_chart"):
+        spec = json.loads(element.proto.spec)
+        if element.proto.id and key in element.proto.id:
+            return spec
+    raise AssertionError(f"no plotly chart with key {key!r}")
+
+
+@pytest.fixture(autouse=True)
+def _restore_env():
+    before = os.environ.get("RESIDSCOPE_EXPLORER_MODEL")
+    yield
+    if before is None:
+        os.environ.pop("RESIDSCOPE_EXPLORER_MODEL", None)
+    else:
+        os.environ["RESIDSCOPE_EXPLORER_MODEL"] = before
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_every_page_renders_without_errors(tiny, page):
+    at = run_app(tiny, page)
+    assert_clean(at)
+    assert at.header[0].value  # the page drew its title
+    assert at.sidebar.radio[0].value == page
+    assert at.get("plotly_chart") or page == "extension"
+
+
+def test_prompt_page_numbers_match_the_model(tiny, tiny_model):
+    at = run_app(tiny, "tokens")
+    assert_clean(at)
+    prompt = at.sidebar.text_area(key="prompt").value
+    ids = tiny_model.to_tokens(prompt)
+    with torch.inference_mode():
+        logits = tiny_model(ids)[0]  # [pos, vocab]
+    probs = logits[-1].softmax(-1)
+    m = metrics(at)
+    assert m["Prompt tokens"] == str(ids.shape[1])
+    assert m["Its probability"] == f"{probs.max():.3f}"
+    # the logit lens's last row is the model's own prediction (last resid_post -> final norm -> unembedding)
+    lens = chart_spec(at, "logit_lens")["data"][0]
+    z = array(lens["z"])  # [layer, pos]
+    assert z.shape == (tiny_model.cfg.n_layers, ids.shape[1])
+    top = [tiny_model.tokenizer.decode([i]).replace(" ", "␣").replace("\n", "⏎") for i in logits.argmax(-1).tolist()]
+    assert lens["text"][-1] == top
+    assert z[-1, -1] == pytest.approx(float(probs.max()), rel=1e-4)
+
+
+def test_prompt_change_reruns(tiny, tiny_model):
+    at = run_app(tiny, "tokens")
+    at.sidebar.text_area(key="prompt").set_value("Hello world").run()
+    assert_clean(at)
+    assert metrics(at)["Prompt tokens"] == str(tiny_model.to_tokens("Hello world").shape[1])
+
+
+def test_attention_page_sink_statistics_on_the_prompt_and_the_corpus(tiny):
+    at = run_app(tiny, "attention")
+    assert_clean(at)
+    values = [float(v) for k, v in metrics(at).items() if k.startswith("Sink mass")]
+    assert len(values) == 3 and all(0 <= v <= 1 for v in values)
+    at.slider(key="attn_layer").set_value(3).run()
+    at.slider(key="attn_head").set_value(2).run()
+    assert "Sink mass, block 3 head 2" in metrics(at)
+    at.button(key="attn_corpus_button").click().run()
+    assert_clean(at)
+    corpus = float(metrics(at)["Corpus sink mass (mean of blocks and heads)"])
+    assert 0 <= corpus <= 1
+    assert len(at.get("plotly_chart")) == 4
+
+
+def test_residual_page_reports_the_decomposition(tiny):
+    at = run_app(tiny, "residual")
+    assert_clean(at)
+    m = metrics(at)
+    assert m["Samples x tokens"] == "8 x 128"
+    assert 0 <= float(m["Positional R² (t >= 4), last layer"]) <= 1
+    assert 1 <= int(m["Distinct positional vectors, last layer"]) <= 128
+    assert len(at.get("plotly_chart")) == 5  # one per tab
+
+
+def test_rope_page_bounds_scaling_and_lower_bound(tiny, tiny_model):
+    from residscope.analyses.rope_bound import base_lower_bound, model_bounds
+
+    at = run_app(tiny, "rope")
+    assert_clean(at)
+    own = model_bounds(tiny_model.cfg)[0]
+    assert metrics(at)["Context bound, base 10000"] == f"{own.bound.bound:,}"
+    at.selectbox(key="rope_scaling").set_value("linear (PI)").run()
+    assert_clean(at)
+    ratio = float(metrics(at)["Scaled / unscaled"].rstrip("x"))
+    assert ratio == pytest.approx(4.0, abs=0.1)  # PI divides every frequency by s: B(m) stretches by s
+    at.number_input(key="rope_length").set_value(1024).run()
+    at.button(key="rope_lb_button").click().run()
+    assert_clean(at)
+    lb = base_lower_bound(1024, tiny_model.cfg.d_head)
+    assert metrics(at)[f"Base lower bound, L = 1,024, head dim {tiny_model.cfg.d_head}"] == f"{lb.value:.6g}"
+
+
+def test_pruning_page_prunes_compares_and_exports(tiny, tiny_model, tmp_path):
+    from residscope.analyses.perplexity import heldout_perplexity
+
+    at = run_app(tiny, "pruning")
+    assert_clean(at)
+    assert at.multiselect[0].value  # the suggested least influential layer
+    at.multiselect[0].set_value([1]).run()
+    at.button(key="bi_prune").click().run()
+    assert_clean(at)
+    m = metrics(at)
+    assert m["Layers"] == "4 → 3"
+    dense = heldout_perplexity(tiny_model, seq_len=128, samples=8, progress=False)
+    assert m["Held-out perplexity, dense"] == f"{dense.ppl:.3f}"
+    assert float(m["Held-out perplexity, pruned"]) > 0
+
+    occupied = tmp_path / "occupied"
+    occupied.mkdir()
+    (occupied / "keep.txt").write_text("mine")
+    at.text_input(key="bi_export_folder").set_value(str(occupied)).run()
+    at.button(key="bi_export").click().run()
+    assert len(at.error) == 1 and "not empty" in at.error[0].value and "Traceback" not in at.error[0].value
+    assert sorted(p.name for p in occupied.iterdir()) == ["keep.txt"]
+
+    target = tmp_path / "pruned"
+    at.text_input(key="bi_export_folder").set_value(str(target)).run()
+    at.button(key="bi_export").click().run()
+    assert_clean(at)
+    assert at.success and str(target) in at.success[0].value
+    config = json.loads((target / "config.json").read_text())
+    record = json.loads((target / "residscope_pruning.json").read_text())
+    assert config["num_hidden_layers"] == 3 and record["removed_layers"] == [1]
+
+
+def test_extension_page_perplexity_and_passkey(tiny):
+    at = run_app(tiny, "extension")
+    assert_clean(at)
+    assert "none" in at.multiselect[0].options and "yarn" in at.multiselect[0].options
+    at.multiselect[0].set_value(["none", "yarn"]).run()
+    at.text_input(key="ext_lengths_128").set_value("64,256").run()
+    at.number_input(key="ext_max_tokens").set_value(1024).run()
+    at.button(key="ext_ppl_button").click().run()
+    assert_clean(at)
+    assert metrics(at)["Best at 256 tokens"].split(":")[0] in ("none", "yarn")
+    table = at.dataframe[0].value
+    assert len(table) == 4 and set(table["method"]) == {"none", "yarn"}
+    assert table["perplexity"].gt(0).all()
+    at.number_input(key="pk_keys").set_value(1).run()
+    at.button(key="pk_button").click().run()
+    assert_clean(at)
+    assert 0 <= float(metrics(at)["Mean accuracy"]) <= 1
+
+
+def test_bad_input_is_a_one_line_error(tiny, tmp_path):
+    at = run_app(str(tmp_path / "missing"), "tokens")
+    assert not at.exception
+    assert len(at.error) == 1 and at.error[0].value.startswith("Cannot load") and "\n" not in at.error[0].value
+    at = run_app(tiny, "extension")
+    at.button(key="ext_ppl_button").click()
+    at.text_input(key="ext_lengths_128").set_value("64,abc").run()
+    assert not at.exception
+    assert any("lengths: expected comma-separated integers" in e.value for e in at.error)
+
+
+def test_an_alias_that_is_not_installed_is_a_message(tiny, monkeypatch):
+    from residscope.apps import explorer_cache
+    from residscope.model import registry
+
+    entry = registry.ModelEntry(alias="zoo-missing", architecture="llama", description="never built", origin="test",
+                                install="build it first", find=lambda: None, kind="folder")
+    monkeypatch.setitem(registry._REGISTRY, entry.alias, entry)
+    explorer_cache.model_rows.clear()
+    try:
+        at = run_app(tiny, "extension")
+        select = at.sidebar.selectbox(key="model_choice")
+        assert "zoo-missing (not installed)" in select.options
+        select.set_value("zoo-missing").run()
+        assert not at.exception
+        assert len(at.error) == 1 and at.error[0].value == "zoo-missing is not installed here: build it first"
+    finally:
+        explorer_cache.model_rows.clear()
+
+
+def test_residscope_app_runs_streamlit_headless_with_the_model(monkeypatch):
+    import subprocess
+
+    from residscope.apps.cli import main
+
+    calls = []
+    monkeypatch.setattr(subprocess, "call", lambda cmd, env: calls.append((cmd, env)) or 0)
+    main(["app", "--model", "zoo-rope", "--port", "8765"])
+    (cmd, env), = calls
+    assert cmd[:4] == [sys.executable, "-m", "streamlit", "run"] and Path(cmd[4]) == APP
+    assert cmd[cmd.index("--server.headless") + 1] == "true" and cmd[cmd.index("--server.port") + 1] == "8765"
+    assert env["RESIDSCOPE_EXPLORER_MODEL"] == "zoo-rope"
+
+
+def test_residscope_app_passes_on_streamlits_exit_code(monkeypatch):
+    import subprocess
+
+    from residscope.apps.cli import main
+
+    monkeypatch.setattr(subprocess, "call", lambda cmd, env: 3)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["app"])
+    assert exit_info.value.code == 3
+
+
+def test_residscope_app_rejects_a_bad_port(capsys):
+    from residscope.apps.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["app", "--port", "70000"])
+    assert exit_info.value.code == 2
+    assert "--port" in capsys.readouterr().err
+
+
+@pytest.mark.real
+def test_main_page_on_the_bundled_model(real_model):
+    at = run_app("smollm2-135m", "tokens")
+    assert_clean(at)
+    m = metrics(at)
+    ids = real_model.to_tokens(at.sidebar.text_area(key="prompt").value)
+    assert m["Prompt tokens"] == str(ids.shape[1])
+    assert m["Top next token"] == "␣Berlin"
+    assert "Berlin" in at.code[0].value
+    lens = chart_spec(at, "logit_lens")["data"][0]
+    assert array(lens["z"]).shape == (30, ids.shape[1])
