@@ -240,7 +240,7 @@ def train(spec: ZooSpec, tokenizer, settings: TrainSettings, *, progress: bool =
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": settings.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
                             lr=settings.lr, betas=(0.9, 0.95))
-    start, losses = time.time(), []
+    start, cpu_start, losses = time.time(), time.process_time(), []
     bar = tqdm(range(settings.steps), desc=f"zoo-{spec.name}", disable=not progress)
     for step in bar:
         for group in opt.param_groups:
@@ -264,7 +264,8 @@ def train(spec: ZooSpec, tokenizer, settings: TrainSettings, *, progress: bool =
         "steps": settings.steps,
         "tokens_seen": settings.steps * settings.batch_size * spec.window,
         "final_loss": round(sum(losses[-50:]) / len(losses[-50:]), 4),
-        "train_seconds": round(time.time() - start, 1),
+        "train_seconds": round(time.time() - start, 1),  # wall clock: on a shared machine this depends on the load
+        "train_cpu_seconds": round(time.process_time() - cpu_start, 1),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "data": f"builtin:pydoc_data.topics/calibration crops of {spec.window - 1} tokens after BOS, "
