@@ -174,7 +174,11 @@ def load_tokenizer_from(folder: Path):
         return None
     from transformers import AutoTokenizer
 
+    from .sp_tokenizer import is_baichuan_tokenizer_folder, load_baichuan_tokenizer
+
     try:
+        if is_baichuan_tokenizer_folder(folder):  # its remote-code class, rebuilt here: nothing from the folder runs
+            return load_baichuan_tokenizer(folder)
         return AutoTokenizer.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
     except Exception as e:  # noqa: BLE001 - a checkpoint without a usable tokenizer still loads
         log.warning("%s: tokenizer not loaded (%s)", folder, str(e).splitlines()[0] if str(e) else type(e).__name__)
