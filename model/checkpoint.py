@@ -91,6 +91,7 @@ def local_to_hf(state: dict[str, torch.Tensor], cfg: DecoderConfig) -> dict[str,
         out[f"model.layers.{m.group(1)}.{inverse_blocks[m.group(2)]}"] = tensor
     if cfg.model_type == "baichuan":
         for layer in range(cfg.n_layers):
-            qkv = [out.pop(f"model.layers.{layer}.self_attn.{n}_proj.weight") for n in "qkv"]
-            out[f"model.layers.{layer}.self_attn.W_pack.weight"] = torch.cat(qkv, dim=0)
+            names = [f"model.layers.{layer}.self_attn.{n}_proj.weight" for n in "qkv"]
+            if all(n in out for n in names):  # a block whose attention was removed has nothing to fuse
+                out[f"model.layers.{layer}.self_attn.W_pack.weight"] = torch.cat([out.pop(n) for n in names], dim=0)
     return out

@@ -83,6 +83,7 @@ def load_model(
 
     with torch.device("meta"):
         model = Decoder(cfg)
+    _drop_removed_sublayers(model, folder)
     model = model.to(dtype=dtype).to_empty(device=device)
     model.tie_weights()
     _fill_buffers(model)
@@ -92,6 +93,24 @@ def load_model(
         model.tokenizer = load_tokenizer_from(folder)
     model.source = str(source)
     return model
+
+
+SUBLAYER_KEY = "residscope_removed_sublayers"  # written by residscope.surgery.export for sub-block pruning
+
+
+def _drop_removed_sublayers(model: Decoder, folder: Path) -> None:
+    """A checkpoint pruned below block level (attention or MLP of some blocks removed) lists those halves in
+    config.json; they have no tensors, so the blocks are built without them."""
+    removed = model.cfg.hf_config.get(SUBLAYER_KEY)
+    if not removed:
+        return
+    for part in ("attn", "mlp"):
+        for layer in removed.get(part, []):
+            if not isinstance(layer, int) or not 0 <= layer < model.cfg.n_layers:
+                raise CheckpointError(f"{folder / 'config.json'}: {SUBLAYER_KEY}.{part} names layer {layer!r}, "
+                                      f"the model has {model.cfg.n_layers}")
+            setattr(model.blocks[layer], part, None)
+    model.setup()
 
 
 def _fill_buffers(model: Decoder) -> None:

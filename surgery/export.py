@@ -31,10 +31,11 @@ from pathlib import Path
 
 import torch
 
+from residscope.model.loading import SUBLAYER_KEY  # the loader reads what this module writes
+
 from .removal import layer_origin, removed_sublayers
 
 PRUNING_FILE = "residscope_pruning.json"
-SUBLAYER_KEY = "residscope_removed_sublayers"
 _LAYER_TYPED = ("qwen2", "gemma3_text")  # transformers configs that derive layer_types from the layer count
 
 
