@@ -30,6 +30,18 @@ def randomize_norms(model) -> None:
                 p.copy_(torch.rand(p.shape, generator=gen) + 0.5)
 
 
+def byte_tokenizer():
+    """A 256-symbol byte-level tokenizer, so tiny random models (vocab >= 256) can read real text."""
+    import transformers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok)
+
+
 @pytest.fixture(scope="session")
 def real_model():
     """The bundled SmolLM2-135M (float32); skipped where it is not installed."""

@@ -8,21 +8,13 @@ import pytest
 import torch
 import transformers
 
+from conftest import byte_tokenizer
 from residscope.analyses.perplexity import PerplexityResult, heldout_perplexity, perplexity
 from residscope.model import load_model
 
 VOCAB = 256
 
 
-def byte_tokenizer():
-    """A 256-symbol byte-level tokenizer, so tiny random models can read real text."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
-    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tok.decoder = decoders.ByteLevel()
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok)
 
 
 @pytest.fixture(scope="module")

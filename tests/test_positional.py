@@ -8,6 +8,7 @@ import torch
 import transformers
 
 from conftest import save_hf
+from conftest import byte_tokenizer
 from residscope.analyses.positional import (
     attention_statistics,
     count_distinct_vectors,
@@ -193,15 +194,6 @@ def test_decomposition_round_trips_through_safetensors(dec, tmp_path):
         PositionalDecomposition.load(tmp_path / "bad.safetensors")
 
 
-def byte_tokenizer():
-    """A 256-symbol byte-level tokenizer, so a tiny random model can read the built-in corpus."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
-    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tok.decoder = decoders.ByteLevel()
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok)
 
 
 def test_cli_writes_summary_vectors_and_figures(tmp_path, capsys):

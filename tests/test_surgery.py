@@ -11,6 +11,7 @@ import pytest
 import torch
 import transformers
 
+from conftest import byte_tokenizer
 from residscope.model import load_model
 from residscope.surgery import (
     PRUNING_FILE,
@@ -27,14 +28,6 @@ VOCAB = 256
 N_LAYERS = 6
 
 
-def byte_tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
-    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tok.decoder = decoders.ByteLevel()
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok)
 
 
 def randomize(model, seed=1):
