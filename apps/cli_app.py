@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 from typing import Optional
@@ -40,9 +39,7 @@ def register(app: typer.Typer) -> None:
                 raise ValueError("--model: empty model name")
             env[ENV_MODEL] = model
         typer.echo(f"residscope explorer on http://localhost:{port} (Ctrl+C to stop)")
-        try:
-            code = subprocess.call(streamlit_command(port, address), env=env)
-        except KeyboardInterrupt:
-            code = 0
-        if code:
-            sys.exit(code)  # streamlit's own exit code (typer.Exit would be swallowed by the CLI's non-standalone mode)
+        sys.stdout.flush()
+        # exec, not a child process: Ctrl+C and SIGTERM reach streamlit itself, and its exit code is ours
+        cmd = streamlit_command(port, address)
+        os.execve(cmd[0], cmd, env)

@@ -13,6 +13,7 @@ import base64
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -34,7 +35,7 @@ FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install -y chromium)")
 
 # Evaluated in the page: Streamlit has rendered when its app root exists, no script is running, the page's header is
-# there and every plotly chart has drawn.
+# there, no placeholder is left and every plotly chart has drawn.
 RENDERED_JS = """(() => {
   const app = document.querySelector('[data-testid="stApp"]');
   if (!app) return 'no app';
@@ -43,6 +44,7 @@ RENDERED_JS = """(() => {
   if (app.getAttribute('data-test-script-state') === 'running') return 'running';
   if (!document.querySelector('[data-testid="stMain"] h2')
       && !document.querySelector('[data-testid="stAlert"]')) return 'no header';
+  if (document.querySelector('[data-testid="stSkeleton"]')) return 'loading';  // e.g. plotly.js still loading
   const charts = document.querySelectorAll('[data-testid="stPlotlyChart"]');
   for (const c of charts) if (!c.querySelector('.main-svg')) return 'drawing';
   return 'ready';
@@ -71,6 +73,20 @@ def wait_for(check, timeout: float, what: str, interval: float = 0.5):
             return last
         time.sleep(interval)
     raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def stop_group(proc: subprocess.Popen) -> None:
+    """Stop a process we started in its own session, with whatever children it spawned (chromium's renderers)."""
+    for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
 
 
 class DevTools:
@@ -108,7 +124,8 @@ def served_app(tmp_path_factory):
     log = tmp_path_factory.mktemp("server") / "streamlit.log"
     with open(log, "w") as out:
         server = subprocess.Popen([sys.executable, "-m", "residscope.apps.cli", "app", "--model", model, "--port", str(port),
-                                   "--address", "127.0.0.1"], stdout=out, stderr=subprocess.STDOUT)
+                                   "--address", "127.0.0.1"], stdout=out, stderr=subprocess.STDOUT,
+                                  start_new_session=True)
     url = f"http://127.0.0.1:{port}"
 
     def healthy():
@@ -123,18 +140,14 @@ def served_app(tmp_path_factory):
         wait_for(healthy, 120, "the Streamlit server")
         yield url
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        stop_group(server)
 
 
 @pytest.fixture(scope="module")
 def browser():
     profile = tempfile.mkdtemp(prefix="residscope-chromium-")
     proc = subprocess.Popen([CHROMIUM, *FLAGS, f"--user-data-dir={profile}", "about:blank"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         port_file = Path(profile) / "DevToolsActivePort"
         wait_for(lambda: port_file.is_file() and port_file.read_text().strip(), 60, "chromium's DevTools port")
@@ -146,11 +159,7 @@ def browser():
         yield tools
         tools.close()
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_group(proc)
         shutil.rmtree(profile, ignore_errors=True)
 
 

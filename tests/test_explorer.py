@@ -238,29 +238,16 @@ def test_an_alias_that_is_not_installed_is_a_message(tiny, monkeypatch):
         explorer_cache.model_rows.clear()
 
 
-def test_residscope_app_runs_streamlit_headless_with_the_model(monkeypatch):
-    import subprocess
-
+def test_residscope_app_execs_streamlit_headless_with_the_model(monkeypatch):
     from residscope.apps.cli import main
 
     calls = []
-    monkeypatch.setattr(subprocess, "call", lambda cmd, env: calls.append((cmd, env)) or 0)
+    monkeypatch.setattr(os, "execve", lambda path, cmd, env: calls.append((path, cmd, env)))
     main(["app", "--model", "zoo-rope", "--port", "8765"])
-    (cmd, env), = calls
-    assert cmd[:4] == [sys.executable, "-m", "streamlit", "run"] and Path(cmd[4]) == APP
+    (path, cmd, env), = calls
+    assert path == sys.executable and cmd[:4] == [sys.executable, "-m", "streamlit", "run"] and Path(cmd[4]) == APP
     assert cmd[cmd.index("--server.headless") + 1] == "true" and cmd[cmd.index("--server.port") + 1] == "8765"
     assert env["RESIDSCOPE_EXPLORER_MODEL"] == "zoo-rope"
-
-
-def test_residscope_app_passes_on_streamlits_exit_code(monkeypatch):
-    import subprocess
-
-    from residscope.apps.cli import main
-
-    monkeypatch.setattr(subprocess, "call", lambda cmd, env: 3)
-    with pytest.raises(SystemExit) as exit_info:
-        main(["app"])
-    assert exit_info.value.code == 3
 
 
 def test_residscope_app_rejects_a_bad_port(capsys):
