@@ -208,6 +208,26 @@ def test_extension_page_perplexity_and_passkey(tiny):
     assert 0 <= float(metrics(at)["Mean accuracy"]) <= 1
 
 
+def test_extension_page_on_a_zoo_model_matches_the_library():
+    from residscope.analyses.extension import extension_perplexity
+    from residscope.model import load_model
+    from residscope.model.registry import list_models
+
+    if not any(r.alias == "zoo-rope" and r.installed for r in list_models()):
+        pytest.skip("zoo-rope is not built here")
+    at = run_app("zoo-rope", "extension")
+    assert_clean(at)
+    at.multiselect[0].set_value(["none", "yarn"]).run()
+    at.number_input(key="ext_max_tokens").set_value(1024).run()
+    at.button(key="ext_ppl_button").click().run()
+    assert_clean(at)
+    table = at.dataframe[0].value
+    expected = extension_perplexity(load_model("zoo-rope"), ["none", "yarn"], [128, 256, 512], max_tokens=1024,
+                                    progress=False)
+    assert [(r.method, r.length) for r in expected] == list(zip(table["method"], table["length"]))
+    assert table["perplexity"].tolist() == pytest.approx([round(r.ppl, 4) for r in expected], abs=1e-4)
+
+
 def test_bad_input_is_a_one_line_error(tiny, tmp_path):
     at = run_app(str(tmp_path / "missing"), "tokens")
     assert not at.exception
