@@ -6,7 +6,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.residscope-installed
 
-.PHONY: demo test test-fast bench setup clean
+.PHONY: demo test test-fast bench browser-test app setup clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -29,6 +29,14 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_forward.py
+
+# The explorer in headless Chromium (Debian's package; root installs it), one screenshot per page in out/screenshots.
+browser-test: $(STAMP)
+	command -v chromium >/dev/null || (apt-get update && apt-get install -y chromium)
+	RESIDSCOPE_SCREENSHOTS=out/screenshots $(BIN)/python -m pytest -q tests/test_browser.py
+
+app: $(STAMP)
+	$(BIN)/residscope app
 
 clean:
 	rm -rf $(VENV) build *.egg-info
