@@ -35,4 +35,5 @@ def run_cli(app: typer.Typer, argv: list[str]) -> None:
             print(f"residscope: error: {msg}", file=sys.stderr)
             sys.exit(2)
         raise
-    sys.exit(code if isinstance(code, int) else 0)
+    if isinstance(code, int) and code != 0:
+        sys.exit(code)
