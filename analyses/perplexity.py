@@ -45,7 +45,7 @@ def unpack_batch(batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None]:
     return ids, mask
 
 
-def _total(batches) -> int | None:
+def batch_count(batches) -> int | None:
     try:
         return len(batches)
     except TypeError:
@@ -68,7 +68,7 @@ def perplexity(model, batches: Iterable[Batch], *, progress: bool = True, desc: 
     """Mean next-token NLL and perplexity of `model` over all predicted tokens of `batches` ([batch, pos] each)."""
     total_nll, n_tokens = 0.0, 0
     with torch.inference_mode():
-        for batch in tqdm(batches, total=_total(batches), desc=desc, disable=not progress, leave=False):
+        for batch in tqdm(batches, total=batch_count(batches), desc=desc, disable=not progress, leave=False):
             ids, mask = unpack_batch(batch)
             ids = ids.to(model.device)
             mask = mask.to(model.device) if mask is not None else None

@@ -19,7 +19,6 @@ How much of the residual stream is positional, per layer (all expectations over 
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -114,13 +113,12 @@ class PositionalDecomposition:
         """Write the decomposition as safetensors (atomically: temp file, then rename)."""
         from safetensors.torch import save_file
 
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp")
-        save_file({"vectors": self.vectors.contiguous(), "second_moment": self.second_moment.contiguous(),
-                   "mean_token_norm": self.mean_token_norm.contiguous()}, str(tmp),
-                  metadata={"n_samples": str(self.n_samples), "hook_names": json.dumps(self.hook_names)})
-        os.replace(tmp, path)
-        return path
+        from residscope.model.atomic import atomic_write
+
+        tensors = {"vectors": self.vectors.contiguous(), "second_moment": self.second_moment.contiguous(),
+                   "mean_token_norm": self.mean_token_norm.contiguous()}
+        metadata = {"n_samples": str(self.n_samples), "hook_names": json.dumps(self.hook_names)}
+        return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
     @classmethod
     def load(cls, path: str | Path) -> "PositionalDecomposition":

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -48,16 +46,9 @@ def write_html(figures: list, path: str | Path) -> Path:
         raise ValueError(f"--html: folder {path.parent} does not exist")
     parts = [fig.to_html(full_html=False, include_plotlyjs="inline" if i == 0 else False) for i, fig in enumerate(figures)]
     html = "<html><head><meta charset='utf-8'><title>residscope rope-bound</title></head><body>" + "".join(parts) + "</body></html>"
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(html)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; the figure is an ordinary output file
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    from residscope.model.atomic import atomic_write_text
+
+    return atomic_write_text(path, html)
 
 
 __all__ = ["b_curve_figure", "bound_figure", "write_html", "PUBLISHED_BASE_LOWER_BOUNDS"]

@@ -32,6 +32,7 @@ def register(app: typer.Typer) -> None:
         from residscope.analyses.perplexity import heldout_perplexity
         from residscope.analyses.rope_bound import model_bounds
         from residscope.model import load_model
+        from residscope.model.atomic import atomic_write_text
         from residscope.surgery.export import pruning_record, save_pretrained
         from residscope.surgery.influence import block_influence_result, removal_order
         from residscope.surgery.removal import remove_layers
@@ -86,7 +87,5 @@ def register(app: typer.Typer) -> None:
                            f"m = {b.bound.bound} tokens, vs max positions {cfg.max_position_embeddings}")
 
         out.mkdir(parents=True, exist_ok=True)
-        tmp = out / "summary.json.tmp"
-        tmp.write_text(json.dumps(summary, indent=2, default=str))
-        tmp.replace(out / "summary.json")
+        atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, default=str))
         typer.echo(f"summary: {out / 'summary.json'}")

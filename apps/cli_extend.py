@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Optional
 
@@ -44,14 +43,11 @@ def _methods(model, method: Optional[str], methods: Optional[str], compare: bool
     return chosen
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def _write_html(path: Path, text: str) -> None:
+    from residscope.model.atomic import atomic_write_text
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write_text(path, text)
 
 
 def _method_kw(window, ratio, alpha, layer, logit_scale) -> dict[str, dict]:
@@ -100,7 +96,7 @@ def extend(
                                 method_kw=_method_kw(window, ratio, alpha, layer, logit_scale))
     if html is not None:
         fig = perplexity_figure(rows, title=f"{model}: sliding-window perplexity against length", window=w)
-        _write_atomic(html, fig.to_html(include_plotlyjs="cdn"))
+        _write_html(html, fig.to_html(include_plotlyjs="cdn"))
     if as_json:
         print(json.dumps({"model": model, "window": w, "results": [r.to_dict() for r in rows]}, indent=2))
     else:
@@ -153,7 +149,7 @@ def passkey(
         with apply_method(m, meth, f, **extra) as e:
             rows += passkey_accuracy(m, lens, dps, n_keys=keys, seed=seed, method=meth, ext=e, progress=not as_json)
     if html is not None:
-        _write_atomic(html, passkey_figure(rows, title=f"{model}: passkey retrieval").to_html(include_plotlyjs="cdn"))
+        _write_html(html, passkey_figure(rows, title=f"{model}: passkey retrieval").to_html(include_plotlyjs="cdn"))
     if as_json:
         print(json.dumps({"model": model, "window": w, "results": [r.to_dict() for r in rows]}, indent=2))
     else:

@@ -5,7 +5,6 @@ every file is written to a temporary name, then renamed."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Optional
 
@@ -21,15 +20,6 @@ def _parse_layers(spec: str, n_resid_layers: int) -> list[int]:
         if not 0 <= layer < n_resid_layers:
             raise ValueError(f"--remove-layers: layer {layer} out of range 0..{n_resid_layers - 1} (0 = embeddings)")
     return layers
-
-
-def _write_atomic(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _round(x, digits: int = 4):
@@ -106,6 +96,8 @@ def positional(
                  for r in rows],
         probes=[p.to_dict() for p in probes],
     )
+    from residscope.model.atomic import atomic_write
+
     out.mkdir(parents=True, exist_ok=True)
     figures = {"norms.html": plots.norms_heatmap(desc), "similarity.html": plots.similarity_matrices(desc),
                "pca.html": plots.pca_trajectories(desc), "layers.html": plots.layer_summary(desc),
@@ -115,10 +107,10 @@ def positional(
     if probes:
         figures["probes.html"] = plots.probe_scores(probes)
     for name, fig in figures.items():
-        _write_atomic(out / name, lambda p, fig=fig: fig.write_html(str(p), include_plotlyjs="cdn"))
+        atomic_write(out / name, lambda p, fig=fig: fig.write_html(str(p), include_plotlyjs="cdn"))
     dec.save(out / "positional_vectors.safetensors")
     summary["files"] = sorted([*figures, "positional_vectors.safetensors", "summary.json"])
-    _write_atomic(out / "summary.json", lambda p: p.write_text(json.dumps(summary, indent=1)))
+    atomic_write(out / "summary.json", lambda p: p.write_text(json.dumps(summary, indent=1)))
 
     if as_json:
         typer.echo(json.dumps(summary, indent=1))

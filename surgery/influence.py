@@ -33,7 +33,7 @@ from typing import Iterable, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from residscope.analyses.perplexity import Batch, unpack_batch
+from residscope.analyses.perplexity import Batch, batch_count, unpack_batch
 
 METRICS = ("bi", "angular", "relative-magnitude", "attn-bi", "mlp-bi")
 BASELINES = ("sequential", "reverse", "random")
@@ -124,13 +124,6 @@ class _PairStats:
         return self.cos / self.n_defined, self.angular / self.n_defined, self.relmag / self.n_defined
 
 
-def _total(batches) -> int | None:
-    try:
-        return len(batches)
-    except TypeError:
-        return None
-
-
 def block_influence_result(
     model,
     batches: Iterable[Batch],
@@ -167,7 +160,7 @@ def block_influence_result(
 
     n_tokens = 0
     with torch.inference_mode():
-        for batch in tqdm(batches, total=_total(batches), desc=f"block influence ({metric})", disable=not progress, leave=False):
+        for batch in tqdm(batches, total=batch_count(batches), desc=f"block influence ({metric})", disable=not progress, leave=False):
             ids, mask = unpack_batch(batch)
             ids = ids.to(model.device)
             mask = mask.to(model.device) if mask is not None else None
