@@ -123,8 +123,8 @@ def calibration_batches(model, *, seq_len: int = 256, samples: int = 32, batch_s
     if model.tokenizer is None:
         raise ValueError("the model has no tokenizer; pass token-id batches directly")
     text, source = corpus_text(text_file, dataset=dataset, split=split)
-    chunks = token_chunks(tokenize(model.tokenizer, text), seq_len, samples, seed=seed)
-    return list(batched(chunks, batch_size)), f"{source} ({samples}x{seq_len} tokens, seed {seed})"
+    chunks = token_chunks(tokenize(model.tokenizer, text), seq_len, samples, seed=seed)  # [samples, seq_len]
+    return list(batched(chunks, batch_size)), f"{source} ({chunks.shape[0]}x{seq_len} tokens, seed {seed})"
 
 
 def iter_devices(batches: Iterable[torch.Tensor], device: torch.device) -> Iterator[torch.Tensor]:

@@ -95,12 +95,12 @@ def heldout_perplexity(
 ) -> PerplexityResult:
     """Perplexity on `samples` seeded chunks of `seq_len` tokens from the built-in **evaluation** split (held out from
     calibration), or from a user text file / dataset. `samples=None` takes every chunk the text holds."""
-    from .corpus import batched, corpus_text, token_chunks, tokenize
+    from .corpus import calibration_batches
 
     if model.tokenizer is None:
         raise ValueError("the model has no tokenizer; call perplexity() with token-id batches instead")
-    text, source = corpus_text(text_file, dataset=dataset, split="evaluation")
-    chunks = token_chunks(tokenize(model.tokenizer, text), seq_len, samples, seed=seed)  # [samples, seq_len]
-    result = perplexity(model, list(batched(chunks, batch_size)), progress=progress)
-    result.source = f"{source} ({chunks.shape[0]}x{seq_len} tokens, seed {seed})"
+    batches, source = calibration_batches(model, seq_len=seq_len, samples=samples, batch_size=batch_size, seed=seed,
+                                          split="evaluation", text_file=text_file, dataset=dataset)
+    result = perplexity(model, batches, progress=progress)
+    result.source = source
     return result
