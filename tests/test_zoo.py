@@ -67,8 +67,23 @@ def test_zoo_models_predict_held_out_text_within_their_window(zoo_model):
     name, model = zoo_model
     tokens = evaluation_tokens(model, 2048)
     ppl, *_ = sliding_window_perplexity(model, tokens, 128, stride=127, bos=model.tokenizer.bos_token_id, progress=False)
-    # held-out topics, 500 steps of 8 x 128 tokens: about 55-85; a uniform guess over 2048 tokens scores 2048
-    assert ppl < 150, f"zoo-{name}: in-window perplexity {ppl:.1f}"
+    # the first 2048 tokens of the held-out topics: 88 (nope) to 246 (alibi); a uniform guess over 2048 tokens scores 2048.
+    # (Over 4096 tokens it is 48-62: a third of the evaluation split's text also occurs verbatim in calibration topics,
+    # which the zoo saw 20 times; see README "Built-in corpus". The first 2048 tokens overlap least.)
+    assert ppl < 400, f"zoo-{name}: in-window perplexity {ppl:.1f}"
+
+
+def test_training_rows_mix_text_passkeys_and_repeats():
+    tok = load_model("zoo-rope").tokenizer
+    data = zoo_train.TrainingData(tok, 128, passkey_fraction=0.25, seed=0, repeat_fraction=0.25)
+    rows = torch.cat([data.batch(8) for _ in range(8)])  # [64, 128]
+    assert rows.shape == (64, 128) and bool((rows[:, 0] == tok.bos_token_id).all())
+    texts = [tok.decode(r.tolist()) for r in rows]
+    passkeys = [t for t in texts if zoo_train.PASSKEY_QUESTION in t]
+    repeats = [r for r in rows.tolist() if any(r[1:1 + n] == r[1 + n:1 + 2 * n] for n in range(8, 64))]
+    assert 8 <= len(passkeys) <= 24 and 8 <= len(repeats) <= 24  # a quarter each, give or take
+    key = passkeys[0].split(zoo_train.PASSKEY_QUESTION)[1].strip()[:5]
+    assert key.isdigit() and passkeys[0].count(key) == 3
 
 
 def test_small_base_is_below_and_rope_base_above_the_bound_for_the_window():
@@ -97,13 +112,10 @@ def test_training_saves_what_load_model_reads(tmp_path):
         zoo_train.spec_for("zoo-transformer-xl")
 
 
-# ---- extension on the zoo (measured numbers in the comments: 4096 held-out tokens, stride length / 2) -------------------
-# What the papers lead one to expect and did NOT hold on this zoo (500 steps of 8 x 128 tokens; see the issue report):
-#   RoPE model at 4x (factor 4): direct extrapolation (63.4) beat PI (80.3), NTK (63.8), dynamic NTK (65.0) and YaRN (66.8);
-#   NoPE model: positional-vector replacement (layer 1, alpha 1) was worse than direct extrapolation (89.5 vs 85.2 at 4x)
-#   although it pulls the positional vectors back towards the in-window set (test below);
-#   window model: window extension (32 -> 128, lambda 1.4) stays flat (80.8 -> 84.7) but above the unextended model (70);
-#   passkey: no zoo model retrieves a key even inside its window, so the "superficial" claim cannot be tested on it.
+# ---- extension on the zoo ---------------------------------------------------------------------------------------------
+# Measured numbers in the comments: 4096 held-out tokens, windows `length` long, stride length / 2 (so every scored token
+# has at least length / 2 tokens of context), trained window 128. They are deterministic (seeded decompositions, greedy
+# decoding); the margins asserted are far from rounding.
 def _ppl(model, method: str, length: int, factor: float, **kw) -> float:
     from residscope.analyses.extension import extension_perplexity
 
@@ -112,27 +124,84 @@ def _ppl(model, method: str, length: int, factor: float, **kw) -> float:
     return rows[0].ppl
 
 
+def _passkey(model, length: int, depths=(0.0, 0.5, 1.0)) -> list[float]:
+    from residscope.analyses.extension import passkey_accuracy
+
+    return [row.accuracy for row in passkey_accuracy(model, [length], depths, n_keys=5, progress=False)]
+
+
 @pytest.mark.slow
-def test_zoo_extension_claims_that_hold():
+def test_rope_scalings_beat_direct_extrapolation_at_4x_except_pi():
     rope = load_model("zoo-rope")
-    # at 8x only dynamic NTK beats direct extrapolation (72.6 vs 73.5; NTK 74.4, YaRN 75.3, PI 92.8 at factor 8;
-    # with factor 4 at 8x, NTK 71.0, dynamic NTK 72.0 and YaRN 71.6 beat it too, PI 81.9 does not)
-    assert _ppl(rope, "dynamic-ntk", 1024, 8.0) < _ppl(rope, "none", 1024, 8.0)
-    small = load_model("zoo-rope-smallbase")  # base 20, far below the bound: perplexity stays low at 8x (57.3 -> 65.5)
-    assert _ppl(small, "none", 1024, 8.0) < 1.2 * _ppl(small, "none", 128, 8.0)
-    alibi = load_model("zoo-alibi")  # ALiBi as is: flat (54.2 -> 54.3)
-    assert _ppl(alibi, "none", 1024, 1.0) == pytest.approx(_ppl(alibi, "none", 128, 1.0), rel=0.03)
-    window = load_model("zoo-window")  # sliding window: flat without extension (70.4 -> 70.3), and with it (80.8 -> 84.7)
-    assert _ppl(window, "none", 1024, 1.0) == pytest.approx(_ppl(window, "none", 128, 1.0), rel=0.03)
-    assert _ppl(window, "window", 1024, 4.0) < 1.1 * _ppl(window, "window", 128, 4.0)
+    inside, direct = _ppl(rope, "none", 128, 4.0), _ppl(rope, "none", 512, 4.0)  # 50.2 -> 284.1: extrapolation fails
+    assert direct > 4 * inside
+    for method in ("ntk", "dynamic-ntk", "yarn"):  # 185.9, 120.8, 120.7
+        assert _ppl(rope, method, 512, 4.0) < 0.7 * direct, method
+    # PI only ties with direct extrapolation at 4x (283.9): dividing every frequency by 4 costs as much inside the
+    # window (283.3 at 128 tokens) as it saves beyond it; a model this small leans on its fast frequencies
+    pi_inside = _ppl(rope, "pi", 128, 4.0)
+    assert pi_inside > 4 * inside
+    assert _ppl(rope, "pi", 512, 4.0) == pytest.approx(direct, rel=0.05)
 
 
 @pytest.mark.slow
-def test_pv_replacement_pulls_nope_positional_vectors_back_into_the_window():
-    from residscope.analyses.extension import positional_drift
+def test_positional_vector_replacement_beats_direct_extrapolation_on_nope():
+    from residscope.analyses.extension import in_window_decomposition, positional_drift
 
     nope = load_model("zoo-nope")
-    direct = positional_drift(nope, "none", 512, factor=4.0, samples=16).relative_distance  # [0.93, 0.86, 0.86, 0.82, 0.82]
-    replaced = positional_drift(nope, "pv-replace", 512, factor=4.0, samples=16).relative_distance  # [0.93, 0.54, 0.61, ...]
-    assert replaced[0] == pytest.approx(direct[0])  # below the replacement layer nothing changes
-    assert all(r < 0.85 * d for r, d in zip(replaced[2:], direct[2:]))
+    dec = in_window_decomposition(nope, 128, samples=512)
+    original = in_window_decomposition(nope, 512, samples=512)
+    direct = _ppl(nope, "none", 512, 4.0)  # 86.6 (47.6 inside the window)
+    kw = dict(decomposition=dec, original=original)
+    assert _ppl(nope, "pv-replace", 512, 4.0, **kw) < 0.98 * direct  # layer 1, r 4, alpha 1: 84.3
+    assert _ppl(nope, "pv-replace", 512, 4.0, alpha=1.3, **kw) < 0.92 * direct  # alpha 1.3 as in the paper's r=5: 76.0
+    # the replaced layer's positional vectors beyond the window move towards the in-window set (drift per residual
+    # layer, none: [0.49, 0.74, 0.64, 1.04, 0.30], replaced: [0.49, 0.62, 0.62, 1.10, 0.27]; layer 3 moves away)
+    drift_direct = positional_drift(nope, "none", 512, factor=4.0).relative_distance
+    drift_replaced = positional_drift(nope, "pv-replace", 512, factor=4.0).relative_distance
+    assert drift_replaced[0] == pytest.approx(drift_direct[0])  # below the replacement layer nothing changes
+    assert drift_replaced[1] < 0.9 * drift_direct[1]
+    # with 64 samples the vectors' own noise (added at every position) made it worse than direct extrapolation
+    noisy = in_window_decomposition(nope, 128, samples=64)
+    assert _ppl(nope, "pv-replace", 512, 4.0, alpha=1.3, decomposition=noisy, original=original) > _ppl(
+        nope, "pv-replace", 512, 4.0, alpha=1.3, **kw)
+
+
+@pytest.mark.slow
+def test_small_base_gives_superficial_long_context():
+    """Men et al.: a base below the bound keeps perplexity low far beyond the window but cannot retrieve there."""
+    small, rope = load_model("zoo-rope-smallbase"), load_model("zoo-rope")
+    # perplexity 54.4 -> 81.6 at 4x and 126.6 at 8x; base 10000: 50.2 -> 284.1 -> 471.4
+    assert _ppl(small, "none", 512, 4.0) < 1.6 * _ppl(small, "none", 128, 4.0)
+    assert _ppl(small, "none", 512, 4.0) < 0.4 * _ppl(rope, "none", 512, 4.0)
+    assert _passkey(small, 128) == [1.0, 1.0, 1.0]  # every key, every depth, inside the window
+    assert _passkey(small, 256) == [0.0, 0.0, 0.0]  # none at 2x
+    assert _passkey(small, 512) == [0.0, 0.0, 0.0]  # none at 4x
+
+
+@pytest.mark.slow
+def test_alibi_as_is_stays_flat_and_retrieves_nearby_keys_beyond_the_window():
+    alibi = load_model("zoo-alibi")
+    inside = _ppl(alibi, "none", 128, 1.0)  # 62.2, 61.6 at 512, 62.2 at 1024
+    assert _ppl(alibi, "none", 1024, 1.0) == pytest.approx(inside, rel=0.03)
+    assert _passkey(alibi, 256) == [1.0, 1.0, 1.0]  # 2x: every key
+    assert _passkey(alibi, 512) == [0.0, 0.6, 1.0]  # 4x: only keys near the question (ALiBi's recency bias)
+
+
+@pytest.mark.slow
+def test_window_extension_keeps_perplexity_flat_where_full_attention_does_not():
+    from residscope.analyses.extension import evaluation_tokens, sliding_window_perplexity
+
+    window = load_model("zoo-window")  # sliding window 32, trained on 128-token rows
+    # as trained: flat (60.3, 59.5, 59.9 at 128, 512, 1024)
+    assert _ppl(window, "none", 1024, 1.0) == pytest.approx(_ppl(window, "none", 128, 1.0), rel=0.03)
+    # window 32 -> 64 (lambda = ln 64 / ln 32 = 1.2): flat, 99.5 -> 100.6 -> 101.1, but above the model as trained:
+    # on this zoo the extra context costs more than it brings (lambda 1: 93.2 -> 95.1; window 128: 123.5 -> 166.5)
+    extended = [_ppl(window, "window", n, 2.0) for n in (128, 512, 1024)]
+    assert max(extended) < 1.05 * min(extended)
+    # the window removed altogether (every layer attends to everything): 107.7 -> 216.8 -> 269.1
+    tokens = evaluation_tokens(window, 4096)
+    with window.positional_overrides():
+        window.set_window(None)
+        full = [sliding_window_perplexity(window, tokens, n, bos=window.cfg.bos_token_id, progress=False)[0] for n in (128, 1024)]
+    assert full[1] > 2 * full[0]
