@@ -168,7 +168,8 @@ def passkey_document(key: str, n_before: int, n_after: int) -> str:
 
 
 class TrainingData:
-    """Seeded batches [batch, window]: BOS + random crops of the corpus, some rows replaced by passkey documents."""
+    """Seeded batches [batch, window]: BOS + random crops of the corpus, some rows replaced by passkey documents or by
+    repeated random tokens."""
 
     def __init__(self, tokenizer, window: int, passkey_fraction: float, seed: int, repeat_fraction: float = 0.0):
         from residscope.analyses.corpus import builtin_text
@@ -176,6 +177,8 @@ class TrainingData:
         self.tokenizer, self.window, self.passkey_fraction = tokenizer, window, passkey_fraction
         self.repeat_fraction = repeat_fraction
         self.bos = tokenizer.bos_token_id
+        special = set(tokenizer.all_special_ids)
+        self.ordinary_ids = [i for i in range(len(tokenizer)) if i not in special]
         ids = tokenizer(builtin_text("calibration"), add_special_tokens=False)["input_ids"]
         self.stream = torch.tensor(ids, dtype=torch.long)  # [n_tokens]
         self.gen = torch.Generator().manual_seed(seed)
@@ -190,8 +193,10 @@ class TrainingData:
                 break
         else:
             ids = self.tokenizer(passkey_document(key, 0, 0))["input_ids"]
-        ids = ids[-self.window:]
-        # pad the rest of the row with corpus text after the answer (a new BOS marks the new document)
+        return self._fill_with_text(ids[-self.window:])
+
+    def _fill_with_text(self, ids: list[int]) -> torch.Tensor:
+        """`ids` [n <= window] followed by corpus text up to the window (a new BOS marks the new document)."""
         rest = self.window - len(ids)
         if rest:
             start = int(torch.randint(0, self.stream.numel() - rest, (1,), generator=self.gen))
@@ -202,15 +207,8 @@ class TrainingData:
         """BOS, n random tokens, the same n tokens again, then corpus text: only copying predicts the second half, which
         is what forms induction heads (the passkey task is a copy over a longer distance)."""
         n = self.rng.randint(8, (self.window - 1) // 2)
-        special = set(self.tokenizer.all_special_ids)
-        pool = [i for i in range(len(self.tokenizer)) if i not in special]
-        seq = [pool[self.rng.randrange(len(pool))] for _ in range(n)]
-        ids = [self.bos] + seq + seq
-        rest = self.window - len(ids)
-        if rest:
-            start = int(torch.randint(0, self.stream.numel() - rest, (1,), generator=self.gen))
-            ids = ids + ([self.bos] + self.stream[start:start + rest - 1].tolist())[:rest]
-        return torch.tensor(ids, dtype=torch.long)
+        seq = [self.ordinary_ids[self.rng.randrange(len(self.ordinary_ids))] for _ in range(n)]
+        return self._fill_with_text([self.bos] + seq + seq)
 
     def batch(self, batch_size: int) -> torch.Tensor:
         body = self.window - 1
