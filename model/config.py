@@ -56,6 +56,11 @@ class DecoderConfig:
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
     hf_config: dict[str, Any] = field(default_factory=dict, repr=False)  # the source config.json, for export
+    # TransformerLens opt-in switches (set through Decoder.set_use_attn_result & co.); off costs nothing
+    use_attn_result: bool = False
+    use_split_qkv_input: bool = False
+    use_hook_tokens: bool = False
+    use_attn_in: bool = False
 
     def __post_init__(self):
         if not self.layer_types:

@@ -9,7 +9,15 @@ Hook names follow TransformerLens, so `run_with_cache`, `run_with_hooks` and `Ac
     blocks.{i}.attn.hook_attn_scores / hook_pattern [batch, head, q_pos, k_pos] (explicit path only)
     blocks.{i}.attn.hook_z                          [batch, pos, head, d_head]
     blocks.{i}.mlp.hook_pre / hook_pre_linear / hook_post  [batch, pos, d_mlp]
+    blocks.{i}.hook_mlp_in                          [batch, pos, d_model]  (resid_mid, copied when hooked)
+    blocks.{i}.ln1 / ln2 (/ ln1_post / ln2_post).hook_scale, ln_final.hook_scale  [batch, pos, 1]
     ln_final.hook_normalized
+TransformerLens' opt-in hooks fire only after their switch (`model.set_use_attn_result(True)` or `model.cfg.<switch> = True`):
+    blocks.{i}.attn.hook_result                     [batch, pos, head, d_model]  (use_attn_result)
+    blocks.{i}.hook_q_input                         [batch, pos, head, d_model]  (use_split_qkv_input)
+    blocks.{i}.hook_k_input / hook_v_input          [batch, pos, kv_head, d_model]
+    blocks.{i}.hook_attn_in                         [batch, pos, head, d_model]  (use_attn_in; not with GQA)
+    hook_tokens                                     [batch, pos]  (use_hook_tokens)
 Attention runs through SDPA unless a hook is attached to `hook_attn_scores` or `hook_pattern` (or the layer needs
 logit soft-capping); then an explicit path computes the same result and exposes scores and pattern.
 """
@@ -29,6 +37,7 @@ from transformer_lens.hook_points import HookPoint
 
 from .config import DecoderConfig
 from .rope import RopeParams, apply_rope, rope_cos_sin
+from .tl_weights import AttentionWeights, DecoderWeights, MLPWeights, Unembed
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -40,6 +49,16 @@ def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
         return x
     b, kvh, p, d = x.shape
     return x[:, :, None].expand(b, kvh, n_rep, p, d).reshape(b, kvh * n_rep, p, d)
+
+
+def hooked(hp: HookPoint) -> bool:
+    """True when a forward or backward hook is attached: opt-in work (patterns, scales, copies) runs only then."""
+    return bool(hp._forward_hooks or hp._backward_hooks)
+
+
+def repeat_heads(x: torch.Tensor, n: int) -> torch.Tensor:
+    """[batch, pos, d_model] -> [batch, pos, n, d_model], a real copy so hooks may edit one head's slot in place."""
+    return x[:, :, None].expand(x.shape[0], x.shape[1], n, x.shape[2]).contiguous()
 
 
 def alibi_slopes(n_heads: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -141,29 +160,53 @@ class KVCache:
 # modules
 # ---------------------------------------------------------------------------------------------------------------------
 class RMSNorm(nn.Module):
-    """RMSNorm computed in float32. offset 0: Llama's w * normed.to(dtype); offset 1: Gemma's (normed * (1 + w)).to(dtype)."""
+    """RMSNorm computed in float32. offset 0: Llama's w * normed.to(dtype); offset 1: Gemma's (normed * (1 + w)).to(dtype).
+
+    hook_scale [..., 1] is TransformerLens' sqrt(mean(x^2) + eps); when it is hooked the input is divided by the (possibly
+    patched) scale, otherwise multiplied by rsqrt like transformers.
+    """
 
     def __init__(self, d: int, eps: float, offset: float = 0.0):
         super().__init__()
         self.eps, self.offset = eps, offset
         self.weight = nn.Parameter(torch.zeros(d) if offset else torch.ones(d))
-        self.hook_normalized = HookPoint()
+        self.hook_scale = HookPoint()  # [batch, pos, 1]
+        self.hook_normalized = HookPoint()  # [batch, pos, d]
+
+    @property
+    def gain(self) -> torch.Tensor:
+        """[d]: what the normalised input is multiplied by (weight, or offset + weight for Gemma)."""
+        return self.weight + self.offset if self.offset else self.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
-        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        if self.offset:
-            out = (normed * (self.offset + self.weight.float())).type_as(x)
+        var = xf.pow(2).mean(-1, keepdim=True) + self.eps  # [..., 1]
+        if hooked(self.hook_scale):
+            normed = xf / self.hook_scale(var.sqrt())
         else:
-            out = self.weight * normed.to(x.dtype)
-        return self.hook_normalized(out)
+            normed = xf * torch.rsqrt(var)
+        return self.hook_normalized(self._apply_gain(normed, x.dtype))
+
+    def _apply_gain(self, normed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        if self.offset:
+            return (normed * (self.offset + self.weight.float())).to(dtype)
+        return self.weight * normed.to(dtype)
+
+    def split(self, parts: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+        """This norm's output on `total` [batch, pos, d] as shares of `parts` [batch, pos, n, d] (which sum to total):
+        every part is divided by total's scale and multiplied by the gain. Exact, since the norm is linear once its
+        scale is fixed; the shares sum to forward(total)."""
+        var = total.float().pow(2).mean(-1, keepdim=True) + self.eps  # [batch, pos, 1]
+        scale = self.hook_scale(var.sqrt())
+        return self._apply_gain(parts.float() / scale[..., None, :], parts.dtype)  # [batch, pos, n, d]
 
 
-class Attention(nn.Module):
+class Attention(AttentionWeights, nn.Module):
     def __init__(self, cfg: DecoderConfig, layer: int):
         super().__init__()
         self.cfg, self.layer = cfg, layer
         h, kvh, d = cfg.n_heads, cfg.n_kv_heads, cfg.d_head
+        self.n_heads, self.n_kv_heads, self.d_head, self.n_rep = h, kvh, d, cfg.n_rep
         self.q_proj = nn.Linear(cfg.d_model, h * d, bias=cfg.qkv_bias)
         self.k_proj = nn.Linear(cfg.d_model, kvh * d, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(cfg.d_model, kvh * d, bias=cfg.qkv_bias)
@@ -177,19 +220,32 @@ class Attention(nn.Module):
         self.rope: RopeParams | None = cfg.rope_of(layer)
         self.window: int | None = cfg.window_of(layer)
         self.logit_scale: float = 1.0
-        for name in ("q", "k", "v", "rot_q", "rot_k", "attn_scores", "pattern", "z"):
+        self.output_normed = cfg.post_norms  # Gemma 3: the block RMS-normalises this module's output (ln1_post)
+        self.use_attn_result = False  # TransformerLens switch, kept in step with cfg by Decoder.forward
+        for name in ("q", "k", "v", "rot_q", "rot_k", "attn_scores", "pattern", "z", "result"):
             setattr(self, f"hook_{name}", HookPoint())
 
     def wants_pattern(self) -> bool:
-        hooked = any(hp._forward_hooks or hp._backward_hooks for hp in (self.hook_attn_scores, self.hook_pattern))
-        return hooked or self.cfg.attn_softcap is not None
+        return hooked(self.hook_attn_scores) or hooked(self.hook_pattern) or self.cfg.attn_softcap is not None
 
-    def forward(self, x: torch.Tensor, pos: Positions, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        pos: Positions,
+        cache: KVCache | None = None,
+        *,
+        k_in: torch.Tensor | None = None,
+        v_in: torch.Tensor | None = None,
+        out_norm: RMSNorm | None = None,
+    ) -> torch.Tensor:
+        """x [batch, pos, d_model] -> [batch, pos, d_model]. Split-qkv mode: x [batch, pos, head, d_model] feeds the
+        queries and k_in / v_in [batch, pos, kv_head, d_model] the keys / values, one input per head. `out_norm` is the
+        block's post-attention norm (Gemma 3), applied here so per-head results can carry it."""
         cfg = self.cfg
-        b, p, _ = x.shape
-        q = self.hook_q(self._maybe_norm("q_norm", self.q_proj(x).view(b, p, cfg.n_heads, cfg.d_head)))  # [batch, pos, head, d_head]
-        k = self.hook_k(self._maybe_norm("k_norm", self.k_proj(x).view(b, p, cfg.n_kv_heads, cfg.d_head)))  # [batch, pos, kv_head, d_head]
-        v = self.hook_v(self.v_proj(x).view(b, p, cfg.n_kv_heads, cfg.d_head))  # [batch, pos, kv_head, d_head]
+        b, p = x.shape[:2]
+        q = self.hook_q(self._maybe_norm("q_norm", self._project(self.q_proj, x, self.n_heads)))  # [batch, pos, head, d_head]
+        k = self.hook_k(self._maybe_norm("k_norm", self._project(self.k_proj, x if k_in is None else k_in, self.n_kv_heads)))  # [batch, pos, kv_head, d_head]
+        v = self.hook_v(self._project(self.v_proj, x if v_in is None else v_in, self.n_kv_heads))  # [batch, pos, kv_head, d_head]
         if self.rope is not None:
             cos, sin = pos.cos_sin(self.rope, cfg.d_head, q.dtype)  # [batch, pos, rotary_dim]
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -204,7 +260,39 @@ class Attention(nn.Module):
         else:
             z = self._sdpa(q, k, v, pos, scale)
         z = self.hook_z(z.transpose(1, 2))  # [batch, pos, head, d_head]
-        return self.o_proj(z.reshape(b, p, cfg.n_heads * cfg.d_head))
+        if self.use_attn_result:
+            return self._sum_of_results(z, out_norm)
+        out = self.o_proj(z.reshape(b, p, self.n_heads * self.d_head))  # [batch, pos, d_model]
+        return out if out_norm is None else out_norm(out)
+
+    def _project(self, linear: nn.Linear, x: torch.Tensor, n: int) -> torch.Tensor:
+        """-> [batch, pos, n, d_head]. Per-head inputs [batch, pos, n, d_model] (split-qkv) meet only their head's rows."""
+        if x.dim() == 3:
+            return linear(x).view(x.shape[0], x.shape[1], n, self.d_head)
+        out = torch.einsum("bpnm,ndm->bpnd", x, linear.weight.view(n, self.d_head, -1))
+        return out if linear.bias is None else out + linear.bias.view(n, self.d_head)
+
+    def _sum_of_results(self, z: torch.Tensor, out_norm: RMSNorm | None) -> torch.Tensor:
+        """Attention output as the sum of hook_result [batch, pos, head, d_model], each head's write to the residual
+        stream. Under a post-norm a head's result is its share of the normed output (scaled by the norm of the summed
+        output), so results still sum to hook_attn_out; a patched result enters at that cached scale."""
+        result = torch.einsum("bphd,hdm->bphm", z, self.W_O)  # [batch, pos, head, d_model]
+        bias = self.o_proj.bias
+        if out_norm is None:
+            out = self.hook_result(result).sum(-2)
+            return out if bias is None else out + bias
+        if bias is not None:
+            raise ValueError(f"layer {self.layer}: o_proj's bias passes through the post-attention norm, so per-head "
+                             "results plus b_O cannot sum to the attention output")
+        return out_norm.hook_normalized(self.hook_result(out_norm.split(result, result.sum(-2))).sum(-2))
+
+    @property
+    def _result_contribution_scale(self) -> float:
+        """Read by TransformerLens' ActivationCache when it rebuilds head results as z @ W_O (hook_result not cached)."""
+        if self.output_normed:
+            raise ValueError(f"blocks.{self.layer}.attn: the attention output is RMS-normalised (ln1_post), so z @ W_O is "
+                             "not a head's contribution; run with model.set_use_attn_result(True) to cache exact hook_result")
+        return 1.0
 
     def _maybe_norm(self, name: str, x: torch.Tensor) -> torch.Tensor:
         return getattr(self, name)(x) if self.cfg.qk_norm else x
@@ -250,7 +338,7 @@ class Attention(nn.Module):
         return pattern @ v  # [batch, head, q_pos, d_head]
 
 
-class MLP(nn.Module):
+class MLP(MLPWeights, nn.Module):
     """Gated MLP: down(act(gate(x)) * up(x)); SwiGLU (silu) or GeGLU (tanh gelu)."""
 
     def __init__(self, cfg: DecoderConfig):
@@ -283,29 +371,60 @@ class Block(nn.Module):
             self.ln1_post = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.norm_offset)
             self.ln2_post = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.norm_offset)
         self.post_norms = cfg.post_norms
-        for name in ("resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post"):
+        # TransformerLens switches, kept in step with cfg by Decoder.forward
+        self.use_split_qkv_input = False
+        self.use_attn_in = False
+        for name in ("resid_pre", "attn_in", "q_input", "k_input", "v_input", "attn_out", "resid_mid", "mlp_in", "mlp_out",
+                     "resid_post"):
             setattr(self, f"hook_{name}", HookPoint())
 
     def forward(self, x: torch.Tensor, pos: Positions, cache: KVCache | None = None) -> torch.Tensor:
         x = self.hook_resid_pre(x)  # [batch, pos, d_model]
         if self.attn is not None:
-            attn_out = self.attn(self.ln1(x), pos, cache)
-            if self.post_norms:
-                attn_out = self.ln1_post(attn_out)
+            out_norm = self.ln1_post if self.post_norms else None
+            if self.use_split_qkv_input or self.use_attn_in:
+                q_in, k_in, v_in = self._per_head_inputs(x)
+                attn_out = self.attn(q_in, pos, cache, k_in=k_in, v_in=v_in, out_norm=out_norm)
+            else:
+                attn_out = self.attn(self.ln1(x), pos, cache, out_norm=out_norm)
             x = x + self.hook_attn_out(attn_out)
         x = self.hook_resid_mid(x)
         if self.mlp is not None:
-            mlp_out = self.mlp(self.ln2(x))
+            mlp_in = self.hook_mlp_in(x.clone()) if hooked(self.hook_mlp_in) else x  # a copy: editing it spares resid_mid
+            mlp_out = self.mlp(self.ln2(mlp_in))
             if self.post_norms:
                 mlp_out = self.ln2_post(mlp_out)
             x = x + self.hook_mlp_out(mlp_out)
         return self.hook_resid_post(x)
 
+    def _per_head_inputs(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """TransformerLens' per-head attention inputs, each normed by ln1: queries [batch, pos, head, d_model], keys and
+        values [batch, pos, kv_head, d_model]; hook_attn_in (one slot per head) feeds all three when use_attn_in is on."""
+        h, kvh = self.attn.n_heads, self.attn.n_kv_heads
+        if self.use_attn_in:
+            attn_in = self.hook_attn_in(repeat_heads(x, h))  # [batch, pos, head, d_model]; h == kvh (checked)
+            if not self.use_split_qkv_input:
+                normed = self.ln1(attn_in)
+                return normed, normed, normed
+            q_in, k_in, v_in = attn_in, attn_in.clone(), attn_in.clone()
+        else:
+            q_in, k_in, v_in = repeat_heads(x, h), repeat_heads(x, kvh), repeat_heads(x, kvh)
+        q_in, k_in, v_in = self.hook_q_input(q_in), self.hook_k_input(k_in), self.hook_v_input(v_in)
+        return self.ln1(q_in), self.ln1(k_in), self.ln1(v_in)
+
+    @property
+    def residual_contribution_scale(self) -> float:
+        """Read by TransformerLens' ActivationCache when it splits an MLP output into neurons as post * W_out."""
+        if self.post_norms:
+            raise ValueError("the MLP output is RMS-normalised (ln2_post), so post * W_out is not a neuron's contribution; "
+                             "use decompose_resid / get_full_resid_decomposition(expand_neurons=False)")
+        return 1.0
+
 
 # ---------------------------------------------------------------------------------------------------------------------
 # the model
 # ---------------------------------------------------------------------------------------------------------------------
-class Decoder(HookedRootModule):
+class Decoder(DecoderWeights, HookedRootModule):
     """A decoder-only LM with TransformerLens hook points. `model(input_ids, attention_mask=None)` -> logits [batch, pos, vocab]."""
 
     def __init__(self, cfg: DecoderConfig, tokenizer=None):
@@ -313,10 +432,11 @@ class Decoder(HookedRootModule):
         self.cfg = cfg
         self.tokenizer = tokenizer
         self.embed = nn.Embedding(cfg.d_vocab, cfg.d_model)
-        self.hook_embed = HookPoint()
+        self.hook_tokens = HookPoint()  # [batch, pos]; fires only with cfg.use_hook_tokens
+        self.hook_embed = HookPoint()  # [batch, pos, d_model]
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.ln_final = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.norm_offset)
-        self.unembed = nn.Linear(cfg.d_model, cfg.d_vocab, bias=False)
+        self.unembed = Unembed(cfg.d_model, cfg.d_vocab, norm_head=cfg.norm_head, softcap=cfg.final_softcap)
         self.tie_weights()
         self.setup()
 
@@ -343,6 +463,9 @@ class Decoder(HookedRootModule):
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, pos], got shape {tuple(input_ids.shape)}")
+        self._apply_switches()
+        if self.cfg.use_hook_tokens:
+            input_ids = self.hook_tokens(input_ids)
         pos = self._positions(input_ids, attention_mask, position_ids, kv_cache)
         x = self.embed(input_ids)  # [batch, pos, d_model]
         if self.cfg.embed_scale is not None:
@@ -359,13 +482,50 @@ class Decoder(HookedRootModule):
 
     def unembed_residual(self, normed: torch.Tensor) -> torch.Tensor:
         """Logits [batch, pos, vocab] from the final-normed residual stream (NormHead and soft-capping included)."""
-        if self.cfg.norm_head:
-            logits = F.linear(normed, F.normalize(self.unembed.weight, dim=-1))
-        else:
-            logits = self.unembed(normed)
-        if self.cfg.final_softcap is not None:
-            logits = torch.tanh(logits / self.cfg.final_softcap) * self.cfg.final_softcap
-        return logits
+        return self.unembed(normed)
+
+    # ---- TransformerLens switches for opt-in hooks -----------------------------------------------------------------
+    def set_use_attn_result(self, use_attn_result: bool) -> None:
+        """Per-head results blocks.{i}.attn.hook_result [batch, pos, head, d_model] (costs a head-sized einsum)."""
+        self.cfg.use_attn_result = bool(use_attn_result)
+
+    def set_use_split_qkv_input(self, use_split_qkv_input: bool) -> None:
+        """Separate residual-stream copies per head for queries, keys and values: blocks.{i}.hook_q_input / hook_k_input /
+        hook_v_input, so a patch can reach one head's queries alone."""
+        self.cfg.use_split_qkv_input = bool(use_split_qkv_input)
+
+    def set_use_attn_in(self, use_attn_in: bool) -> None:
+        """One residual-stream copy per head, blocks.{i}.hook_attn_in [batch, pos, head, d_model], feeding q, k and v."""
+        if use_attn_in and self.cfg.n_kv_heads != self.cfg.n_heads:
+            raise ValueError(f"use_attn_in gives each of the {self.cfg.n_heads} query heads an input, which cannot feed "
+                             f"{self.cfg.n_kv_heads} KV heads; use set_use_split_qkv_input(True)")
+        self.cfg.use_attn_in = bool(use_attn_in)
+
+    def set_use_hook_tokens(self, use_hook_tokens: bool) -> None:
+        """hook_tokens [batch, pos] on the input ids."""
+        self.cfg.use_hook_tokens = bool(use_hook_tokens)
+
+    def _apply_switches(self) -> None:
+        """Copy cfg's switches to the modules (users set them on cfg directly, as in TransformerLens); a few attribute
+        reads per block when nothing changed."""
+        attn_result, split, attn_in = self.cfg.use_attn_result, self.cfg.use_split_qkv_input, self.cfg.use_attn_in
+        if attn_in and self.cfg.n_kv_heads != self.cfg.n_heads:
+            self.set_use_attn_in(True)  # raises the one-line explanation
+        for block in self.blocks:
+            if block.use_split_qkv_input != split or block.use_attn_in != attn_in:
+                block.use_split_qkv_input, block.use_attn_in = split, attn_in
+            if block.attn is not None and block.attn.use_attn_result != attn_result:
+                block.attn.use_attn_result = attn_result
+
+    def unembed_directions(self, tokens: torch.Tensor | int | list[int]) -> torch.Tensor:
+        """[..., d_model] for token ids [...]: the residual-stream direction whose dot product with a stack divided by
+        ln_final's scale (ActivationCache.apply_ln_to_stack) is the token's logit. residscope does not fold norms into
+        W_U, so this is W_U's column times ln_final's gain (and for NormHead the normalised row)."""
+        if self.unembed.softcap is not None:
+            raise ValueError(f"final logit soft-capping (tanh, cap {self.unembed.softcap}) is not linear: logit "
+                             "attributions would not sum to the logits")
+        ids = torch.as_tensor(tokens, device=self.device)
+        return self.W_U[:, ids].movedim(0, -1) * self.ln_final.gain  # [..., d_model]
 
     def _positions(self, input_ids, attention_mask, position_ids, kv_cache) -> Positions:
         past = kv_cache.length if kv_cache is not None else 0
