@@ -96,6 +96,20 @@ class DecoderConfig:
     def rope_of(self, layer: int) -> RopeParams | None:
         return self.rope.get(self.layer_types[layer]) if self.positional == "rope" else None
 
+    # ---- TransformerLens field names (read-only, true for this model; TL's ActivationCache, patching and
+    # head_detector read them through `model.cfg`) ---------------------------------------------------------------
+    @property
+    def normalization_type(self) -> str:
+        return "RMS"
+
+    @property
+    def final_rms(self) -> bool:
+        return True
+
+    @property
+    def attn_only(self) -> bool:
+        return False
+
     # ---- (de)serialisation -------------------------------------------------------------------
     @classmethod
     def from_hf(cls, cfg: dict[str, Any], *, source: str = "config.json", position_embedding: str | None = None) -> "DecoderConfig":

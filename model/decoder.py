@@ -160,10 +160,12 @@ class KVCache:
 # modules
 # ---------------------------------------------------------------------------------------------------------------------
 class RMSNorm(nn.Module):
-    """RMSNorm computed in float32. offset 0: Llama's w * normed.to(dtype); offset 1: Gemma's (normed * (1 + w)).to(dtype).
+    """RMSNorm computed in float32 (float64 for float64 models, where transformers would round through float32: a float64
+    run is then float64 throughout and decompositions of it are exact to 1e-9). offset 0: Llama's w * normed.to(dtype);
+    offset 1: Gemma's (normed * (1 + w)).to(dtype).
 
-    hook_scale [..., 1] is TransformerLens' sqrt(mean(x^2) + eps); when it is hooked the input is divided by the (possibly
-    patched) scale, otherwise multiplied by rsqrt like transformers.
+    hook_scale [..., 1] is TransformerLens' sqrt(mean(x^2) + eps). When it is hooked the input is divided by the (possibly
+    patched) scale, TransformerLens' formula; otherwise multiplied by rsqrt, transformers' arithmetic.
     """
 
     def __init__(self, d: int, eps: float, offset: float = 0.0):
@@ -179,26 +181,23 @@ class RMSNorm(nn.Module):
         return self.weight + self.offset if self.offset else self.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))
         var = xf.pow(2).mean(-1, keepdim=True) + self.eps  # [..., 1]
-        if hooked(self.hook_scale):
-            normed = xf / self.hook_scale(var.sqrt())
-        else:
-            normed = xf * torch.rsqrt(var)
+        normed = xf / self.hook_scale(var.sqrt()) if hooked(self.hook_scale) else xf * torch.rsqrt(var)
         return self.hook_normalized(self._apply_gain(normed, x.dtype))
 
     def _apply_gain(self, normed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         if self.offset:
-            return (normed * (self.offset + self.weight.float())).to(dtype)
+            return (normed * (self.offset + self.weight.to(normed.dtype))).to(dtype)
         return self.weight * normed.to(dtype)
 
     def split(self, parts: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
         """This norm's output on `total` [batch, pos, d] as shares of `parts` [batch, pos, n, d] (which sum to total):
         every part is divided by total's scale and multiplied by the gain. Exact, since the norm is linear once its
         scale is fixed; the shares sum to forward(total)."""
-        var = total.float().pow(2).mean(-1, keepdim=True) + self.eps  # [batch, pos, 1]
-        scale = self.hook_scale(var.sqrt())
-        return self._apply_gain(parts.float() / scale[..., None, :], parts.dtype)  # [batch, pos, n, d]
+        wide = torch.promote_types(total.dtype, torch.float32)
+        scale = self.hook_scale((total.to(wide).pow(2).mean(-1, keepdim=True) + self.eps).sqrt())  # [batch, pos, 1]
+        return self._apply_gain(parts.to(wide) / scale[..., None, :], parts.dtype)  # [batch, pos, n, d]
 
 
 class Attention(AttentionWeights, nn.Module):
@@ -516,16 +515,6 @@ class Decoder(DecoderWeights, HookedRootModule):
                 block.use_split_qkv_input, block.use_attn_in = split, attn_in
             if block.attn is not None and block.attn.use_attn_result != attn_result:
                 block.attn.use_attn_result = attn_result
-
-    def unembed_directions(self, tokens: torch.Tensor | int | list[int]) -> torch.Tensor:
-        """[..., d_model] for token ids [...]: the residual-stream direction whose dot product with a stack divided by
-        ln_final's scale (ActivationCache.apply_ln_to_stack) is the token's logit. residscope does not fold norms into
-        W_U, so this is W_U's column times ln_final's gain (and for NormHead the normalised row)."""
-        if self.unembed.softcap is not None:
-            raise ValueError(f"final logit soft-capping (tanh, cap {self.unembed.softcap}) is not linear: logit "
-                             "attributions would not sum to the logits")
-        ids = torch.as_tensor(tokens, device=self.device)
-        return self.W_U[:, ids].movedim(0, -1) * self.ln_final.gain  # [..., d_model]
 
     def _positions(self, input_ids, attention_mask, position_ids, kv_cache) -> Positions:
         past = kv_cache.length if kv_cache is not None else 0

@@ -220,3 +220,19 @@ class DecoderWeights:
                 if bias is not None:
                     total = total + bias
         return total
+
+    def unembed_directions(self, tokens: torch.Tensor | int | list[int]) -> torch.Tensor:
+        """[..., d_model] for token ids [...]: the residual-stream direction whose dot product with a stack divided by
+        ln_final's scale (ActivationCache.apply_ln_to_stack) is the token's logit. residscope does not fold norms into
+        W_U, so this is W_U's column times ln_final's gain (for NormHead, of the normalised matrix)."""
+        if self.unembed.softcap is not None:
+            raise ValueError(f"final logit soft-capping (tanh, cap {self.unembed.softcap}) is not linear: logit "
+                             "attributions would not sum to the logits")
+        ids = torch.as_tensor(tokens, device=self.device)
+        return self.W_U[:, ids].movedim(0, -1) * self.ln_final.gain  # [..., d_model]
+
+    def tokens_to_residual_directions(self, tokens: str | int | torch.Tensor) -> torch.Tensor:
+        """TransformerLens' name: `unembed_directions` of a one-token string, an id or ids [...] -> [..., d_model]."""
+        if isinstance(tokens, str):
+            tokens = self.to_single_token(tokens)
+        return self.unembed_directions(tokens)
