@@ -38,7 +38,7 @@ def _check_prune_options(metric: str, remove: Optional[int], layers: Optional[st
                          force: bool, seeds: int) -> None:
     """Everything that can be refused before the model loads."""
     from residscope.surgery import BASELINES, METRICS
-    from residscope.surgery.export import check_target
+    from residscope.model.export import check_target
 
     if metric not in METRICS + BASELINES:
         raise ValueError(f"--metric must be one of {', '.join(METRICS + BASELINES)}; got {metric!r}")
