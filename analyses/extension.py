@@ -188,45 +188,63 @@ def apply_method(
     ext = Extension(method=method, factor=float(factor))
     with model.positional_overrides():
         if method in ROPE_METHODS:
-            _check_rope_layers(model, method)
-            w = trained_window(model, window)
-            for layer, rope in enumerate(model.rope_settings()):
-                if rope is not None:
-                    model.set_rope(rope_setting(rope, method, factor, w, model.cfg.d_head), layers=layer)
-            first = next(rope for rope in model.rope_settings() if rope is not None)
-            ext.settings = {"window": w, **first.to_hf()}
+            ext.settings = _scale_rope(model, method, factor, trained_window(model, window))
         elif method == "window":
-            windows = model.windows()
-            layers = [i for i, w in enumerate(windows) if w is not None]
-            if not layers:
-                raise ValueError("method 'window' extends sliding attention windows, but this model has none")
-            w = window if window is not None else windows[layers[0]]
-            new = int(round(w * factor))
-            lam = logit_scale if logit_scale is not None else math.log(new) / math.log(w) if w > 1 else 1.0
-            model.set_window(new, layers=layers)
-            model.set_attn_logit_scale(lam, layers=layers)
-            ext.settings = {"window": w, "extended_window": new, "logit_scale": lam, "layers": layers}
+            ext.settings = _extend_windows(model, factor, window, logit_scale)
         elif method == "pv-replace":
-            from .positional import pv_replacement_hooks
-
-            w = trained_window(model, window)
-            r = float(ratio) if ratio is not None else float(factor)
-            lay = layer if layer is not None else default_pv_layer(model)
-            if decomposition is None:
-                decomposition = calibration_decomposition(model, w, samples=samples, progress=progress)
-            if original is None:
-                length = max_length or int(round(w * factor))
-                # p_orig at lengths <= w is the in-window decomposition itself (causal attention: position t sees only <= t)
-                original = decomposition if length <= decomposition.seq_len else calibration_decomposition(
-                    model, length, samples=samples, progress=progress)
-            ext.fwd_hooks = pv_replacement_hooks(decomposition, lay, r, alpha, keep_first, original=original)
-            ext.settings = {"window": w, "ratio": r, "alpha": alpha, "layer": lay, "keep_first": keep_first,
-                            "original_length": original.seq_len, "samples": decomposition.n_samples}
+            ext.fwd_hooks, ext.settings = _pv_replacement(
+                model, factor, trained_window(model, window), ratio=ratio, alpha=alpha, layer=layer,
+                keep_first=keep_first, max_length=max_length, decomposition=decomposition, original=original,
+                samples=samples, progress=progress)
         if ext.fwd_hooks:
             with model.hooks(fwd_hooks=ext.fwd_hooks):
                 yield ext
         else:
             yield ext
+
+
+def _scale_rope(model, method: str, factor: float, trained: int) -> dict:
+    """Set every RoPE layer to `method` at `factor`; the settings of the first one, as transformers writes them."""
+    _check_rope_layers(model, method)
+    for layer, rope in enumerate(model.rope_settings()):
+        if rope is not None:
+            model.set_rope(rope_setting(rope, method, factor, trained, model.cfg.d_head), layers=layer)
+    first = next(rope for rope in model.rope_settings() if rope is not None)
+    return {"window": trained, **first.to_hf()}
+
+
+def _extend_windows(model, factor: float, window: int | None, logit_scale: float | None) -> dict:
+    """Sliding windows W -> round(s W), attention logits times lambda (default ln(sW) / ln(W))."""
+    windows = model.windows()
+    layers = [i for i, w in enumerate(windows) if w is not None]
+    if not layers:
+        raise ValueError("method 'window' extends sliding attention windows, but this model has none")
+    old = window if window is not None else windows[layers[0]]
+    new = int(round(old * factor))
+    if logit_scale is None:
+        logit_scale = math.log(new) / math.log(old) if old > 1 else 1.0
+    model.set_window(new, layers=layers)
+    model.set_attn_logit_scale(logit_scale, layers=layers)
+    return {"window": old, "extended_window": new, "logit_scale": logit_scale, "layers": layers}
+
+
+def _pv_replacement(model, factor: float, trained: int, *, ratio, alpha, layer, keep_first, max_length, decomposition,
+                    original, samples, progress) -> tuple[list, dict]:
+    """The hooks of positional-vector replacement and its settings (vectors decomposed here when not given)."""
+    from .positional import pv_replacement_hooks
+
+    ratio = float(ratio) if ratio is not None else float(factor)
+    layer = layer if layer is not None else default_pv_layer(model)
+    if decomposition is None:
+        decomposition = calibration_decomposition(model, trained, samples=samples, progress=progress)
+    if original is None:
+        length = max_length or int(round(trained * factor))
+        # p_orig at lengths <= the window is the in-window decomposition itself (causal: position t sees only <= t)
+        original = decomposition if length <= decomposition.seq_len else calibration_decomposition(
+            model, length, samples=samples, progress=progress)
+    hooks = pv_replacement_hooks(decomposition, layer, ratio, alpha, keep_first, original=original)
+    return hooks, {"window": trained, "ratio": ratio, "alpha": alpha, "layer": layer, "keep_first": keep_first,
+                   "original_length": original.seq_len, "samples": decomposition.n_samples}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
