@@ -18,7 +18,7 @@ import functools
 import hashlib
 import json
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterator
 
 import torch
 
@@ -175,7 +175,3 @@ def calibration_batches(model, *, seq_len: int = 256, samples: int = 32, batch_s
     chunks = token_chunks(tokenize(model.tokenizer, text), seq_len, samples, seed=seed)  # [samples, seq_len]
     return list(batched(chunks, batch_size)), f"{source} ({chunks.shape[0]}x{seq_len} tokens, seed {seed})"
 
-
-def iter_devices(batches: Iterable[torch.Tensor], device: torch.device) -> Iterator[torch.Tensor]:
-    for b in batches:
-        yield b.to(device)

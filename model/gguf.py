@@ -26,10 +26,11 @@ import logging
 import os
 import shutil
 import struct
-import tempfile
 import threading
 import time
 from pathlib import Path
+
+from residscope.common.atomic import atomic_dir
 
 from .errors import CheckpointError
 
@@ -272,18 +273,17 @@ def convert_gguf(gguf_path: str | os.PathLike, *, cache_dir: str | os.PathLike |
             log.warning("rebuilding cached conversion: %s", problem)
     target.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temp(target.parent)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private (0700); a cache folder is readable like any other
     log.info("converting %s to a float32 Hugging Face folder in %s (once; cached afterwards)", gguf_path.name, target.parent)
-    try:
-        write_hf_folder(gguf_path, tmp)
-        _write_marker(tmp, key, gguf_path)
-        if force and target.exists():
+
+    def install(tmp: Path, target: Path) -> None:
+        if force and target.exists():  # else a good cache would win below, taken for a concurrent conversion's
             stale = target.with_name(f".{target.name}.tmp-trash-{os.getpid()}-{time.monotonic_ns()}")
             with contextlib.suppress(FileNotFoundError):
                 os.rename(target, stale)
             shutil.rmtree(stale, ignore_errors=True)
-        return _install_folder(tmp, target, key)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        _install_folder(tmp, target, key)
+
+    with atomic_dir(target, install=install) as tmp:
+        write_hf_folder(gguf_path, tmp)
+        _write_marker(tmp, key, gguf_path)
+    return target
