@@ -268,9 +268,7 @@ def test_removed_sublayers_stack_zeros():
     index i stays block i; its bias is not accumulated."""
     model = build("llama_biases", torch.float64)
     b_o, b_out = model.b_O.clone(), model.b_out.clone()
-    model.blocks[1].attn = None
-    model.blocks[2].mlp = None
-    model.setup()
+    model.remove_sublayers(attn=[1], mlp=[2])
     assert model.W_Q.shape[0] == 3 and (model.W_Q[1] == 0).all() and (model.W_O[1] == 0).all()
     assert (model.W_out[2] == 0).all() and (model.W_out[1] != 0).any()
     assert_close(model.accumulated_bias(3), b_o[0] + b_o[2] + b_out[0] + b_out[1])
