@@ -89,9 +89,9 @@ def load_model(
     _fill_buffers(model)
     _load_weights(model, folder, allow_pickle=allow_pickle)
     model.eval()
-    if load_tokenizer:
-        model.tokenizer = load_tokenizer_from(folder)
     model.source = str(source)
+    # assigning the tokenizer (even None) re-syncs what the config reports: device, dtype, BOS behaviour, model name
+    model.tokenizer = load_tokenizer_from(folder) if load_tokenizer else None
     return model
 
 
