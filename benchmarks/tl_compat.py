@@ -3,12 +3,15 @@
     python benchmarks/tl_compat.py                  # the bundled SmolLM2-135M; prints every call that failed and the share
     python benchmarks/tl_compat.py --model PATH     # another folder, GGUF file or alias
     python benchmarks/tl_compat.py --json out.json
+    python benchmarks/tl_compat.py --layers 4       # keep the first 4 blocks: the patching sweeps (every layer x head x
+                                                    # activation) then take minutes instead of an hour on a busy CPU
 
 The calls are those TransformerLens's own demos make most (Main Demo, Exploratory Analysis, Activation Patching,
 Attribution Patching, Head Detector) plus the usual "intro to mech interp" exercises, written here for a Llama-style
 model (SmolLM2: 30 layers, 9 query heads on 3 KV heads). Only the loading line differs from TransformerLens code:
 `model = load_model(...)` instead of `TransformerBridge.boot_transformers(...)` (+ `enable_compatibility_mode()`).
-They run in order in one namespace, as a notebook would; a call fails when it raises. Prompts are short so the
+They run in order in one namespace, as a notebook would (`L` is the model's layer count, where a demo names a layer);
+a call fails when it raises. Prompts are short so the
 patching sweeps finish in minutes on a CPU. The script never asserts: it reports.
 """
 
@@ -41,7 +44,7 @@ CALLS: list[tuple[str, str]] = [
              "    value[:, :, 0, :] = 0.0\n"
              "    return value\n"
              "ablated_loss = model.run_with_hooks(tokens, return_type='loss', "
-             "fwd_hooks=[(utils.get_act_name('v', 3), head_ablation_hook)])"),
+             "fwd_hooks=[(utils.get_act_name('v', 1), head_ablation_hook)])"),
     ("main", "clean_prompt = 'After John and Mary went to the store, Mary gave a bottle of milk to'\n"
              "corrupted_prompt = 'After John and Mary went to the store, John gave a bottle of milk to'\n"
              "clean_tokens = model.to_tokens(clean_prompt)\n"
@@ -57,7 +60,7 @@ CALLS: list[tuple[str, str]] = [
              "    return resid_pre\n"
              "num_positions = len(clean_tokens[0])\n"
              "ioi_patching_result = torch.zeros((model.cfg.n_layers, num_positions), device=model.cfg.device)\n"
-             "for layer in range(0, model.cfg.n_layers, 10):\n"
+             "for layer in range(0, model.cfg.n_layers, 2):\n"
              "    for position in range(num_positions):\n"
              "        temp_hook_fn = partial(residual_stream_patching_hook, position=position)\n"
              "        patched_logits = model.run_with_hooks(corrupted_tokens, fwd_hooks=[(utils.get_act_name('resid_pre', layer), temp_hook_fn)])\n"
@@ -78,7 +81,7 @@ CALLS: list[tuple[str, str]] = [
     ("main", "def visualize_pattern_hook(pattern, hook):\n"
              "    return None\n"
              "model.run_with_hooks(repeated_tokens[:1], return_type=None, "
-             "fwd_hooks=[(utils.get_act_name('pattern', 5), visualize_pattern_hook)])"),
+             "fwd_hooks=[(utils.get_act_name('pattern', L - 1), visualize_pattern_hook)])"),
     ("main", "test_prompt = 'The quick brown fox jumped over the lazy dog'\nn_tokens = len(model.to_tokens(test_prompt)[0])"),
     ("main", "unembed_bias = model.unembed.b_U"),
     ("main", "bias_values, bias_indices = model.unembed.W_U.norm(dim=0).sort(descending=True)\n"
@@ -136,7 +139,7 @@ CALLS: list[tuple[str, str]] = [
     ("explore", "scaled = cache.apply_ln_to_stack(accumulated_residual, layer=-1, pos_slice=-1)"),
     ("explore", "per_layer_residual, labels = cache.decompose_resid(layer=-1, pos_slice=-1, return_labels=True)"),
     ("explore", "per_head_residual, labels = cache.stack_head_results(layer=-1, pos_slice=-1, return_labels=True)"),
-    ("explore", "pattern = cache['attn', 3][0, 2]"),
+    ("explore", "pattern = cache['attn', L - 1][0, 2]"),
     ("explore", "corrupted_prompts = []\n"
                 "for i in range(0, len(prompts), 2):\n"
                 "    corrupted_prompts.append(prompts[i + 1])\n"
@@ -150,12 +153,12 @@ CALLS: list[tuple[str, str]] = [
                 "def normalize_patched_logit_diff(patched_logit_diff):\n"
                 "    return patched_logit_diff / original_average_logit_diff\n"
                 "patched_residual_stream_diff = torch.zeros(model.cfg.n_layers, tokens.shape[1], device=model.cfg.device, dtype=torch.float32)\n"
-                "for layer in range(0, model.cfg.n_layers, 10):\n"
+                "for layer in range(0, model.cfg.n_layers, 2):\n"
                 "    for position in range(tokens.shape[1]):\n"
                 "        hook_fn = partial(patch_residual_component, pos=position, clean_cache=cache)\n"
                 "        patched_logits = model.run_with_hooks(corrupted_tokens, fwd_hooks=[(utils.get_act_name('resid_pre', layer), hook_fn)], return_type='logits')\n"
                 "        patched_residual_stream_diff[layer, position] = normalize_patched_logit_diff(logits_to_ave_logit_diff(patched_logits, answer_tokens))"),
-    ("explore", "for layer in range(0, model.cfg.n_layers, 15):\n"
+    ("explore", "for layer in range(0, model.cfg.n_layers, 2):\n"
                 "    hook_fn = partial(patch_residual_component, pos=tokens.shape[1] - 1, clean_cache=cache)\n"
                 "    patched_attn_logits = model.run_with_hooks(corrupted_tokens, fwd_hooks=[(utils.get_act_name('attn_out', layer), hook_fn)])\n"
                 "    patched_mlp_logits = model.run_with_hooks(corrupted_tokens, fwd_hooks=[(utils.get_act_name('mlp_out', layer), hook_fn)])"),
@@ -164,16 +167,16 @@ CALLS: list[tuple[str, str]] = [
                 "    return corrupted_head_vector\n"
                 "for head_index in range(model.cfg.n_heads):\n"
                 "    hook_fn = partial(patch_head_vector, head_index=head_index, clean_cache=cache)\n"
-                "    patched_logits = model.run_with_hooks(corrupted_tokens, fwd_hooks=[(utils.get_act_name('z', 20, 'attn'), hook_fn)], return_type='logits')"),
+                "    patched_logits = model.run_with_hooks(corrupted_tokens, fwd_hooks=[(utils.get_act_name('z', L - 1, 'attn'), hook_fn)], return_type='logits')"),
     ("explore", "hook_fn = partial(patch_head_vector, head_index=1, clean_cache=cache)\n"
-                "patched_logits = model.run_with_hooks(corrupted_tokens, fwd_hooks=[(utils.get_act_name('v', 20, 'attn'), hook_fn)])"),
+                "patched_logits = model.run_with_hooks(corrupted_tokens, fwd_hooks=[(utils.get_act_name('v', L - 1, 'attn'), hook_fn)])"),
     ("explore", "def patch_head_pattern(corrupted_head_pattern, hook, head_index, clean_cache):\n"
                 "    corrupted_head_pattern[:, head_index, :, :] = clean_cache[hook.name][:, head_index, :, :]\n"
                 "    return corrupted_head_pattern\n"
                 "hook_fn = partial(patch_head_pattern, head_index=4, clean_cache=cache)\n"
-                "patched_logits = model.run_with_hooks(corrupted_tokens, fwd_hooks=[(utils.get_act_name('attn', 20, 'attn'), hook_fn)])"),
-    ("explore", "A_output = cache[utils.get_act_name('result', 5, 'attn')][:, :, 3, :]"),
-    ("explore", "ln1_scale = corrupted_cache[utils.get_act_name('scale', 6, 'ln1')]"),
+                "patched_logits = model.run_with_hooks(corrupted_tokens, fwd_hooks=[(utils.get_act_name('attn', L - 1, 'attn'), hook_fn)])"),
+    ("explore", "A_output = cache[utils.get_act_name('result', L - 1, 'attn')][:, :, 3, :]"),
+    ("explore", "ln1_scale = corrupted_cache[utils.get_act_name('scale', L - 1, 'ln1')]"),
     ("explore", "example_repeated_text = 'Hello everyone, this is a test. ' * 3\n"
                 "example_repeated_tokens = model.to_tokens(example_repeated_text, prepend_bos=True)\n"
                 "example_repeated_logits, example_repeated_cache = model.run_with_cache(example_repeated_tokens)"),
@@ -185,7 +188,7 @@ CALLS: list[tuple[str, str]] = [
     ("explore", "def ablate_top_head_hook(z, hook):\n"
                 "    z[:, -1, 2, :] = 0\n"
                 "    return z\n"
-                "model.blocks[20].attn.hook_z.add_hook(ablate_top_head_hook)\n"
+                "model.blocks[L - 1].attn.hook_z.add_hook(ablate_top_head_hook)\n"
                 "ablated_logits, ablated_cache = model.run_with_cache(tokens)\n"
                 "model.reset_hooks()"),
     ("explore", "per_head_ablated_residual, labels = ablated_cache.stack_head_results(layer=-1, pos_slice=-1, return_labels=True)"),
@@ -246,17 +249,17 @@ CALLS: list[tuple[str, str]] = [
                     "'component batch pos d_model -> component pos', 'sum')"),
     ("attribution", "clean_layer_out, labels = clean_cache.decompose_resid(-1, return_labels=True)"),
     ("attribution", "clean_head_out = clean_cache.stack_head_results(-1, return_labels=False)"),
-    ("attribution", "grad_z = corrupted_grad_cache['z', 3]"),
-    ("attribution", "ln_scales = clean_grad_cache['scale', 3, 'ln1']"),
+    ("attribution", "grad_z = corrupted_grad_cache['z', L - 1]"),
+    ("attribution", "ln_scales = clean_grad_cache['scale', L - 1, 'ln1']"),
     ("attribution", "loss, cache_with_grads = model.run_with_cache(clean_tokens, return_type='loss', incl_bwd=True, "
                     "names_filter=lambda n: n.endswith('hook_resid_post'))\n"
-                    "g = cache_with_grads['blocks.5.hook_resid_post_grad']\n"
+                    "g = cache_with_grads[f'blocks.{L - 1}.hook_resid_post_grad']\n"
                     "model.zero_grad(set_to_none=True)"),
     # ---- Head Detector -----------------------------------------------------------------------------------------------
     ("head_detector", "prompt = 'The head detector feature for TransformerLens allows users to check for various attention patterns'\n"
                       "head_scores = detect_head(model, prompt, 'previous_token_head')"),
     ("head_detector", "head_scores = detect_head(model, prompt, 'previous_token_head', exclude_bos=True, exclude_current_token=True)"),
-    ("head_detector", "_, cache = model.run_with_cache(prompt)\nattention_pattern = cache['pattern', 3, 'attn'].squeeze(0)"),
+    ("head_detector", "_, cache = model.run_with_cache(prompt)\nattention_pattern = cache['pattern', L - 1, 'attn'].squeeze(0)"),
     ("head_detector", "prompts = ['one two three one two three', 'cats dogs birds cats dogs birds']\n"
                       "head_scores = detect_head(model, prompts, 'duplicate_token_head', error_measure='abs')"),
     ("head_detector", "head_scores = detect_head(model, prompts, 'induction_head', exclude_bos=False, exclude_current_token=False, error_measure='abs')"),
@@ -269,17 +272,17 @@ CALLS: list[tuple[str, str]] = [
     ("intro", "loss = model('The Eiffel Tower is in Paris', return_type='loss', loss_per_token=True)"),
     ("intro", "logits, loss = model('The Eiffel Tower is in Paris', return_type='both')"),
     ("intro", "logits, cache = model.run_with_cache('The Eiffel Tower is in Paris')"),
-    ("intro", "resid = cache['resid_pre', 3]"),
-    ("intro", "q = cache['q', 2]\nk = cache['k', 2]\nz = cache['z', 2]"),
-    ("intro", "post = cache['post', 4]\npre = cache['pre', 4, 'mlp']"),
+    ("intro", "resid = cache['resid_pre', L - 1]"),
+    ("intro", "q = cache['q', 1]\nk = cache['k', 1]\nz = cache['z', 1]"),
+    ("intro", "post = cache['post', L - 1]\npre = cache['pre', L - 1, 'mlp']"),
     ("intro", "stack = cache.stack_activation('resid_post')"),
     ("intro", "accumulated = cache.accumulated_resid(apply_ln=True, pos_slice=-1)"),
-    ("intro", "logit_lens = model.unembed(model.ln_final(cache['resid_post', 10]))"),
+    ("intro", "logit_lens = model.unembed(model.ln_final(cache['resid_post', L - 2]))"),
     ("intro", "cache_cpu = cache.to('cpu')"),
     ("intro", "single = cache.remove_batch_dim()"),
     ("intro", "keys = [k for k in cache.keys() if 'hook_resid' in k]"),
-    ("intro", "resid_mid = model(model.to_tokens('The Eiffel Tower'), stop_at_layer=10)\n"
-              "logits = model(resid_mid, start_at_layer=10)"),
+    ("intro", "resid_mid = model(model.to_tokens('The Eiffel Tower'), stop_at_layer=L - 1)\n"
+              "logits = model(resid_mid, start_at_layer=L - 1)"),
     ("intro", "with model.hooks(fwd_hooks=[('blocks.0.hook_resid_post', lambda t, hook: t)]):\n    logits = model('hello')"),
     ("intro", "names = list(model.hook_dict.keys())"),
     ("intro", "m = model.mod_dict['blocks.0.attn']"),
@@ -288,7 +291,7 @@ CALLS: list[tuple[str, str]] = [
     ("intro", "W_K = model.blocks[0].attn.W_K"),
     ("intro", "W_out = model.blocks[0].mlp.W_out"),
     ("intro", "QK = model.QK[0, 0]"),
-    ("intro", "bias = model.accumulated_bias(5)"),
+    ("intro", "bias = model.accumulated_bias(L - 1)"),
     ("intro", "acc = utils.lm_accuracy(logits, model.to_tokens('hello'))"),
     ("intro", "ce = utils.lm_cross_entropy_loss(model('Paris is the capital of France'), model.to_tokens('Paris is the capital of France'))"),
     ("intro", "s = model.to_single_str_token(42)"),
@@ -300,11 +303,11 @@ CALLS: list[tuple[str, str]] = [
     ("intro", "out = model.generate('Paris is', max_new_tokens=5, do_sample=True, top_k=50, top_p=0.9, temperature=0.8)"),
     ("intro", "logit_attrs = cache.logit_attrs(cache.decompose_resid(pos_slice=-1), tokens=model.to_single_token(' Paris'), pos_slice=-1)"),
     ("intro", "full = cache.get_full_resid_decomposition(expand_neurons=False, pos_slice=-1)"),
-    ("intro", "neurons = cache.stack_neuron_results(3, pos_slice=-1)"),
+    ("intro", "neurons = cache.stack_neuron_results(L - 1, pos_slice=-1)"),
 ]
 
 
-def run(model_source: str) -> dict:
+def run(model_source: str, layers: int | None = None) -> dict:
     import einops  # noqa: F401 - the demos' namespace
     import transformer_lens.utilities as utils
     from functools import partial
@@ -314,8 +317,10 @@ def run(model_source: str) -> dict:
     from residscope.model import load_model
 
     model = load_model(model_source)  # the one line that differs from TransformerLens code
+    if layers is not None:
+        model.keep_blocks(range(layers))
     namespace = dict(torch=torch, einops=einops, utils=utils, partial=partial, ActivationCache=ActivationCache,
-                     patching=patching, detect_head=detect_head, model=model)
+                     patching=patching, detect_head=detect_head, model=model, L=model.cfg.n_layers)
     results = []
     for demo, code in CALLS:
         start = time.perf_counter()
@@ -331,7 +336,7 @@ def run(model_source: str) -> dict:
                             seconds=round(time.perf_counter() - start, 2)))
         mark = "ok  " if error is None else "FAIL"
         print(f"{mark} {demo:13s} {results[-1]['code'][:90]}" + (f"\n     -> {error}" if error else ""), flush=True)
-    return dict(model=model_source, results=results)
+    return dict(model=model_source, layers=model.cfg.n_layers, results=results)
 
 
 def main() -> None:
@@ -339,10 +344,11 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--json", help="write the per-call results here")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--layers", type=int, default=None, help="keep only the first N blocks (faster sweeps)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    report = run(args.model)
+    report = run(args.model, args.layers)
     results = report["results"]
     ok = sum(r["ok"] for r in results)
     print()
@@ -351,7 +357,7 @@ def main() -> None:
         print(f"{demo:13s} {sum(r['ok'] for r in mine):3d} / {len(mine):3d} unchanged")
     print(f"{'total':13s} {ok:3d} / {len(results):3d} unchanged ({100 * ok / len(results):.0f}%)")
     if args.json:
-        from residscope.model.atomic import atomic_write_text
+        from residscope.common.atomic import atomic_write_text
 
         atomic_write_text(args.json, json.dumps(report, indent=1))
 

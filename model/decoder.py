@@ -697,6 +697,7 @@ class Decoder(HookedRootModule):
             removed_mlp=tuple(new_index[i] for i in self.cfg.removed_mlp if i in new_index),
         )
         self.blocks = nn.ModuleList(self.blocks[i] for i in keep)
+        self.blocks.training = self.training  # a new container starts in training mode; TL's patching checks it
         self.layer_origin = [self.layer_origin[i] for i in keep]
         self.setup()
 
