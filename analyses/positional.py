@@ -113,7 +113,7 @@ class PositionalDecomposition:
         """Write the decomposition as safetensors (atomically: temp file, then rename)."""
         from safetensors.torch import save_file
 
-        from residscope.model.atomic import atomic_write
+        from residscope.common.atomic import atomic_write
 
         tensors = {"vectors": self.vectors.contiguous(), "second_moment": self.second_moment.contiguous(),
                    "mean_token_norm": self.mean_token_norm.contiguous()}
@@ -348,8 +348,7 @@ def attention_statistics(model, batches: Iterable[torch.Tensor], *, first_k: int
     """
     cfg = model.cfg
     acc = _AttentionAccumulator(cfg.n_layers, cfg.n_heads, first_k)
-    hooks = [(f"blocks.{i}.attn.hook_pattern", acc.hook(i)) for i in range(cfg.n_layers)
-             if model.blocks[i].attn is not None]
+    hooks = [(f"blocks.{i}.attn.hook_pattern", acc.hook(i)) for i in model.attention_layers()]
     for ids in tqdm(batches, desc="attention", disable=not progress, leave=False):
         ids = ids.to(model.device)
         model.run_with_hooks(ids, fwd_hooks=list(fwd_hooks) + hooks, stop_at_layer=cfg.n_layers)
