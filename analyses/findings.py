@@ -15,6 +15,7 @@ results and draws them. Sizes are options, so the tests run every command on the
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import statistics
@@ -25,7 +26,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from residscope.model.atomic import atomic_write, atomic_write_text
+from residscope.common.atomic import atomic_write, atomic_write_text
 
 QUESTIONS = ("rope-table", "shortgpt", "positional", "rope-retrieval")
 
@@ -33,8 +34,10 @@ QUESTIONS = ("rope-table", "shortgpt", "positional", "rope-retrieval")
 # ---------------------------------------------------------------------------------------------------------------------
 # output: JSON results and figures
 # ---------------------------------------------------------------------------------------------------------------------
+@functools.cache
 def git_commit() -> str | None:
-    """Commit of the code (and so of the corpus split) the numbers were measured with, when run from a git checkout."""
+    """Commit of the code (and so of the corpus split) the numbers were measured with, when run from a git checkout.
+    Read once, at the first call (the start of a run), so a checkout that moves during a long run does not relabel it."""
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
                              text=True, timeout=10)
@@ -516,6 +519,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
+    git_commit()
     t = Timer()
 
     if args.question == "rope-table":
