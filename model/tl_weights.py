@@ -230,9 +230,3 @@ class DecoderWeights:
                              "attributions would not sum to the logits")
         ids = torch.as_tensor(tokens, device=self.device)
         return self.W_U[:, ids].movedim(0, -1) * self.ln_final.gain  # [..., d_model]
-
-    def tokens_to_residual_directions(self, tokens: str | int | torch.Tensor) -> torch.Tensor:
-        """TransformerLens' name: `unembed_directions` of a one-token string, an id or ids [...] -> [..., d_model]."""
-        if isinstance(tokens, str):
-            tokens = self.to_single_token(tokens)
-        return self.unembed_directions(tokens)
