@@ -198,8 +198,8 @@ class RMSNorm(nn.Module):
     run is then float64 throughout and decompositions of it are exact to 1e-9). offset 0: Llama's w * normed.to(dtype);
     offset 1: Gemma's (normed * (1 + w)).to(dtype).
 
-    hook_scale [..., 1] is TransformerLens' sqrt(mean(x^2) + eps). When it is hooked the input is divided by the (possibly
-    patched) scale, TransformerLens' formula; otherwise multiplied by rsqrt, transformers' arithmetic.
+    hook_scale [..., 1] is TransformerLens' sqrt(mean(x^2) + eps). The input is multiplied by rsqrt (transformers'
+    arithmetic, so caching changes no logit); a hook that changes the scale gets TransformerLens' x / scale.
     """
 
     def __init__(self, d: int, eps: float, offset: float = 0.0):
@@ -217,7 +217,12 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.to(torch.promote_types(x.dtype, torch.float32))
         var = xf.pow(2).mean(-1, keepdim=True) + self.eps  # [..., 1]
-        normed = xf / self.hook_scale(var.sqrt()) if hooked(self.hook_scale) else xf * torch.rsqrt(var)
+        normed = xf * torch.rsqrt(var)
+        if hooked(self.hook_scale):
+            scale = var.sqrt()
+            seen = self.hook_scale(scale.clone())  # a copy, so an in-place patch shows
+            if not torch.equal(seen, scale):
+                normed = xf / seen  # a hook changed the scale: TransformerLens' formula with the patched value
         return self.hook_normalized(self._apply_gain(normed, x.dtype))
 
     def _apply_gain(self, normed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
