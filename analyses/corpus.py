@@ -15,6 +15,8 @@ from typing import Iterable, Iterator
 
 import torch
 
+from residscope.model.errors import InputError, MissingFileError
+
 SPLITS = ("calibration", "evaluation")
 
 
@@ -25,7 +27,7 @@ def is_evaluation_topic(name: str) -> bool:
 def builtin_text(split: str = "calibration") -> str:
     """The calibration or evaluation part of `pydoc_data.topics`, as one string."""
     if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        raise InputError(f"split must be one of {SPLITS}, got {split!r}")
     from pydoc_data.topics import topics
 
     want_eval = split == "evaluation"
@@ -36,7 +38,7 @@ def load_text(path: str | Path) -> str:
     """A user corpus: a .txt file, or .jsonl with one JSON object per line holding a "text" field."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such text file")
+        raise MissingFileError(f"{path}: no such text file")
     if path.suffix == ".jsonl":
         texts = []
         for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
@@ -45,12 +47,12 @@ def load_text(path: str | Path) -> str:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+                raise InputError(f"{path}:{n}: not valid JSON ({e.msg})") from None
             if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise ValueError(f"{path}:{n}: missing string field 'text'")
+                raise InputError(f"{path}:{n}: missing string field 'text'")
             texts.append(record["text"])
         if not texts:
-            raise ValueError(f"{path}: no records with a 'text' field")
+            raise InputError(f"{path}: no records with a 'text' field")
         return "\n\n".join(texts)
     return path.read_text(encoding="utf-8")
 
@@ -60,7 +62,7 @@ def dataset_text(name: str, *, split: str = "train", field: str = "text", max_ch
     try:
         import datasets
     except ImportError:
-        raise ValueError("--dataset needs the optional 'datasets' package: pip install 'residscope[online]'") from None
+        raise InputError("--dataset needs the optional 'datasets' package: pip install 'residscope[online]'") from None
     ds = datasets.load_dataset(name, split=split, streaming=True)
     parts, size = [], 0
     for row in ds:
@@ -74,7 +76,7 @@ def dataset_text(name: str, *, split: str = "train", field: str = "text", max_ch
 def corpus_text(text_file: str | Path | None = None, *, dataset: str | None = None, split: str = "calibration") -> tuple[str, str]:
     """(text, description) from a user file, a dataset, or the built-in split; the description names the source."""
     if text_file is not None and dataset is not None:
-        raise ValueError("give either a text file or a dataset, not both")
+        raise InputError("give either a text file or a dataset, not both")
     if text_file is not None:
         return load_text(text_file), f"file:{Path(text_file).name}"
     if dataset is not None:
@@ -95,13 +97,13 @@ def token_chunks(tokens: torch.Tensor, seq_len: int, samples: int | None = None,
     Asking for more chunks than the text holds is an error that says how many there are.
     """
     if seq_len < 2:
-        raise ValueError(f"seq-len must be at least 2, got {seq_len}")
+        raise InputError(f"seq-len must be at least 2, got {seq_len}")
     body = seq_len - (bos_token_id is not None)
     n_available = tokens.numel() // body
     if samples is None:
         samples = n_available
     if samples < 1 or samples > n_available:
-        raise ValueError(f"samples={samples} chunks of {seq_len} tokens requested, the text has {n_available} ({tokens.numel()} tokens)")
+        raise InputError(f"samples={samples} chunks of {seq_len} tokens requested, the text has {n_available} ({tokens.numel()} tokens)")
     gen = torch.Generator().manual_seed(seed)
     order = torch.randperm(n_available, generator=gen)[:samples]
     chunks = tokens[: n_available * body].view(n_available, body)[order]  # [samples, body]
@@ -113,7 +115,7 @@ def token_chunks(tokens: torch.Tensor, seq_len: int, samples: int | None = None,
 def batched(chunks: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
     """[samples, seq_len] -> an iterator of [batch, seq_len] tensors."""
     if batch_size < 1:
-        raise ValueError(f"batch-size must be >= 1, got {batch_size}")
+        raise InputError(f"batch-size must be >= 1, got {batch_size}")
     yield from chunks.split(batch_size)
 
 
@@ -121,7 +123,7 @@ def calibration_batches(model, *, seq_len: int = 256, samples: int = 32, batch_s
                         split: str = "calibration", text_file: str | Path | None = None, dataset: str | None = None) -> tuple[list[torch.Tensor], str]:
     """Batches of token ids for `model` (its tokenizer) from the chosen source, and a description of that source."""
     if model.tokenizer is None:
-        raise ValueError("the model has no tokenizer; pass token-id batches directly")
+        raise InputError("the model has no tokenizer; pass token-id batches directly")
     text, source = corpus_text(text_file, dataset=dataset, split=split)
     chunks = token_chunks(tokenize(model.tokenizer, text), seq_len, samples, seed=seed)  # [samples, seq_len]
     return list(batched(chunks, batch_size)), f"{source} ({chunks.shape[0]}x{seq_len} tokens, seed {seed})"

@@ -40,6 +40,8 @@ from typing import Iterator, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from residscope.model.errors import InputError
+
 METHODS = ("none", "pi", "ntk", "dynamic-ntk", "yarn", "pv-replace", "window")
 ROPE_METHODS = ("pi", "ntk", "dynamic-ntk", "yarn")
 
@@ -66,7 +68,7 @@ def trained_window(model, window: int | None = None) -> int:
     """The context window the model was trained with: `window` if given, else max_position_embeddings of its config."""
     w = window if window is not None else model.cfg.max_position_embeddings
     if w is None or w < 1:
-        raise ValueError("the model's config has no max_position_embeddings: pass window= (the trained context length)")
+        raise InputError("the model's config has no max_position_embeddings: pass window= (the trained context length)")
     return int(w)
 
 
@@ -81,10 +83,10 @@ def bos_token_id(model) -> int | None:
 
 def _check_rope_layers(model, method: str) -> None:
     if model.cfg.positional != "rope":
-        raise ValueError(f"method {method!r} scales RoPE, but this model uses {model.cfg.positional!r} positions (use none, pv-replace or window)")
+        raise InputError(f"method {method!r} scales RoPE, but this model uses {model.cfg.positional!r} positions (use none, pv-replace or window)")
     for block in model.blocks:
         if block.attn is not None and block.attn.rope is not None and block.attn.rope.rope_type != "default":
-            raise ValueError(f"method {method!r}: layer {block.attn.layer} already uses rope_type {block.attn.rope.rope_type!r}; "
+            raise InputError(f"method {method!r}: layer {block.attn.layer} already uses rope_type {block.attn.rope.rope_type!r}; "
                              "extension methods start from unscaled RoPE")
 
 
@@ -114,7 +116,7 @@ def in_window_decomposition(model, length: int, *, samples: int = 64, batch_size
     from .positional import decompose_positions
 
     if model.tokenizer is None:
-        raise ValueError("pv-replace needs the model's tokenizer (or pass decomposition= and original=)")
+        raise InputError("pv-replace needs the model's tokenizer (or pass decomposition= and original=)")
     tokens = tokenize(model.tokenizer, builtin_text("calibration"))
     available = tokens.numel() // length
     chunks = token_chunks(tokens, length, min(samples, available), seed=seed, bos_token_id=bos_token_id(model))
@@ -150,9 +152,9 @@ def apply_method(
     residue to every position: with 64 samples it made NoPE zoo perplexity worse than no replacement.
     """
     if method not in METHODS:
-        raise ValueError(f"unknown method {method!r} (choose from {', '.join(METHODS)})")
+        raise InputError(f"unknown method {method!r} (choose from {', '.join(METHODS)})")
     if not factor >= 1:
-        raise ValueError(f"factor must be >= 1 (an extension), got {factor}")
+        raise InputError(f"factor must be >= 1 (an extension), got {factor}")
     ext = Extension(method=method, factor=float(factor))
     with model.positional_overrides():
         if method in ROPE_METHODS:
@@ -166,7 +168,7 @@ def apply_method(
         elif method == "window":
             layers = [b.attn.layer for b in model.blocks if b.attn is not None and b.attn.window is not None]
             if not layers:
-                raise ValueError("method 'window' extends sliding attention windows, but this model has none")
+                raise InputError("method 'window' extends sliding attention windows, but this model has none")
             w = window if window is not None else model.blocks[layers[0]].attn.window
             new = int(round(w * factor))
             lam = logit_scale if logit_scale is not None else math.log(new) / math.log(w) if w > 1 else 1.0
@@ -218,7 +220,7 @@ def evaluation_tokens(model, max_tokens: int | None = None) -> torch.Tensor:
     from .corpus import builtin_text, tokenize
 
     if model.tokenizer is None:
-        raise ValueError("the model has no tokenizer; pass token ids to sliding_window_perplexity instead")
+        raise InputError("the model has no tokenizer; pass token ids to sliding_window_perplexity instead")
     tokens = tokenize(model.tokenizer, builtin_text("evaluation"))
     return tokens[:max_tokens] if max_tokens else tokens
 
@@ -228,11 +230,11 @@ def sliding_windows(n_tokens: int, length: int, stride: int, *, bos: bool = Fals
     `stride` after the previous one, and scores only targets no earlier window scored. A window's first token is a
     target only when a BOS token precedes it (`bos`)."""
     if length < 2:
-        raise ValueError(f"length must be >= 2, got {length}")
+        raise InputError(f"length must be >= 2, got {length}")
     if not 1 <= stride <= length:
-        raise ValueError(f"stride must be in 1..length ({length}), got {stride}")
+        raise InputError(f"stride must be in 1..length ({length}), got {stride}")
     if n_tokens < length:
-        raise ValueError(f"the text has {n_tokens} tokens, fewer than one window of {length}")
+        raise InputError(f"the text has {n_tokens} tokens, fewer than one window of {length}")
     out, scored_until = [], 0
     for start in range(0, n_tokens - length + 1, stride):
         end = start + length
@@ -304,7 +306,7 @@ QUESTION = "What is the pass key? The pass key is"
 def passkey_text(key: str, n_filler: int, depth: float) -> str:
     """The prompt: intro, n_filler filler sentences with the key sentence after round(depth * n_filler) of them, question."""
     if not 0 <= depth <= 1:
-        raise ValueError(f"depth must be in [0, 1], got {depth}")
+        raise InputError(f"depth must be in [0, 1], got {depth}")
     before = round(depth * n_filler)
     return " ".join([INTRO, *[FILLER] * before, f"The pass key is {key}. Remember it. {key} is the pass key.",
                      *[FILLER] * (n_filler - before), QUESTION])
@@ -316,7 +318,7 @@ def passkey_prompt(tokenizer, length: int, depth: float, key: str) -> torch.Tens
         return len(tokenizer(passkey_text(key, n, depth))["input_ids"])
 
     if size(0) > length:
-        raise ValueError(f"length {length} is too short for a passkey prompt ({size(0)} tokens without filler)")
+        raise InputError(f"length {length} is too short for a passkey prompt ({size(0)} tokens without filler)")
     per = max(1, size(1) - size(0))
     n = max(0, (length - size(0)) // per)
     while n > 0 and size(n) > length:
@@ -352,7 +354,7 @@ def passkey_accuracy(model, lengths: Sequence[int], depths: Sequence[float] = (0
 
     Run inside `apply_method` and pass its Extension as `ext` (so hooked methods decode without a KV cache)."""
     if model.tokenizer is None:
-        raise ValueError("passkey retrieval needs the model's tokenizer")
+        raise InputError("passkey retrieval needs the model's tokenizer")
     keys = passkey_keys(n_keys, seed)
     use_cache = ext.cache_safe if ext is not None else True
     rows = []

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from residscope.model.errors import InputError
+
 Batch = torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]
 
 
@@ -37,11 +39,11 @@ def unpack_batch(batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None]:
     elif isinstance(batch, (tuple, list)) and len(batch) == 2:
         ids, mask = batch
     else:
-        raise ValueError(f"a batch must be token ids [batch, pos] or (ids, attention_mask), got {type(batch).__name__}")
+        raise InputError(f"a batch must be token ids [batch, pos] or (ids, attention_mask), got {type(batch).__name__}")
     if ids.dim() != 2:
-        raise ValueError(f"token ids must be [batch, pos], got shape {tuple(ids.shape)}")
+        raise InputError(f"token ids must be [batch, pos], got shape {tuple(ids.shape)}")
     if mask is not None and mask.shape != ids.shape:
-        raise ValueError(f"attention_mask has shape {tuple(mask.shape)}, token ids {tuple(ids.shape)}")
+        raise InputError(f"attention_mask has shape {tuple(mask.shape)}, token ids {tuple(ids.shape)}")
     return ids, mask
 
 
@@ -77,7 +79,7 @@ def perplexity(model, batches: Iterable[Batch], *, progress: bool = True, desc: 
             total_nll += s
             n_tokens += n
     if n_tokens == 0:
-        raise ValueError("batches: no predicted tokens (need at least one row with 2 or more tokens)")
+        raise InputError("batches: no predicted tokens (need at least one row with 2 or more tokens)")
     nll = total_nll / n_tokens
     return PerplexityResult(ppl=math.exp(nll), nll=nll, n_tokens=n_tokens)
 
@@ -98,7 +100,7 @@ def heldout_perplexity(
     from .corpus import calibration_batches
 
     if model.tokenizer is None:
-        raise ValueError("the model has no tokenizer; call perplexity() with token-id batches instead")
+        raise InputError("the model has no tokenizer; call perplexity() with token-id batches instead")
     batches, source = calibration_batches(model, seq_len=seq_len, samples=samples, batch_size=batch_size, seed=seed,
                                           split="evaluation", text_file=text_file, dataset=dataset)
     result = perplexity(model, batches, progress=progress)

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from residscope.model.errors import InputError
 from residscope.model.rope import RopeParams, inv_freq as rope_inv_freq, rotary_dim
 
 DEFAULT_MAX_M = 1 << 22  # 4M positions: the context bound search gives up (capped=True) beyond this
@@ -61,9 +62,9 @@ def _one_thread(fn):
 def default_inv_freq(base: float, head_dim: int) -> torch.Tensor:
     """theta_i = base^(-2i/d), i < d/2, float64 [d/2]."""
     if head_dim < 2 or head_dim % 2:
-        raise ValueError(f"head_dim must be an even integer >= 2, got {head_dim}")
+        raise InputError(f"head_dim must be an even integer >= 2, got {head_dim}")
     if not base > 1:
-        raise ValueError(f"base must be > 1, got {base}")
+        raise InputError(f"base must be > 1, got {base}")
     return torch.exp(-math.log(base) * torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
 
 
@@ -81,9 +82,9 @@ def rope_frequencies(params: RopeParams, head_dim: int, seq_len: int | None = No
 def ntk_base(base: float, factor: float, rotary_dim_: int) -> float:
     """NTK-aware scaled base: base * s^(d / (d - 2)) (d = rotary dim), which stretches the lowest frequency by s."""
     if factor <= 0:
-        raise ValueError(f"factor must be positive, got {factor}")
+        raise InputError(f"factor must be positive, got {factor}")
     if rotary_dim_ <= 2:
-        raise ValueError(f"NTK scaling needs a rotary dim > 2, got {rotary_dim_}")
+        raise InputError(f"NTK scaling needs a rotary dim > 2, got {rotary_dim_}")
     return base * factor ** (rotary_dim_ / (rotary_dim_ - 2))
 
 
@@ -108,13 +109,13 @@ def rope_sum(m: torch.Tensor | int, base: float | None = None, head_dim: int | N
 def _frequencies(base, head_dim, inv_freq) -> torch.Tensor:
     if inv_freq is not None:
         if base is not None:
-            raise ValueError("give either base (with head_dim) or inv_freq, not both")
+            raise InputError("give either base (with head_dim) or inv_freq, not both")
         theta = torch.as_tensor(inv_freq, dtype=torch.float64).reshape(-1)
         if theta.numel() == 0 or not torch.isfinite(theta).all() or (theta < 0).any():
-            raise ValueError("inv_freq must be a non-empty vector of finite, non-negative frequencies")
+            raise InputError("inv_freq must be a non-empty vector of finite, non-negative frequencies")
         return theta
     if base is None or head_dim is None:
-        raise ValueError("give base and head_dim, or inv_freq")
+        raise InputError("give base and head_dim, or inv_freq")
     return default_inv_freq(float(base), int(head_dim))
 
 
@@ -205,7 +206,7 @@ def context_bound(base: float | None = None, head_dim: int | None = None, *, inv
     """L_theta = the largest L with B(m) >= 0 for all integer m in [0, L], for a base and head dim (default RoPE
     frequencies) or any frequency vector `inv_freq` [n]. Scans up to `max_m`; beyond that returns capped=True."""
     if max_m < 1:
-        raise ValueError(f"max_m must be >= 1, got {max_m}")
+        raise InputError(f"max_m must be >= 1, got {max_m}")
     theta = _frequencies(base, head_dim, inv_freq)
     scan = _scan(theta, max_m)
     if scan.first_negative is None:
@@ -253,12 +254,12 @@ def base_lower_bounds(lengths: list[int], head_dim: int = 128, *, grid_step: flo
     a specific base.
     """
     if not grid_step > 0 or not refine_rtol > 0:
-        raise ValueError("grid_step and refine_rtol must be positive")
+        raise InputError("grid_step and refine_rtol must be positive")
     if not lengths:
         return []
     for length in lengths:
         if int(length) != length or length < 1:
-            raise ValueError(f"length must be a positive integer, got {length}")
+            raise InputError(f"length must be a positive integer, got {length}")
     grid_index = _sweep(sorted({int(x) for x in lengths}), head_dim, grid_step)
     out = {}
     log_step = math.log1p(grid_step)
@@ -413,7 +414,7 @@ def model_bounds(cfg, *, seq_len: int | None = None, max_m: int = DEFAULT_MAX_M)
     """Per layer kind of a `DecoderConfig`: head dim, rotary dim, base, scaling and the context bound of the frequencies
     the model's RoPE code produces (dynamic NTK at `seq_len`, default: the configured max positions)."""
     if cfg.positional != "rope":
-        raise ValueError(f"model uses {cfg.positional!r} position embeddings, not RoPE: no RoPE context bound")
+        raise InputError(f"model uses {cfg.positional!r} position embeddings, not RoPE: no RoPE context bound")
     out = []
     for kind in dict.fromkeys(cfg.layer_types):
         params: RopeParams = cfg.rope[kind]

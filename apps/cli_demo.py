@@ -14,6 +14,8 @@ from pathlib import Path
 
 import typer
 
+from residscope.model.errors import InputError
+
 
 def register(app: typer.Typer) -> None:
     @app.command("demo")
@@ -38,7 +40,7 @@ def register(app: typer.Typer) -> None:
         from residscope.surgery.removal import remove_layers
 
         if not 0 < remove_fraction < 1:
-            raise ValueError(f"--remove-fraction must be in (0, 1), got {remove_fraction}")
+            raise InputError(f"--remove-fraction must be in (0, 1), got {remove_fraction}")
         summary: dict = {"model": model}
 
         t0 = time.perf_counter()

@@ -9,14 +9,16 @@ from typing import Optional
 
 import typer
 
+from residscope.model.errors import InputError
+
 
 def _ints(spec: str, option: str) -> list[int]:
     try:
         values = [int(x) for x in spec.replace(" ", "").split(",") if x]
     except ValueError:
-        raise ValueError(f"{option}: expected comma-separated integers like 128,256,512; got {spec!r}") from None
+        raise InputError(f"{option}: expected comma-separated integers like 128,256,512; got {spec!r}") from None
     if not values or any(v < 2 for v in values):
-        raise ValueError(f"{option}: lengths must be integers >= 2, got {spec!r}")
+        raise InputError(f"{option}: lengths must be integers >= 2, got {spec!r}")
     return values
 
 
@@ -24,9 +26,9 @@ def _floats(spec: str, option: str) -> list[float]:
     try:
         values = [float(x) for x in spec.replace(" ", "").split(",") if x]
     except ValueError:
-        raise ValueError(f"{option}: expected comma-separated numbers like 0,0.5,1; got {spec!r}") from None
+        raise InputError(f"{option}: expected comma-separated numbers like 0,0.5,1; got {spec!r}") from None
     if not values or any(not 0 <= v <= 1 for v in values):
-        raise ValueError(f"{option}: depths must be in [0, 1], got {spec!r}")
+        raise InputError(f"{option}: depths must be in [0, 1], got {spec!r}")
     return values
 
 
@@ -39,7 +41,7 @@ def _methods(model, method: Optional[str], methods: Optional[str], compare: bool
         chosen = [method or "none"]
     for m in chosen:
         if m not in METHODS:
-            raise ValueError(f"--method: unknown method {m!r} (choose from {', '.join(METHODS)})")
+            raise InputError(f"--method: unknown method {m!r} (choose from {', '.join(METHODS)})")
     return chosen
 
 
@@ -84,9 +86,9 @@ def extend(
     from residscope.model import load_model
 
     if batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
+        raise InputError(f"--batch-size must be >= 1, got {batch_size}")
     if factor is not None and factor < 1:
-        raise ValueError(f"--factor must be >= 1, got {factor}")
+        raise InputError(f"--factor must be >= 1, got {factor}")
     m = load_model(model, device=device, dtype=dtype)
     w = trained_window(m, window)
     lens = _ints(lengths, "--lengths") if lengths else [w, 2 * w, 4 * w, 8 * w]
@@ -132,9 +134,9 @@ def passkey(
     from residscope.model import load_model
 
     if keys < 1:
-        raise ValueError(f"--keys must be >= 1, got {keys}")
+        raise InputError(f"--keys must be >= 1, got {keys}")
     if factor is not None and factor < 1:
-        raise ValueError(f"--factor must be >= 1, got {factor}")
+        raise InputError(f"--factor must be >= 1, got {factor}")
     m = load_model(model, device=device, dtype=dtype)
     w = trained_window(m, window)
     lens = _ints(lengths, "--lengths") if lengths else [w, 2 * w, 4 * w, 8 * w]

@@ -8,6 +8,8 @@ from typing import Optional
 
 import typer
 
+from residscope.model.errors import InputError
+
 
 def _show_progress() -> None:
     """One-off work (assembling, converting a GGUF) is logged by residscope at INFO: show it on stderr."""
@@ -54,11 +56,11 @@ def generate(
 ) -> None:
     """Print the model's continuation of PROMPT (greedy unless --sample)."""
     if sample and not temperature > 0:
-        raise ValueError(f"--temperature must be > 0 when sampling, got {temperature}")
+        raise InputError(f"--temperature must be > 0 when sampling, got {temperature}")
     if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f"--top-p must be in (0, 1], got {top_p}")
+        raise InputError(f"--top-p must be in (0, 1], got {top_p}")
     if not sample and (top_k is not None or top_p is not None or seed is not None):
-        raise ValueError("--top-k, --top-p and --seed only apply with --sample")
+        raise InputError("--top-k, --top-p and --seed only apply with --sample")
     _show_progress()
 
     import torch
@@ -68,10 +70,10 @@ def generate(
     lm = load_model(model, device=device, dtype=dtype)
     tok = lm.tokenizer
     if tok is None:
-        raise ValueError(f"{model}: this checkpoint has no tokenizer files, so it cannot take a text prompt")
+        raise InputError(f"{model}: this checkpoint has no tokenizer files, so it cannot take a text prompt")
     if chat:
         if not getattr(tok, "chat_template", None):
-            raise ValueError(f"{model}: --chat needs a chat template, and this tokenizer has none")
+            raise InputError(f"{model}: --chat needs a chat template, and this tokenizer has none")
         text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
         ids = tok(text, add_special_tokens=False, return_tensors="pt").input_ids
     else:

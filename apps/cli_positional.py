@@ -10,15 +10,17 @@ from typing import Optional
 
 import typer
 
+from residscope.model.errors import InputError
+
 
 def _parse_layers(spec: str, n_resid_layers: int) -> list[int]:
     try:
         layers = [int(x) for x in spec.replace(" ", "").split(",") if x != ""]
     except ValueError:
-        raise ValueError(f"--remove-layers: expected comma-separated layer indices like 1,4,15; got {spec!r}") from None
+        raise InputError(f"--remove-layers: expected comma-separated layer indices like 1,4,15; got {spec!r}") from None
     for layer in layers:
         if not 0 <= layer < n_resid_layers:
-            raise ValueError(f"--remove-layers: layer {layer} out of range 0..{n_resid_layers - 1} (0 = embeddings)")
+            raise InputError(f"--remove-layers: layer {layer} out of range 0..{n_resid_layers - 1} (0 = embeddings)")
     return layers
 
 
@@ -55,11 +57,11 @@ def positional(
     from residscope.probes.linear import collect_activations, first_tokens_probe, position_probe
 
     if first_k < 1 or first_k > seq_len:
-        raise ValueError(f"--first-k must be in 1..--seq-len ({seq_len}), got {first_k}")
+        raise InputError(f"--first-k must be in 1..--seq-len ({seq_len}), got {first_k}")
     if not 0 < cos_threshold <= 1:
-        raise ValueError(f"--cos-threshold must be in (0, 1], got {cos_threshold}")
+        raise InputError(f"--cos-threshold must be in (0, 1], got {cos_threshold}")
     if out.exists() and not out.is_dir():
-        raise ValueError(f"--out: {out} exists and is not a folder")
+        raise InputError(f"--out: {out} exists and is not a folder")
     m = load_model(model, device=device, dtype=dtype)
     layers = _parse_layers(remove_layers, m.cfg.n_layers + 1)
     batches, source = calibration_batches(m, seq_len=seq_len, samples=samples, batch_size=batch_size, seed=seed,

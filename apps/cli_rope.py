@@ -12,6 +12,8 @@ from typing import Optional
 
 import typer
 
+from residscope.model.errors import InputError
+
 
 def _lower_bound_json(b) -> dict:
     out = asdict(b)
@@ -40,19 +42,19 @@ def rope_bound(
     """RoPE base vs context length (Men et al., 2024): B(m) = sum_i cos(m theta_i) must stay >= 0 for every m <= L."""
     chosen = [name for name, v in (("--length", length), ("--base", base), ("--table", table or None), ("--model", model)) if v is not None]
     if len(chosen) != 1:
-        raise ValueError(f"rope-bound: give exactly one of --length, --base, --table, --model (got {', '.join(chosen) or 'none'})")
+        raise InputError(f"rope-bound: give exactly one of --length, --base, --table, --model (got {', '.join(chosen) or 'none'})")
     if head_dim < 2 or head_dim % 2:
-        raise ValueError(f"--head-dim must be an even integer >= 2, got {head_dim}")
+        raise InputError(f"--head-dim must be an even integer >= 2, got {head_dim}")
     if length is not None and length < 1:
-        raise ValueError(f"--length must be a positive integer, got {length}")
+        raise InputError(f"--length must be a positive integer, got {length}")
     if base is not None and not (base > 1 and math.isfinite(base)):
-        raise ValueError(f"--base must be a finite number > 1, got {base}")
+        raise InputError(f"--base must be a finite number > 1, got {base}")
     if not grid_step > 0:
-        raise ValueError(f"--grid-step must be positive, got {grid_step}")
+        raise InputError(f"--grid-step must be positive, got {grid_step}")
     if max_m < 1:
-        raise ValueError(f"--max-m must be >= 1, got {max_m}")
+        raise InputError(f"--max-m must be >= 1, got {max_m}")
     if seq_len is not None and model is None:
-        raise ValueError("--seq-len only applies with --model")
+        raise InputError("--seq-len only applies with --model")
 
     from residscope.analyses import rope_bound as rb
 

@@ -10,6 +10,8 @@ from typing import Optional
 
 import typer
 
+from residscope.model.errors import InputError
+
 DEFAULT_MODEL = "smollm2-135m"
 
 _MODEL = typer.Option(DEFAULT_MODEL, "--model", help="checkpoint folder, GGUF file or alias")
@@ -37,7 +39,7 @@ def _parse_layers(spec: str) -> list[int]:
     try:
         return [int(x) for x in spec.replace(" ", "").split(",") if x != ""]
     except ValueError:
-        raise ValueError(f"--layers: expected comma-separated layer indices like 3,5,7; got {spec!r}") from None
+        raise InputError(f"--layers: expected comma-separated layer indices like 3,5,7; got {spec!r}") from None
 
 
 def _influence(m, metric: str, shortgpt_compat: bool, seq_len: int, samples: int, batch_size: int, seed: int,
@@ -151,17 +153,17 @@ def prune(
     from residscope.surgery.removal import check_layers
 
     if metric not in METRICS + BASELINES:
-        raise ValueError(f"--metric must be one of {', '.join(METRICS + BASELINES)}; got {metric!r}")
+        raise InputError(f"--metric must be one of {', '.join(METRICS + BASELINES)}; got {metric!r}")
     if (remove is None) == (layers is None):
-        raise ValueError("give either --remove N or --layers 3,5,... (exactly one)")
+        raise InputError("give either --remove N or --layers 3,5,... (exactly one)")
     if compare and remove is None:
-        raise ValueError("--compare needs --remove N")
+        raise InputError("--compare needs --remove N")
     if out is None and not compare:
-        raise ValueError("--out is required (the folder for the pruned checkpoint)")
+        raise InputError("--out is required (the folder for the pruned checkpoint)")
     if out is not None:
         check_target(Path(out).expanduser(), force)  # fail before the slow part
     if seeds < 1:
-        raise ValueError(f"--seeds must be >= 1, got {seeds}")
+        raise InputError(f"--seeds must be >= 1, got {seeds}")
     explicit = _parse_layers(layers) if layers is not None else None
 
     m = _load(model, device, dtype)
@@ -169,7 +171,7 @@ def prune(
     if explicit is not None:
         check_layers(explicit, n_layers, arg="--layers")
     elif not 0 < remove < n_layers:
-        raise ValueError(f"--remove must be between 1 and {n_layers - 1} for this {n_layers}-layer model; got {remove}")
+        raise InputError(f"--remove must be between 1 and {n_layers - 1} for this {n_layers}-layer model; got {remove}")
 
     # token batches are built once: every candidate model is scored on the same held-out and calibration tokens
     eval_batches, eval_source = calibration_batches(m, seq_len=seq_len, samples=eval_samples, batch_size=batch_size,

@@ -11,6 +11,8 @@ import numpy as np
 import plotly.graph_objects as go
 import streamlit as st
 
+from residscope.model.errors import InputError
+
 from . import explorer_cache as cache
 
 DEFAULT_PROMPT = "The capital of France is Paris. The capital of Germany is"
@@ -194,7 +196,7 @@ def page_rope(source: str) -> None:
     window = int(c5.number_input("Trained window", 16, 1 << 22, int(cfg.max_position_embeddings or 4096),
                                  key="rope_window", disabled=scaling in ("none", "linear (PI)", "NTK-aware base")))
     if head_dim % 2:
-        raise ValueError(f"head dim must be even, got {head_dim}")
+        raise InputError(f"head dim must be even, got {head_dim}")
     with computing("Scanning B(m)..."):
         plain, m, b_plain, _ = cache.rope_curve(base, head_dim, "default", 1.0, window, 1 << 20)
         if scaling != "none":
@@ -329,9 +331,9 @@ def _ints(text: str, what: str) -> tuple[int, ...]:
     try:
         values = tuple(int(x) for x in text.replace(" ", "").split(",") if x)
     except ValueError:
-        raise ValueError(f"{what}: expected comma-separated integers like 128,256; got {text!r}") from None
+        raise InputError(f"{what}: expected comma-separated integers like 128,256; got {text!r}") from None
     if not values or min(values) < 2:
-        raise ValueError(f"{what}: lengths must be integers >= 2, got {text!r}")
+        raise InputError(f"{what}: lengths must be integers >= 2, got {text!r}")
     return values
 
 
@@ -339,9 +341,9 @@ def _floats(text: str, what: str) -> tuple[float, ...]:
     try:
         values = tuple(float(x) for x in text.replace(" ", "").split(",") if x)
     except ValueError:
-        raise ValueError(f"{what}: expected comma-separated numbers like 0,0.5,1; got {text!r}") from None
+        raise InputError(f"{what}: expected comma-separated numbers like 0,0.5,1; got {text!r}") from None
     if not values or not all(0 <= v <= 1 for v in values):
-        raise ValueError(f"{what}: depths must be in [0, 1], got {text!r}")
+        raise InputError(f"{what}: depths must be in [0, 1], got {text!r}")
     return values
 
 

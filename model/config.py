@@ -13,13 +13,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .errors import InputError
 from .rope import RopeParams
 
 FULL = "full_attention"
 SLIDING = "sliding_attention"
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """A config.json that residscope cannot reproduce exactly."""
 
 

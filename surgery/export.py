@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from residscope.model.errors import InputError
 from residscope.model.loading import SUBLAYER_KEY  # the loader reads what this module writes
 
 from .removal import layer_origin, removed_sublayers
@@ -53,7 +54,7 @@ def hf_config_of(model) -> dict:
     """The config.json dict of `model`: its source config with the current layer count, layer types and dtype."""
     cfg = model.cfg
     if not cfg.hf_config:
-        raise ValueError("model.cfg.hf_config is empty: this model has no source config.json to export")
+        raise InputError("model.cfg.hf_config is empty: this model has no source config.json to export")
     out = dict(cfg.hf_config)
     out["num_hidden_layers"] = cfg.n_layers
     if "layer_types" in out or cfg.model_type in _LAYER_TYPED:
@@ -80,9 +81,9 @@ def hf_state_dict(model) -> dict[str, torch.Tensor]:
 
 def check_target(out_dir: Path, force: bool) -> None:
     if out_dir.exists() and not out_dir.is_dir():
-        raise ValueError(f"out: {out_dir} exists and is not a directory")
+        raise InputError(f"out: {out_dir} exists and is not a directory")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
-        raise ValueError(f"out: {out_dir} exists and is not empty (use --force / force=True to replace it)")
+        raise InputError(f"out: {out_dir} exists and is not empty (use --force / force=True to replace it)")
 
 
 def save_pretrained(model, out_dir: str | os.PathLike, *, pruning_info: dict | None = None, force: bool = False) -> Path:
