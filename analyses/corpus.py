@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -34,14 +35,30 @@ def builtin_text(split: str = "calibration") -> str:
     return "\n\n".join(topics[k] for k in sorted(topics) if is_evaluation_topic(k) == want_eval)
 
 
+def read_utf8(path: Path) -> str:
+    """The file's text; a missing, unreadable or non-UTF-8 file is refused in one line naming it (and the byte)."""
+    if path.is_dir():
+        raise InputError(f"{path}: is a folder, not a text file")
+    if not path.exists():
+        raise MissingFileError(f"{path}: no such text file")
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise InputError(f"{path}: cannot read ({e.strerror})") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); "
+                         "convert it, e.g. iconv -f latin1 -t utf-8") from None
+
+
 def load_text(path: str | Path) -> str:
     """A user corpus: a .txt file, or .jsonl with one JSON object per line holding a "text" field."""
     path = Path(path)
-    if not path.is_file():
-        raise MissingFileError(f"{path}: no such text file")
+    text = read_utf8(path)
     if path.suffix == ".jsonl":
         texts = []
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        for n, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
             try:
@@ -54,7 +71,7 @@ def load_text(path: str | Path) -> str:
         if not texts:
             raise InputError(f"{path}: no records with a 'text' field")
         return "\n\n".join(texts)
-    return path.read_text(encoding="utf-8")
+    return text
 
 
 def dataset_text(name: str, *, split: str = "train", field: str = "text", max_chars: int = 5_000_000) -> str:
@@ -124,9 +141,19 @@ def calibration_batches(model, *, seq_len: int = 256, samples: int = 32, batch_s
     """Batches of token ids for `model` (its tokenizer) from the chosen source, and a description of that source."""
     if model.tokenizer is None:
         raise InputError("the model has no tokenizer; pass token-id batches directly")
+    warn_beyond_positions(model, seq_len, "seq_len")
     text, source = corpus_text(text_file, dataset=dataset, split=split)
     chunks = token_chunks(tokenize(model.tokenizer, text), seq_len, samples, seed=seed)  # [samples, seq_len]
     return list(batched(chunks, batch_size)), f"{source} ({chunks.shape[0]}x{seq_len} tokens, seed {seed})"
+
+
+def warn_beyond_positions(model, length: int, what: str = "length") -> None:
+    """One warning when sequences are longer than the positions the model was trained on: legitimate for extension
+    studies, a silent surprise otherwise."""
+    limit = model.cfg.max_position_embeddings
+    if limit is not None and length > limit:
+        warnings.warn(f"{what}={length} is beyond the model's max_position_embeddings ({limit}): results measure "
+                      "behaviour past the trained context", UserWarning, stacklevel=2)  # one location: shown once per run
 
 
 def iter_devices(batches: Iterable[torch.Tensor], device: torch.device) -> Iterator[torch.Tensor]:

@@ -42,6 +42,8 @@ from tqdm.auto import tqdm
 
 from residscope.model.errors import InputError
 
+from .perplexity import perplexity_of
+
 METHODS = ("none", "pi", "ntk", "dynamic-ntk", "yarn", "pv-replace", "window")
 ROPE_METHODS = ("pi", "ntk", "dynamic-ntk", "yarn")
 
@@ -64,11 +66,26 @@ class Extension:
         return not self.fwd_hooks
 
 
+def check_factor(factor: float | None) -> None:
+    """An extension factor s: a finite number >= 1 (None: derived from the lengths)."""
+    if factor is not None and not (math.isfinite(factor) and factor >= 1):
+        raise InputError(f"factor must be a finite number >= 1 (an extension), got {factor}")
+
+
+def check_window(window: int | None) -> None:
+    if window is not None and (int(window) != window or window < 1):
+        raise InputError(f"window must be a positive integer (the trained context length), got {window}")
+
+
 def trained_window(model, window: int | None = None) -> int:
     """The context window the model was trained with: `window` if given, else max_position_embeddings of its config."""
-    w = window if window is not None else model.cfg.max_position_embeddings
-    if w is None or w < 1:
-        raise InputError("the model's config has no max_position_embeddings: pass window= (the trained context length)")
+    check_window(window)
+    if window is not None:
+        return int(window)
+    w = model.cfg.max_position_embeddings
+    if w is None or not w >= 1:
+        raise InputError(f"the model's config has no usable max_position_embeddings ({w}): pass window= (the trained "
+                         "context length)")
     return int(w)
 
 
@@ -153,8 +170,13 @@ def apply_method(
     """
     if method not in METHODS:
         raise InputError(f"unknown method {method!r} (choose from {', '.join(METHODS)})")
-    if not factor >= 1:
-        raise InputError(f"factor must be >= 1 (an extension), got {factor}")
+    check_factor(factor)
+    check_window(window)
+    if logit_scale is not None and not (math.isfinite(logit_scale) and logit_scale > 0):
+        raise InputError(f"logit_scale must be a finite number > 0, got {logit_scale}")
+    for name, value in (("ratio", ratio), ("alpha", alpha)):
+        if value is not None and not math.isfinite(value):
+            raise InputError(f"{name} must be a finite number, got {value}")
     ext = Extension(method=method, factor=float(factor))
     with model.positional_overrides():
         if method in ROPE_METHODS:
@@ -219,10 +241,12 @@ def evaluation_tokens(model, max_tokens: int | None = None) -> torch.Tensor:
     """Token ids [n] of the built-in evaluation split (held out from calibration and from zoo training)."""
     from .corpus import builtin_text, tokenize
 
+    if max_tokens is not None and (int(max_tokens) != max_tokens or max_tokens < 2):
+        raise InputError(f"max_tokens must be an integer >= 2, or None for the whole split, got {max_tokens}")
     if model.tokenizer is None:
         raise InputError("the model has no tokenizer; pass token ids to sliding_window_perplexity instead")
     tokens = tokenize(model.tokenizer, builtin_text("evaluation"))
-    return tokens[:max_tokens] if max_tokens else tokens
+    return tokens[:max_tokens] if max_tokens is not None else tokens
 
 
 def sliding_windows(n_tokens: int, length: int, stride: int, *, bos: bool = False) -> list[tuple[int, int, int]]:
@@ -267,8 +291,8 @@ def sliding_window_perplexity(model, tokens: torch.Tensor, length: int, *, strid
             # target at stream index j sits at column (j - s) + offset - 1 of nll
             total += float(nll[row, first - s + offset - 1:].double().sum())
             count += nll.shape[1] - (first - s + offset - 1)
-    nll_mean = total / count
-    return math.exp(nll_mean), nll_mean, count, len(windows)
+    ppl, nll_mean = perplexity_of(total, count, desc)
+    return ppl, nll_mean, count, len(windows)
 
 
 def extension_perplexity(model, methods: Sequence[str], lengths: Sequence[int], *, factor: float | None = None,
@@ -278,6 +302,9 @@ def extension_perplexity(model, methods: Sequence[str], lengths: Sequence[int], 
     """Sliding-window perplexity of each method at each length. factor None: max(lengths) / trained window (at least 1),
     one setting for all lengths, as when a model is extended once to a target length. method_kw: extra keyword
     arguments of `apply_method` per method name."""
+    check_factor(factor)
+    if batch_size < 1:
+        raise InputError(f"batch_size must be >= 1, got {batch_size}")
     tokens = evaluation_tokens(model, max_tokens)
     bos = bos_token_id(model)
     rows = []

@@ -39,6 +39,9 @@ def register(app: typer.Typer) -> None:
         if model is not None:
             if not model.strip():
                 raise InputError("--model: empty model name")
+            from residscope.model.registry import check_source
+
+            check_source(model)  # a bad name fails here in one line, not as a page error in the server
             env[ENV_MODEL] = model
         typer.echo(f"residscope explorer on http://localhost:{port} (Ctrl+C to stop)")
         sys.stdout.flush()

@@ -3,13 +3,14 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional
 
 import typer
 
 from residscope.model.errors import InputError
+
+from .cli_output import json_text
 
 
 def _ints(spec: str, option: str) -> list[int]:
@@ -43,6 +44,12 @@ def _methods(model, method: Optional[str], methods: Optional[str], compare: bool
         if m not in METHODS:
             raise InputError(f"--method: unknown method {m!r} (choose from {', '.join(METHODS)})")
     return chosen
+
+
+def _check_html(path: Optional[Path]) -> Optional[Path]:
+    from residscope.model.atomic import check_output_file
+
+    return check_output_file(path, "--html") if path is not None else None
 
 
 def _write_html(path: Path, text: str) -> None:
@@ -81,14 +88,15 @@ def extend(
     device: str = typer.Option("cpu", "--device"),
 ) -> None:
     """Sliding-window perplexity of the held-out split against length, for one extension method or a comparison."""
-    from residscope.analyses.extension import extension_perplexity, trained_window
+    from residscope.analyses.extension import check_factor, check_window, extension_perplexity, trained_window
     from residscope.analyses.extension_plots import perplexity_figure, perplexity_table
     from residscope.model import load_model
 
     if batch_size < 1:
         raise InputError(f"--batch-size must be >= 1, got {batch_size}")
-    if factor is not None and factor < 1:
-        raise InputError(f"--factor must be >= 1, got {factor}")
+    check_factor(factor)
+    check_window(window)
+    html = _check_html(html)  # before the slow part
     m = load_model(model, device=device, dtype=dtype)
     w = trained_window(m, window)
     lens = _ints(lengths, "--lengths") if lengths else [w, 2 * w, 4 * w, 8 * w]
@@ -100,7 +108,7 @@ def extend(
         fig = perplexity_figure(rows, title=f"{model}: sliding-window perplexity against length", window=w)
         _write_html(html, fig.to_html(include_plotlyjs="cdn"))
     if as_json:
-        print(json.dumps({"model": model, "window": w, "results": [r.to_dict() for r in rows]}, indent=2))
+        print(json_text({"model": model, "window": w, "results": [r.to_dict() for r in rows]}, indent=2))
     else:
         print(f"{model} (trained window {w}), sliding-window perplexity of the evaluation split")
         print(perplexity_table(rows))
@@ -129,14 +137,15 @@ def passkey(
     device: str = typer.Option("cpu", "--device"),
 ) -> None:
     """Passkey retrieval (exact match, greedy) against prompt length and key depth, per extension method."""
-    from residscope.analyses.extension import apply_method, passkey_accuracy, trained_window
+    from residscope.analyses.extension import apply_method, check_factor, check_window, passkey_accuracy, trained_window
     from residscope.analyses.extension_plots import passkey_figure, passkey_table
     from residscope.model import load_model
 
     if keys < 1:
         raise InputError(f"--keys must be >= 1, got {keys}")
-    if factor is not None and factor < 1:
-        raise InputError(f"--factor must be >= 1, got {factor}")
+    check_factor(factor)
+    check_window(window)
+    html = _check_html(html)  # before the slow part
     m = load_model(model, device=device, dtype=dtype)
     w = trained_window(m, window)
     lens = _ints(lengths, "--lengths") if lengths else [w, 2 * w, 4 * w, 8 * w]
@@ -153,7 +162,7 @@ def passkey(
     if html is not None:
         _write_html(html, passkey_figure(rows, title=f"{model}: passkey retrieval").to_html(include_plotlyjs="cdn"))
     if as_json:
-        print(json.dumps({"model": model, "window": w, "results": [r.to_dict() for r in rows]}, indent=2))
+        print(json_text({"model": model, "window": w, "results": [r.to_dict() for r in rows]}, indent=2))
     else:
         print(f"{model} (trained window {w}), passkey accuracy (mean over depths [per depth {dps}])")
         print(passkey_table(rows))

@@ -11,6 +11,9 @@ import typer
 from residscope.model.errors import InputError
 
 
+MAX_NEW_TOKENS = 4096  # one token per forward pass: beyond this a CPU run takes long enough to look like a hang
+
+
 def _show_progress() -> None:
     """One-off work (assembling, converting a GGUF) is logged by residscope at INFO: show it on stderr."""
     logger = logging.getLogger("residscope")
@@ -44,7 +47,8 @@ def models(as_json: bool = typer.Option(False, "--json", help="print the rows as
 def generate(
     prompt: str = typer.Argument(..., help="text to continue"),
     model: str = typer.Option("smollm2-135m", "--model", help="alias, Hugging Face folder or .gguf file"),
-    max_new_tokens: int = typer.Option(20, "--max-new-tokens", min=1, help="tokens to generate"),
+    max_new_tokens: int = typer.Option(20, "--max-new-tokens", min=1, max=MAX_NEW_TOKENS,
+                                       help="tokens to generate (at most 4096: minutes on a CPU)"),
     sample: bool = typer.Option(False, "--sample", help="sample instead of greedy decoding"),
     temperature: float = typer.Option(1.0, "--temperature", help="softmax temperature when sampling (> 0)"),
     top_k: Optional[int] = typer.Option(None, "--top-k", min=1, help="sample among the k most likely tokens"),

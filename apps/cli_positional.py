@@ -4,13 +4,14 @@ every file is written to a temporary name, then renamed."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional
 
 import typer
 
 from residscope.model.errors import InputError
+
+from .cli_output import json_text
 
 
 def _parse_layers(spec: str, n_resid_layers: int) -> list[int]:
@@ -34,7 +35,8 @@ def positional(
     model: str = typer.Option("smollm2-135m", "--model", help="checkpoint folder, GGUF file or alias"),
     samples: int = typer.Option(64, "--samples", help="calibration sequences for the decomposition"),
     seq_len: int = typer.Option(128, "--seq-len", help="tokens per sequence"),
-    out: Path = typer.Option(..., "--out", help="output folder (created if missing)"),
+    out: Path = typer.Option(..., "--out", help="output folder (created if missing; must be empty unless --force)"),
+    force: bool = typer.Option(False, "--force", help="replace a non-empty --out folder"),
     batch_size: int = typer.Option(8, "--batch-size"),
     seed: int = typer.Option(0, "--seed", help="seed of the chunk order"),
     text: Optional[Path] = typer.Option(None, "--text", help=".txt or .jsonl text file instead of the built-in corpus"),
@@ -54,14 +56,14 @@ def positional(
     from residscope.analyses.corpus import calibration_batches
     from residscope.analyses.positional import attention_statistics, decompose_positions, describe_positions, removal_study
     from residscope.model import load_model
+    from residscope.model.atomic import atomic_dir, check_output_dir
     from residscope.probes.linear import collect_activations, first_tokens_probe, position_probe
 
     if first_k < 1 or first_k > seq_len:
         raise InputError(f"--first-k must be in 1..--seq-len ({seq_len}), got {first_k}")
     if not 0 < cos_threshold <= 1:
         raise InputError(f"--cos-threshold must be in (0, 1], got {cos_threshold}")
-    if out.exists() and not out.is_dir():
-        raise InputError(f"--out: {out} exists and is not a folder")
+    out = check_output_dir(out, "--out", force=force)  # before the slow part
     m = load_model(model, device=device, dtype=dtype)
     layers = _parse_layers(remove_layers, m.cfg.n_layers + 1)
     batches, source = calibration_batches(m, seq_len=seq_len, samples=samples, batch_size=batch_size, seed=seed,
@@ -98,9 +100,6 @@ def positional(
                  for r in rows],
         probes=[p.to_dict() for p in probes],
     )
-    from residscope.model.atomic import atomic_write
-
-    out.mkdir(parents=True, exist_ok=True)
     figures = {"norms.html": plots.norms_heatmap(desc), "similarity.html": plots.similarity_matrices(desc),
                "pca.html": plots.pca_trajectories(desc), "layers.html": plots.layer_summary(desc),
                "sinks.html": plots.sink_mass(att), "distance.html": plots.attention_by_distance(att)}
@@ -108,14 +107,16 @@ def positional(
         figures["removal.html"] = plots.removal_effects(rows)
     if probes:
         figures["probes.html"] = plots.probe_scores(probes)
-    for name, fig in figures.items():
-        atomic_write(out / name, lambda p, fig=fig: fig.write_html(str(p), include_plotlyjs="cdn"))
-    dec.save(out / "positional_vectors.safetensors")
     summary["files"] = sorted([*figures, "positional_vectors.safetensors", "summary.json"])
-    atomic_write(out / "summary.json", lambda p: p.write_text(json.dumps(summary, indent=1)))
+    summary_json = json_text(summary, indent=1)
+    with atomic_dir(out) as tmp:  # the whole folder appears at once (or, with --force, replaces the old one)
+        for name, fig in figures.items():
+            fig.write_html(str(tmp / name), include_plotlyjs="cdn")
+        dec.save(tmp / "positional_vectors.safetensors")
+        (tmp / "summary.json").write_text(summary_json)
 
     if as_json:
-        typer.echo(json.dumps(summary, indent=1))
+        typer.echo(summary_json)
         return
     pos = summary["positional"]
     sink = summary["attention"]["sink_mass_by_block"]

@@ -5,7 +5,6 @@ JSON fields are documented in docs/rope-bound.md.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict
 from typing import Optional
@@ -13,6 +12,8 @@ from typing import Optional
 import typer
 
 from residscope.model.errors import InputError
+
+from .cli_output import json_text
 
 
 def _lower_bound_json(b) -> dict:
@@ -29,13 +30,13 @@ def _bound_json(c) -> dict:
 
 def rope_bound(
     head_dim: int = typer.Option(128, "--head-dim", help="head dim d (frequencies theta_i = base^(-2i/d))"),
-    length: Optional[int] = typer.Option(None, "--length", help="context length L: print the smallest base keeping B >= 0 on [0, L]"),
+    length: Optional[int] = typer.Option(None, "--length", help="context length L (up to 2^22 = 4,194,304): print the smallest base keeping B >= 0 on [0, L]"),
     base: Optional[float] = typer.Option(None, "--base", help="RoPE base: print its context bound"),
     table: bool = typer.Option(False, "--table", help="the paper's table (1k .. 1M, head dim 128) next to the published values"),
     model: Optional[str] = typer.Option(None, "--model", help="alias, Hugging Face folder or .gguf: bound per layer kind"),
     seq_len: Optional[int] = typer.Option(None, "--seq-len", help="with --model: length at which dynamic NTK scaling is evaluated"),
-    grid_step: float = typer.Option(1e-3, "--grid-step", help="relative spacing of the exhaustive base grid"),
-    max_m: int = typer.Option(1 << 22, "--max-m", help="largest distance scanned for a context bound"),
+    grid_step: float = typer.Option(1e-3, "--grid-step", help="relative spacing of the exhaustive base grid, 1e-5..1"),
+    max_m: int = typer.Option(1 << 22, "--max-m", help="largest distance scanned for a context bound, up to 2^28"),
     as_json: bool = typer.Option(False, "--json", help="print JSON (fields: docs/rope-bound.md)"),
     html: Optional[str] = typer.Option(None, "--html", help="also write plotly figures (B(m) curves, bound vs length) to this file"),
 ) -> None:
@@ -43,28 +44,29 @@ def rope_bound(
     chosen = [name for name, v in (("--length", length), ("--base", base), ("--table", table or None), ("--model", model)) if v is not None]
     if len(chosen) != 1:
         raise InputError(f"rope-bound: give exactly one of --length, --base, --table, --model (got {', '.join(chosen) or 'none'})")
-    if head_dim < 2 or head_dim % 2:
-        raise InputError(f"--head-dim must be an even integer >= 2, got {head_dim}")
-    if length is not None and length < 1:
-        raise InputError(f"--length must be a positive integer, got {length}")
     if base is not None and not (base > 1 and math.isfinite(base)):
         raise InputError(f"--base must be a finite number > 1, got {base}")
-    if not grid_step > 0:
-        raise InputError(f"--grid-step must be positive, got {grid_step}")
-    if max_m < 1:
-        raise InputError(f"--max-m must be >= 1, got {max_m}")
     if seq_len is not None and model is None:
         raise InputError("--seq-len only applies with --model")
 
     from residscope.analyses import rope_bound as rb
 
+    # the library's own checks (limits: docs/rope-bound.md), before any work
+    rb.check_head_dim(head_dim)
+    rb.check_max_m(max_m)
+    rb.check_search([length] if length is not None else [], grid_step, 1e-6)
+    if html:
+        from residscope.model.atomic import check_output_file
+
+        check_output_file(html, "--html")  # before the slow part
+
     figures_bases: list[float] = []
     rows = None
     if length is not None:
-        b = rb.base_lower_bound(length, head_dim, grid_step=grid_step, max_m=max_m)
+        b = rb.base_lower_bound(length, head_dim, grid_step=grid_step, max_m=max_m, progress=not as_json)
         figures_bases = [b.below, b.value]
         if as_json:
-            typer.echo(json.dumps(_lower_bound_json(b), indent=1))
+            typer.echo(json_text(_lower_bound_json(b), indent=1))
         else:
             reach = f">= {b.reach:,}" if b.reach_capped else f"{b.reach:,}"
             typer.echo(f"base lower bound for L={length:,}, head dim {head_dim}: {b.value:.9g}"
@@ -76,16 +78,16 @@ def rope_bound(
         c = rb.context_bound(base, head_dim, max_m=max_m)
         figures_bases = [base]
         if as_json:
-            typer.echo(json.dumps(_bound_json(c), indent=1))
+            typer.echo(json_text(_bound_json(c), indent=1))
         elif c.capped:
             typer.echo(f"context bound of base {base:g}, head dim {head_dim}: >= {c.bound:,} (B >= 0 up to --max-m)")
         else:
             typer.echo(f"context bound of base {base:g}, head dim {head_dim}: {c.bound:,}  (B first < 0 at m={c.first_negative:,})")
     elif table:
-        rows = rb.paper_table(head_dim, grid_step=grid_step, max_m=max_m)
+        rows = rb.paper_table(head_dim, grid_step=grid_step, max_m=max_m, progress=not as_json)
         figures_bases = [rows[0].computed.value, rows[len(rows) // 2].computed.value]
         if as_json:
-            typer.echo(json.dumps([{"length": r.length, "published": r.published, "published_context_bound": r.published_reach.bound
+            typer.echo(json_text([{"length": r.length, "published": r.published, "published_context_bound": r.published_reach.bound
                                     if r.published_reach else None, "note": r.note, **_lower_bound_json(r.computed)} for r in rows], indent=1))
         else:
             typer.echo(f"{'length':>9}  {'computed':>11}  {'published':>9}  {'ok':>3}  note")
@@ -99,7 +101,7 @@ def rope_bound(
         kinds = rb.model_bounds(cfg, seq_len=seq_len, max_m=max_m)
         figures_bases = [k.base for k in kinds]
         if as_json:
-            typer.echo(json.dumps([{**asdict(k), "context_bound": k.bound.bound, "capped": k.bound.capped,
+            typer.echo(json_text([{**asdict(k), "context_bound": k.bound.bound, "capped": k.bound.capped,
                                     "covers_max_positions": k.covers_max_positions} for k in kinds], indent=1))
         else:
             typer.echo(f"{model}: max positions {cfg.max_position_embeddings}")

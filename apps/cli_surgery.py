@@ -3,7 +3,6 @@ checkpoint, and held-out perplexity. Heavy imports happen inside the commands.""
 
 from __future__ import annotations
 
-import json
 import statistics
 from pathlib import Path
 from typing import Optional
@@ -11,6 +10,8 @@ from typing import Optional
 import typer
 
 from residscope.model.errors import InputError
+
+from .cli_output import json_text
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -81,18 +82,22 @@ def bi(
     device: str = _DEVICE,
 ) -> None:
     """Per-layer importance (ShortGPT Block Influence or another metric) on calibration text."""
+    from residscope.model.atomic import atomic_write, check_output_file
     from residscope.surgery.influence import check_metric
 
     check_metric(metric)
+    if html is not None:
+        html = check_output_file(html, "--html")  # before the slow part
     m = _load(model, device, dtype)
     result = _influence(m, metric, shortgpt_compat, seq_len, samples, batch_size, seed, text, dataset)
     if html is not None:
         from residscope.surgery.plots import influence_figure
 
-        influence_figure(result, highlight=max(1, len(result.scores) // 4)).write_html(str(html))
+        fig = influence_figure(result, highlight=max(1, len(result.scores) // 4))
+        atomic_write(html, lambda tmp: fig.write_html(str(tmp)))
         _echo_err(f"wrote {html}")
     if as_json:
-        typer.echo(json.dumps({**result.to_dict(), "order": result.order(), "model": model}, indent=2))
+        typer.echo(json_text({**result.to_dict(), "order": result.order(), "model": model}, indent=2))
     else:
         typer.echo(_influence_table(result))
 
@@ -115,7 +120,7 @@ def ppl(
     m = _load(model, device, dtype)
     r = heldout_perplexity(m, seq_len=seq_len, samples=samples, batch_size=batch_size, seed=seed, text_file=text, dataset=dataset)
     if as_json:
-        typer.echo(json.dumps({**r.to_dict(), "model": model}, indent=2))
+        typer.echo(json_text({**r.to_dict(), "model": model}, indent=2))
     else:
         typer.echo(f"perplexity {r.ppl:.4f}  (nll {r.nll:.4f} nats/token, {r.n_tokens} predicted tokens; {r.source})")
 
@@ -224,7 +229,7 @@ def prune(
                 typer.echo(f"{r['method']:<22} {r['ppl']:>12.3f} {r['ppl'] / dense.ppl:>8.2f}  {removed}{spread}")
         if out is None:
             if as_json:
-                typer.echo(json.dumps(report, indent=2))
+                typer.echo(json_text(report, indent=2))
             return
 
     influence = None
@@ -245,7 +250,7 @@ def prune(
     folder = save_pretrained(pruned, out, pruning_info=record, force=force)
     report.update(removed_layers=order, metric=used_metric, after=after.to_dict(), out=str(folder))
     if as_json:
-        typer.echo(json.dumps(report, indent=2))
+        typer.echo(json_text(report, indent=2))
     else:
         typer.echo(f"removed {len(order)} of {n_layers} layers by {used_metric}: {', '.join(map(str, order))}")
         typer.echo(f"held-out perplexity: {dense.ppl:.4f} -> {after.ppl:.4f} (x{after.ppl / dense.ppl:.2f}; {after.source})")

@@ -260,19 +260,34 @@ def resolve_source(source: str | os.PathLike) -> Path:
     Raises ModelNotInstalledError (a FileNotFoundError) for an alias whose package is missing, FileNotFoundError for a
     path that does not exist, ValueError for a file that is not GGUF; each message is one line naming the source.
     """
+    check_source(source)
     text = os.fspath(source)
-    _register_zoo_on_disk()
     if isinstance(source, str) and text in _REGISTRY:
         return resolve_alias(text)
     path = Path(text).expanduser()
     if path.is_dir():
+        return path
+    from .gguf import convert_gguf
+
+    return convert_gguf(path)
+
+
+def check_source(source: str | os.PathLike) -> None:
+    """Refuse what `resolve_source` would refuse, without converting or assembling anything (cheap): an unknown or
+    uninstalled alias, a folder without config.json, a file that is not GGUF, a path that does not exist."""
+    text = os.fspath(source)
+    _register_zoo_on_disk()
+    if isinstance(source, str) and text in _REGISTRY:
+        entry = _REGISTRY[text]
+        if entry.find() is None:
+            raise ModelNotInstalledError(f"{text} is not installed: {entry.install}")
+        return
+    path = Path(text).expanduser()
+    if path.is_dir():
         if not (path / "config.json").is_file():
             raise CheckpointError(f"{path}: missing config.json (not a Hugging Face model folder)")
-        return path
-    if path.is_file():
+    elif path.is_file():
         if path.suffix.lower() != ".gguf":
             raise InputError(f"{path}: not a model folder or a .gguf file")
-        from .gguf import convert_gguf
-
-        return convert_gguf(path)
-    raise MissingFileError(f"{text!r} is not a model alias, folder or GGUF file (aliases: {', '.join(known_aliases())})")
+    else:
+        raise MissingFileError(f"{text!r} is not a model alias, folder or GGUF file (aliases: {', '.join(known_aliases())})")

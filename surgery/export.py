@@ -15,22 +15,21 @@ residscope_pruning.json. A loader reads it by building the Decoder, setting `blo
 `blocks[i].mlp = None` for those layers, calling `setup()`, then loading the tensors. transformers would instead
 re-initialise the missing tensors at random, so such folders are for residscope only.
 
-The folder is written under a temporary name next to the target and renamed into place, so a failure never leaves a
-half-written checkpoint; an existing non-empty target is refused unless `force=True`.
+The folder is written under a temporary name next to the target and renamed into place (`atomic_dir`), so a failure
+never leaves a half-written checkpoint; an existing non-empty target is refused unless `force=True`.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 import warnings
 from importlib import metadata
 from pathlib import Path
 
 import torch
 
+from residscope.model.atomic import atomic_dir, check_output_dir
 from residscope.model.errors import InputError
 from residscope.model.loading import SUBLAYER_KEY  # the loader reads what this module writes
 
@@ -80,10 +79,8 @@ def hf_state_dict(model) -> dict[str, torch.Tensor]:
 
 
 def check_target(out_dir: Path, force: bool) -> None:
-    if out_dir.exists() and not out_dir.is_dir():
-        raise InputError(f"out: {out_dir} exists and is not a directory")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
-        raise InputError(f"out: {out_dir} exists and is not empty (use --force / force=True to replace it)")
+    """Refuse an output folder that is a file, not empty (unless `force`) or not writable, before any work."""
+    check_output_dir(out_dir, "out", force=force)
 
 
 def save_pretrained(model, out_dir: str | os.PathLike, *, pruning_info: dict | None = None, force: bool = False) -> Path:
@@ -117,35 +114,13 @@ def save_pretrained(model, out_dir: str | os.PathLike, *, pruning_info: dict | N
             UserWarning, stacklevel=2,
         )
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir) as tmp:
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         if model.tokenizer is not None:
             model.tokenizer.save_pretrained(str(tmp))
         (tmp / PRUNING_FILE).write_text(json.dumps(record, indent=2) + "\n")
-        _replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
-
-
-def _replace_dir(tmp: Path, out_dir: Path) -> None:
-    """Move `tmp` to `out_dir`; an existing target is moved aside first and deleted only after the rename."""
-    old = None
-    if out_dir.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-        os.rename(out_dir, old / "dir")
-    try:
-        os.rename(tmp, out_dir)
-    except BaseException:
-        if old is not None:
-            os.rename(old / "dir", out_dir)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def pruning_record(*, removed_layers: list[int], n_layers_before: int, metric: str | None = None,
