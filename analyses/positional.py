@@ -350,8 +350,7 @@ def attention_statistics(model, batches: Iterable[torch.Tensor], *, first_k: int
     """
     cfg = model.cfg
     acc = _AttentionAccumulator(cfg.n_layers, cfg.n_heads, first_k)
-    hooks = [(f"blocks.{i}.attn.hook_pattern", acc.hook(i)) for i in range(cfg.n_layers)
-             if model.blocks[i].attn is not None]
+    hooks = [(f"blocks.{i}.attn.hook_pattern", acc.hook(i)) for i in model.attention_layers()]
     for ids in tqdm(batches, desc="attention", disable=not progress, leave=False):
         ids = ids.to(model.device)
         model.run_with_hooks(ids, fwd_hooks=list(fwd_hooks) + hooks, stop_at_layer=cfg.n_layers)
