@@ -10,6 +10,7 @@ Warnings from the library (e.g. a sequence longer than the model's max positions
 
 from __future__ import annotations
 
+import logging
 import sys
 import warnings
 
@@ -19,6 +20,25 @@ import typer
 def first_line(error: BaseException) -> str:
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
+
+
+def one_line(error: BaseException) -> str:
+    """An error for display: bad input as its own message, anything else prefixed with its type."""
+    from residscope.model.errors import InputError
+
+    text = first_line(error)
+    return text if isinstance(error, InputError) else f"{type(error).__name__}: {text}"
+
+
+def log_failure(log: logging.Logger, error: BaseException, what: str) -> None:
+    """For servers (the explorer), which show the error on the page: bad input is the user's to fix, one line in the
+    log; anything else is a bug, logged with its traceback. Call from inside the `except` block."""
+    from residscope.model.errors import InputError
+
+    if isinstance(error, InputError):
+        log.warning("%s: %s", what, first_line(error))
+    else:
+        log.exception(what)
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:

@@ -12,28 +12,11 @@ import logging
 import streamlit as st
 
 from residscope.apps import explorer_cache as cache
-from residscope.model.errors import InputError
+from residscope.apps.errors import log_failure, one_line
 from residscope.apps.explorer_pages import DEFAULT_PROMPT, PAGES
 
 log = logging.getLogger("residscope.explorer")
 LOCAL = "local folder or .gguf file..."
-
-
-def one_line(error: BaseException) -> str:
-    text = str(error).strip()
-    first = text.splitlines()[0] if text else ""
-    if isinstance(error, InputError) and first:
-        return first
-    return f"{type(error).__name__}: {first}" if first else type(error).__name__
-
-
-def log_failure(error: BaseException, what: str) -> None:
-    """Bad input is the user's to fix and is shown on the page: one line in the server log. Anything else is a bug:
-    its traceback goes to the log."""
-    if isinstance(error, InputError):
-        log.warning("%s: %s", what, one_line(error))
-    else:
-        log.exception(what)
 
 
 def pick_page() -> str:
@@ -81,7 +64,7 @@ def main() -> None:
         with st.spinner(f"Loading {source}...", show_time=True):
             lm = cache.model(source)
     except Exception as e:  # noqa: BLE001 - any load failure is shown, not raised
-        log_failure(e, f"loading {source}")
+        log_failure(log, e, f"loading {source}")
         st.error(f"Cannot load {source}: {one_line(e)}")
         return
     cfg = lm.cfg
@@ -90,7 +73,7 @@ def main() -> None:
     try:
         PAGES[page][1](source)
     except Exception as e:  # noqa: BLE001 - Streamlit's own control flow (rerun, stop) is not an Exception
-        log_failure(e, f"page {page} on {source}")
+        log_failure(log, e, f"page {page} on {source}")
         st.error(one_line(e))
 
 

@@ -336,23 +336,27 @@ def test_app_with_a_missing_model_is_one_line(capsys, monkeypatch):
 
 
 def test_explorer_logs_bad_input_in_one_line_and_bugs_with_traceback(caplog):
+    import logging
+
+    from residscope.apps.errors import log_failure, one_line
     from residscope.model.errors import MissingFileError
 
-    sys.modules.pop("residscope.apps.explorer_app", None)
-    pytest.importorskip("streamlit")
-    import importlib
-
+    log = logging.getLogger("residscope.explorer")
+    missing = MissingFileError("'nope' is not a model alias, folder or GGUF file")
     with caplog.at_level("WARNING", logger="residscope.explorer"):
-        app = importlib.import_module("residscope.apps.explorer_app")  # runs main() in bare mode: no model picked
-        caplog.clear()
-        app.log_failure(MissingFileError("'nope' is not a model alias, folder or GGUF file"), "loading nope")
+        try:
+            raise missing
+        except MissingFileError as e:
+            log_failure(log, e, "loading nope")
         try:
             raise RuntimeError("a bug")
         except RuntimeError as e:
-            app.log_failure(e, "page x")
+            log_failure(log, e, "page x")
     bad_input, bug = caplog.records
     assert bad_input.exc_info is None and bad_input.getMessage() == "loading nope: 'nope' is not a model alias, folder or GGUF file"
     assert bug.exc_info is not None
+    assert one_line(missing) == "'nope' is not a model alias, folder or GGUF file"
+    assert one_line(RuntimeError("a bug\nmore")) == "RuntimeError: a bug"
 
 
 # ---- hangs ------------------------------------------------------------------------------------------------------------
