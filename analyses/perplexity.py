@@ -16,9 +16,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from residscope.common.batches import Batch, batch_count, unpack_batch
 from residscope.model.errors import InputError
-
-Batch = torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]
 
 
 @dataclass
@@ -30,28 +29,6 @@ class PerplexityResult:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def unpack_batch(batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """A batch is token ids [batch, pos], or (ids, attention_mask) with mask [batch, pos] (1 = token, 0 = padding)."""
-    if isinstance(batch, torch.Tensor):
-        ids, mask = batch, None
-    elif isinstance(batch, (tuple, list)) and len(batch) == 2:
-        ids, mask = batch
-    else:
-        raise InputError(f"a batch must be token ids [batch, pos] or (ids, attention_mask), got {type(batch).__name__}")
-    if ids.dim() != 2:
-        raise InputError(f"token ids must be [batch, pos], got shape {tuple(ids.shape)}")
-    if mask is not None and mask.shape != ids.shape:
-        raise InputError(f"attention_mask has shape {tuple(mask.shape)}, token ids {tuple(ids.shape)}")
-    return ids, mask
-
-
-def batch_count(batches) -> int | None:
-    try:
-        return len(batches)
-    except TypeError:
-        return None
 
 
 def token_nll_sum(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor | None) -> tuple[float, int]:
@@ -86,7 +63,7 @@ def perplexity(model, batches: Iterable[Batch], *, progress: bool = True, desc: 
             ids, mask = unpack_batch(batch)
             ids = ids.to(model.device)
             mask = mask.to(model.device) if mask is not None else None
-            logits = model(ids, mask)  # [batch, pos, vocab]
+            logits = model(ids, attention_mask=mask)  # [batch, pos, vocab]
             s, n = token_nll_sum(logits, ids, mask)
             total_nll += s
             n_tokens += n

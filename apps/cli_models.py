@@ -10,6 +10,7 @@ import typer
 
 from residscope.model.errors import InputError
 
+from .cli_common import DEVICE, DTYPE, MODEL, load, model_name
 
 MAX_NEW_TOKENS = 4096  # one token per forward pass: beyond this a CPU run takes long enough to look like a hang
 
@@ -46,7 +47,7 @@ def models(as_json: bool = typer.Option(False, "--json", help="print the rows as
 
 def generate(
     prompt: str = typer.Argument(..., help="text to continue"),
-    model: str = typer.Option("smollm2-135m", "--model", help="alias, Hugging Face folder or .gguf file"),
+    model: Optional[str] = MODEL,
     max_new_tokens: int = typer.Option(20, "--max-new-tokens", min=1, max=MAX_NEW_TOKENS,
                                        help="tokens to generate (at most 4096: minutes on a CPU)"),
     sample: bool = typer.Option(False, "--sample", help="sample instead of greedy decoding"),
@@ -55,8 +56,8 @@ def generate(
     top_p: Optional[float] = typer.Option(None, "--top-p", help="nucleus sampling mass in (0, 1]"),
     seed: Optional[int] = typer.Option(None, "--seed", help="seed of the sampler (reproducible samples)"),
     chat: bool = typer.Option(False, "--chat", help="wrap the prompt in the model's chat template as a user turn"),
-    dtype: str = typer.Option("float32", "--dtype"),
-    device: str = typer.Option("cpu", "--device"),
+    dtype: str = DTYPE,
+    device: str = DEVICE,
 ) -> None:
     """Print the model's continuation of PROMPT (greedy unless --sample)."""
     if sample and not temperature > 0:
@@ -69,9 +70,8 @@ def generate(
 
     import torch
 
-    from residscope.model import load_model
-
-    lm = load_model(model, device=device, dtype=dtype)
+    model = model_name(model)
+    lm = load(model, device, dtype)
     tok = lm.tokenizer
     if tok is None:
         raise InputError(f"{model}: this checkpoint has no tokenizer files, so it cannot take a text prompt")

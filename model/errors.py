@@ -1,22 +1,14 @@
-"""residscope's errors for user mistakes. Each message names the file, key or argument at fault, in one line.
+"""Errors for configs and checkpoints the user gave us; each message names the file, key or tensor at fault.
+Both are `InputError`s (residscope.common.errors, re-exported here with `MissingFileError`): bad input, exit code 2."""
 
-    InputError(ValueError)                 any bad input: argument, value, text file, output path
-    ├── ConfigError                        a config.json residscope cannot reproduce exactly (model/config.py)
-    ├── CheckpointError                    a checkpoint folder or file that cannot be loaded as asked
-    └── MissingFileError(FileNotFoundError) a file, folder or alias that does not exist
+from residscope.common.errors import InputError, MissingFileError
 
-The CLI turns exactly these into one line on stderr and exit code 2; any other exception is a bug and keeps its
-traceback (exit code 1). They subclass ValueError, so `except ValueError` in user code keeps working.
-"""
-
-
-class InputError(ValueError):
-    """A user mistake: a bad argument, value, file, key or output path. The message names it."""
+__all__ = ["CheckpointError", "ConfigError", "InputError", "MissingFileError"]
 
 
 class CheckpointError(InputError):
     """A checkpoint folder or file that cannot be loaded as asked (missing file, missing or mis-shaped tensor, bad dtype)."""
 
 
-class MissingFileError(InputError, FileNotFoundError):
-    """A file, folder or model alias that does not exist (also a FileNotFoundError)."""
+class ConfigError(InputError):
+    """A config.json that residscope cannot reproduce exactly."""

@@ -29,7 +29,8 @@ from pathlib import Path
 
 import torch
 
-from .atomic import atomic_dir, check_output_dir
+from residscope.common.atomic import atomic_dir, check_output_dir
+
 from .checkpoint import local_to_hf
 from .config import SUBLAYER_KEY  # the loader reads what this module writes
 from .errors import InputError

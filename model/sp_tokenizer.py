@@ -33,7 +33,8 @@ from typing import Any
 import sentencepiece as spm
 from transformers import AddedToken, PreTrainedTokenizer
 
-from .atomic import atomic_write, atomic_write_text
+from residscope.common.atomic import atomic_write, atomic_write_text
+
 from .errors import InputError
 
 VOCAB_FILES_NAMES = {"vocab_file": "tokenizer.model"}

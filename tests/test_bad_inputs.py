@@ -151,7 +151,7 @@ def test_output_below_a_file_is_refused(tmp_path, option, capsys):
 
 _KILLED_WRITER = """
 import sys, time
-from residscope.model.atomic import atomic_dir
+from residscope.common.atomic import atomic_dir
 with atomic_dir(sys.argv[1]) as tmp:
     (tmp / "model.safetensors").write_bytes(b"x" * 1000)
     print(tmp, flush=True)
@@ -160,7 +160,7 @@ with atomic_dir(sys.argv[1]) as tmp:
 
 
 def test_temp_folders_of_a_killed_run_are_cleaned_by_the_next_write(tmp_path):
-    from residscope.model.atomic import atomic_write_text, clean_stale
+    from residscope.common.atomic import atomic_write_text, clean_stale
 
     proc = subprocess.Popen([sys.executable, "-c", _KILLED_WRITER, str(tmp_path / "pruned")], stdout=subprocess.PIPE,
                             text=True)
@@ -398,7 +398,7 @@ def test_user_errors_are_value_errors_and_one_family():
 
 def test_library_raises_input_error_for_user_mistakes(tmp_path):
     from residscope.analyses.corpus import load_text
-    from residscope.model.atomic import check_output_dir, check_output_file
+    from residscope.common.atomic import check_output_dir, check_output_file
     from residscope.model.loading import parse_device
     from residscope.model.registry import check_source
 
