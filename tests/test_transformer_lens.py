@@ -48,10 +48,11 @@ def char_tokenizer(*, pad: str = "own", adds_bos: bool = False) -> PreTrainedTok
     tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(specials + list(CHARS))}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     tok.decoder = decoders.Fuse()
-    if adds_bos:
-        tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", BOS)])
     names = {"own": ("<s>", "</s>", "<pad>"), "eos": ("<s>", "</s>", "</s>"), "shared": ("</s>", "</s>", "</s>")}[pad]
     bos, eos, pad_token = names
+    if adds_bos:
+        tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                                           special_tokens=[(bos, specials.index(bos))])
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=eos, pad_token=pad_token, unk_token="<unk>")
 
 
@@ -383,8 +384,8 @@ def test_config_follows_to_and_surgery(llama):
 # TransformerLens's analysis helpers against hand-written loops
 # ---------------------------------------------------------------------------------------------------------------------
 def _patching_inputs(model):
-    """The last 8 characters of the IOI-style prompts: a sweep over every (layer, position) stays small."""
-    clean, corrupt = model.to_tokens(CLEAN)[:, -8:], model.to_tokens(CORRUPT)[:, -8:]
+    """The last 5 characters of the IOI-style prompts: a sweep over every (layer, position, head) stays small."""
+    clean, corrupt = model.to_tokens(CLEAN)[:, -5:], model.to_tokens(CORRUPT)[:, -5:]
     right, wrong = model.to_single_token("M"), model.to_single_token("J")
     return clean, corrupt, lambda logits: logit_diff(logits, right, wrong)
 
