@@ -61,8 +61,8 @@ def extend(
 ) -> None:
     """Sliding-window perplexity of the held-out split against length, for one extension method or a comparison."""
     from residscope.analyses.extension import check_factor, check_window, extension_perplexity, trained_window
-    from residscope.common.atomic import check_output_file
     from residscope.analyses.extension_plots import perplexity_figure, perplexity_table
+    from residscope.common.atomic import check_output_file
 
     if batch_size < 1:
         raise InputError(f"--batch-size must be >= 1, got {batch_size}")
@@ -108,8 +108,8 @@ def passkey(
 ) -> None:
     """Passkey retrieval (exact match, greedy) against prompt length and key depth, per extension method."""
     from residscope.analyses.extension import check_factor, check_window, passkey_study, trained_window
-    from residscope.common.atomic import check_output_file
     from residscope.analyses.extension_plots import passkey_figure, passkey_table
+    from residscope.common.atomic import check_output_file
 
     if keys < 1:
         raise InputError(f"--keys must be >= 1, got {keys}")
