@@ -396,6 +396,19 @@ def test_user_errors_are_value_errors_and_one_family():
     assert issubclass(MissingFileError, FileNotFoundError)
 
 
+def test_decoder_argument_errors_are_input_errors():
+    """The decoder's own checks (set by other parts of issue 14) use the same class, so the CLI shows them in one line."""
+    from residscope.model import load_model
+
+    m = load_model("zoo-rope")
+    ids = torch.tensor([[1, 2, 3]])
+    for call, culprit in [(lambda: m.generate(ids, max_new_tokens=2, do_sample=True, top_k=0), "top_k"),
+                          (lambda: m.set_attn_logit_scale(0.0), "scale"), (lambda: m.set_window(0), "window"),
+                          (lambda: m.set_rope(theta=math.nan), "theta")]:
+        with pytest.raises(InputError, match=culprit):
+            call()
+
+
 def test_library_raises_input_error_for_user_mistakes(tmp_path):
     from residscope.analyses.corpus import load_text
     from residscope.common.atomic import check_output_dir, check_output_file
