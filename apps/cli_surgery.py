@@ -39,8 +39,8 @@ def _comparison_table(cmp) -> str:
 def _check_prune_options(metric: str, remove: Optional[int], layers: Optional[str], compare: bool, out: Optional[Path],
                          force: bool, seeds: int) -> None:
     """Everything that can be refused before the model loads."""
+    from residscope.common.atomic import check_output_dir
     from residscope.surgery import BASELINES, METRICS
-    from residscope.model.export import check_target
 
     if metric not in METRICS + BASELINES:
         raise InputError(f"--metric must be one of {', '.join(METRICS + BASELINES)}; got {metric!r}")
@@ -51,7 +51,7 @@ def _check_prune_options(metric: str, remove: Optional[int], layers: Optional[st
     if out is None and not compare:
         raise InputError("--out is required (the folder for the pruned checkpoint)")
     if out is not None:
-        check_target(Path(out).expanduser(), force)  # fail before the slow part
+        check_output_dir(out, "--out", force=force)  # fail before the slow part
     if seeds < 1:
         raise InputError(f"--seeds must be >= 1, got {seeds}")
 

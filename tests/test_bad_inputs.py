@@ -126,7 +126,7 @@ def test_bi_html_is_written_to_a_temp_name_then_renamed(tmp_path, capsys, monkey
 
 @pytest.mark.parametrize("argv, culprit", [
     (["positional", "--model", "does-not-exist", "--out", "{locked}/out", *FAST], "--out"),
-    (["prune", "--model", "does-not-exist", "--remove", "1", "--out", "{locked}/out"], "out"),
+    (["prune", "--model", "does-not-exist", "--remove", "1", "--out", "{locked}/out"], "--out"),
     (["bi", "--model", "does-not-exist", "--html", "{locked}/bi.html"], "--html"),
     (["extend", "--model", "does-not-exist", "--html", "{locked}/ext.html"], "--html"),
     (["passkey", "--model", "does-not-exist", "--html", "{locked}/pk.html"], "--html"),
