@@ -36,7 +36,7 @@ from pathlib import Path
 
 from residscope.common.atomic import atomic_dir
 
-from .errors import CheckpointError
+from .errors import CheckpointError, MissingFileError
 
 log = logging.getLogger(__name__)
 
@@ -304,7 +304,7 @@ def convert_gguf(gguf_path: str | os.PathLike, *, cache_dir: str | os.PathLike |
     """
     gguf_path = Path(gguf_path).expanduser()
     if not gguf_path.is_file():
-        raise FileNotFoundError(f"GGUF file not found: {gguf_path}")
+        raise MissingFileError(f"GGUF file not found: {gguf_path}")
     gguf_path = gguf_path.resolve()
     key = gguf_cache_key(gguf_path)
     target = cache_folder_for(gguf_path, cache_dir, key=key)
