@@ -296,7 +296,7 @@ class DecoderConfig:
         except FileNotFoundError:
             raise ConfigError(f"{path}: missing config.json") from None
         except OSError as e:  # permission denied, a folder named config.json, ...
-            raise ConfigError(f"{path}: cannot read ({e.strerror or e})") from None
+            raise ConfigError(f"{path}: cannot read ({(e.strerror or str(e)).lower()})") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ConfigError(f"{path}: not valid JSON ({e})") from None
         return cls.from_hf(cfg, source=str(path), **kw)

@@ -28,17 +28,17 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"
 
 def resolve_folder(source: str | os.PathLike) -> Path:
     """A checkpoint folder for `source`: the folder itself, or what the registry makes of an alias or a GGUF file."""
+    from .registry import resolve_source
+
     path = Path(source).expanduser()
     try:
         if path.is_dir():
             if not (path / "config.json").is_file():
                 raise CheckpointError(f"{path}: missing config.json")
             return path
+        return resolve_source(source)  # a GGUF file is read (and its conversion cached) here
     except PermissionError as e:
-        raise CheckpointError(f"{e.filename or path}: cannot read ({e.strerror})") from None
-    from .registry import resolve_source
-
-    return resolve_source(source)
+        raise CheckpointError(f"{e.filename or path}: permission denied") from None
 
 
 def load_config(source: str | os.PathLike, *, position_embedding: str | None = None) -> DecoderConfig:
@@ -111,7 +111,7 @@ def load_model(
     try:
         _load_weights(model, folder, allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite)
     except PermissionError as e:
-        raise CheckpointError(f"{e.filename or folder}: cannot read ({e.strerror})") from None
+        raise CheckpointError(f"{e.filename or folder}: permission denied") from None
     model.eval()
     # assigning the tokenizer (even None) re-syncs what the config reports: device, dtype, BOS behaviour, model name
     model.tokenizer = load_tokenizer_from(folder) if load_tokenizer else None
