@@ -15,16 +15,12 @@ from typing import Any
 
 import torch
 
+from .errors import ConfigError
 from .rope import RopeParams
 
 FULL = "full_attention"
 SLIDING = "sliding_attention"
 SUBLAYER_KEY = "residscope_removed_sublayers"  # config.json key of a sub-block-pruned checkpoint (residscope's own)
-
-
-class ConfigError(ValueError):
-    """A config.json that residscope cannot reproduce exactly."""
-
 
 # TransformerLens's `original_architecture` per model_type (the class name in config.json's "architectures")
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
