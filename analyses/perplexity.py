@@ -14,7 +14,6 @@ from typing import Iterable
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 Batch = torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]
 
@@ -64,22 +63,26 @@ def token_nll_sum(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor | 
     return float(nll.double().sum()), int(nll.numel())
 
 
-def perplexity(model, batches: Iterable[Batch], *, progress: bool = True, desc: str = "perplexity") -> PerplexityResult:
-    """Mean next-token NLL and perplexity of `model` over all predicted tokens of `batches` ([batch, pos] each)."""
+def perplexity(model, batches: Iterable[Batch], *, progress: bool = True, desc: str = "perplexity",
+               group=None) -> PerplexityResult:
+    """Mean next-token NLL and perplexity of `model` over all predicted tokens of `batches` ([batch, pos] each).
+
+    Under torch.distributed (`group`, or the default group when initialised) each rank scores its share of the batches
+    and the float64 sums are all-reduced: every rank returns the whole corpus's result.
+    """
+    from .distributed import all_reduce_sums
+    from .runner import forward_batches
+
     total_nll, n_tokens = 0.0, 0
-    with torch.inference_mode():
-        for batch in tqdm(batches, total=batch_count(batches), desc=desc, disable=not progress, leave=False):
-            ids, mask = unpack_batch(batch)
-            ids = ids.to(model.device)
-            mask = mask.to(model.device) if mask is not None else None
-            logits = model(ids, mask)  # [batch, pos, vocab]
-            s, n = token_nll_sum(logits, ids, mask)
-            total_nll += s
-            n_tokens += n
+    for run in forward_batches(model, batches, group=group, progress=progress, desc=desc):
+        s, n = token_nll_sum(run.output, run.ids, run.mask)  # output: logits [batch, pos, vocab]
+        total_nll += s
+        n_tokens += n
+    total_nll, n_tokens = all_reduce_sums([total_nll, n_tokens], group)
     if n_tokens == 0:
         raise ValueError("batches: no predicted tokens (need at least one row with 2 or more tokens)")
     nll = total_nll / n_tokens
-    return PerplexityResult(ppl=math.exp(nll), nll=nll, n_tokens=n_tokens)
+    return PerplexityResult(ppl=math.exp(nll), nll=nll, n_tokens=int(n_tokens))
 
 
 def heldout_perplexity(
