@@ -46,11 +46,13 @@ def positional(
     as_json: bool = typer.Option(False, "--json", help="print the JSON summary instead of a table"),
     dtype: str = typer.Option("float32", "--dtype"),
     device: str = typer.Option("cpu", "--device"),
+    nproc: int = typer.Option(1, "--nproc", help="local data-parallel workers (torch.distributed); or start under torchrun"),
 ) -> None:
     """Decompose the residual stream into positional vectors, measure sinks and decay, remove positional vectors, probe."""
     from residscope.analyses import positional_plots as plots
     from residscope.analyses.corpus import calibration_batches
     from residscope.analyses.positional import attention_statistics, decompose_positions, describe_positions, removal_study
+    from residscope.apps import workers
     from residscope.model import load_model
     from residscope.probes.linear import collect_activations, first_tokens_probe, position_probe
 
@@ -60,6 +62,10 @@ def positional(
         raise ValueError(f"--cos-threshold must be in (0, 1], got {cos_threshold}")
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out: {out} exists and is not a folder")
+    n_batches = -(-samples // batch_size) if samples > 0 and batch_size > 0 else 1
+    if workers.launched(positional, locals(), nproc=nproc, n_batches=n_batches):
+        return
+    device = workers.join(device, n_batches=n_batches)
     m = load_model(model, device=device, dtype=dtype)
     layers = _parse_layers(remove_layers, m.cfg.n_layers + 1)
     batches, source = calibration_batches(m, seq_len=seq_len, samples=samples, batch_size=batch_size, seed=seed,
@@ -75,6 +81,8 @@ def positional(
                                     split="evaluation", text_file=text)
         rows = removal_study(m, dec, ev, [([layer], None) for layer in layers] + [([layer], first_k) for layer in layers],
                              sink_k=first_k, progress=progress)
+    if not workers.is_main():  # the probes need every activation in one place: rank 0 collects them alone
+        return
     probes = []
     if probe_tokens > 0:
         acts = collect_activations(m, batches, max_tokens=probe_tokens, progress=progress)

@@ -21,6 +21,7 @@ _SEED = typer.Option(0, "--seed", help="seed of the chunk order")
 _TEXT = typer.Option(None, "--text", help=".txt or .jsonl text file instead of the built-in corpus")
 _DATASET = typer.Option(None, "--dataset", help="a `datasets` dataset name (needs the network and residscope[online])")
 _JSON = typer.Option(False, "--json", help="print JSON instead of a table")
+_NPROC = typer.Option(1, "--nproc", help="local data-parallel workers (torch.distributed); or start under torchrun")
 
 
 def _load(model: str, device: str, dtype: str):
@@ -77,13 +78,21 @@ def bi(
     html: Optional[Path] = typer.Option(None, "--html", help="write a plotly chart of the scores to this HTML file"),
     dtype: str = _DTYPE,
     device: str = _DEVICE,
+    nproc: int = _NPROC,
 ) -> None:
     """Per-layer importance (ShortGPT Block Influence or another metric) on calibration text."""
+    from residscope.apps import workers
     from residscope.surgery.influence import check_metric
 
     check_metric(metric)
+    n_batches = -(-samples // batch_size) if samples > 0 and batch_size > 0 else 1
+    if workers.launched(bi, locals(), nproc=nproc, n_batches=n_batches):
+        return
+    device = workers.join(device, n_batches=n_batches)
     m = _load(model, device, dtype)
     result = _influence(m, metric, shortgpt_compat, seq_len, samples, batch_size, seed, text, dataset)
+    if not workers.is_main():
+        return
     if html is not None:
         from residscope.surgery.plots import influence_figure
 
@@ -106,12 +115,20 @@ def ppl(
     as_json: bool = _JSON,
     dtype: str = _DTYPE,
     device: str = _DEVICE,
+    nproc: int = _NPROC,
 ) -> None:
     """Held-out perplexity of a model."""
     from residscope.analyses.perplexity import heldout_perplexity
+    from residscope.apps import workers
 
+    n_batches = -(-samples // batch_size) if samples > 0 and batch_size > 0 else 1
+    if workers.launched(ppl, locals(), nproc=nproc, n_batches=n_batches):
+        return
+    device = workers.join(device, n_batches=n_batches)
     m = _load(model, device, dtype)
     r = heldout_perplexity(m, seq_len=seq_len, samples=samples, batch_size=batch_size, seed=seed, text_file=text, dataset=dataset)
+    if not workers.is_main():
+        return
     if as_json:
         typer.echo(json.dumps({**r.to_dict(), "model": model}, indent=2))
     else:
