@@ -82,9 +82,11 @@ def bos_token_id(model) -> int | None:
 def _check_rope_layers(model, method: str) -> None:
     if model.cfg.positional != "rope":
         raise ValueError(f"method {method!r} scales RoPE, but this model uses {model.cfg.positional!r} positions (use none, pv-replace or window)")
-    for block in model.blocks:
-        if block.attn is not None and block.attn.rope is not None and block.attn.rope.rope_type != "default":
-            raise ValueError(f"method {method!r}: layer {block.attn.layer} already uses rope_type {block.attn.rope.rope_type!r}; "
+    if all(rope is None for rope in model.rope_settings()):
+        raise ValueError(f"method {method!r}: the model has no attention layer with RoPE left")
+    for layer, rope in enumerate(model.rope_settings()):
+        if rope is not None and rope.rope_type != "default":
+            raise ValueError(f"method {method!r}: layer {layer} already uses rope_type {rope.rope_type!r}; "
                              "extension methods start from unscaled RoPE")
 
 
@@ -158,16 +160,17 @@ def apply_method(
         if method in ROPE_METHODS:
             _check_rope_layers(model, method)
             w = trained_window(model, window)
-            for block in model.blocks:
-                attn = block.attn
-                if attn is not None and attn.rope is not None:
-                    model.set_rope(rope_setting(attn.rope, method, factor, w, model.cfg.d_head), layers=attn.layer)
-            ext.settings = {"window": w, **{k: v for k, v in model.blocks[0].attn.rope.to_hf().items()}}
+            for layer, rope in enumerate(model.rope_settings()):
+                if rope is not None:
+                    model.set_rope(rope_setting(rope, method, factor, w, model.cfg.d_head), layers=layer)
+            first = next(rope for rope in model.rope_settings() if rope is not None)
+            ext.settings = {"window": w, **first.to_hf()}
         elif method == "window":
-            layers = [b.attn.layer for b in model.blocks if b.attn is not None and b.attn.window is not None]
+            windows = model.windows()
+            layers = [i for i, w in enumerate(windows) if w is not None]
             if not layers:
                 raise ValueError("method 'window' extends sliding attention windows, but this model has none")
-            w = window if window is not None else model.blocks[layers[0]].attn.window
+            w = window if window is not None else windows[layers[0]]
             new = int(round(w * factor))
             lam = logit_scale if logit_scale is not None else math.log(new) / math.log(w) if w > 1 else 1.0
             model.set_window(new, layers=layers)
@@ -419,10 +422,10 @@ def positional_drift(model, method: str, length: int, *, factor: float | None = 
 def applicable_methods(model) -> list[str]:
     """The methods that make sense for this model's positional scheme."""
     methods = ["none"]
-    if model.cfg.positional == "rope" and all(b.attn is None or b.attn.rope is None or b.attn.rope.rope_type == "default"
-                                              for b in model.blocks):
+    ropes = [r for r in model.rope_settings() if r is not None]
+    if model.cfg.positional == "rope" and ropes and all(r.rope_type == "default" for r in ropes):
         methods += list(ROPE_METHODS)
     methods.append("pv-replace")
-    if any(b.attn is not None and b.attn.window is not None for b in model.blocks):
+    if any(w is not None for w in model.windows()):
         methods.append("window")
     return methods

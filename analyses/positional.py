@@ -363,8 +363,7 @@ def attention_statistics(model, batches: Iterable[torch.Tensor], *, first_k: int
 
     cfg = model.cfg
     acc = _AttentionAccumulator(cfg.n_layers, cfg.n_heads, first_k)
-    hooks = [(f"blocks.{i}.attn.hook_pattern", acc.hook(i)) for i in range(cfg.n_layers)
-             if model.blocks[i].attn is not None]
+    hooks = [(f"blocks.{i}.attn.hook_pattern", acc.hook(i)) for i in model.attention_layers()]
     for run in forward_batches(model, batches, hooks=list(fwd_hooks) + hooks, stop_at_layer=cfg.n_layers, group=group,
                                progress=progress, desc="attention"):
         acc.n_samples += run.ids.shape[0]

@@ -164,7 +164,7 @@ def prune(
     from residscope.analyses.perplexity import perplexity
     from residscope.surgery import (BASELINES, METRICS, block_influence_result, pruning_record, remove_layers,
                                     removal_order, save_pretrained)
-    from residscope.surgery.export import check_target
+    from residscope.model.export import check_target
     from residscope.surgery.removal import check_layers
 
     if metric not in METRICS + BASELINES:

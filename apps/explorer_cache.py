@@ -116,7 +116,7 @@ def prompt_attention(source: str, prompt: str, first_k: int = 1):
     if not prompt.strip():
         raise ValueError("prompt: enter some text")
     ids = lm.to_tokens(prompt)  # [1, pos]
-    layers = [i for i in range(lm.cfg.n_layers) if lm.blocks[i].attn is not None]
+    layers = lm.attention_layers()
     names = [f"blocks.{i}.attn.hook_pattern" for i in layers]
     with model_lock(source), torch.inference_mode():
         _, cache = lm.run_with_cache(ids, names_filter=lambda name: name in names)

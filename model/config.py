@@ -17,6 +17,7 @@ from .rope import RopeParams
 
 FULL = "full_attention"
 SLIDING = "sliding_attention"
+SUBLAYER_KEY = "residscope_removed_sublayers"  # config.json key of a sub-block-pruned checkpoint (residscope's own)
 
 
 class ConfigError(ValueError):
@@ -55,6 +56,8 @@ class DecoderConfig:
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
+    removed_attn: tuple[int, ...] = ()  # blocks built without attention (sub-block surgery), current numbering
+    removed_mlp: tuple[int, ...] = ()  # blocks built without an MLP
     hf_config: dict[str, Any] = field(default_factory=dict, repr=False)  # the source config.json, for export
 
     def __post_init__(self):
@@ -70,6 +73,11 @@ class DecoderConfig:
             raise ConfigError(f"unsupported activation {self.act!r}")
         if self.positional not in ("rope", "alibi", "none"):
             raise ConfigError(f"unsupported position embedding {self.positional!r}")
+        for name in ("removed_attn", "removed_mlp"):
+            layers = tuple(getattr(self, name))
+            if any(not 0 <= i < self.n_layers for i in layers) or len(set(layers)) != len(layers):
+                raise ConfigError(f"{name} {list(layers)} must name distinct layers in 0..{self.n_layers - 1}")
+            setattr(self, name, tuple(sorted(layers)))
         if self.positional == "rope":
             missing = {t for t in self.layer_types if t not in self.rope}
             if missing:
@@ -84,6 +92,12 @@ class DecoderConfig:
     @property
     def scale(self) -> float:
         return self.attn_scale if self.attn_scale is not None else 1.0 / math.sqrt(self.d_head)
+
+    def has_attn(self, layer: int) -> bool:
+        return layer not in self.removed_attn
+
+    def has_mlp(self, layer: int) -> bool:
+        return layer not in self.removed_mlp
 
     def window_of(self, layer: int) -> int | None:
         return self.sliding_window if self.layer_types[layer] == SLIDING else None

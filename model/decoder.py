@@ -27,6 +27,7 @@ from torch import nn
 from transformer_lens import HookedRootModule
 from transformer_lens.hook_points import HookPoint
 
+from . import export
 from .config import DecoderConfig
 from .rope import RopeParams, apply_rope, rope_cos_sin
 
@@ -160,9 +161,21 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
+    """Grouped-query attention with RoPE or ALiBi, optional q/k norms, sliding window and logit soft-capping.
+
+    It copies the scalars it needs from the config, so a block keeps working after surgery renumbers or drops its
+    neighbours. `rope`, `window` and `logit_scale` are run-time settings (Decoder.set_rope / set_window /
+    set_attn_logit_scale); `default_rope` / `default_window` are what the checkpoint was built with.
+    """
+
     def __init__(self, cfg: DecoderConfig, layer: int):
         super().__init__()
-        self.cfg, self.layer = cfg, layer
+        self.n_heads, self.n_kv_heads, self.d_head = cfg.n_heads, cfg.n_kv_heads, cfg.d_head
+        self.n_rep = cfg.n_rep
+        self.scale = cfg.scale
+        self.positional = cfg.positional  # "rope", "alibi" or "none"
+        self.softcap = cfg.attn_softcap
+        self.qk_norm = cfg.qk_norm
         h, kvh, d = cfg.n_heads, cfg.n_kv_heads, cfg.d_head
         self.q_proj = nn.Linear(cfg.d_model, h * d, bias=cfg.qkv_bias)
         self.k_proj = nn.Linear(cfg.d_model, kvh * d, bias=cfg.qkv_bias)
@@ -171,75 +184,81 @@ class Attention(nn.Module):
         if cfg.qk_norm:
             self.q_norm = RMSNorm(d, cfg.norm_eps, cfg.norm_offset)
             self.k_norm = RMSNorm(d, cfg.norm_eps, cfg.norm_offset)
-        if cfg.positional == "alibi":
-            self.register_buffer("alibi_slopes", alibi_slopes(h), persistent=False)
-        # run-time positional knobs (see Decoder.set_rope / set_window / set_attn_logit_scale)
-        self.rope: RopeParams | None = cfg.rope_of(layer)
-        self.window: int | None = cfg.window_of(layer)
-        self.logit_scale: float = 1.0
-        for name in ("q", "k", "v", "rot_q", "rot_k", "attn_scores", "pattern", "z"):
-            setattr(self, f"hook_{name}", HookPoint())
+        self.default_rope: RopeParams | None = cfg.rope_of(layer)
+        self.default_window: int | None = cfg.window_of(layer)
+        self.rope, self.window, self.logit_scale = self.default_rope, self.default_window, 1.0
+
+        self.hook_q = HookPoint()  # [batch, pos, head, d_head]
+        self.hook_k = HookPoint()  # [batch, pos, kv_head, d_head]
+        self.hook_v = HookPoint()  # [batch, pos, kv_head, d_head]
+        self.hook_rot_q = HookPoint()  # [batch, pos, head, d_head], after RoPE
+        self.hook_rot_k = HookPoint()  # [batch, pos, kv_head, d_head], after RoPE
+        self.hook_attn_scores = HookPoint()  # [batch, head, q_pos, k_pos], explicit path only
+        self.hook_pattern = HookPoint()  # [batch, head, q_pos, k_pos], explicit path only
+        self.hook_z = HookPoint()  # [batch, pos, head, d_head]
+
+    def reset_positional(self) -> None:
+        self.rope, self.window, self.logit_scale = self.default_rope, self.default_window, 1.0
 
     def wants_pattern(self) -> bool:
         hooked = any(hp._forward_hooks or hp._backward_hooks for hp in (self.hook_attn_scores, self.hook_pattern))
-        return hooked or self.cfg.attn_softcap is not None
+        return hooked or self.softcap is not None
 
     def forward(self, x: torch.Tensor, pos: Positions, cache: KVCache | None = None) -> torch.Tensor:
-        cfg = self.cfg
         b, p, _ = x.shape
-        q = self.hook_q(self._maybe_norm("q_norm", self.q_proj(x).view(b, p, cfg.n_heads, cfg.d_head)))  # [batch, pos, head, d_head]
-        k = self.hook_k(self._maybe_norm("k_norm", self.k_proj(x).view(b, p, cfg.n_kv_heads, cfg.d_head)))  # [batch, pos, kv_head, d_head]
-        v = self.hook_v(self.v_proj(x).view(b, p, cfg.n_kv_heads, cfg.d_head))  # [batch, pos, kv_head, d_head]
+        q = self.hook_q(self._maybe_norm("q_norm", self.q_proj(x).view(b, p, self.n_heads, self.d_head)))  # [batch, pos, head, d_head]
+        k = self.hook_k(self._maybe_norm("k_norm", self.k_proj(x).view(b, p, self.n_kv_heads, self.d_head)))  # [batch, pos, kv_head, d_head]
+        v = self.hook_v(self.v_proj(x).view(b, p, self.n_kv_heads, self.d_head))  # [batch, pos, kv_head, d_head]
         if self.rope is not None:
-            cos, sin = pos.cos_sin(self.rope, cfg.d_head, q.dtype)  # [batch, pos, rotary_dim]
+            cos, sin = pos.cos_sin(self.rope, self.d_head, q.dtype)  # [batch, pos, rotary_dim]
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k = self.hook_rot_q(q), self.hook_rot_k(k)
 
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [batch, head, pos, d_head]
         if cache is not None:
             k, v = cache.update(self, k, v)  # [batch, kv_head, past + pos, d_head]
-        scale = cfg.scale * self.logit_scale
+        scale = self.scale * self.logit_scale
         if self.wants_pattern():
             z = self._explicit(q, k, v, pos, scale)
         else:
             z = self._sdpa(q, k, v, pos, scale)
         z = self.hook_z(z.transpose(1, 2))  # [batch, pos, head, d_head]
-        return self.o_proj(z.reshape(b, p, cfg.n_heads * cfg.d_head))
+        return self.o_proj(z.reshape(b, p, self.n_heads * self.d_head))
 
     def _maybe_norm(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        return getattr(self, name)(x) if self.cfg.qk_norm else x
+        return getattr(self, name)(x) if self.qk_norm else x
 
     def _alibi_bias(self, pos: Positions, dtype: torch.dtype) -> torch.Tensor:
         """[1, head, q_pos, k_pos]: slope_h * (j - i), added to the scores.
 
-        Computed in float32, or in float64 from exact slopes for a float64 model (the float32 buffer would otherwise
-        put ~1e-6 of float32 rounding into float64 runs); slopes come from the formula, so `.to(bf16)` cannot round them.
+        Computed in float32, or in float64 from exact slopes for a float64 model; slopes come from the formula on each
+        call (no buffer), so `.to(bf16)` cannot round them and float64 runs carry no float32 rounding.
         """
-        device = self.alibi_slopes.device
+        device = pos.positions.device
         compute = torch.promote_types(dtype, torch.float32)
         q_idx = torch.arange(pos.past, pos.k_len, device=device)
         k_idx = torch.arange(pos.k_len, device=device)
         rel = (k_idx[None, :] - q_idx[:, None]).to(compute)  # [q, k]
-        slopes = alibi_slopes(self.cfg.n_heads, dtype=compute).to(device)  # [head]
+        slopes = alibi_slopes(self.n_heads, dtype=compute).to(device)  # [head]
         return (slopes[:, None, None] * rel).to(dtype)[None]
 
     def _sdpa(self, q, k, v, pos: Positions, scale: float) -> torch.Tensor:
-        alibi = self.cfg.positional == "alibi"
+        alibi = self.positional == "alibi"
         if not alibi and not pos.needs_mask(self.window):
             is_causal = pos.q_len > 1
-            return F.scaled_dot_product_attention(q, k, v, is_causal=is_causal, scale=scale, enable_gqa=self.cfg.n_rep > 1)
+            return F.scaled_dot_product_attention(q, k, v, is_causal=is_causal, scale=scale, enable_gqa=self.n_rep > 1)
         mask = pos.mask(self.window)  # [batch or 1, 1, q, k] bool
         if alibi:
             mask = self._alibi_bias(pos, q.dtype).masked_fill(~mask, float("-inf"))
-        k, v = repeat_kv(k, self.cfg.n_rep), repeat_kv(v, self.cfg.n_rep)
+        k, v = repeat_kv(k, self.n_rep), repeat_kv(v, self.n_rep)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
     def _explicit(self, q, k, v, pos: Positions, scale: float) -> torch.Tensor:
-        k, v = repeat_kv(k, self.cfg.n_rep), repeat_kv(v, self.cfg.n_rep)  # [batch, head, k_pos, d_head]
+        k, v = repeat_kv(k, self.n_rep), repeat_kv(v, self.n_rep)  # [batch, head, k_pos, d_head]
         scores = (q @ k.transpose(-1, -2)) * scale  # [batch, head, q_pos, k_pos]
-        if self.cfg.attn_softcap is not None:
-            scores = torch.tanh(scores / self.cfg.attn_softcap) * self.cfg.attn_softcap
-        if self.cfg.positional == "alibi":
+        if self.softcap is not None:
+            scores = torch.tanh(scores / self.softcap) * self.softcap
+        if self.positional == "alibi":
             scores = scores + self._alibi_bias(pos, scores.dtype)
         if pos.q_len > 1 or pos.needs_mask(self.window):
             scores = scores.masked_fill(~pos.mask(self.window), float("-inf"))
@@ -259,7 +278,9 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(cfg.d_model, cfg.d_mlp, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(cfg.d_mlp, cfg.d_model, bias=cfg.mlp_bias)
         self.act = F.silu if cfg.act == "silu" else (lambda x: F.gelu(x, approximate="tanh"))
-        self.hook_pre, self.hook_pre_linear, self.hook_post = HookPoint(), HookPoint(), HookPoint()
+        self.hook_pre = HookPoint()  # [batch, pos, d_mlp], gate projection
+        self.hook_pre_linear = HookPoint()  # [batch, pos, d_mlp], up projection
+        self.hook_post = HookPoint()  # [batch, pos, d_mlp], act(gate) * up
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate = self.hook_pre(self.gate_proj(x))  # [batch, pos, d_mlp]
@@ -270,21 +291,25 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """Pre-norm block: h = x + attn(ln1(x)); out = h + mlp(ln2(h)). Gemma 3 also normalises each output (ln1_post, ln2_post).
 
-    `attn` or `mlp` may be None after sub-block surgery: that half then adds nothing to the residual stream.
+    `attn` or `mlp` is None for a block listed in `cfg.removed_attn` / `removed_mlp` (sub-block surgery): that half then
+    adds nothing to the residual stream.
     """
 
     def __init__(self, cfg: DecoderConfig, layer: int):
         super().__init__()
         self.ln1 = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.norm_offset)
-        self.attn: Attention | None = Attention(cfg, layer)
+        self.attn: Attention | None = Attention(cfg, layer) if cfg.has_attn(layer) else None
         self.ln2 = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.norm_offset)
-        self.mlp: MLP | None = MLP(cfg)
+        self.mlp: MLP | None = MLP(cfg) if cfg.has_mlp(layer) else None
         if cfg.post_norms:
             self.ln1_post = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.norm_offset)
             self.ln2_post = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.norm_offset)
         self.post_norms = cfg.post_norms
-        for name in ("resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post"):
-            setattr(self, f"hook_{name}", HookPoint())
+        self.hook_resid_pre = HookPoint()  # [batch, pos, d_model]
+        self.hook_attn_out = HookPoint()  # [batch, pos, d_model]
+        self.hook_resid_mid = HookPoint()  # [batch, pos, d_model]
+        self.hook_mlp_out = HookPoint()  # [batch, pos, d_model]
+        self.hook_resid_post = HookPoint()  # [batch, pos, d_model]
 
     def forward(self, x: torch.Tensor, pos: Positions, cache: KVCache | None = None) -> torch.Tensor:
         x = self.hook_resid_pre(x)  # [batch, pos, d_model]
@@ -308,12 +333,15 @@ class Block(nn.Module):
 class Decoder(HookedRootModule):
     """A decoder-only LM with TransformerLens hook points. `model(input_ids, attention_mask=None)` -> logits [batch, pos, vocab]."""
 
-    def __init__(self, cfg: DecoderConfig, tokenizer=None):
+    def __init__(self, cfg: DecoderConfig, tokenizer=None, *, source: str | None = None):
         super().__init__()
         self.cfg = cfg
         self.tokenizer = tokenizer
+        self.source = source  # what it was loaded from (folder, GGUF file or alias), recorded in exports
+        self.layer_origin: list[int] = list(range(cfg.n_layers))  # original index of each block (changes on removal)
+        self.n_layers_original = cfg.n_layers  # layer count before any removal
         self.embed = nn.Embedding(cfg.d_vocab, cfg.d_model)
-        self.hook_embed = HookPoint()
+        self.hook_embed = HookPoint()  # [batch, pos, d_model]
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.ln_final = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.norm_offset)
         self.unembed = nn.Linear(cfg.d_model, cfg.d_vocab, bias=False)
@@ -450,35 +478,92 @@ class Decoder(HookedRootModule):
             logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
         return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
 
+    # ---- structure: what analyses and surgery may ask and change --------------------------------------------------
+    def attention_layers(self) -> list[int]:
+        """Indices of the blocks that have an attention half (all but those removed by sub-block surgery)."""
+        return [i for i, b in enumerate(self.blocks) if b.attn is not None]
+
+    def mlp_layers(self) -> list[int]:
+        return [i for i, b in enumerate(self.blocks) if b.mlp is not None]
+
+    def keep_blocks(self, indices) -> None:
+        """Keep only the blocks at `indices` (current numbering, ascending), in place: config, layer origin and hook
+        names follow. Each kept attention keeps its run-time positional settings and its configured defaults."""
+        keep = sorted(indices)
+        if not keep or len(set(keep)) != len(keep) or not all(0 <= i < len(self.blocks) for i in keep):
+            raise ValueError(f"keep_blocks: need distinct indices in 0..{len(self.blocks) - 1}, got {list(indices)}")
+        new_index = {old: new for new, old in enumerate(keep)}
+        self.cfg = self.cfg.replace(
+            n_layers=len(keep),
+            layer_types=[self.cfg.layer_types[i] for i in keep],
+            removed_attn=tuple(new_index[i] for i in self.cfg.removed_attn if i in new_index),
+            removed_mlp=tuple(new_index[i] for i in self.cfg.removed_mlp if i in new_index),
+        )
+        self.blocks = nn.ModuleList(self.blocks[i] for i in keep)
+        self.layer_origin = [self.layer_origin[i] for i in keep]
+        self.setup()
+
+    def remove_sublayers(self, *, attn=(), mlp=()) -> None:
+        """Remove the attention half of the `attn` blocks and the MLP half of the `mlp` blocks, in place."""
+        for part, layers in (("attn", list(attn)), ("mlp", list(mlp))):
+            for i in layers:
+                if not 0 <= i < len(self.blocks) or getattr(self.blocks[i], part) is None:
+                    raise ValueError(f"{part}: layer {i} has no {part} to remove")
+                setattr(self.blocks[i], part, None)
+        self.cfg = self.cfg.replace(
+            removed_attn=tuple(sorted({*self.cfg.removed_attn, *attn})),
+            removed_mlp=tuple(sorted({*self.cfg.removed_mlp, *mlp})),
+        )
+        self.setup()
+
+    def save_pretrained(self, out_dir, *, force: bool = False, pruning_info: dict | None = None):
+        """Write this model as a Hugging Face checkpoint folder (see `residscope.model.export`); returns the folder."""
+        return export.save_pretrained(self, out_dir, force=force, pruning_info=pruning_info)
+
     # ---- run-time positional knobs -------------------------------------------------------------------------------
-    def _layers(self, layers) -> list[Attention]:
+    def _attention(self, layers) -> list[Attention]:
+        """The attention modules of `layers` (an index, indices, or None for all); blocks without attention are skipped."""
         idx = range(len(self.blocks)) if layers is None else ([layers] if isinstance(layers, int) else list(layers))
         out = []
         for i in idx:
             if not 0 <= i < len(self.blocks):
-                raise ValueError(f"layer {i} out of range (model has {len(self.blocks)} layers)")
+                raise ValueError(f"layers: layer {i} out of range (model has {len(self.blocks)} layers)")
             if self.blocks[i].attn is not None:
                 out.append(self.blocks[i].attn)
         return out
+
+    def rope_settings(self) -> list[RopeParams | None]:
+        """Current RoPE setting per block (None: no attention, or no RoPE)."""
+        return [b.attn.rope if b.attn is not None else None for b in self.blocks]
+
+    def windows(self) -> list[int | None]:
+        """Current sliding window per block (None: full causal attention, or no attention)."""
+        return [b.attn.window if b.attn is not None else None for b in self.blocks]
+
+    def logit_scales(self) -> list[float | None]:
+        """Current attention-logit multiplier per block (None: no attention)."""
+        return [b.attn.logit_scale if b.attn is not None else None for b in self.blocks]
 
     def set_rope(self, params: RopeParams | None = None, *, layers=None, **changes) -> None:
         """Replace the RoPE setting of some layers (all by default): a full RopeParams, or field changes applied to each
         layer's current one (e.g. `set_rope(theta=5e5)`, `set_rope(rope_type="linear", factor=4)`)."""
         if self.cfg.positional != "rope":
             raise ValueError(f"this model uses {self.cfg.positional!r} positions, not RoPE")
-        for attn in self._layers(layers):
-            attn.rope = params if params is not None else attn.rope.replace(**changes)
+        for attn in self._attention(layers):
+            attn.rope = params if params is not None else attn.rope.replace(**changes)  # RopeParams validates itself
 
     def set_window(self, window: int | None, *, layers=None) -> None:
         """Sliding attention window W (query i sees keys i-W < j <= i) for some layers; None = full causal attention."""
-        if window is not None and window < 1:
-            raise ValueError(f"window must be >= 1 or None, got {window}")
-        for attn in self._layers(layers):
-            attn.window = window
+        if window is not None and (isinstance(window, bool) or int(window) != window or window < 1):
+            raise ValueError(f"window must be a whole number >= 1 or None, got {window!r}")
+        for attn in self._attention(layers):
+            attn.window = None if window is None else int(window)
 
     def set_attn_logit_scale(self, scale: float, *, layers=None) -> None:
         """Multiply attention logits by `scale` (λ of attention-window extension) before the softmax."""
-        for attn in self._layers(layers):
+        if not (math.isfinite(scale) and scale > 0):
+            raise ValueError(f"scale: attention logit scale must be finite and > 0, got {scale!r}")
+        for attn in self._attention(layers):
             attn.logit_scale = float(scale)
 
     def positional_state(self) -> list[dict]:
@@ -494,10 +579,8 @@ class Decoder(HookedRootModule):
 
     def reset_positional(self) -> None:
         """Back to the configured RoPE, windows and logit scale of every layer."""
-        for i, block in enumerate(self.blocks):
-            if block.attn is not None:
-                a = block.attn
-                a.rope, a.window, a.logit_scale = self.cfg.rope_of(a.layer), self.cfg.window_of(a.layer), 1.0
+        for attn in self._attention(None):
+            attn.reset_positional()
 
     @contextlib.contextmanager
     def positional_overrides(self) -> Iterator["Decoder"]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from .config import FULL, SLIDING, ConfigError
+from .config import FULL, SLIDING, SUBLAYER_KEY, ConfigError
 from .rope import RopeParams
 
 SUPPORTED = ("llama", "mistral", "qwen2", "gemma3_text", "baichuan")
@@ -63,6 +63,21 @@ def _activation(cfg: dict, source: str) -> str:
     raise ConfigError(f"{source}: unsupported hidden_act {act!r}")
 
 
+def _removed_sublayers(cfg: dict, source: str, n_layers: int) -> dict[str, tuple[int, ...]]:
+    """removed_attn / removed_mlp from residscope's key for sub-block-pruned checkpoints (written by export)."""
+    removed = cfg.get(SUBLAYER_KEY) or {}
+    if not isinstance(removed, dict):
+        raise ConfigError(f"{source}: {SUBLAYER_KEY} must be an object {{'attn': [...], 'mlp': [...]}}")
+    out = {}
+    for part in ("attn", "mlp"):
+        layers = removed.get(part, [])
+        for layer in layers:
+            if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < n_layers:
+                raise ConfigError(f"{source}: {SUBLAYER_KEY}.{part} names layer {layer!r}, the model has {n_layers}")
+        out[f"removed_{part}"] = tuple(layers)
+    return out
+
+
 def decoder_config_from_hf(cls, cfg: dict[str, Any], *, source: str = "config.json", position_embedding: str | None = None):
     model_type = cfg.get("model_type")
     if model_type not in SUPPORTED:
@@ -93,6 +108,7 @@ def decoder_config_from_hf(cls, cfg: dict[str, Any], *, source: str = "config.js
         bos_token_id=cfg.get("bos_token_id"),
         eos_token_id=cfg.get("eos_token_id"),
         pad_token_id=cfg.get("pad_token_id"),
+        **_removed_sublayers(cfg, source, n_layers),
         hf_config=dict(cfg),
     )
 

@@ -15,7 +15,7 @@ import torch
 
 from .checkpoint import hf_to_local, local_names
 from .config import DecoderConfig
-from .decoder import Decoder, alibi_slopes
+from .decoder import Decoder
 from .errors import CheckpointError
 from .safetensors_io import iter_entries, read_into, read_tensor
 
@@ -82,42 +82,14 @@ def load_model(
     check_dtype_on_device(dtype, device)
 
     with torch.device("meta"):
-        model = Decoder(cfg)
-    _drop_removed_sublayers(model, folder)
+        model = Decoder(cfg, source=str(source))
     model = model.to(dtype=dtype).to_empty(device=device)
     model.tie_weights()
-    _fill_buffers(model)
     _load_weights(model, folder, allow_pickle=allow_pickle)
     model.eval()
     if load_tokenizer:
         model.tokenizer = load_tokenizer_from(folder)
-    model.source = str(source)
     return model
-
-
-SUBLAYER_KEY = "residscope_removed_sublayers"  # written by residscope.surgery.export for sub-block pruning
-
-
-def _drop_removed_sublayers(model: Decoder, folder: Path) -> None:
-    """A checkpoint pruned below block level (attention or MLP of some blocks removed) lists those halves in
-    config.json; they have no tensors, so the blocks are built without them."""
-    removed = model.cfg.hf_config.get(SUBLAYER_KEY)
-    if not removed:
-        return
-    for part in ("attn", "mlp"):
-        for layer in removed.get(part, []):
-            if not isinstance(layer, int) or not 0 <= layer < model.cfg.n_layers:
-                raise CheckpointError(f"{folder / 'config.json'}: {SUBLAYER_KEY}.{part} names layer {layer!r}, "
-                                      f"the model has {model.cfg.n_layers}")
-            setattr(model.blocks[layer], part, None)
-    model.setup()
-
-
-def _fill_buffers(model: Decoder) -> None:
-    """Non-persistent buffers lost by `to_empty`: recompute them."""
-    for block in model.blocks:
-        if block.attn is not None and hasattr(block.attn, "alibi_slopes"):
-            block.attn.alibi_slopes = alibi_slopes(model.cfg.n_heads).to(model.device)
 
 
 def weight_files(folder: Path, allow_pickle: bool) -> list[Path]:

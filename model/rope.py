@@ -37,10 +37,11 @@ class RopeParams:
     def __post_init__(self):
         if self.rope_type not in ROPE_TYPES:
             raise ValueError(f"unsupported rope_type {self.rope_type!r} (supported: {', '.join(ROPE_TYPES)})")
-        if self.theta <= 0:
-            raise ValueError(f"rope theta must be positive, got {self.theta}")
-        if self.rope_type != "default" and self.factor <= 0:
-            raise ValueError(f"rope factor must be positive, got {self.factor}")
+        # `not x > 0` also refuses NaN; every field that scales frequencies must be a finite positive number
+        if not (math.isfinite(self.theta) and self.theta > 0):
+            raise ValueError(f"theta: RoPE base must be finite and > 0, got {self.theta}")
+        if self.rope_type != "default" and not (math.isfinite(self.factor) and self.factor > 0):
+            raise ValueError(f"factor: RoPE scaling factor must be finite and > 0, got {self.factor}")
         if self.rope_type in ("yarn", "llama3") and self.original_max_position_embeddings is None:
             raise ValueError(f"rope_type {self.rope_type!r} needs original_max_position_embeddings")
         if self.rope_type == "dynamic" and self.max_position_embeddings is None:

@@ -1,7 +1,9 @@
 """Layer and sub-layer removal: a smaller working Decoder, renumbered so it equals a model built without those layers.
 
 A pruned model remembers where its blocks came from (`model.layer_origin`: the original index of each block) and which
-halves were cut (`removed_sublayers()`), so export can describe it and a second removal composes with the first.
+halves were cut (`cfg.removed_attn` / `cfg.removed_mlp`), so export can describe it and a second removal composes with
+the first. The changes themselves are Decoder methods (`keep_blocks`, `remove_sublayers`); this module checks the
+user's indices and works on a copy by default.
 """
 
 from __future__ import annotations
@@ -9,20 +11,14 @@ from __future__ import annotations
 import copy as copy_module
 from typing import Iterable
 
-from torch import nn
+from residscope.model.export import removed_sublayers
+
+__all__ = ["check_layers", "layer_origin", "remove_layers", "remove_sublayers", "removed_sublayers"]
 
 
 def layer_origin(model) -> list[int]:
     """Original layer index of each current block (identity for an unpruned model)."""
-    return list(getattr(model, "layer_origin", range(len(model.blocks))))
-
-
-def removed_sublayers(model) -> dict[str, list[int]]:
-    """Current indices of blocks whose attention or MLP half was removed: {"attn": [...], "mlp": [...]}."""
-    return {
-        "attn": [i for i, b in enumerate(model.blocks) if b.attn is None],
-        "mlp": [i for i, b in enumerate(model.blocks) if b.mlp is None],
-    }
+    return list(model.layer_origin)
 
 
 def check_layers(layers: Iterable[int], n_layers: int, *, arg: str = "layers") -> list[int]:
@@ -55,13 +51,6 @@ def _copy_model(model):
     return new
 
 
-def _set_cfg(model, cfg) -> None:
-    model.cfg = cfg
-    for block in model.blocks:
-        if block.attn is not None:
-            block.attn.cfg = cfg
-
-
 def remove_layers(model, layers: Iterable[int], *, copy: bool = True):
     """The model without the given blocks (indices in the current numbering): blocks renumbered, `cfg.n_layers` and
     `cfg.layer_types` updated, hook names rebuilt. Each kept attention keeps its run-time positional settings.
@@ -74,17 +63,7 @@ def remove_layers(model, layers: Iterable[int], *, copy: bool = True):
         raise ValueError(f"layers: cannot remove all {n} layers")
     if copy:
         model = _copy_model(model)
-    keep = [i for i in range(n) if i not in removed]
-    origin = layer_origin(model)
-    cfg = model.cfg.replace(n_layers=len(keep), layer_types=[model.cfg.layer_types[i] for i in keep])
-    model.blocks = nn.ModuleList(model.blocks[i] for i in keep)
-    for new_index, block in enumerate(model.blocks):
-        if block.attn is not None:
-            block.attn.layer = new_index  # reset_positional reads cfg.rope_of / window_of by this index
-    _set_cfg(model, cfg)
-    model.layer_origin = [origin[i] for i in keep]
-    model.n_layers_original = getattr(model, "n_layers_original", n)
-    model.setup()
+    model.keep_blocks([i for i in range(n) if i not in removed])
     return model
 
 
@@ -100,9 +79,5 @@ def remove_sublayers(model, *, attn: Iterable[int] = (), mlp: Iterable[int] = ()
                 raise ValueError(f"{arg}: layer {i} has no {part} left to remove")
     if copy:
         model = _copy_model(model)
-    for i in attn:
-        model.blocks[i].attn = None
-    for i in mlp:
-        model.blocks[i].mlp = None
-    model.setup()
+    model.remove_sublayers(attn=attn, mlp=mlp)
     return model

@@ -204,7 +204,7 @@ def test_remove_layers_equals_model_built_without_them(tiny, tmp_path):
     pruned = remove_layers(model, [3, 1])
     torch.testing.assert_close(model(ids), before, atol=0, rtol=0)  # the original is untouched (deep copy)
     assert len(model.blocks) == N_LAYERS and pruned.cfg.n_layers == len(pruned.blocks) == 4
-    assert [b.attn.layer for b in pruned.blocks] == [0, 1, 2, 3] and pruned.layer_origin == [0, 2, 4, 5]
+    assert pruned.attention_layers() == [0, 1, 2, 3] and pruned.layer_origin == [0, 2, 4, 5]
     assert "blocks.3.hook_resid_post" in pruned.hook_dict and "blocks.4.hook_resid_post" not in pruned.hook_dict
     assert pruned.tokenizer is model.tokenizer
     reference = load_model(save(hf_without(hf, [1, 3]), tmp_path / "built", tokenizer=False), load_tokenizer=False)
