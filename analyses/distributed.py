@@ -16,10 +16,14 @@ import torch
 import torch.distributed as dist
 
 T = TypeVar("T")
+LOCAL = "local"  # pass as `group` to run alone (every batch, no reduction) even when torch.distributed is initialised
 
 
 def resolve_group(group=None):
-    """`group` itself, the default group when torch.distributed is initialised with more than one rank, else None."""
+    """`group` itself, the default group when torch.distributed is initialised with more than one rank, else None
+    (also for `LOCAL`)."""
+    if group == LOCAL:
+        return None
     if group is not None:
         return group
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:

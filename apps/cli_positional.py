@@ -47,6 +47,7 @@ def positional(
     dtype: str = typer.Option("float32", "--dtype"),
     device: str = typer.Option("cpu", "--device"),
     nproc: int = typer.Option(1, "--nproc", help="local data-parallel workers (torch.distributed); or start under torchrun"),
+    offload: bool = typer.Option(False, "--offload", help="keep the blocks on disk and stream them one at a time"),
 ) -> None:
     """Decompose the residual stream into positional vectors, measure sinks and decay, remove positional vectors, probe."""
     from residscope.analyses import positional_plots as plots
@@ -66,7 +67,7 @@ def positional(
     if workers.launched(positional, locals(), nproc=nproc, n_batches=n_batches):
         return
     device = workers.join(device, n_batches=n_batches)
-    m = load_model(model, device=device, dtype=dtype)
+    m = load_model(model, device=device, dtype=dtype, offload=offload)
     layers = _parse_layers(remove_layers, m.cfg.n_layers + 1)
     batches, source = calibration_batches(m, seq_len=seq_len, samples=samples, batch_size=batch_size, seed=seed,
                                           text_file=text)

@@ -22,12 +22,14 @@ _TEXT = typer.Option(None, "--text", help=".txt or .jsonl text file instead of t
 _DATASET = typer.Option(None, "--dataset", help="a `datasets` dataset name (needs the network and residscope[online])")
 _JSON = typer.Option(False, "--json", help="print JSON instead of a table")
 _NPROC = typer.Option(1, "--nproc", help="local data-parallel workers (torch.distributed); or start under torchrun")
+_OFFLOAD = typer.Option(False, "--offload", help="keep the blocks on disk and stream them one at a time (models larger "
+                        "than memory; safetensors only)")
 
 
-def _load(model: str, device: str, dtype: str):
+def _load(model: str, device: str, dtype: str, offload: bool = False):
     from residscope.model import load_model
 
-    return load_model(model, device=device, dtype=dtype)
+    return load_model(model, device=device, dtype=dtype, offload=offload)
 
 
 def _echo_err(msg: str) -> None:
@@ -79,6 +81,7 @@ def bi(
     dtype: str = _DTYPE,
     device: str = _DEVICE,
     nproc: int = _NPROC,
+    offload: bool = _OFFLOAD,
 ) -> None:
     """Per-layer importance (ShortGPT Block Influence or another metric) on calibration text."""
     from residscope.apps import workers
@@ -89,7 +92,7 @@ def bi(
     if workers.launched(bi, locals(), nproc=nproc, n_batches=n_batches):
         return
     device = workers.join(device, n_batches=n_batches)
-    m = _load(model, device, dtype)
+    m = _load(model, device, dtype, offload)
     result = _influence(m, metric, shortgpt_compat, seq_len, samples, batch_size, seed, text, dataset)
     if not workers.is_main():
         return
@@ -116,6 +119,7 @@ def ppl(
     dtype: str = _DTYPE,
     device: str = _DEVICE,
     nproc: int = _NPROC,
+    offload: bool = _OFFLOAD,
 ) -> None:
     """Held-out perplexity of a model."""
     from residscope.analyses.perplexity import heldout_perplexity
@@ -125,7 +129,7 @@ def ppl(
     if workers.launched(ppl, locals(), nproc=nproc, n_batches=n_batches):
         return
     device = workers.join(device, n_batches=n_batches)
-    m = _load(model, device, dtype)
+    m = _load(model, device, dtype, offload)
     r = heldout_perplexity(m, seq_len=seq_len, samples=samples, batch_size=batch_size, seed=seed, text_file=text, dataset=dataset)
     if not workers.is_main():
         return
@@ -157,6 +161,7 @@ def prune(
     as_json: bool = _JSON,
     dtype: str = _DTYPE,
     device: str = _DEVICE,
+    offload: bool = _OFFLOAD,
 ) -> None:
     """Remove layers (lowest score first, or explicit ones), report held-out perplexity before and after, and save a
     standard transformers checkpoint."""
@@ -181,7 +186,7 @@ def prune(
         raise ValueError(f"--seeds must be >= 1, got {seeds}")
     explicit = _parse_layers(layers) if layers is not None else None
 
-    m = _load(model, device, dtype)
+    m = _load(model, device, dtype, offload)
     n_layers = m.cfg.n_layers
     if explicit is not None:
         check_layers(explicit, n_layers, arg="--layers")

@@ -372,11 +372,7 @@ class Decoder(HookedRootModule):
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, pos], got shape {tuple(input_ids.shape)}")
         pos = self._positions(input_ids, attention_mask, position_ids, kv_cache)
-        x = self.embed(input_ids)  # [batch, pos, d_model]
-        if self.cfg.embed_scale is not None:
-            # rounded straight to the model dtype, like transformers' buffer (bf16: sqrt(3072) -> 55.5; fp64: exact)
-            x = x * torch.tensor(self.cfg.embed_scale, dtype=x.dtype)
-        x = self.hook_embed(x)
+        x = self.embed_tokens(input_ids)  # [batch, pos, d_model]
         for block in self.blocks[:stop_at_layer]:
             x = block(x, pos, kv_cache)
         if kv_cache is not None:
@@ -384,6 +380,14 @@ class Decoder(HookedRootModule):
         if stop_at_layer is not None:
             return x
         return self.unembed_residual(self.ln_final(x))
+
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The residual stream entering block 0 [batch, pos, d_model] (through `hook_embed`)."""
+        x = self.embed(input_ids)  # [batch, pos, d_model]
+        if self.cfg.embed_scale is not None:
+            # rounded straight to the model dtype, like transformers' buffer (bf16: sqrt(3072) -> 55.5; fp64: exact)
+            x = x * torch.tensor(self.cfg.embed_scale, dtype=x.dtype)
+        return self.hook_embed(x)
 
     def unembed_residual(self, normed: torch.Tensor) -> torch.Tensor:
         """Logits [batch, pos, vocab] from the final-normed residual stream (NormHead and soft-capping included)."""

@@ -71,10 +71,13 @@ def load_model(
     allow_pickle: bool = False,
     position_embedding: str | None = None,
     load_tokenizer: bool = True,
+    offload: bool = False,
 ) -> Decoder:
     """Load a checkpoint folder (config.json + safetensors, single or sharded), a GGUF file or an alias.
 
     position_embedding: Baichuan 2 only, "rope" or "alibi" to override the choice made from the config.
+    offload: keep the blocks on disk and stream them one at a time through the analyses (`residscope.model.offload`);
+    the embeddings, final norm and unembedding are loaded. Safetensors checkpoints only.
     """
     device, dtype = torch.device(device), parse_dtype(dtype)
     folder = resolve_folder(source)
@@ -83,9 +86,14 @@ def load_model(
 
     with torch.device("meta"):
         model = Decoder(cfg, source=str(source))
-    model = model.to(dtype=dtype).to_empty(device=device)
-    model.tie_weights()
-    _load_weights(model, folder, allow_pickle=allow_pickle)
+    if offload:
+        from .offload import load_offloaded
+
+        load_offloaded(model, folder, weight_files(folder, allow_pickle=True), device, dtype)
+    else:
+        model = model.to(dtype=dtype).to_empty(device=device)
+        model.tie_weights()
+        _load_weights(model, folder, allow_pickle=allow_pickle)
     model.eval()
     if load_tokenizer:
         model.tokenizer = load_tokenizer_from(folder)
