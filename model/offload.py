@@ -15,6 +15,7 @@ all batches stay on the compute device, or in CPU memory with `model.offload.act
 
 from __future__ import annotations
 
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -60,6 +61,8 @@ class BlockStore:
     dtype: torch.dtype
     activations: str = "device"  # or "cpu": keep all batches' residual streams in CPU memory between blocks
     stats: StreamStats = field(default_factory=StreamStats)
+    _free: dict = field(default_factory=dict, repr=False)  # shape -> tensors of released blocks, reused by reads
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def read_block(self, layer: int, names: Sequence[str], shapes: dict[str, torch.Size]) -> dict[str, torch.Tensor]:
         """The named tensors of one original layer, on the compute device in the compute dtype."""
@@ -80,16 +83,31 @@ class BlockStore:
         return out
 
     def _read(self, f, ref: TensorRef, shape: torch.Size) -> torch.Tensor:
+        target = self._take(tuple(shape))
         if ref.parts > 1:  # a fused tensor (Baichuan's W_pack): read it whole, keep our rows
             part = read_tensor(f, ref.entry, ref.path).chunk(ref.parts, dim=0)[ref.part]
             if tuple(part.shape) != tuple(shape):
                 raise CheckpointError(f"{ref.path}: tensor {ref.entry.name!r} part has shape {tuple(part.shape)}, "
                                       f"expected {tuple(shape)}")
-            return part.to(self.device, self.dtype).contiguous()
-        target = torch.empty(shape, dtype=self.dtype, device=self.device if self.device.type == "cpu" else "cpu",
-                             pin_memory=self.device.type == "cuda")
-        read_into(f, ref.entry, target, ref.path)  # straight into `target` when dtypes match, else via one temporary
-        return target.to(self.device, non_blocking=True)
+            target.copy_(part)
+        else:
+            read_into(f, ref.entry, target, ref.path)  # straight into `target` when dtypes match, else via one temporary
+        return target
+
+    # Freed blocks' tensors are reused for the next reads: every block has the same shapes, so two sets (the block
+    # computing and the one being read) serve the whole model, and the allocator never sees block-sized frees that
+    # it might keep instead of returning (glibc's heap grows past its mmap threshold after such frees).
+    def _take(self, shape: tuple) -> torch.Tensor:
+        with self._lock:
+            free = self._free.get(shape)
+            if free:
+                return free.pop()
+        return torch.empty(shape, dtype=self.dtype, device=self.device)
+
+    def recycle(self, tensors) -> None:
+        with self._lock:
+            for t in tensors:
+                self._free.setdefault(tuple(t.shape), []).append(t)
 
 
 def load_offloaded(model: Decoder, folder: Path, files: list[Path], device: torch.device, dtype: torch.dtype) -> Decoder:
@@ -195,7 +213,6 @@ def streamed_forward(model: Decoder, inputs: list[tuple[torch.Tensor, torch.Tens
             store.stats.wait_seconds += time.perf_counter() - start
             pending = reader.submit(read, j + 1) if j + 1 < len(blocks) else None  # read ahead while computing
             _materialise(block, tensors)
-            del tensors
             start = time.perf_counter()
             try:
                 for i in range(len(inputs)):
@@ -205,6 +222,8 @@ def streamed_forward(model: Decoder, inputs: list[tuple[torch.Tensor, torch.Tens
                     torch.cuda.synchronize(store.device)
             finally:
                 _release(block)
+                store.recycle(tensors.values())
+                del tensors
             store.stats.compute_seconds += time.perf_counter() - start
     for i in range(len(inputs)):
         out = xs[i].to(store.device)

@@ -4,9 +4,9 @@ in-memory results (logits bit-exact in the same dtype, scores within 1e-6), with
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -98,3 +98,69 @@ def test_pickled_checkpoint_refused(tmp_path, ckpt):
     torch.save({"x": torch.zeros(1)}, folder / "pytorch_model.bin")
     with pytest.raises(CheckpointError, match=r"pytorch_model\.bin: offload=True \(--offload\) streams safetensors checkpoints only"):
         load_model(folder, offload=True)
+
+
+def test_probe_activations_streamed_equal(ckpt):
+    from residscope.probes.linear import collect_activations
+
+    data, _ = batches()
+    a = collect_activations(load_model(ckpt), data, max_tokens=70, progress=False)
+    b = collect_activations(load_model(ckpt, offload=True), data, max_tokens=70, progress=False)
+    assert a.layers == b.layers and (a.sample == b.sample).all()
+    for layer in a.layers:
+        assert (a.features[layer] == b.features[layer]).all()
+
+
+def test_pruned_export_without_holding_the_model(ckpt, tmp_path):
+    """The streamed export (tensors copied from disk, renumbered) equals save_pretrained of the in-memory model."""
+    from safetensors.torch import load_file
+
+    from residscope.surgery import remove_layers, save_pretrained
+
+    def tensors(folder: Path) -> dict:
+        out = {}
+        for f in sorted(folder.glob("*.safetensors")):
+            out.update(load_file(str(f)))
+        return out
+
+    for offload, name in ((False, "plain"), (True, "streamed")):
+        save_pretrained(remove_layers(load_model(ckpt, offload=offload), [1, 2]), tmp_path / name)
+    plain, streamed = tensors(tmp_path / "plain"), tensors(tmp_path / "streamed")
+    assert sorted(plain) == sorted(streamed) and "model.layers.1.mlp.up_proj.weight" in plain
+    for key in plain:
+        assert torch.equal(plain[key], streamed[key]), key
+    assert (tmp_path / "streamed" / "model.safetensors.index.json").is_file()  # sharded like its source
+    reloaded = load_model(tmp_path / "streamed")
+    data, _ = batches()
+    torch.testing.assert_close(forward_logits(reloaded, data), forward_logits(load_model(tmp_path / "plain"), data),
+                               rtol=0, atol=0)
+
+
+def forward_logits(model, data):
+    return torch.cat([r.output for r in forward_batches(model, data, progress=False)])
+
+
+def test_cli_bi_offload_equals_in_memory(ckpt, capsys):
+    from residscope.apps.cli import main
+
+    args = ["bi", "--model", str(ckpt), "--samples", "4", "--batch-size", "2", "--seq-len", "16", "--json"]
+    main(args)
+    plain = json.loads(capsys.readouterr().out)
+    main(args + ["--offload"])
+    streamed = json.loads(capsys.readouterr().out)
+    torch.testing.assert_close(torch.tensor(streamed["scores"]), torch.tensor(plain["scores"]), rtol=0, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_streaming_peak_rss_stays_under_0_4x_checkpoint(tmp_path):
+    """A ~420 MB float32 model (8 blocks of 51 MB): streaming holds about two blocks, whatever the depth."""
+    bench = Path(__file__).parents[1] / "benchmarks" / "bench_offload.py"
+    args = [sys.executable, str(bench), "--dir", str(tmp_path / "ckpt"), "--layers", "8", "--d-model", "1024",
+            "--d-mlp", "2816", "--heads", "16", "--vocab", "1024", "--dtype", "float32", "--batches", "2",
+            "--seq-len", "64"]
+    out = subprocess.run(args, check=True, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"}).stdout
+    res = json.loads(out.strip().splitlines()[-1])
+    assert res["checkpoint_gb"] > 0.4
+    assert res["read_gb"] == pytest.approx(res["checkpoint_gb"] - 8.4e-3, abs=2e-3)  # every block read once
+    assert res["streaming_rss_growth_over_checkpoint"] < 0.4, res
