@@ -88,3 +88,13 @@ def agree(value, group=None, *, what: str):
     if len(distinct) > 1:
         raise ValueError(f"{what} differs between ranks: {sorted(distinct)}")
     return distinct.pop() if distinct else None
+
+
+def gather_items(items: dict, group=None) -> dict:
+    """The union over ranks of small per-item results (e.g. decoded answers), every rank getting all of them."""
+    group = resolve_group(group)
+    if group is None:
+        return dict(items)
+    parts = [None] * dist.get_world_size(group)
+    dist.all_gather_object(parts, items, group=group)
+    return {k: v for part in parts for k, v in part.items()}

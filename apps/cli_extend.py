@@ -58,6 +58,20 @@ def _method_kw(window, ratio, alpha, layer, logit_scale) -> dict[str, dict]:
             "pv-replace": {**common, **pv}, "window": {"logit_scale": logit_scale} if logit_scale is not None else {}}
 
 
+def _window_batches(model: str, lengths: Optional[str], window: Optional[int], max_tokens: int, stride: Optional[int],
+                    batch_size: int) -> int:
+    """Window batches of the longest length (the fewest), from the config alone, for checking --nproc before loading;
+    with --max-tokens 0 (the whole split) the count is unknown until the text is read, so nothing is refused."""
+    if max_tokens <= 0:
+        return 2**31
+    from residscope.model import load_config
+
+    longest = max(_ints(lengths, "--lengths")) if lengths else 8 * (window or load_config(model).max_position_embeddings or 1)
+    step = stride or max(1, longest // 2)
+    n_windows = max(1, (max_tokens - longest) // step + 1)
+    return -(-n_windows // batch_size)
+
+
 def extend(
     model: str = typer.Option("smollm2-135m", "--model", help="checkpoint folder, GGUF file or alias (e.g. zoo-rope)"),
     method: Optional[str] = typer.Option(None, "--method", help="none, pi, ntk, dynamic-ntk, yarn, pv-replace or window"),
@@ -77,6 +91,7 @@ def extend(
     as_json: bool = typer.Option(False, "--json", help='print {"results": [{"method", "length", "ppl", ...}]}'),
     dtype: str = typer.Option("float32", "--dtype"),
     device: str = typer.Option("cpu", "--device"),
+    nproc: int = typer.Option(1, "--nproc", help="local data-parallel workers (torch.distributed); or start under torchrun"),
 ) -> None:
     """Sliding-window perplexity of the held-out split against length, for one extension method or a comparison."""
     from residscope.analyses.extension import extension_perplexity, trained_window
@@ -87,6 +102,12 @@ def extend(
         raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
     if factor is not None and factor < 1:
         raise ValueError(f"--factor must be >= 1, got {factor}")
+    from residscope.apps import workers
+
+    n_batches = _window_batches(model, lengths, window, max_tokens, stride, batch_size)
+    if workers.launched(extend, locals(), nproc=nproc, n_batches=n_batches):
+        return
+    device = workers.join(device, n_batches=n_batches)
     m = load_model(model, device=device, dtype=dtype)
     w = trained_window(m, window)
     lens = _ints(lengths, "--lengths") if lengths else [w, 2 * w, 4 * w, 8 * w]
@@ -94,6 +115,8 @@ def extend(
     rows = extension_perplexity(m, chosen, lens, factor=factor, window=window, max_tokens=max_tokens or None, stride=stride,
                                 batch_size=batch_size, progress=not as_json,
                                 method_kw=_method_kw(window, ratio, alpha, layer, logit_scale))
+    if not workers.is_main():
+        return
     if html is not None:
         fig = perplexity_figure(rows, title=f"{model}: sliding-window perplexity against length", window=w)
         _write_html(html, fig.to_html(include_plotlyjs="cdn"))
@@ -125,6 +148,7 @@ def passkey(
     as_json: bool = typer.Option(False, "--json", help='print {"results": [{"method", "length", "depth", "accuracy", ...}]}'),
     dtype: str = typer.Option("float32", "--dtype"),
     device: str = typer.Option("cpu", "--device"),
+    nproc: int = typer.Option(1, "--nproc", help="local data-parallel workers (torch.distributed); or start under torchrun"),
 ) -> None:
     """Passkey retrieval (exact match, greedy) against prompt length and key depth, per extension method."""
     from residscope.analyses.extension import apply_method, passkey_accuracy, trained_window
@@ -135,10 +159,16 @@ def passkey(
         raise ValueError(f"--keys must be >= 1, got {keys}")
     if factor is not None and factor < 1:
         raise ValueError(f"--factor must be >= 1, got {factor}")
+    from residscope.apps import workers
+
+    dps = _floats(depths, "--depths")
+    n_prompts = keys * len(dps) * (len(_ints(lengths, "--lengths")) if lengths else 4)  # 4 default lengths
+    if workers.launched(passkey, locals(), nproc=nproc, n_batches=n_prompts):
+        return
+    device = workers.join(device, n_batches=n_prompts)
     m = load_model(model, device=device, dtype=dtype)
     w = trained_window(m, window)
     lens = _ints(lengths, "--lengths") if lengths else [w, 2 * w, 4 * w, 8 * w]
-    dps = _floats(depths, "--depths")
     kw = _method_kw(window, ratio, alpha, layer, logit_scale)
     rows = []
     for meth in _methods(m, method, methods, compare):
@@ -148,6 +178,8 @@ def passkey(
             extra.setdefault("max_length", max(lens))
         with apply_method(m, meth, f, **extra) as e:
             rows += passkey_accuracy(m, lens, dps, n_keys=keys, seed=seed, method=meth, ext=e, progress=not as_json)
+    if not workers.is_main():
+        return
     if html is not None:
         _write_html(html, passkey_figure(rows, title=f"{model}: passkey retrieval").to_html(include_plotlyjs="cdn"))
     if as_json:

@@ -1,5 +1,6 @@
 """One rank of the data-parallel tests: joins the gloo group from RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT, runs
-Block Influence, perplexity and the positional decomposition on a checkpoint folder, and rank 0 writes the results.
+Block Influence, perplexity, the positional decomposition,
+attention statistics and sliding-window (extension) perplexity on a checkpoint folder, and rank 0 writes the results.
 
     python dist_worker.py CHECKPOINT OUT.safetensors [fail-rank]
 """
@@ -9,6 +10,7 @@ import sys
 import torch
 import torch.distributed as dist
 
+from residscope.analyses.extension import sliding_window_perplexity
 from residscope.analyses.perplexity import perplexity
 from residscope.analyses.positional import attention_statistics, decompose_positions
 from residscope.model import load_model
@@ -29,10 +31,13 @@ def results(model) -> dict[str, torch.Tensor]:
     ppl = perplexity(model, padded, progress=False)
     dec = decompose_positions(model, data, progress=False)
     att = attention_statistics(model, data, progress=False)
+    stream = torch.cat([b.reshape(-1) for b in data])  # 240 tokens: 9 windows of 48, 3 batches of 4 / 4 / 1
+    _, window_nll, window_tokens, _ = sliding_window_perplexity(model, stream, 48, batch_size=4, progress=False)
     return {"bi": bi.scores, "bi_n_tokens": torch.tensor(float(bi.n_tokens)), "nll": torch.tensor(ppl.nll),
             "ppl_n_tokens": torch.tensor(float(ppl.n_tokens)), "vectors": dec.vectors,
             "second_moment": dec.second_moment, "n_samples": torch.tensor(float(dec.n_samples)),
-            "sink_mass": torch.from_numpy(att.sink_mass), "by_distance": torch.from_numpy(att.by_distance)}
+            "sink_mass": torch.from_numpy(att.sink_mass), "by_distance": torch.from_numpy(att.by_distance),
+            "window_nll": torch.tensor(window_nll), "window_tokens": torch.tensor(float(window_tokens))}
 
 
 def main(folder: str, out: str, fail_rank: str | None = None) -> None:
