@@ -32,13 +32,14 @@ from __future__ import annotations
 
 import contextlib
 import math
-import random
 import re
 from dataclasses import asdict, dataclass, field
 from typing import Iterator, Sequence
 
 import torch
 from tqdm.auto import tqdm
+
+from .passkey import passkey_keys, passkey_prompt
 
 METHODS = ("none", "pi", "ntk", "dynamic-ntk", "yarn", "pv-replace", "window")
 ROPE_METHODS = ("pi", "ntk", "dynamic-ntk", "yarn")
@@ -91,9 +92,12 @@ def _check_rope_layers(model, method: str) -> None:
 
 
 def rope_setting(params, method: str, factor: float, window: int, head_dim: int):
-    """The RopeParams of `method` at extension `factor` from an unscaled setting `params` (trained window `window`)."""
+    """The RopeParams of `method` at extension `factor` from an unscaled setting `params` (trained window `window`):
+    the one place that maps a method name to RoPE parameters ("none" keeps `params`)."""
     from .rope_bound import ntk_params
 
+    if method == "none":
+        return params
     if method == "pi":
         return params.replace(rope_type="linear", factor=float(factor))
     if method == "ntk":
@@ -110,8 +114,9 @@ def default_pv_layer(model) -> int:
     return max(1, model.cfg.n_layers // 4)
 
 
-def in_window_decomposition(model, length: int, *, samples: int = 64, batch_size: int = 8, seed: int = 0, progress: bool = False):
-    """Positional vectors of `model` on `samples` calibration chunks of `length` tokens (BOS first when the tokenizer adds one)."""
+def calibration_decomposition(model, length: int, *, samples: int = 64, batch_size: int = 8, seed: int = 0, progress: bool = False):
+    """Positional vectors of `model` on `samples` calibration chunks of `length` tokens (BOS first when the tokenizer
+    adds one): the in-window set at the trained window, the vectors to replace or measure at longer lengths."""
     from .corpus import batched, builtin_text, token_chunks, tokenize
     from .positional import decompose_positions
 
@@ -121,6 +126,31 @@ def in_window_decomposition(model, length: int, *, samples: int = 64, batch_size
     available = tokens.numel() // length
     chunks = token_chunks(tokens, length, min(samples, available), seed=seed, bos_token_id=bos_token_id(model))
     return decompose_positions(model, list(batched(chunks, batch_size)), progress=progress)
+
+
+def method_options(method: str, *, window: int | None = None, ratio: float | None = None, alpha: float | None = None,
+                   layer: int | None = None, logit_scale: float | None = None, samples: int | None = None) -> dict:
+    """The keyword arguments of `apply_method` that `method` takes, from options that may be None (= its default)."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r} (choose from {', '.join(METHODS)})")
+    taken = {"none": (), "window": ("logit_scale",), "pv-replace": ("window", "ratio", "alpha", "layer", "samples")}
+    given = dict(window=window, ratio=ratio, alpha=alpha, layer=layer, logit_scale=logit_scale, samples=samples)
+    return {k: given[k] for k in taken.get(method, ("window",)) if given[k] is not None}
+
+
+def extension_settings(model, method: str, lengths: Sequence[int], *, factor: float | None = None,
+                       window: int | None = None, method_kw: dict | None = None) -> tuple[float, dict]:
+    """(factor, apply_method keyword arguments) for evaluating `method` at `lengths`: the one place for the defaults.
+
+    factor None: max(lengths) / trained window, at least 1 (one setting for all lengths, as when a model is extended once
+    to a target length). pv-replace measures the vectors it replaces at max(lengths) unless `max_length` is given."""
+    if factor is not None and not factor >= 1:
+        raise ValueError(f"factor must be >= 1 (an extension), got {factor}")
+    f = float(factor) if factor is not None else max(1.0, max(lengths) / trained_window(model, window))
+    kw = dict(method_kw or {})
+    if method == "pv-replace":
+        kw.setdefault("max_length", max(lengths))
+    return f, kw
 
 
 @contextlib.contextmanager
@@ -158,45 +188,63 @@ def apply_method(
     ext = Extension(method=method, factor=float(factor))
     with model.positional_overrides():
         if method in ROPE_METHODS:
-            _check_rope_layers(model, method)
-            w = trained_window(model, window)
-            for layer, rope in enumerate(model.rope_settings()):
-                if rope is not None:
-                    model.set_rope(rope_setting(rope, method, factor, w, model.cfg.d_head), layers=layer)
-            first = next(rope for rope in model.rope_settings() if rope is not None)
-            ext.settings = {"window": w, **first.to_hf()}
+            ext.settings = _scale_rope(model, method, factor, trained_window(model, window))
         elif method == "window":
-            windows = model.windows()
-            layers = [i for i, w in enumerate(windows) if w is not None]
-            if not layers:
-                raise ValueError("method 'window' extends sliding attention windows, but this model has none")
-            w = window if window is not None else windows[layers[0]]
-            new = int(round(w * factor))
-            lam = logit_scale if logit_scale is not None else math.log(new) / math.log(w) if w > 1 else 1.0
-            model.set_window(new, layers=layers)
-            model.set_attn_logit_scale(lam, layers=layers)
-            ext.settings = {"window": w, "extended_window": new, "logit_scale": lam, "layers": layers}
+            ext.settings = _extend_windows(model, factor, window, logit_scale)
         elif method == "pv-replace":
-            from .positional import pv_replacement_hooks
-
-            w = trained_window(model, window)
-            r = float(ratio) if ratio is not None else float(factor)
-            lay = layer if layer is not None else default_pv_layer(model)
-            if decomposition is None:
-                decomposition = in_window_decomposition(model, w, samples=samples, progress=progress)
-            if original is None:
-                length = max_length or int(round(w * factor))
-                # p_orig at lengths <= w is the in-window decomposition itself (causal attention: position t sees only <= t)
-                original = decomposition if length <= decomposition.seq_len else in_window_decomposition(
-                    model, length, samples=samples, progress=progress)
-            ext.fwd_hooks = pv_replacement_hooks(decomposition, lay, r, alpha, keep_first, original=original)
-            ext.settings = {"window": w, "ratio": r, "alpha": alpha, "layer": lay, "keep_first": keep_first,
-                            "original_length": original.seq_len, "samples": decomposition.n_samples}
+            ext.fwd_hooks, ext.settings = _pv_replacement(
+                model, factor, trained_window(model, window), ratio=ratio, alpha=alpha, layer=layer,
+                keep_first=keep_first, max_length=max_length, decomposition=decomposition, original=original,
+                samples=samples, progress=progress)
         if ext.fwd_hooks:
             with model.hooks(fwd_hooks=ext.fwd_hooks):
                 yield ext
         else:
             yield ext
+
+
+def _scale_rope(model, method: str, factor: float, trained: int) -> dict:
+    """Set every RoPE layer to `method` at `factor`; the settings of the first one, as transformers writes them."""
+    _check_rope_layers(model, method)
+    for layer, rope in enumerate(model.rope_settings()):
+        if rope is not None:
+            model.set_rope(rope_setting(rope, method, factor, trained, model.cfg.d_head), layers=layer)
+    first = next(rope for rope in model.rope_settings() if rope is not None)
+    return {"window": trained, **first.to_hf()}
+
+
+def _extend_windows(model, factor: float, window: int | None, logit_scale: float | None) -> dict:
+    """Sliding windows W -> round(s W), attention logits times lambda (default ln(sW) / ln(W))."""
+    windows = model.windows()
+    layers = [i for i, w in enumerate(windows) if w is not None]
+    if not layers:
+        raise ValueError("method 'window' extends sliding attention windows, but this model has none")
+    old = window if window is not None else windows[layers[0]]
+    new = int(round(old * factor))
+    if logit_scale is None:
+        logit_scale = math.log(new) / math.log(old) if old > 1 else 1.0
+    model.set_window(new, layers=layers)
+    model.set_attn_logit_scale(logit_scale, layers=layers)
+    return {"window": old, "extended_window": new, "logit_scale": logit_scale, "layers": layers}
+
+
+def _pv_replacement(model, factor: float, trained: int, *, ratio, alpha, layer, keep_first, max_length, decomposition,
+                    original, samples, progress) -> tuple[list, dict]:
+    """The hooks of positional-vector replacement and its settings (vectors decomposed here when not given)."""
+    from .positional import pv_replacement_hooks
+
+    ratio = float(ratio) if ratio is not None else float(factor)
+    layer = layer if layer is not None else default_pv_layer(model)
+    if decomposition is None:
+        decomposition = calibration_decomposition(model, trained, samples=samples, progress=progress)
+    if original is None:
+        length = max_length or int(round(trained * factor))
+        # p_orig at lengths <= the window is the in-window decomposition itself (causal: position t sees only <= t)
+        original = decomposition if length <= decomposition.seq_len else calibration_decomposition(
+            model, length, samples=samples, progress=progress)
+    hooks = pv_replacement_hooks(decomposition, layer, ratio, alpha, keep_first, original=original)
+    return hooks, {"window": trained, "ratio": ratio, "alpha": alpha, "layer": layer, "keep_first": keep_first,
+                   "original_length": original.seq_len, "samples": decomposition.n_samples}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -293,10 +341,7 @@ def extension_perplexity(model, methods: Sequence[str], lengths: Sequence[int], 
     bos = bos_token_id(model)
     rows = []
     for method in methods:
-        f = factor if factor is not None else max(1.0, max(lengths) / trained_window(model, window))
-        kw = dict((method_kw or {}).get(method, {}))
-        if method == "pv-replace":
-            kw.setdefault("max_length", max(lengths))
+        f, kw = extension_settings(model, method, lengths, factor=factor, window=window, method_kw=(method_kw or {}).get(method))
         with apply_method(model, method, f, **kw):
             for length in lengths:
                 ppl, nll, n, nw = sliding_window_perplexity(model, tokens, length, stride=stride, bos=bos,
@@ -308,37 +353,6 @@ def extension_perplexity(model, methods: Sequence[str], lengths: Sequence[int], 
 # ---------------------------------------------------------------------------------------------------------------------
 # passkey retrieval (RESEARCH.md section 5)
 # ---------------------------------------------------------------------------------------------------------------------
-FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
-INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
-         "I will quiz you about the important information there.")
-QUESTION = "What is the pass key? The pass key is"
-
-
-def passkey_text(key: str, n_filler: int, depth: float) -> str:
-    """The prompt: intro, n_filler filler sentences with the key sentence after round(depth * n_filler) of them, question."""
-    if not 0 <= depth <= 1:
-        raise ValueError(f"depth must be in [0, 1], got {depth}")
-    before = round(depth * n_filler)
-    return " ".join([INTRO, *[FILLER] * before, f"The pass key is {key}. Remember it. {key} is the pass key.",
-                     *[FILLER] * (n_filler - before), QUESTION])
-
-
-def passkey_prompt(tokenizer, length: int, depth: float, key: str) -> torch.Tensor:
-    """Token ids [n] of the longest prompt with at most `length` tokens (special tokens included)."""
-    def size(n: int) -> int:
-        return len(tokenizer(passkey_text(key, n, depth))["input_ids"])
-
-    if size(0) > length:
-        raise ValueError(f"length {length} is too short for a passkey prompt ({size(0)} tokens without filler)")
-    per = max(1, size(1) - size(0))
-    n = max(0, (length - size(0)) // per)
-    while n > 0 and size(n) > length:
-        n -= 1
-    while size(n + 1) <= length:
-        n += 1
-    return torch.tensor(tokenizer(passkey_text(key, n, depth))["input_ids"], dtype=torch.long)
-
-
 @dataclass
 class PasskeyRow:
     method: str
@@ -351,11 +365,6 @@ class PasskeyRow:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def passkey_keys(n_keys: int, seed: int = 1234, digits: int = 5) -> list[str]:
-    rng = random.Random(seed)
-    return [str(rng.randint(10 ** (digits - 1), 10 ** digits - 1)) for _ in range(n_keys)]
 
 
 @torch.inference_mode()
@@ -395,6 +404,21 @@ def passkey_accuracy(model, lengths: Sequence[int], depths: Sequence[float] = (0
     return rows
 
 
+def passkey_study(model, methods: Sequence[str], lengths: Sequence[int], depths: Sequence[float] = (0.0, 0.5, 1.0), *,
+                  n_keys: int = 5, seed: int = 1234, factor: float | None = None, window: int | None = None,
+                  method_kw: dict[str, dict] | None = None, progress: bool = True) -> list[PasskeyRow]:
+    """Passkey accuracy of each method at each (length, depth), the model extended once per method as in
+    `extension_perplexity` (same factor and keyword-argument defaults)."""
+    if n_keys < 1:
+        raise ValueError(f"n_keys must be >= 1, got {n_keys}")
+    rows = []
+    for method in methods:
+        f, kw = extension_settings(model, method, lengths, factor=factor, window=window, method_kw=(method_kw or {}).get(method))
+        with apply_method(model, method, f, **kw) as ext:
+            rows += passkey_accuracy(model, lengths, depths, n_keys=n_keys, seed=seed, method=method, ext=ext, progress=progress)
+    return rows
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # positional vectors beyond the window
 # ---------------------------------------------------------------------------------------------------------------------
@@ -429,12 +453,9 @@ def positional_drift(model, method: str, length: int, *, factor: float | None = 
                      ext_kw: dict | None = None, progress: bool = False) -> PositionalDrift:
     """Positional vectors at `length` under `method` (decomposed on calibration chunks) against the in-window set."""
     w = trained_window(model, (ext_kw or {}).get("window"))
-    f = factor if factor is not None else max(1.0, length / w)
-    kw = dict(ext_kw or {})
-    if method == "pv-replace":
-        kw.setdefault("max_length", length)
+    f, kw = extension_settings(model, method, [length], factor=factor, window=w, method_kw=ext_kw)
     with apply_method(model, method, f, **kw):
-        dec = in_window_decomposition(model, length, samples=samples, progress=progress)
+        dec = calibration_decomposition(model, length, samples=samples, progress=progress)
     return PositionalDrift(method=method, length=int(length), window=w, relative_distance=drift_from_decomposition(dec, w))
 
 

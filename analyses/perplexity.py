@@ -15,7 +15,7 @@ from typing import Iterable
 import torch
 import torch.nn.functional as F
 
-Batch = torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]
+from residscope.common.batches import Batch, batch_count, unpack_batch
 
 
 @dataclass
@@ -27,28 +27,6 @@ class PerplexityResult:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def unpack_batch(batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """A batch is token ids [batch, pos], or (ids, attention_mask) with mask [batch, pos] (1 = token, 0 = padding)."""
-    if isinstance(batch, torch.Tensor):
-        ids, mask = batch, None
-    elif isinstance(batch, (tuple, list)) and len(batch) == 2:
-        ids, mask = batch
-    else:
-        raise ValueError(f"a batch must be token ids [batch, pos] or (ids, attention_mask), got {type(batch).__name__}")
-    if ids.dim() != 2:
-        raise ValueError(f"token ids must be [batch, pos], got shape {tuple(ids.shape)}")
-    if mask is not None and mask.shape != ids.shape:
-        raise ValueError(f"attention_mask has shape {tuple(mask.shape)}, token ids {tuple(ids.shape)}")
-    return ids, mask
-
-
-def batch_count(batches) -> int | None:
-    try:
-        return len(batches)
-    except TypeError:
-        return None
 
 
 def token_nll_sum(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor | None) -> tuple[float, int]:

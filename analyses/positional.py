@@ -112,7 +112,7 @@ class PositionalDecomposition:
         """Write the decomposition as safetensors (atomically: temp file, then rename)."""
         from safetensors.torch import save_file
 
-        from residscope.model.atomic import atomic_write
+        from residscope.common.atomic import atomic_write
 
         tensors = {"vectors": self.vectors.contiguous(), "second_moment": self.second_moment.contiguous(),
                    "mean_token_norm": self.mean_token_norm.contiguous()}

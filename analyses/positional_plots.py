@@ -126,3 +126,16 @@ def probe_scores(results: Sequence) -> go.Figure:
         fig.update_xaxes(title_text="layer (0 = embeddings)", row=1, col=i)
     fig.update_layout(title="Linear probes by layer (split by sample)")
     return fig
+
+
+def study_figures(study, probes: Sequence = ()) -> dict[str, go.Figure]:
+    """Every figure of a `PositionalStudy` (and its probes, if any), by the file name `residscope positional` gives it."""
+    desc, att = study.description, study.attention
+    figures = {"norms.html": norms_heatmap(desc), "similarity.html": similarity_matrices(desc),
+               "pca.html": pca_trajectories(desc), "layers.html": layer_summary(desc),
+               "sinks.html": sink_mass(att), "distance.html": attention_by_distance(att)}
+    if study.removal:
+        figures["removal.html"] = removal_effects(study.removal)
+    if probes:
+        figures["probes.html"] = probe_scores(probes)
+    return figures

@@ -46,7 +46,7 @@ def write_html(figures: list, path: str | Path) -> Path:
         raise ValueError(f"--html: folder {path.parent} does not exist")
     parts = [fig.to_html(full_html=False, include_plotlyjs="inline" if i == 0 else False) for i, fig in enumerate(figures)]
     html = "<html><head><meta charset='utf-8'><title>residscope rope-bound</title></head><body>" + "".join(parts) + "</body></html>"
-    from residscope.model.atomic import atomic_write_text
+    from residscope.common.atomic import atomic_write_text
 
     return atomic_write_text(path, html)
 

@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .distributed import is_main, shard
-from .perplexity import Batch, batch_count, unpack_batch
+from residscope.common.batches import Batch, batch_count, unpack_batch
 
 Hooks = Sequence[tuple[str, Callable]]
 HookFactory = Callable[[int, torch.Tensor, Union[torch.Tensor, None]], Hooks]

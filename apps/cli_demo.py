@@ -11,14 +11,17 @@ import dataclasses
 import json
 import time
 from pathlib import Path
+from typing import Optional
 
 import typer
+
+from .cli_common import MODEL, load, model_name
 
 
 def register(app: typer.Typer) -> None:
     @app.command("demo")
     def demo(
-        model: str = typer.Option("smollm2-135m", "--model", help="Alias, checkpoint folder or .gguf file."),
+        model: Optional[str] = MODEL,
         out: Path = typer.Option(Path("out/demo"), "--out", help="Folder for the pruned checkpoint and summary.json."),
         seq_len: int = typer.Option(256, "--seq-len", help="Tokens per calibration/evaluation chunk."),
         samples: int = typer.Option(16, "--samples", help="Chunks for Block Influence and for perplexity."),
@@ -31,18 +34,18 @@ def register(app: typer.Typer) -> None:
         from residscope.analyses.corpus import calibration_batches
         from residscope.analyses.perplexity import heldout_perplexity
         from residscope.analyses.rope_bound import model_bounds
-        from residscope.model import load_model
-        from residscope.model.atomic import atomic_write_text
+        from residscope.common.atomic import atomic_write_text
         from residscope.surgery.export import pruning_record, save_pretrained
         from residscope.surgery.influence import block_influence_result, removal_order
         from residscope.surgery.removal import remove_layers
 
         if not 0 < remove_fraction < 1:
             raise ValueError(f"--remove-fraction must be in (0, 1), got {remove_fraction}")
+        model = model_name(model)
         summary: dict = {"model": model}
 
         t0 = time.perf_counter()
-        lm = load_model(model)
+        lm = load(model)
         summary["load_seconds"] = round(time.perf_counter() - t0, 2)
         cfg = lm.cfg
         typer.echo(f"[1/6] loaded {model}: {cfg.model_type}, {cfg.n_layers} layers, d_model {cfg.d_model}, "

@@ -9,25 +9,7 @@ from typing import Optional
 
 import typer
 
-
-def _ints(spec: str, option: str) -> list[int]:
-    try:
-        values = [int(x) for x in spec.replace(" ", "").split(",") if x]
-    except ValueError:
-        raise ValueError(f"{option}: expected comma-separated integers like 128,256,512; got {spec!r}") from None
-    if not values or any(v < 2 for v in values):
-        raise ValueError(f"{option}: lengths must be integers >= 2, got {spec!r}")
-    return values
-
-
-def _floats(spec: str, option: str) -> list[float]:
-    try:
-        values = [float(x) for x in spec.replace(" ", "").split(",") if x]
-    except ValueError:
-        raise ValueError(f"{option}: expected comma-separated numbers like 0,0.5,1; got {spec!r}") from None
-    if not values or any(not 0 <= v <= 1 for v in values):
-        raise ValueError(f"{option}: depths must be in [0, 1], got {spec!r}")
-    return values
+from .cli_common import DEVICE, DTYPE, MODEL, NPROC, load, model_name, parse_fractions, parse_lengths, write_figure
 
 
 def _methods(model, method: Optional[str], methods: Optional[str], compare: bool) -> list[str]:
@@ -43,37 +25,34 @@ def _methods(model, method: Optional[str], methods: Optional[str], compare: bool
     return chosen
 
 
-def _write_html(path: Path, text: str) -> None:
-    from residscope.model.atomic import atomic_write_text
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, text)
-
-
 def _method_kw(window, ratio, alpha, layer, logit_scale) -> dict[str, dict]:
     """Keyword arguments of apply_method per method, from the CLI options (only those each method takes)."""
-    common = {"window": window} if window is not None else {}
-    pv = {k: v for k, v in dict(ratio=ratio, alpha=alpha, layer=layer).items() if v is not None}
-    return {"none": {}, "pi": common, "ntk": common, "dynamic-ntk": common, "yarn": common,
-            "pv-replace": {**common, **pv}, "window": {"logit_scale": logit_scale} if logit_scale is not None else {}}
+    from residscope.analyses.extension import METHODS, method_options
+
+    return {m: method_options(m, window=window, ratio=ratio, alpha=alpha, layer=layer, logit_scale=logit_scale)
+            for m in METHODS}
 
 
-def _window_batches(model: str, lengths: Optional[str], window: Optional[int], max_tokens: int, stride: Optional[int],
-                    batch_size: int) -> int:
+def _lengths(lengths: Optional[str], window: int) -> list[int]:
+    return parse_lengths(lengths, "--lengths") if lengths else [window, 2 * window, 4 * window, 8 * window]
+
+
+def _window_batches(model: Optional[str], lengths: Optional[str], window: Optional[int], max_tokens: int,
+                    stride: Optional[int], batch_size: int) -> int:
     """Window batches of the longest length (the fewest), from the config alone, for checking --nproc before loading;
     with --max-tokens 0 (the whole split) the count is unknown until the text is read, so nothing is refused."""
     if max_tokens <= 0:
         return 2**31
     from residscope.model import load_config
 
-    longest = max(_ints(lengths, "--lengths")) if lengths else 8 * (window or load_config(model).max_position_embeddings or 1)
-    step = stride or max(1, longest // 2)
-    n_windows = max(1, (max_tokens - longest) // step + 1)
+    longest = max(parse_lengths(lengths, "--lengths")) if lengths else 8 * (
+        window or load_config(model_name(model)).max_position_embeddings or 1)
+    n_windows = max(1, (max_tokens - longest) // (stride or max(1, longest // 2)) + 1)
     return -(-n_windows // batch_size)
 
 
 def extend(
-    model: str = typer.Option("smollm2-135m", "--model", help="checkpoint folder, GGUF file or alias (e.g. zoo-rope)"),
+    model: Optional[str] = MODEL,
     method: Optional[str] = typer.Option(None, "--method", help="none, pi, ntk, dynamic-ntk, yarn, pv-replace or window"),
     compare: bool = typer.Option(False, "--compare", help="every method that applies to the model (or --methods): one table, one figure"),
     methods: Optional[str] = typer.Option(None, "--methods", help="with --compare: comma-separated methods"),
@@ -89,14 +68,13 @@ def extend(
     batch_size: int = typer.Option(4, "--batch-size"),
     html: Optional[Path] = typer.Option(None, "--html", help="write the plotly figure (perplexity against length) here"),
     as_json: bool = typer.Option(False, "--json", help='print {"results": [{"method", "length", "ppl", ...}]}'),
-    dtype: str = typer.Option("float32", "--dtype"),
-    device: str = typer.Option("cpu", "--device"),
-    nproc: int = typer.Option(1, "--nproc", help="local data-parallel workers (torch.distributed); or start under torchrun"),
+    dtype: str = DTYPE,
+    device: str = DEVICE,
+    nproc: int = NPROC,
 ) -> None:
     """Sliding-window perplexity of the held-out split against length, for one extension method or a comparison."""
     from residscope.analyses.extension import extension_perplexity, trained_window
     from residscope.analyses.extension_plots import perplexity_figure, perplexity_table
-    from residscope.model import load_model
 
     if batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
@@ -108,18 +86,15 @@ def extend(
     if workers.launched(extend, locals(), nproc=nproc, n_batches=n_batches):
         return
     device = workers.join(device, n_batches=n_batches)
-    m = load_model(model, device=device, dtype=dtype)
+    m, model = load(model, device, dtype), model_name(model)
     w = trained_window(m, window)
-    lens = _ints(lengths, "--lengths") if lengths else [w, 2 * w, 4 * w, 8 * w]
-    chosen = _methods(m, method, methods, compare)
-    rows = extension_perplexity(m, chosen, lens, factor=factor, window=window, max_tokens=max_tokens or None, stride=stride,
-                                batch_size=batch_size, progress=not as_json,
+    rows = extension_perplexity(m, _methods(m, method, methods, compare), _lengths(lengths, w), factor=factor, window=window,
+                                max_tokens=max_tokens or None, stride=stride, batch_size=batch_size, progress=not as_json,
                                 method_kw=_method_kw(window, ratio, alpha, layer, logit_scale))
-    if not workers.is_main():
+    if not workers.is_main():  # rank 0 alone reports
         return
     if html is not None:
-        fig = perplexity_figure(rows, title=f"{model}: sliding-window perplexity against length", window=w)
-        _write_html(html, fig.to_html(include_plotlyjs="cdn"))
+        write_figure(perplexity_figure(rows, title=f"{model}: sliding-window perplexity against length", window=w), html)
     if as_json:
         print(json.dumps({"model": model, "window": w, "results": [r.to_dict() for r in rows]}, indent=2))
     else:
@@ -130,7 +105,7 @@ def extend(
 
 
 def passkey(
-    model: str = typer.Option("smollm2-135m", "--model", help="checkpoint folder, GGUF file or alias (e.g. zoo-rope)"),
+    model: Optional[str] = MODEL,
     method: Optional[str] = typer.Option(None, "--method", help="none, pi, ntk, dynamic-ntk, yarn, pv-replace or window"),
     compare: bool = typer.Option(False, "--compare", help="every method that applies to the model (or --methods)"),
     methods: Optional[str] = typer.Option(None, "--methods", help="with --compare: comma-separated methods"),
@@ -146,42 +121,34 @@ def passkey(
     logit_scale: Optional[float] = typer.Option(None, "--logit-scale"),
     html: Optional[Path] = typer.Option(None, "--html", help="write the plotly figure (accuracy against length) here"),
     as_json: bool = typer.Option(False, "--json", help='print {"results": [{"method", "length", "depth", "accuracy", ...}]}'),
-    dtype: str = typer.Option("float32", "--dtype"),
-    device: str = typer.Option("cpu", "--device"),
-    nproc: int = typer.Option(1, "--nproc", help="local data-parallel workers (torch.distributed); or start under torchrun"),
+    dtype: str = DTYPE,
+    device: str = DEVICE,
+    nproc: int = NPROC,
 ) -> None:
     """Passkey retrieval (exact match, greedy) against prompt length and key depth, per extension method."""
-    from residscope.analyses.extension import apply_method, passkey_accuracy, trained_window
+    from residscope.analyses.extension import passkey_study, trained_window
     from residscope.analyses.extension_plots import passkey_figure, passkey_table
-    from residscope.model import load_model
 
     if keys < 1:
         raise ValueError(f"--keys must be >= 1, got {keys}")
     if factor is not None and factor < 1:
         raise ValueError(f"--factor must be >= 1, got {factor}")
+    dps = parse_fractions(depths, "--depths")
     from residscope.apps import workers
 
-    dps = _floats(depths, "--depths")
-    n_prompts = keys * len(dps) * (len(_ints(lengths, "--lengths")) if lengths else 4)  # 4 default lengths
+    n_prompts = keys * len(dps) * (len(parse_lengths(lengths, "--lengths")) if lengths else 4)  # 4 default lengths
     if workers.launched(passkey, locals(), nproc=nproc, n_batches=n_prompts):
         return
     device = workers.join(device, n_batches=n_prompts)
-    m = load_model(model, device=device, dtype=dtype)
+    m, model = load(model, device, dtype), model_name(model)
     w = trained_window(m, window)
-    lens = _ints(lengths, "--lengths") if lengths else [w, 2 * w, 4 * w, 8 * w]
-    kw = _method_kw(window, ratio, alpha, layer, logit_scale)
-    rows = []
-    for meth in _methods(m, method, methods, compare):
-        f = factor if factor is not None else max(1.0, max(lens) / w)
-        extra = dict(kw[meth])
-        if meth == "pv-replace":
-            extra.setdefault("max_length", max(lens))
-        with apply_method(m, meth, f, **extra) as e:
-            rows += passkey_accuracy(m, lens, dps, n_keys=keys, seed=seed, method=meth, ext=e, progress=not as_json)
-    if not workers.is_main():
+    rows = passkey_study(m, _methods(m, method, methods, compare), _lengths(lengths, w), dps, n_keys=keys, seed=seed,
+                         factor=factor, window=window, method_kw=_method_kw(window, ratio, alpha, layer, logit_scale),
+                         progress=not as_json)
+    if not workers.is_main():  # rank 0 alone reports
         return
     if html is not None:
-        _write_html(html, passkey_figure(rows, title=f"{model}: passkey retrieval").to_html(include_plotlyjs="cdn"))
+        write_figure(passkey_figure(rows, title=f"{model}: passkey retrieval"), html)
     if as_json:
         print(json.dumps({"model": model, "window": w, "results": [r.to_dict() for r in rows]}, indent=2))
     else:

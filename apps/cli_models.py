@@ -8,6 +8,8 @@ from typing import Optional
 
 import typer
 
+from .cli_common import DEVICE, DTYPE, MODEL, load, model_name
+
 
 def _show_progress() -> None:
     """One-off work (assembling, converting a GGUF) is logged by residscope at INFO: show it on stderr."""
@@ -41,7 +43,7 @@ def models(as_json: bool = typer.Option(False, "--json", help="print the rows as
 
 def generate(
     prompt: str = typer.Argument(..., help="text to continue"),
-    model: str = typer.Option("smollm2-135m", "--model", help="alias, Hugging Face folder or .gguf file"),
+    model: Optional[str] = MODEL,
     max_new_tokens: int = typer.Option(20, "--max-new-tokens", min=1, help="tokens to generate"),
     sample: bool = typer.Option(False, "--sample", help="sample instead of greedy decoding"),
     temperature: float = typer.Option(1.0, "--temperature", help="softmax temperature when sampling (> 0)"),
@@ -49,8 +51,8 @@ def generate(
     top_p: Optional[float] = typer.Option(None, "--top-p", help="nucleus sampling mass in (0, 1]"),
     seed: Optional[int] = typer.Option(None, "--seed", help="seed of the sampler (reproducible samples)"),
     chat: bool = typer.Option(False, "--chat", help="wrap the prompt in the model's chat template as a user turn"),
-    dtype: str = typer.Option("float32", "--dtype"),
-    device: str = typer.Option("cpu", "--device"),
+    dtype: str = DTYPE,
+    device: str = DEVICE,
 ) -> None:
     """Print the model's continuation of PROMPT (greedy unless --sample)."""
     if sample and not temperature > 0:
@@ -63,9 +65,8 @@ def generate(
 
     import torch
 
-    from residscope.model import load_model
-
-    lm = load_model(model, device=device, dtype=dtype)
+    model = model_name(model)
+    lm = load(model, device, dtype)
     tok = lm.tokenizer
     if tok is None:
         raise ValueError(f"{model}: this checkpoint has no tokenizer files, so it cannot take a text prompt")

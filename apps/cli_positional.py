@@ -10,26 +10,30 @@ from typing import Optional
 
 import typer
 
-
-def _parse_layers(spec: str, n_resid_layers: int) -> list[int]:
-    try:
-        layers = [int(x) for x in spec.replace(" ", "").split(",") if x != ""]
-    except ValueError:
-        raise ValueError(f"--remove-layers: expected comma-separated layer indices like 1,4,15; got {spec!r}") from None
-    for layer in layers:
-        if not 0 <= layer < n_resid_layers:
-            raise ValueError(f"--remove-layers: layer {layer} out of range 0..{n_resid_layers - 1} (0 = embeddings)")
-    return layers
+from .cli_common import (DEVICE, DTYPE, MODEL, NPROC, OFFLOAD, load, model_name, n_batches, parse_indices,
+                         write_figure)
 
 
-def _round(x, digits: int = 4):
-    import numpy as np
-
-    return np.round(np.asarray(x, dtype=float), digits).tolist()
+def _table(summary: dict, n_resid_layers: int, out: Path) -> str:
+    pos, sink = summary["positional"], summary["attention"]["sink_mass_by_block"]
+    lines = [f"positional vectors of {summary['model']}: {summary['n_samples']} x {summary['seq_len']} tokens ({summary['source']})",
+             f"{'layer':>5}  {'share':>7}  {'R2':>6}  {'R2 t>=k':>7}  {'distinct':>8}  {'tok0/median':>11}  {'sink (block l)':>14}"]
+    for layer in range(n_resid_layers):
+        s = f"{sink[layer]:>14.3f}" if layer < len(sink) else f"{'':>14}"
+        lines.append(f"{layer:>5}  {pos['positional_share'][layer]:>7.3f}  {pos['positional_r2'][layer]:>6.3f}  "
+                     f"{pos['positional_r2_after_first_k'][layer]:>7.3f}  "
+                     f"{pos['n_distinct'][layer]:>8}  {pos['first_token_ratio'][layer]:>11.1f}  {s}")
+    for r in summary["removal"]:
+        lines.append(f"{r['label']:<40} ppl {r['ppl']:>10.3f}  sink {r['sink_mass']:.3f}  decay {r['decay_ratio']:.2f}")
+    for p in summary["probes"]:
+        lines.append(f"probe {p['target']} ({p['metric']}): " + " ".join(f"{s:.2f}" for s in p["score"])
+                     + f"  | control max {max(p['control']):.2f}")
+    lines.append(f"wrote {len(summary['files'])} files to {out}")
+    return "\n".join(lines)
 
 
 def positional(
-    model: str = typer.Option("smollm2-135m", "--model", help="checkpoint folder, GGUF file or alias"),
+    model: Optional[str] = MODEL,
     samples: int = typer.Option(64, "--samples", help="calibration sequences for the decomposition"),
     seq_len: int = typer.Option(128, "--seq-len", help="tokens per sequence"),
     out: Path = typer.Option(..., "--out", help="output folder (created if missing)"),
@@ -44,17 +48,17 @@ def positional(
     eval_samples: int = typer.Option(16, "--eval-samples", help="held-out sequences for perplexity with/without removal"),
     probe_tokens: int = typer.Option(4096, "--probe-tokens", help="token cap for probe activations (0 = no probes)"),
     as_json: bool = typer.Option(False, "--json", help="print the JSON summary instead of a table"),
-    dtype: str = typer.Option("float32", "--dtype"),
-    device: str = typer.Option("cpu", "--device"),
-    nproc: int = typer.Option(1, "--nproc", help="local data-parallel workers (torch.distributed); or start under torchrun"),
-    offload: bool = typer.Option(False, "--offload", help="keep the blocks on disk and stream them one at a time"),
+    dtype: str = DTYPE,
+    device: str = DEVICE,
+    nproc: int = NPROC,
+    offload: bool = OFFLOAD,
 ) -> None:
     """Decompose the residual stream into positional vectors, measure sinks and decay, remove positional vectors, probe."""
-    from residscope.analyses import positional_plots as plots
     from residscope.analyses.corpus import calibration_batches
-    from residscope.analyses.positional import attention_statistics, decompose_positions, describe_positions, removal_study
+    from residscope.analyses.positional_plots import study_figures
+    from residscope.analyses.positional_study import positional_study
     from residscope.apps import workers
-    from residscope.model import load_model
+    from residscope.common.atomic import atomic_write_text
     from residscope.probes.linear import collect_activations, first_tokens_probe, position_probe
 
     if first_k < 1 or first_k > seq_len:
@@ -63,83 +67,34 @@ def positional(
         raise ValueError(f"--cos-threshold must be in (0, 1], got {cos_threshold}")
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out: {out} exists and is not a folder")
-    n_batches = -(-samples // batch_size) if samples > 0 and batch_size > 0 else 1
-    if workers.launched(positional, locals(), nproc=nproc, n_batches=n_batches):
+    if workers.launched(positional, locals(), nproc=nproc, n_batches=n_batches(samples, batch_size)):
         return
-    device = workers.join(device, n_batches=n_batches)
-    m = load_model(model, device=device, dtype=dtype, offload=offload)
-    layers = _parse_layers(remove_layers, m.cfg.n_layers + 1)
+    device = workers.join(device, n_batches=n_batches(samples, batch_size))
+    m, progress = load(model, device, dtype, offload), not as_json
+    layers = parse_indices(remove_layers, "--remove-layers", m.cfg.n_layers + 1, note=" (0 = embeddings)")
     batches, source = calibration_batches(m, seq_len=seq_len, samples=samples, batch_size=batch_size, seed=seed,
                                           text_file=text)
-    progress = not as_json
-    dec = decompose_positions(m, batches, progress=progress)
-    desc = describe_positions(dec, cos_threshold=cos_threshold, first_k=first_k)
-    att = attention_statistics(m, batches, first_k=first_k, progress=progress)
-    rows = []
-    if layers:
-        # held-out text: the evaluation split of the built-in corpus, or the same user file with another chunk order
-        ev, _ = calibration_batches(m, seq_len=seq_len, samples=eval_samples, batch_size=batch_size, seed=seed + 1,
-                                    split="evaluation", text_file=text)
-        rows = removal_study(m, dec, ev, [([layer], None) for layer in layers] + [([layer], first_k) for layer in layers],
-                             sink_k=first_k, progress=progress)
-    if not workers.is_main():  # the probes need every activation in one place: rank 0 collects them alone
+    # held-out text: the evaluation split of the built-in corpus, or the same user file with another chunk order
+    held_out = calibration_batches(m, seq_len=seq_len, samples=eval_samples, batch_size=batch_size, seed=seed + 1,
+                                   split="evaluation", text_file=text)[0] if layers else None
+    study = positional_study(m, batches, first_k=first_k, cos_threshold=cos_threshold, remove_layers=layers,
+                             eval_batches=held_out, source=source, progress=progress)
+    if not workers.is_main():  # rank 0 alone collects the probes' activations (they need all of them) and writes
         return
     probes = []
     if probe_tokens > 0:
         acts = collect_activations(m, batches, max_tokens=probe_tokens, progress=progress)
         probes = [position_probe(acts, progress=progress), first_tokens_probe(acts, first_k, progress=progress)]
 
-    summary = dict(
-        model=str(model), source=source, n_samples=dec.n_samples, seq_len=dec.seq_len, first_k=first_k,
-        cos_threshold=cos_threshold, layers="0 = embeddings (blocks.0.hook_resid_pre), l = blocks.{l-1}.hook_resid_post",
-        positional=dict(
-            positional_share=_round(desc.positional_share), positional_r2=_round(desc.positional_r2),
-            positional_r2_after_first_k=_round(desc.positional_r2_after_first_k),
-            n_distinct=desc.n_distinct.tolist(), first_token_ratio=_round(desc.first_token_ratio[:, 0], 2),
-            first_k_token_ratio=_round(desc.first_token_ratio, 2), mean_vector_norm=_round(dec.mean_vector.norm(dim=-1), 3),
-            pca_explained=_round(desc.pca_explained, 3)),
-        attention=dict(sink_mass_by_block=_round(att.sink_mass.mean(-1)), sink_mass_by_head=_round(att.sink_mass),
-                       decay_ratio_by_block=_round(att.decay_ratio().mean(-1), 3)),
-        removal=[dict(label=r.label, layers=list(r.layers), first_k=r.first_k, ppl=round(r.ppl, 4), nll=round(r.nll, 5),
-                      sink_mass=round(float(r.sink_mass.mean()), 4), decay_ratio=round(float(r.decay_ratio.mean()), 3))
-                 for r in rows],
-        probes=[p.to_dict() for p in probes],
-    )
-    from residscope.model.atomic import atomic_write
-
     out.mkdir(parents=True, exist_ok=True)
-    figures = {"norms.html": plots.norms_heatmap(desc), "similarity.html": plots.similarity_matrices(desc),
-               "pca.html": plots.pca_trajectories(desc), "layers.html": plots.layer_summary(desc),
-               "sinks.html": plots.sink_mass(att), "distance.html": plots.attention_by_distance(att)}
-    if rows:
-        figures["removal.html"] = plots.removal_effects(rows)
-    if probes:
-        figures["probes.html"] = plots.probe_scores(probes)
+    figures = study_figures(study, probes)
     for name, fig in figures.items():
-        atomic_write(out / name, lambda p, fig=fig: fig.write_html(str(p), include_plotlyjs="cdn"))
-    dec.save(out / "positional_vectors.safetensors")
-    summary["files"] = sorted([*figures, "positional_vectors.safetensors", "summary.json"])
-    atomic_write(out / "summary.json", lambda p: p.write_text(json.dumps(summary, indent=1)))
-
-    if as_json:
-        typer.echo(json.dumps(summary, indent=1))
-        return
-    pos = summary["positional"]
-    sink = summary["attention"]["sink_mass_by_block"]
-    lines = [f"positional vectors of {model}: {dec.n_samples} x {dec.seq_len} tokens ({source})",
-             f"{'layer':>5}  {'share':>7}  {'R2':>6}  {'R2 t>=k':>7}  {'distinct':>8}  {'tok0/median':>11}  {'sink (block l)':>14}"]
-    for layer in range(dec.n_resid_layers):
-        s = f"{sink[layer]:>14.3f}" if layer < len(sink) else f"{'':>14}"
-        lines.append(f"{layer:>5}  {pos['positional_share'][layer]:>7.3f}  {pos['positional_r2'][layer]:>6.3f}  "
-                     f"{pos['positional_r2_after_first_k'][layer]:>7.3f}  "
-                     f"{pos['n_distinct'][layer]:>8}  {pos['first_token_ratio'][layer]:>11.1f}  {s}")
-    for r in summary["removal"]:
-        lines.append(f"{r['label']:<40} ppl {r['ppl']:>10.3f}  sink {r['sink_mass']:.3f}  decay {r['decay_ratio']:.2f}")
-    for p in summary["probes"]:
-        lines.append(f"probe {p['target']} ({p['metric']}): " + " ".join(f"{s:.2f}" for s in p["score"])
-                     + f"  | control max {max(p['control']):.2f}")
-    lines.append(f"wrote {len(summary['files'])} files to {out}")
-    typer.echo("\n".join(lines))
+        write_figure(fig, out / name)
+    study.decomposition.save(out / "positional_vectors.safetensors")
+    summary = dict(model=model_name(model), **study.summary(), probes=[p.to_dict() for p in probes],
+                   files=sorted([*figures, "positional_vectors.safetensors", "summary.json"]))
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))
+    typer.echo(json.dumps(summary, indent=1) if as_json else _table(summary, study.decomposition.n_resid_layers, out))
 
 
 def register(app: typer.Typer) -> None:

@@ -56,66 +56,80 @@ def rope_bound(
 
     from residscope.analyses import rope_bound as rb
 
-    figures_bases: list[float] = []
-    rows = None
+    rows, fig_head_dim = None, head_dim
     if length is not None:
-        b = rb.base_lower_bound(length, head_dim, grid_step=grid_step, max_m=max_m)
-        figures_bases = [b.below, b.value]
-        if as_json:
-            typer.echo(json.dumps(_lower_bound_json(b), indent=1))
-        else:
-            reach = f">= {b.reach:,}" if b.reach_capped else f"{b.reach:,}"
-            typer.echo(f"base lower bound for L={length:,}, head dim {head_dim}: {b.value:.9g}"
-                       f"  (verified={b.verified}, margin min B={b.min_value:.3g}, reaches {reach})")
-            typer.echo(f"  base {b.below:.9g} just below fails at m={b.below_first_negative:,}; every grid base "
-                       f"(1+{grid_step:g})^k below {b.grid_value:.6g} fails. B is not monotone in the base: check a "
-                       f"specific base with --base.")
+        bases = _print_lower_bound(rb.base_lower_bound(length, head_dim, grid_step=grid_step, max_m=max_m), length,
+                                   head_dim, grid_step, as_json)
     elif base is not None:
-        c = rb.context_bound(base, head_dim, max_m=max_m)
-        figures_bases = [base]
-        if as_json:
-            typer.echo(json.dumps(_bound_json(c), indent=1))
-        elif c.capped:
-            typer.echo(f"context bound of base {base:g}, head dim {head_dim}: >= {c.bound:,} (B >= 0 up to --max-m)")
-        else:
-            typer.echo(f"context bound of base {base:g}, head dim {head_dim}: {c.bound:,}  (B first < 0 at m={c.first_negative:,})")
+        bases = _print_context_bound(rb.context_bound(base, head_dim, max_m=max_m), base, head_dim, as_json)
     elif table:
         rows = rb.paper_table(head_dim, grid_step=grid_step, max_m=max_m)
-        figures_bases = [rows[0].computed.value, rows[len(rows) // 2].computed.value]
-        if as_json:
-            typer.echo(json.dumps([{"length": r.length, "published": r.published, "published_context_bound": r.published_reach.bound
-                                    if r.published_reach else None, "note": r.note, **_lower_bound_json(r.computed)} for r in rows], indent=1))
-        else:
-            typer.echo(f"{'length':>9}  {'computed':>11}  {'published':>9}  {'ok':>3}  note")
-            for r in rows:
-                pub = f"{r.published:.2g}" if r.published is not None else "-"
-                typer.echo(f"{r.length:>9,}  {r.computed.value:>11.5g}  {pub:>9}  {'yes' if r.computed.verified else 'NO':>3}  {r.note}")
+        bases = _print_table(rows, as_json)
     else:
         from residscope.model import load_config
 
         cfg = load_config(model)
         kinds = rb.model_bounds(cfg, seq_len=seq_len, max_m=max_m)
-        figures_bases = [k.base for k in kinds]
-        if as_json:
-            typer.echo(json.dumps([{**asdict(k), "context_bound": k.bound.bound, "capped": k.bound.capped,
-                                    "covers_max_positions": k.covers_max_positions} for k in kinds], indent=1))
-        else:
-            typer.echo(f"{model}: max positions {cfg.max_position_embeddings}")
-            for k in kinds:
-                scaling = "none" if k.rope_type == "default" else f"{k.rope_type} x{k.factor:g}"
-                bound = f">= {k.bound.bound:,}" if k.bound.capped else f"{k.bound.bound:,}"
-                window = f", window {k.sliding_window}" if k.sliding_window else ""
-                typer.echo(f"  {k.layer_kind} ({len(k.layers)} layers{window}): head dim {k.head_dim}, rotary dim {k.rotary_dim}, "
-                           f"base {k.base:g}, scaling {scaling}: context bound {bound} -> "
-                           f"{'covers' if k.covers_max_positions else 'does NOT cover'} the positions it can see")
+        bases, fig_head_dim = _print_model_bounds(model, cfg, kinds, as_json), kinds[0].head_dim
     if html:
         from residscope.analyses import rope_bound_plots as plots
 
-        figs = [plots.b_curve_figure(figures_bases, head_dim if model is None else kinds[0].head_dim)]
-        figs.append(plots.bound_figure(rows if rows is not None else rb.paper_table(128, lengths=[1 << 10, 1 << 12, 1 << 14])))
+        figs = [plots.b_curve_figure(bases, fig_head_dim),
+                plots.bound_figure(rows if rows is not None else rb.paper_table(128, lengths=[1 << 10, 1 << 12, 1 << 14]))]
         path = plots.write_html(figs, html)
         if not as_json:
             typer.echo(f"figures written to {path}")
+
+
+def _print_lower_bound(b, length: int, head_dim: int, grid_step: float, as_json: bool) -> list[float]:
+    if as_json:
+        typer.echo(json.dumps(_lower_bound_json(b), indent=1))
+    else:
+        reach = f">= {b.reach:,}" if b.reach_capped else f"{b.reach:,}"
+        typer.echo(f"base lower bound for L={length:,}, head dim {head_dim}: {b.value:.9g}"
+                   f"  (verified={b.verified}, margin min B={b.min_value:.3g}, reaches {reach})")
+        typer.echo(f"  base {b.below:.9g} just below fails at m={b.below_first_negative:,}; every grid base "
+                   f"(1+{grid_step:g})^k below {b.grid_value:.6g} fails. B is not monotone in the base: check a "
+                   f"specific base with --base.")
+    return [b.below, b.value]
+
+
+def _print_context_bound(c, base: float, head_dim: int, as_json: bool) -> list[float]:
+    if as_json:
+        typer.echo(json.dumps(_bound_json(c), indent=1))
+    elif c.capped:
+        typer.echo(f"context bound of base {base:g}, head dim {head_dim}: >= {c.bound:,} (B >= 0 up to --max-m)")
+    else:
+        typer.echo(f"context bound of base {base:g}, head dim {head_dim}: {c.bound:,}  (B first < 0 at m={c.first_negative:,})")
+    return [base]
+
+
+def _print_table(rows, as_json: bool) -> list[float]:
+    if as_json:
+        typer.echo(json.dumps([{"length": r.length, "published": r.published, "published_context_bound": r.published_reach.bound
+                                if r.published_reach else None, "note": r.note, **_lower_bound_json(r.computed)} for r in rows], indent=1))
+    else:
+        typer.echo(f"{'length':>9}  {'computed':>11}  {'published':>9}  {'ok':>3}  note")
+        for r in rows:
+            pub = f"{r.published:.2g}" if r.published is not None else "-"
+            typer.echo(f"{r.length:>9,}  {r.computed.value:>11.5g}  {pub:>9}  {'yes' if r.computed.verified else 'NO':>3}  {r.note}")
+    return [rows[0].computed.value, rows[len(rows) // 2].computed.value]
+
+
+def _print_model_bounds(model: str, cfg, kinds, as_json: bool) -> list[float]:
+    if as_json:
+        typer.echo(json.dumps([{**asdict(k), "context_bound": k.bound.bound, "capped": k.bound.capped,
+                                "covers_max_positions": k.covers_max_positions} for k in kinds], indent=1))
+    else:
+        typer.echo(f"{model}: max positions {cfg.max_position_embeddings}")
+        for k in kinds:
+            scaling = "none" if k.rope_type == "default" else f"{k.rope_type} x{k.factor:g}"
+            bound = f">= {k.bound.bound:,}" if k.bound.capped else f"{k.bound.bound:,}"
+            window = f", window {k.sliding_window}" if k.sliding_window else ""
+            typer.echo(f"  {k.layer_kind} ({len(k.layers)} layers{window}): head dim {k.head_dim}, rotary dim {k.rotary_dim}, "
+                       f"base {k.base:g}, scaling {scaling}: context bound {bound} -> "
+                       f"{'covers' if k.covers_max_positions else 'does NOT cover'} the positions it can see")
+    return [k.base for k in kinds]
 
 
 def register(app: typer.Typer) -> None:

@@ -77,31 +77,27 @@ class PromptRun:
 def prompt_run(source: str, prompt: str, top_k: int = 10, new_tokens: int = 12) -> PromptRun:
     """Tokens, the final next-token distribution, the logit lens (final norm + unembedding of every
     `blocks.{i}.hook_resid_post`) and a greedy continuation."""
+    from residscope.analyses.logit_lens import logit_lens
+
     lm = model(source)
     if not prompt.strip():
         raise ValueError("prompt: enter some text")
     ids = lm.to_tokens(prompt)  # [1, pos]
-    names = [f"blocks.{i}.hook_resid_post" for i in range(lm.cfg.n_layers)]
     with model_lock(source), torch.inference_mode():
-        logits, cache = lm.run_with_cache(ids, names_filter=lambda name: name in names)  # logits [1, pos, vocab]
-        lens_logits = torch.stack([lm.unembed_residual(lm.ln_final(cache[n]))[0] for n in names])  # [layer, pos, vocab]
+        lens = logit_lens(lm, ids)
         out = lm.generate(ids, max_new_tokens=new_tokens) if new_tokens else ids
-    probs = logits[0, -1].float().softmax(-1)  # [vocab]
+    probs = lens.logits[-1].softmax(-1)  # [vocab]
     top = probs.topk(min(top_k, probs.numel()))
-    lens_probs = lens_logits.float().softmax(-1)  # [layer, pos, vocab]
-    lens_top = lens_probs.max(-1)  # values/indices [layer, pos]
-    final_top1 = logits[0].argmax(-1)  # [pos]
-    target = lens_probs.gather(-1, final_top1[None, :, None].expand(lens_probs.shape[0], -1, 1))[..., 0]  # [layer, pos]
     tok = lm.tokenizer
     return PromptRun(
         token_ids=ids[0].tolist(),
         tokens=[token_label(tok, i) for i in ids[0].tolist()],
         top_tokens=[token_label(tok, i) for i in top.indices.tolist()],
         top_probs=top.values.tolist(),
-        top_logits=logits[0, -1, top.indices].float().tolist(),
-        lens_tokens=[[token_label(tok, i) for i in row] for row in lens_top.indices.tolist()],
-        lens_probs=lens_top.values.numpy(),
-        lens_target_probs=target.numpy(),
+        top_logits=lens.logits[-1, top.indices].tolist(),
+        lens_tokens=[[token_label(tok, i) for i in row] for row in lens.top_ids.tolist()],
+        lens_probs=lens.top_probs.numpy(),
+        lens_target_probs=lens.target_probs.numpy(),
         continuation=lm.to_string(out[0, ids.shape[1]:]),
     )
 
@@ -152,21 +148,17 @@ def positional(source: str, samples: int, seq_len: int, first_k: int, cos_thresh
 
 # ---- page 4: RoPE bound -----------------------------------------------------------------------------------------
 @st.cache_data(max_entries=64, show_spinner=False)
-def rope_curve(base: float, head_dim: int, rope_type: str, factor: float, window: int, max_m: int):
+def rope_curve(base: float, head_dim: int, method: str, factor: float, window: int, max_m: int):
     """(context bound, B(m) at log-spaced m, the m values) of the frequencies of one RoPE setting.
 
-    rope_type "ntk" is NTK-aware scaling of the base; the others are the model code's own scalings."""
-    from residscope.analyses.rope_bound import context_bound, ntk_params, rope_frequencies, rope_sum
+    `method` is an extension method's name ("none", "pi", "ntk", "dynamic-ntk", "yarn"), mapped to RoPE parameters by
+    the library (`rope_setting`)."""
+    from residscope.analyses.extension import rope_setting
+    from residscope.analyses.rope_bound import context_bound, rope_frequencies, rope_sum
     from residscope.model import RopeParams
 
-    if rope_type == "ntk":
-        params = ntk_params(RopeParams(theta=base), factor, head_dim)
-    elif rope_type == "default":
-        params = RopeParams(theta=base)
-    else:
-        params = RopeParams(theta=base, rope_type=rope_type, factor=factor, original_max_position_embeddings=window,
-                            max_position_embeddings=window)
-    seq_len = int(window * factor) if rope_type == "dynamic" else None
+    params = rope_setting(RopeParams(theta=base), method, factor, window, head_dim)
+    seq_len = int(window * factor) if method == "dynamic-ntk" else None
     inv_freq = rope_frequencies(params, head_dim, seq_len=seq_len)  # [head_dim // 2]
     m = torch.unique(torch.logspace(0, float(np.log10(max_m)), 2000).round().long())  # [P]
     return context_bound(inv_freq=inv_freq), m.numpy(), rope_sum(m, inv_freq=inv_freq).numpy(), params.theta
@@ -251,14 +243,13 @@ def trained_window(source: str, window: int | None = None) -> int:
     return window_of(model(source), window)
 
 
-PV_SAMPLES = 16  # calibration chunks for the positional vectors of pv-replace (the library's default, 64, is slow here)
+PV_SAMPLES = 16  # calibration chunks for the positional vectors of pv-replace (the library's default, 512, is slow here)
 
 
-def _method_kw(method: str, window: int | None) -> dict:
-    kw = {"window": window} if window is not None and method != "window" else {}
-    if method == "pv-replace":
-        kw["samples"] = PV_SAMPLES
-    return kw
+def _method_kw(method: str, window: int | None) -> dict[str, dict]:
+    from residscope.analyses.extension import method_options
+
+    return {method: method_options(method, window=window, samples=PV_SAMPLES if method == "pv-replace" else None)}
 
 
 @st.cache_data(max_entries=32, show_spinner=False)
@@ -266,21 +257,16 @@ def extension_perplexity(source: str, method: str, lengths: tuple[int, ...], fac
                          max_tokens: int):
     from residscope.analyses.extension import extension_perplexity as run
 
-    kw = _method_kw(method, window)
     with model_lock(source):
         return run(model(source), [method], list(lengths), factor=factor, window=window, max_tokens=max_tokens,
-                   progress=False, method_kw={method: kw})
+                   progress=False, method_kw=_method_kw(method, window))
 
 
 @st.cache_data(max_entries=32, show_spinner=False)
 def passkey(source: str, method: str, lengths: tuple[int, ...], depths: tuple[float, ...], n_keys: int,
             factor: float | None, window: int | None):
-    from residscope.analyses.extension import apply_method, passkey_accuracy, trained_window as window_of
+    from residscope.analyses.extension import passkey_study
 
-    lm = model(source)
-    f = factor if factor is not None else max(1.0, max(lengths) / window_of(lm, window))
-    kw = _method_kw(method, window)
-    if method == "pv-replace":
-        kw["max_length"] = max(lengths)
-    with model_lock(source), apply_method(lm, method, f, **kw) as ext:
-        return passkey_accuracy(lm, list(lengths), list(depths), n_keys=n_keys, method=method, ext=ext, progress=False)
+    with model_lock(source):
+        return passkey_study(model(source), [method], list(lengths), list(depths), n_keys=n_keys, factor=factor,
+                             window=window, method_kw=_method_kw(method, window), progress=False)

@@ -12,6 +12,7 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from . import explorer_cache as cache
+from .cli_common import parse_fractions, parse_lengths
 
 DEFAULT_PROMPT = "The capital of France is Paris. The capital of Germany is"
 
@@ -175,7 +176,7 @@ def page_residual(source: str) -> None:
 
 
 # ---- 4. RoPE bound ----------------------------------------------------------------------------------------------
-SCALINGS = {"none": "default", "linear (PI)": "linear", "NTK-aware base": "ntk", "YaRN": "yarn", "dynamic NTK": "dynamic"}
+SCALINGS = {"none": "none", "linear (PI)": "pi", "NTK-aware base": "ntk", "YaRN": "yarn", "dynamic NTK": "dynamic-ntk"}  # -> method
 
 
 def page_rope(source: str) -> None:
@@ -196,7 +197,7 @@ def page_rope(source: str) -> None:
     if head_dim % 2:
         raise ValueError(f"head dim must be even, got {head_dim}")
     with computing("Scanning B(m)..."):
-        plain, m, b_plain, _ = cache.rope_curve(base, head_dim, "default", 1.0, window, 1 << 20)
+        plain, m, b_plain, _ = cache.rope_curve(base, head_dim, "none", 1.0, window, 1 << 20)
         if scaling != "none":
             scaled, _, b_scaled, scaled_base = cache.rope_curve(base, head_dim, SCALINGS[scaling], factor, window, 1 << 20)
 
@@ -325,24 +326,12 @@ def page_pruning(source: str) -> None:
 
 
 # ---- 6. context extension -----------------------------------------------------------------------------------------
-def _ints(text: str, what: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(x) for x in text.replace(" ", "").split(",") if x)
-    except ValueError:
-        raise ValueError(f"{what}: expected comma-separated integers like 128,256; got {text!r}") from None
-    if not values or min(values) < 2:
-        raise ValueError(f"{what}: lengths must be integers >= 2, got {text!r}")
-    return values
+def _lengths(text: str, what: str) -> tuple[int, ...]:
+    return tuple(parse_lengths(text, what))
 
 
-def _floats(text: str, what: str) -> tuple[float, ...]:
-    try:
-        values = tuple(float(x) for x in text.replace(" ", "").split(",") if x)
-    except ValueError:
-        raise ValueError(f"{what}: expected comma-separated numbers like 0,0.5,1; got {text!r}") from None
-    if not values or not all(0 <= v <= 1 for v in values):
-        raise ValueError(f"{what}: depths must be in [0, 1], got {text!r}")
-    return values
+def _depths(text: str) -> tuple[float, ...]:
+    return tuple(parse_fractions(text, "depths"))
 
 
 def page_extension(source: str) -> None:
@@ -374,7 +363,7 @@ def page_extension(source: str) -> None:
     st.subheader("Perplexity against length")
     lengths_text = st.text_input("Lengths", default_lengths, key=f"ext_lengths_{w}")
     if st.button("Run perplexity", key="ext_ppl_button", disabled=not methods):
-        st.session_state["ext_ppl"] = (tuple(methods), _ints(lengths_text, "lengths"), factor, window, max_tokens)
+        st.session_state["ext_ppl"] = (tuple(methods), _lengths(lengths_text, "lengths"), factor, window, max_tokens)
     if st.session_state.get("ext_ppl"):
         methods_, lengths_, factor_, window_, max_tokens_ = st.session_state["ext_ppl"]
         rows = []
@@ -395,7 +384,7 @@ def page_extension(source: str) -> None:
     pk_depths = c2.text_input("Key depths", "0.5", key="pk_depths")
     n_keys = int(c3.number_input("Keys per cell", 1, 20, 3, key="pk_keys"))
     if st.button("Run passkey", key="pk_button", disabled=not methods):
-        st.session_state["pk"] = (tuple(methods), _ints(pk_lengths, "prompt lengths"), _floats(pk_depths, "depths"),
+        st.session_state["pk"] = (tuple(methods), _lengths(pk_lengths, "prompt lengths"), _depths(pk_depths),
                                   n_keys, factor, window)
     if st.session_state.get("pk"):
         methods_, lengths_, depths_, keys_, factor_, window_ = st.session_state["pk"]

@@ -15,21 +15,21 @@ residscope_pruning.json. The loader reads it into `DecoderConfig.removed_attn` /
 without those halves. transformers would instead re-initialise the missing tensors at random, so such folders are for
 residscope only. `residscope.surgery.pruning_record` adds what a removal was based on to residscope_pruning.json.
 
-The folder is written under a temporary name next to the target and renamed into place, so a failure never leaves a
-half-written checkpoint; an existing non-empty target is refused unless `force=True`.
+The folder is written under a temporary name next to the target and renamed into place (`atomic_dir`), so a failure
+never leaves a half-written checkpoint; an existing non-empty target is refused unless `force=True`.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 import warnings
 from importlib import metadata
 from pathlib import Path
 
 import torch
+
+from residscope.common.atomic import atomic_dir
 
 from .checkpoint import local_to_hf
 from .config import SUBLAYER_KEY  # the loader reads what this module writes
@@ -117,9 +117,7 @@ def save_pretrained(model, out_dir: str | os.PathLike, *, pruning_info: dict | N
             UserWarning, stacklevel=2,
         )
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir) as tmp:
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         if getattr(model, "offload", None) is not None:  # blocks on disk: copy the kept ones, one tensor at a time
             from .streamed_export import write_kept_tensors
@@ -130,24 +128,4 @@ def save_pretrained(model, out_dir: str | os.PathLike, *, pruning_info: dict | N
         if model.tokenizer is not None:
             model.tokenizer.save_pretrained(str(tmp))
         (tmp / PRUNING_FILE).write_text(json.dumps(record, indent=2) + "\n")
-        _replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
-
-
-def _replace_dir(tmp: Path, out_dir: Path) -> None:
-    """Move `tmp` to `out_dir`; an existing target is moved aside first and deleted only after the rename."""
-    old = None
-    if out_dir.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-        os.rename(out_dir, old / "dir")
-    try:
-        os.rename(tmp, out_dir)
-    except BaseException:
-        if old is not None:
-            os.rename(old / "dir", out_dir)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

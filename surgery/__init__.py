@@ -1,11 +1,20 @@
-"""residscope.surgery: ShortGPT Block Influence, layer and sub-layer removal, export as a standard checkpoint."""
+"""residscope.surgery: cutting a model and saving the result.
 
+ShortGPT Block Influence and the other layer scores (`influence`), layer and sub-layer removal (`removal`), the
+comparison of removal choices by held-out perplexity (`compare`), export as a standard checkpoint (`export`), and
+their figures (`plots`). May import `residscope.common`, `residscope.model` and `residscope.analyses` (perplexity,
+corpus); never `residscope.apps`.
+"""
+
+from .compare import RemovalComparison, RemovalRow, compare_removals, removal_for
 from .export import PRUNING_FILE, SUBLAYER_KEY, pruning_record, save_pretrained
-from .influence import BASELINES, METRICS, InfluenceResult, block_influence, block_influence_result, removal_order
+from .influence import (BASELINES, METRICS, InfluenceResult, block_influence, block_influence_result, influence_results,
+                        removal_order)
 from .removal import layer_origin, remove_layers, remove_sublayers, removed_sublayers
 
 __all__ = [
-    "BASELINES", "METRICS", "PRUNING_FILE", "SUBLAYER_KEY", "InfluenceResult", "block_influence", "block_influence_result",
-    "layer_origin", "pruning_record", "remove_layers", "remove_sublayers", "removed_sublayers", "removal_order",
+    "BASELINES", "METRICS", "PRUNING_FILE", "SUBLAYER_KEY", "InfluenceResult", "RemovalComparison", "RemovalRow",
+    "block_influence", "block_influence_result", "compare_removals", "influence_results", "layer_origin",
+    "pruning_record", "remove_layers", "remove_sublayers", "removed_sublayers", "removal_for", "removal_order",
     "save_pretrained",
 ]

@@ -27,16 +27,18 @@ Removal-order baselines (ShortGPT, section on metrics):
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+import dataclasses
+from dataclasses import asdict, dataclass
 from typing import Iterable, Sequence
 
 import torch
 from residscope.analyses.distributed import all_reduce_sum, all_reduce_sums
-from residscope.analyses.perplexity import Batch
 from residscope.analyses.runner import forward_batches
+from residscope.common.batches import Batch
 
 METRICS = ("bi", "angular", "relative-magnitude", "attn-bi", "mlp-bi")
 BASELINES = ("sequential", "reverse", "random")
+BLOCK_METRICS = ("bi", "angular", "relative-magnitude")  # measured together by one pass over whole blocks
 
 # which residual stream is the input and which the output of the part each metric scores
 _PAIR = {
@@ -69,7 +71,20 @@ class InfluenceResult:
     relative_magnitude: torch.Tensor | None = None  # [n_layers] mean ||out - in|| / ||out||
     undefined_tokens: torch.Tensor | None = None  # [n_layers] tokens whose cosine was NaN (zero vector)
     source: str | None = None  # calibration text description, when known
-    extras: dict = field(default_factory=dict)
+
+    def score(self, metric: str) -> torch.Tensor:
+        """Per-layer scores [n_layers] of `metric`: this result's own, or one of the means the same pass measured
+        (a pass over whole blocks gives bi, angular and relative-magnitude; the halves need their own pass)."""
+        if metric == self.metric:
+            return self.scores
+        check_metric(metric)
+        if self.metric in BLOCK_METRICS and metric in BLOCK_METRICS:
+            return {"bi": 1.0 - self.mean_cos, "angular": self.angular, "relative-magnitude": self.relative_magnitude}[metric]
+        raise ValueError(f"metric {metric!r} needs its own pass; this result scored {self.metric!r}")
+
+    def for_metric(self, metric: str) -> "InfluenceResult":
+        """This result relabelled as `metric` (same pass, its scores from `score(metric)`)."""
+        return dataclasses.replace(self, metric=metric, scores=self.score(metric))
 
     def order(self) -> list[int]:
         """All layers, least influential first (ties keep the lower index first)."""
@@ -189,12 +204,7 @@ def block_influence_result(
 
     means = torch.tensor([s.means() for s in stats], dtype=torch.float64)  # [n_layers, 3]
     mean_cos, angular, relmag = means.unbind(-1)
-    if metric == "angular":
-        scores = angular.clone()
-    elif metric == "relative-magnitude":
-        scores = relmag.clone()
-    else:
-        scores = 1.0 - mean_cos
+    scores = {"angular": angular.clone(), "relative-magnitude": relmag.clone()}.get(metric, 1.0 - mean_cos)
     return InfluenceResult(
         metric=metric,
         scores=scores,
@@ -206,6 +216,24 @@ def block_influence_result(
         undefined_tokens=torch.tensor([s.n_undefined for s in stats]),
         source=source,
     )
+
+
+def influence_results(model, batches: Iterable[Batch], metrics: Sequence[str], *, shortgpt_compat: bool = False,
+                      progress: bool = True, source: str | None = None, group=None) -> dict[str, InfluenceResult]:
+    """An InfluenceResult per metric, from as few passes as possible: one for bi, angular and relative-magnitude
+    together, one each for attn-bi and mlp-bi."""
+    for metric in metrics:
+        check_metric(metric)
+    batches = list(batches)  # read once per pass
+    passes: dict[str, InfluenceResult] = {}
+    out = {}
+    for metric in dict.fromkeys(metrics):
+        key = "bi" if metric in BLOCK_METRICS else metric
+        if key not in passes:
+            passes[key] = block_influence_result(model, batches, key, shortgpt_compat=shortgpt_compat,
+                                                 progress=progress, source=source, group=group)
+        out[metric] = passes[key].for_metric(metric)
+    return out
 
 
 def block_influence(model, batches: Iterable[Batch], metric: str = "bi", *, shortgpt_compat: bool = False,

@@ -10,6 +10,7 @@ import torch
 from torch.testing import assert_close
 
 from residscope.analyses import extension as ext
+from residscope.analyses import passkey
 from residscope.analyses.perplexity import perplexity
 from residscope.analyses.positional import decompose_positions, resid_hook_name
 from residscope.analyses.rope_bound import default_inv_freq, ntk_base, rope_frequencies
@@ -239,14 +240,14 @@ class _DigitTokenizer:
 @pytest.mark.parametrize("depth", [0.0, 0.5, 1.0])
 def test_passkey_prompt_fits_the_length_and_places_the_key_at_its_depth(depth):
     tok = _DigitTokenizer()
-    ids = ext.passkey_prompt(tok, 2000, depth, "12345")
+    ids = passkey.passkey_prompt(tok, 2000, depth, "12345")
     text = "".join(chr(i) for i in ids[1:].tolist())
-    assert len(ids) <= 2000 and len(ids) + len(ext.FILLER) + 1 > 2000
-    assert text.endswith(ext.QUESTION) and text.count("12345") == 2
+    assert len(ids) <= 2000 and len(ids) + len(passkey.FILLER) + 1 > 2000
+    assert text.endswith(passkey.QUESTION) and text.count("12345") == 2
     where = text.index("The pass key is 12345") / len(text)
     assert abs(where - depth) < 0.1
     with pytest.raises(ValueError, match="too short"):
-        ext.passkey_prompt(tok, 50, depth, "12345")
+        passkey.passkey_prompt(tok, 50, depth, "12345")
 
 
 def test_drift_is_zero_inside_and_positive_beyond():

@@ -1,4 +1,4 @@
-"""The zoo: small models trained here that differ only in their positional scheme (model/zoo/<name>/, zoo_train.py).
+"""The zoo: small models trained here that differ only in their positional scheme (model/zoo/<name>/, analyses/zoo_train.py).
 
 Fast checks that the shipped checkpoints load with their documented configs and tokenizer and predict in-window text
 well; the training code saves what it loads. The extension claims measured on the zoo are in the `slow` tests."""
@@ -12,8 +12,8 @@ import pytest
 import torch
 from torch.testing import assert_close
 
+from residscope.analyses import passkey, zoo_train
 from residscope.model import load_model
-from residscope.model import zoo_train
 from residscope.model.registry import ZOO_DIR, resolve_source
 
 # name -> (positional scheme, rope theta or None, sliding window or None)
@@ -46,7 +46,9 @@ def test_zoo_checkpoints_load_with_their_documented_config(zoo_model):
         assert {p.theta for p in cfg.rope.values()} == {theta} and {p.rope_type for p in cfg.rope.values()} == {"default"}
     info = json.loads((ZOO_DIR / name / "residscope_zoo.json").read_text())
     assert info["name"] == f"zoo-{name}" and info["seed"] == zoo_train.SEED and info["steps"] >= 100
-    assert info["command"].startswith("python -m residscope.model.zoo_train") and info["final_loss"] < 4.0
+    # the shipped zoo was built before the trainer moved from model/ to analyses/
+    assert info["command"].startswith(("python -m residscope.analyses.zoo_train", "python -m residscope.model.zoo_train"))
+    assert info["final_loss"] < 4.0
     assert resolve_source(f"zoo-{name}") == ZOO_DIR / name
 
 
@@ -79,11 +81,31 @@ def test_training_rows_mix_text_passkeys_and_repeats():
     rows = torch.cat([data.batch(8) for _ in range(8)])  # [64, 128]
     assert rows.shape == (64, 128) and bool((rows[:, 0] == tok.bos_token_id).all())
     texts = [tok.decode(r.tolist()) for r in rows]
-    passkeys = [t for t in texts if zoo_train.PASSKEY_QUESTION in t]
+    passkeys = [t for t in texts if passkey.QUESTION in t]
     repeats = [r for r in rows.tolist() if any(r[1:1 + n] == r[1 + n:1 + 2 * n] for n in range(8, 64))]
     assert 8 <= len(passkeys) <= 24 and 8 <= len(repeats) <= 24  # a quarter each, give or take
-    key = passkeys[0].split(zoo_train.PASSKEY_QUESTION)[1].strip()[:5]
+    key = passkeys[0].split(passkey.QUESTION)[1].strip()[:5]
     assert key.isdigit() and passkeys[0].count(key) == 3
+
+
+def test_training_passkeys_are_evaluation_prompts_followed_by_the_key():
+    """The zoo learns retrieval from the very prompt the evaluation asks: each training passkey document is an
+    evaluation prompt (same intro, filler, key sentence and question) with the key appended."""
+    tok = load_model("zoo-rope").tokenizer
+    data = zoo_train.TrainingData(tok, 128, passkey_fraction=1.0, seed=3)
+    texts = [tok.decode(r.tolist(), skip_special_tokens=True) for r in data.batch(8)]
+    for text in texts:
+        document = text[:text.index(passkey.QUESTION) + len(passkey.QUESTION) + 7]  # question, " ", 5 digits, "."
+        key = document[-6:-1]
+        n_before = document.split(f"The pass key is {key}.")[0].count(passkey.FILLER)
+        n_filler = document.count(passkey.FILLER)
+        depth = n_before / n_filler if n_filler else 0.0
+        assert document == passkey.passkey_text(key, n_filler, depth) + f" {key}."
+    for n_before in range(4):
+        for n_after in range(4):
+            n = n_before + n_after
+            assert passkey.passkey_document("12345", n_before, n_after, answer=True) == \
+                passkey.passkey_text("12345", n, n_before / n if n else 0.0) + " 12345."
 
 
 def test_small_base_is_below_and_rope_base_above_the_bound_for_the_window():
@@ -146,11 +168,11 @@ def test_rope_scalings_beat_direct_extrapolation_at_4x_except_pi():
 
 @pytest.mark.slow
 def test_positional_vector_replacement_beats_direct_extrapolation_on_nope():
-    from residscope.analyses.extension import in_window_decomposition, positional_drift
+    from residscope.analyses.extension import calibration_decomposition, positional_drift
 
     nope = load_model("zoo-nope")
-    dec = in_window_decomposition(nope, 128, samples=512)
-    original = in_window_decomposition(nope, 512, samples=512)
+    dec = calibration_decomposition(nope, 128, samples=512)
+    original = calibration_decomposition(nope, 512, samples=512)
     direct = _ppl(nope, "none", 512, 4.0)  # 86.6 (47.6 inside the window)
     kw = dict(decomposition=dec, original=original)
     assert _ppl(nope, "pv-replace", 512, 4.0, **kw) < 0.98 * direct  # layer 1, r 4, alpha 1: 84.3
@@ -162,7 +184,7 @@ def test_positional_vector_replacement_beats_direct_extrapolation_on_nope():
     assert drift_replaced[0] == pytest.approx(drift_direct[0])  # below the replacement layer nothing changes
     assert drift_replaced[1] < 0.9 * drift_direct[1]
     # with 64 samples the vectors' own noise (added at every position) made it worse than direct extrapolation
-    noisy = in_window_decomposition(nope, 128, samples=64)
+    noisy = calibration_decomposition(nope, 128, samples=64)
     assert _ppl(nope, "pv-replace", 512, 4.0, alpha=1.3, decomposition=noisy, original=original) > _ppl(
         nope, "pv-replace", 512, 4.0, alpha=1.3, **kw)
 

@@ -1,7 +1,7 @@
 """Train the zoo: small decoders that differ only in their positional scheme, for the context-extension experiments.
 
-    python -m residscope.model.zoo_train --all --out model/zoo            # every model (about 8 minutes each)
-    python -m residscope.model.zoo_train --name zoo-rope --out DIR --steps 3000 --threads 1
+    python -m residscope.analyses.zoo_train --all --out model/zoo            # every model (about 8 minutes each)
+    python -m residscope.analyses.zoo_train --name zoo-rope --out DIR --steps 3000 --threads 1
 
 Every model sees the same data in the same order (seeded), uses the same byte-level BPE tokenizer and the same size;
 only the positional scheme differs:
@@ -31,11 +31,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import random
-import shutil
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -44,13 +41,18 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-ZOO_NAMES = ("nope", "rope", "rope-smallbase", "alibi", "window")
+from residscope.common.atomic import atomic_dir
+from residscope.model.checkpoint import local_to_hf
+from residscope.model.config import DecoderConfig
+from residscope.model.decoder import Decoder
+from residscope.model.registry import ZOO_NAMES
+
+from .corpus import builtin_text
+from .passkey import FILLER, INTRO, QUESTION, passkey_document
+
 TRAIN_WINDOW = 128
 SEED = 0
 BOS = "<|endoftext|>"
-FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
-PASSKEY_INTRO = "There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. I will quiz you about the important information there."
-PASSKEY_QUESTION = "What is the pass key? The pass key is"
 
 
 @dataclass(frozen=True)
@@ -151,29 +153,16 @@ def train_tokenizer(text: str, vocab_size: int):
 
 
 def tokenizer_text() -> str:
-    from residscope.analyses.corpus import builtin_text
-
-    return builtin_text("calibration") + "\n\n" + "\n".join([PASSKEY_INTRO, FILLER, PASSKEY_QUESTION] * 4)
+    return builtin_text("calibration") + "\n\n" + "\n".join([INTRO, FILLER, QUESTION] * 4)
 
 
 # ---- data ---------------------------------------------------------------------------------------------------------
-
-def passkey_document(key: str, n_before: int, n_after: int) -> str:
-    """The passkey prompt and answer (Mohtashami & Jaggi / PI paper) with `n_before` / `n_after` filler sentences."""
-    return " ".join([
-        PASSKEY_INTRO, *[FILLER] * n_before,
-        f"The pass key is {key}. Remember it. {key} is the pass key.",
-        *[FILLER] * n_after, f"{PASSKEY_QUESTION} {key}.",
-    ])
-
 
 class TrainingData:
     """Seeded batches [batch, window]: BOS + random crops of the corpus, some rows replaced by passkey documents or by
     repeated random tokens."""
 
     def __init__(self, tokenizer, window: int, passkey_fraction: float, seed: int, repeat_fraction: float = 0.0):
-        from residscope.analyses.corpus import builtin_text
-
         self.tokenizer, self.window, self.passkey_fraction = tokenizer, window, passkey_fraction
         self.repeat_fraction = repeat_fraction
         self.bos = tokenizer.bos_token_id
@@ -188,11 +177,11 @@ class TrainingData:
         key = str(self.rng.randint(10000, 99999))
         for _ in range(20):
             n_before, n_after = self.rng.randint(0, 3), self.rng.randint(0, 3)
-            ids = self.tokenizer(passkey_document(key, n_before, n_after))["input_ids"]  # BOS included
+            ids = self.tokenizer(passkey_document(key, n_before, n_after, answer=True))["input_ids"]  # BOS included
             if len(ids) <= self.window:
                 break
         else:
-            ids = self.tokenizer(passkey_document(key, 0, 0))["input_ids"]
+            ids = self.tokenizer(passkey_document(key, 0, 0, answer=True))["input_ids"]
         return self._fill_with_text(ids[-self.window:])
 
     def _fill_with_text(self, ids: list[int]) -> torch.Tensor:
@@ -227,9 +216,6 @@ class TrainingData:
 # ---- training -----------------------------------------------------------------------------------------------------
 
 def build_model(spec: ZooSpec, bos_id: int, eos_id: int):
-    from .config import DecoderConfig
-    from .decoder import Decoder
-
     cfg = DecoderConfig.from_hf(spec.hf_config(bos_id, eos_id), source=f"zoo-{spec.name}")
     model = Decoder(cfg)
     gen = torch.Generator().manual_seed(SEED)
@@ -297,35 +283,20 @@ def train(spec: ZooSpec, tokenizer, settings: TrainSettings, *, progress: bool =
 
 
 def save(model, tokenizer, spec: ZooSpec, info: dict, out: Path) -> Path:
-    """Write the folder atomically: a temp folder beside `out`, renamed into place (an old `out` is replaced)."""
+    """Write the folder atomically (`atomic_dir`: a temp folder beside `out`, renamed into place; an old `out` is replaced)."""
     from safetensors.torch import save_file
 
-    from .checkpoint import local_to_hf
-
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+    state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+    with atomic_dir(out) as tmp:
         save_file(local_to_hf(state, model.cfg), str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(spec.hf_config(tokenizer.bos_token_id, tokenizer.eos_token_id), indent=2) + "\n")
         tokenizer.save_pretrained(str(tmp))
         (tmp / "residscope_zoo.json").write_text(json.dumps(info, indent=2) + "\n")
-        old = None
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.replace(out, old)
-        os.replace(tmp, out)
-        if old is not None:
-            shutil.rmtree(old)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return Path(out)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m residscope.model.zoo_train", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m residscope.analyses.zoo_train", description=__doc__.split("\n\n")[0])
     parser.add_argument("--name", help=f"one model: {', '.join('zoo-' + n for n in ZOO_NAMES)}")
     parser.add_argument("--all", action="store_true", help="train every zoo model")
     parser.add_argument("--out", required=True, help="output folder (with --all: the parent; each model goes to OUT/<name>)")
@@ -341,7 +312,7 @@ def main(argv: list[str] | None = None) -> None:
     settings = TrainSettings(steps=args.steps)
     specs = [SPECS[n] for n in ZOO_NAMES] if args.all else [spec_for(args.name)]
     tokenizer = train_tokenizer(tokenizer_text(), specs[0].vocab_size)
-    command = "python -m residscope.model.zoo_train " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = "python -m residscope.analyses.zoo_train " + " ".join(sys.argv[1:] if argv is None else argv)
     for spec in specs:
         model, info = train(spec, tokenizer, settings)
         info["command"] = command
