@@ -64,6 +64,9 @@ class BlockStore:
     _free: dict = field(default_factory=dict, repr=False)  # shape -> tensors of released blocks, reused by reads
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
+    def __deepcopy__(self, memo) -> "BlockStore":
+        return self  # a copied model (remove_layers copies) reads the same files: it shares the store and its buffers
+
     def read_block(self, layer: int, names: Sequence[str], shapes: dict[str, torch.Size]) -> dict[str, torch.Tensor]:
         """The named tensors of one original layer, on the compute device in the compute dtype."""
         start = time.perf_counter()
