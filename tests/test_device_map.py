@@ -92,3 +92,61 @@ def test_device_map_errors_name_the_argument(ckpt):
         load_model(ckpt, device_map={"blocks.0-2": "cpu"})
     with pytest.raises(ValueError, match=r"^offload and device_map: choose one"):
         load_model(ckpt, device_map="auto", offload=True)
+
+
+# ---- device-agnostic: every parameter on `meta` ------------------------------------------------------------------------
+@pytest.fixture
+def meta_model(ckpt):
+    from residscope.model import load_config
+    from residscope.model.decoder import Decoder
+
+    with torch.device("meta"):
+        return Decoder(load_config(ckpt))
+
+
+def test_meta_model_runs_forward_cache_kv_and_analysis_hooks(meta_model):
+    """A tensor made on the wrong device (CPU by default) would fail to mix with `meta` ones."""
+    from residscope.analyses.positional import PositionalDecomposition, removal_hooks, resid_hook_names
+    from residscope.analyses.runner import forward_batches
+    from residscope.model.decoder import KVCache
+
+    m = meta_model
+    ids = torch.zeros(2, 10, dtype=torch.long, device="meta")
+    assert m(ids).shape == (2, 10, 300) and m(ids).device.type == "meta"
+    _, cache = m.run_with_cache(ids)
+    assert {v.device.type for v in cache.values()} == {"meta"}
+    kv = KVCache()
+    m(ids, kv_cache=kv)
+    assert m(ids[:, :1], kv_cache=kv).shape == (2, 1, 300)
+    # the hook points Block Influence and the positional decomposition read, through the analyses' batch loop
+    seen = []
+    names = resid_hook_names(4) + [f"blocks.{i}.hook_resid_mid" for i in range(4)] + ["ln_final.hook_normalized"]
+    hooks = [(n, lambda x, hook: seen.append((hook.name, x.device.type))) for n in names]
+    for run in forward_batches(m, [ids], hooks=hooks, progress=False):
+        assert run.output.device.type == "meta"
+    assert {d for _, d in seen} == {"meta"} and {n for n, _ in seen} == set(names)
+    # positional interventions: deltas built on the CPU must follow the residual stream to its device
+    dec = PositionalDecomposition(vectors=torch.randn(5, 10, 32, dtype=torch.float64), second_moment=torch.ones(5, 10),
+                                  mean_token_norm=torch.ones(5, 10), n_samples=1)
+    with m.hooks(fwd_hooks=removal_hooks(dec, [1, 3])):
+        assert m(ids).device.type == "meta"
+
+
+def test_unpadded_forward_keeps_sdpa_fused_eligible(ckpt, monkeypatch):
+    """No padding, no cache: attention runs as `is_causal` SDPA without a mask (what CUDA's fused kernels need), also
+    under a device map."""
+    import torch.nn.functional as F
+
+    calls = []
+    real = F.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, is_causal=False, **kw):
+        calls.append((attn_mask is None, is_causal))
+        return real(q, k, v, attn_mask=attn_mask, is_causal=is_causal, **kw)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    ids = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(0))
+    for model in (load_model(ckpt), load_model(ckpt, device_map={"blocks.0-1": "cpu", "blocks.2-3": "cpu"})):
+        calls.clear()
+        model(ids)
+        assert calls == [(True, True)] * 4
