@@ -69,20 +69,25 @@ def write_checkpoint(a, folder: Path) -> None:
     (folder / "config.json").write_text(json.dumps(config_dict(a), indent=1))  # last: marks a complete checkpoint
 
 
+def current_rss() -> int:
+    """Resident bytes of this process now (Linux /proc; ru_maxrss gives only the peak)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
 def measure(folder: str, batches: int, seq_len: int, compute_dtype: str, activations: str) -> dict:
     """Runs in a fresh process: peak RSS growth is counted from just before loading."""
-    import psutil
     import torch
 
     from residscope.model import load_model
     from residscope.surgery import block_influence_result
 
     torch.manual_seed(0)
-    before = psutil.Process().memory_info().rss
+    before = current_rss()
     start = time.perf_counter()
     model = load_model(folder, dtype=compute_dtype, offload=True, load_tokenizer=False)
     model.offload.activations = activations
-    loaded = psutil.Process().memory_info().rss  # resident parts (embeddings, final norm, unembedding) and imports
+    loaded = current_rss()  # resident parts (embeddings, final norm, unembedding) and imports
     data = list(torch.randint(0, model.cfg.d_vocab, (batches, seq_len)).split(1))
     result = block_influence_result(model, data, progress=True)
     wall = time.perf_counter() - start

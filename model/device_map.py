@@ -11,6 +11,7 @@ one device; logits come out on the last block's device.
 
 from __future__ import annotations
 
+import os
 import re
 from typing import Mapping, Sequence
 
@@ -81,9 +82,19 @@ def free_memory() -> dict[str, int]:
     """Free bytes per CUDA device, in index order; the CPU (available RAM) when there is none."""
     if torch.cuda.is_available():
         return {f"cuda:{i}": torch.cuda.mem_get_info(i)[0] for i in range(torch.cuda.device_count())}
-    import psutil
+    return {"cpu": _available_ram()}
 
-    return {"cpu": psutil.virtual_memory().available}
+
+def _available_ram() -> int:
+    """MemAvailable of /proc/meminfo (Linux), else the free physical pages."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def resolve_device_map(device_map, model, dtype: torch.dtype) -> list[str]:
