@@ -302,7 +302,7 @@ def sliding_window_perplexity(model, tokens: torch.Tensor, length: int, *, strid
     Under torch.distributed each rank scores its share of the window batches and the float64 sums are all-reduced."""
     import torch.nn.functional as F
 
-    from .distributed import LOCAL, all_reduce_sums, shard
+    from .distributed import LOCAL, all_reduce_sums, is_main, shard
     from .runner import forward_batches
 
     body = length - (bos is not None)
@@ -318,7 +318,8 @@ def sliding_window_perplexity(model, tokens: torch.Tensor, length: int, *, strid
     total, count = 0.0, 0
     offset = bos is not None
     # already sharded above (the windows of each batch are needed below): forward_batches runs them all (LOCAL)
-    for run, g in zip(forward_batches(model, batches, group=LOCAL, progress=progress, desc=desc), groups):
+    for run, g in zip(forward_batches(model, batches, group=LOCAL, progress=progress and is_main(group), desc=desc),
+                      groups):
         logits = run.output.float()  # [batch, length, vocab]
         nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), run.ids[:, 1:], reduction="none")  # [batch, length-1]
         for row, (s, _, first) in enumerate(g):

@@ -52,9 +52,9 @@ def forward_batches(model, batches: Iterable[Batch], *, hooks: Hooks | HookFacto
         if getattr(model, "offload", None) is not None:
             from residscope.model.offload import streamed_forward
 
-            inputs = [_to_device(model, b) for b in tqdm(mine, **{**bar, "desc": f"{desc} (reading batches)"})]
+            inputs = [_to_device(model, b) for b in mine]  # layer-major: every batch is needed at every block
             outputs = streamed_forward(model, inputs, hooks=lambda i: hooks_of(hooks, i, *inputs[i]),
-                                       stop_at_layer=stop_at_layer, progress=bar["disable"] is False, desc=desc)
+                                       stop_at_layer=stop_at_layer, progress=not bar["disable"], desc=desc)
             for index, ((ids, mask), out) in enumerate(zip(inputs, outputs)):
                 yield BatchOutput(index, ids, mask, out)
             return
