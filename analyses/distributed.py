@@ -15,6 +15,8 @@ from typing import Iterable, Sequence, TypeVar
 import torch
 import torch.distributed as dist
 
+from residscope.common.errors import InputError
+
 T = TypeVar("T")
 LOCAL = "local"  # pass as `group` to run alone (every batch, no reduction) even when torch.distributed is initialised
 
@@ -86,7 +88,7 @@ def agree(value, group=None, *, what: str):
     dist.all_gather_object(seen, value, group=group)
     distinct = {v for v in seen if v is not None}
     if len(distinct) > 1:
-        raise ValueError(f"{what} differs between ranks: {sorted(distinct)}")
+        raise InputError(f"{what} differs between ranks: {sorted(distinct)}")
     return distinct.pop() if distinct else None
 
 

@@ -61,7 +61,7 @@ def forward_batches(model, batches: Iterable[Batch], *, hooks: Hooks | HookFacto
         for index, batch in enumerate(tqdm(mine, **bar)):
             ids, mask = _to_device(model, batch)
             with model.hooks(fwd_hooks=hooks_of(hooks, index, ids, mask)):
-                out = model(ids, mask, stop_at_layer=stop_at_layer)
+                out = model(ids, attention_mask=mask, stop_at_layer=stop_at_layer)
             yield BatchOutput(index, ids, mask, out)
 
 

@@ -32,6 +32,8 @@ from typing import Callable, get_type_hints
 
 import typer
 
+from residscope.common.errors import InputError
+
 from residscope.analyses.distributed import is_main  # noqa: F401 - re-exported for the commands
 
 
@@ -43,14 +45,14 @@ def env_world_size() -> int | None:
     try:
         return int(value)
     except ValueError:
-        raise ValueError(f"WORLD_SIZE: expected an integer, got {value!r}") from None
+        raise InputError(f"WORLD_SIZE: expected an integer, got {value!r}") from None
 
 
 def check_workers(n: int, n_batches: int, *, arg: str) -> None:
     if n < 1:
-        raise ValueError(f"{arg}: must be >= 1, got {n}")
+        raise InputError(f"{arg}: must be >= 1, got {n}")
     if n > n_batches:
-        raise ValueError(f"{arg}: {n} workers but only {n_batches} batch{'es' if n_batches != 1 else ''}; "
+        raise InputError(f"{arg}: {n} workers but only {n_batches} batch{'es' if n_batches != 1 else ''}; "
                          f"each worker needs at least one (raise --samples or lower --batch-size)")
 
 
@@ -60,7 +62,7 @@ def launched(command: Callable, params: dict, *, nproc: int, n_batches: int) -> 
     world = env_world_size()
     if world is not None:
         if nproc != 1:
-            raise ValueError(f"--nproc: this process already runs as one of {world} workers (WORLD_SIZE is set, e.g. "
+            raise InputError(f"--nproc: this process already runs as one of {world} workers (WORLD_SIZE is set, e.g. "
                              "by torchrun); leave --nproc out")
         return False
     check_workers(nproc, n_batches, arg="--nproc")

@@ -17,6 +17,8 @@ from typing import Mapping, Sequence
 
 import torch
 
+from residscope.common.errors import InputError
+
 from .decoder import Positions
 
 _RANGE = re.compile(r"^blocks\.(\d+)(?:-(\d+))?$")
@@ -29,14 +31,14 @@ def plan_device_map(layer_bytes: Sequence[int], capacities: Mapping[str, int], *
     ValueError when the model does not fit."""
     devices = list(capacities)
     if not devices:
-        raise ValueError("device_map: no devices to place the model on")
+        raise InputError("device_map: no devices to place the model on")
     plan, d, used = [], 0, embed_bytes
     for i, size in enumerate(layer_bytes):
         need = size + (unembed_bytes if i == len(layer_bytes) - 1 else 0)
         while used + need > capacities[devices[d]]:  # this device is full: go on with the next one
             d, used = d + 1, 0
             if d == len(devices):
-                raise ValueError(f"device_map: the model does not fit in {dict(capacities)} bytes (block {i} of "
+                raise InputError(f"device_map: the model does not fit in {dict(capacities)} bytes (block {i} of "
                                  f"{len(layer_bytes)} did not)")
         plan.append(devices[d])
         used += size
@@ -49,17 +51,17 @@ def parse_device_map(spec: Mapping[str, str], n_layers: int) -> list[str]:
     for key, device in spec.items():
         m = _RANGE.match(str(key))
         if m is None:
-            raise ValueError(f"device_map: key {key!r} is not 'blocks.I' or 'blocks.I-J'")
+            raise InputError(f"device_map: key {key!r} is not 'blocks.I' or 'blocks.I-J'")
         lo, hi = int(m.group(1)), int(m.group(2) if m.group(2) is not None else m.group(1))
         if not 0 <= lo <= hi < n_layers:
-            raise ValueError(f"device_map: {key!r} is outside blocks 0..{n_layers - 1}")
+            raise InputError(f"device_map: {key!r} is outside blocks 0..{n_layers - 1}")
         for i in range(lo, hi + 1):
             if plan[i] is not None:
-                raise ValueError(f"device_map: block {i} is placed twice ({plan[i]!r} and {device!r})")
+                raise InputError(f"device_map: block {i} is placed twice ({plan[i]!r} and {device!r})")
             plan[i] = str(device)
     missing = [i for i, d in enumerate(plan) if d is None]
     if missing:
-        raise ValueError(f"device_map: block {missing[0]} is not placed" + (f" (nor {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        raise InputError(f"device_map: block {missing[0]} is not placed" + (f" (nor {len(missing) - 1} more)" if len(missing) > 1 else ""))
     for device in dict.fromkeys(plan):
         check_device(device)
     return plan  # type: ignore[return-value]
@@ -70,11 +72,11 @@ def check_device(device: str) -> torch.device:
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError):
-        raise ValueError(f"device_map: {device!r} is not a device name") from None
+        raise InputError(f"device_map: {device!r} is not a device name") from None
     if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
-        raise ValueError(f"device_map: device {device!r} is not available on this machine")
+        raise InputError(f"device_map: device {device!r} is not available on this machine")
     if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"device_map: device {device!r} is not available on this machine")
+        raise InputError(f"device_map: device {device!r} is not available on this machine")
     return dev
 
 
@@ -107,7 +109,7 @@ def resolve_device_map(device_map, model, dtype: torch.dtype) -> list[str]:
                                unembed_bytes=model.unembed.weight.numel() * item)
     if isinstance(device_map, Mapping):
         return parse_device_map(device_map, n)
-    raise ValueError(f"device_map: expected 'auto' or a mapping like {{'blocks.0-15': 'cuda:0'}}, got {device_map!r}")
+    raise InputError(f"device_map: expected 'auto' or a mapping like {{'blocks.0-15': 'cuda:0'}}, got {device_map!r}")
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import torch
 from .checkpoint import hf_to_local, local_names
 from .config import DecoderConfig
 from .decoder import Decoder
-from .errors import CheckpointError
+from .errors import CheckpointError, InputError
 from .safetensors_io import iter_entries, read_into, read_tensor
 
 log = logging.getLogger(__name__)
@@ -51,8 +51,26 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype not in _DTYPES:
-        raise ValueError(f"dtype {dtype!r} not supported (choose from {', '.join(sorted(_DTYPES))})")
+        raise InputError(f"dtype {dtype!r} not supported (choose from {', '.join(sorted(_DTYPES))})")
     return _DTYPES[dtype]
+
+
+def parse_device(device: str | torch.device) -> torch.device:
+    """A torch device this machine has: a typo or an accelerator the torch build lacks is refused in one line."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise InputError(f"device {device!r} is not a torch device (e.g. cpu, cuda, cuda:1, mps)") from None
+    if dev.type == "cpu" or dev.type == "meta":
+        return dev
+    available = {"cuda": torch.cuda.is_available, "mps": torch.backends.mps.is_available,
+                 "xpu": lambda: hasattr(torch, "xpu") and torch.xpu.is_available()}.get(dev.type)
+    if available is None or not available():
+        raise InputError(f"device {str(dev)!r} is not available with this torch build / machine (torch "
+                         f"{torch.__version__}); use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise InputError(f"device {str(dev)!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return dev
 
 
 def check_dtype_on_device(dtype: torch.dtype, device: torch.device) -> None:
@@ -88,8 +106,8 @@ def load_model(
     devices (`residscope.model.device_map`); it replaces `device`.
     """
     if offload and device_map is not None:
-        raise ValueError("offload and device_map: choose one (streaming runs one block at a time on `device`)")
-    device, dtype = torch.device(device), parse_dtype(dtype)
+        raise InputError("offload and device_map: choose one (streaming runs one block at a time on `device`)")
+    device, dtype = parse_device(device), parse_dtype(dtype)
     folder = resolve_folder(source)
     cfg = DecoderConfig.from_json(folder / "config.json", position_embedding=position_embedding)
     check_dtype_on_device(dtype, device)
@@ -116,8 +134,8 @@ def load_model(
         except PermissionError as e:
             raise CheckpointError(f"{e.filename or folder}: cannot read ({e.strerror})") from None
     model.eval()
-    if load_tokenizer:
-        model.tokenizer = load_tokenizer_from(folder)
+    # assigning the tokenizer (even None) re-syncs what the config reports: device, dtype, BOS behaviour, model name
+    model.tokenizer = load_tokenizer_from(folder) if load_tokenizer else None
     return model
 
 

