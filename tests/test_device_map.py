@@ -72,7 +72,7 @@ def test_cpu_placements_equal_plain_forward(ckpt):
     ids = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids)
     mask[0, :3] = 0
-    assert torch.equal(placed(ids, mask), plain(ids, mask))
+    assert torch.equal(placed(ids, attention_mask=mask), plain(ids, attention_mask=mask))
     logits_a, cache_a = plain.run_with_cache(ids)
     logits_b, cache_b = placed.run_with_cache(ids)
     assert torch.equal(logits_a, logits_b) and set(cache_a.keys()) == set(cache_b.keys())
@@ -107,23 +107,21 @@ def meta_model(ckpt):
 def test_meta_model_runs_forward_cache_kv_and_analysis_hooks(meta_model):
     """A tensor made on the wrong device (CPU by default) would fail to mix with `meta` ones."""
     from residscope.analyses.positional import PositionalDecomposition, removal_hooks, resid_hook_names
-    from residscope.analyses.runner import forward_batches
     from residscope.model.decoder import KVCache
 
     m = meta_model
-    ids = torch.zeros(2, 10, dtype=torch.long, device="meta")
+    ids = torch.zeros(2, 10, dtype=torch.long)  # token ids are data (meta ids are refused); everything after is meta
     assert m(ids).shape == (2, 10, 300) and m(ids).device.type == "meta"
     _, cache = m.run_with_cache(ids)
     assert {v.device.type for v in cache.values()} == {"meta"}
     kv = KVCache()
     m(ids, kv_cache=kv)
     assert m(ids[:, :1], kv_cache=kv).shape == (2, 1, 300)
-    # the hook points Block Influence and the positional decomposition read, through the analyses' batch loop
+    # the hook points Block Influence and the positional decomposition read
     seen = []
     names = resid_hook_names(4) + [f"blocks.{i}.hook_resid_mid" for i in range(4)] + ["ln_final.hook_normalized"]
     hooks = [(n, lambda x, hook: seen.append((hook.name, x.device.type))) for n in names]
-    for run in forward_batches(m, [ids], hooks=hooks, progress=False):
-        assert run.output.device.type == "meta"
+    assert m.run_with_hooks(ids, fwd_hooks=hooks).device.type == "meta"
     assert {d for _, d in seen} == {"meta"} and {n for n, _ in seen} == set(names)
     # positional interventions: deltas built on the CPU must follow the residual stream to its device
     dec = PositionalDecomposition(vectors=torch.randn(5, 10, 32, dtype=torch.float64), second_moment=torch.ones(5, 10),
