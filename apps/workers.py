@@ -32,9 +32,8 @@ from typing import Callable, get_type_hints
 
 import typer
 
-from residscope.common.errors import InputError
-
 from residscope.analyses.distributed import is_main  # noqa: F401 - re-exported for the commands
+from residscope.common.errors import InputError
 
 
 def env_world_size() -> int | None:
@@ -52,8 +51,8 @@ def check_workers(n: int, n_batches: int, *, arg: str) -> None:
     if n < 1:
         raise InputError(f"{arg}: must be >= 1, got {n}")
     if n > n_batches:
-        raise InputError(f"{arg}: {n} workers but only {n_batches} batch{'es' if n_batches != 1 else ''}; "
-                         f"each worker needs at least one (raise --samples or lower --batch-size)")
+        raise InputError(f"{arg}: {n} workers but only {n_batches} batch{'es' if n_batches != 1 else ''} of work; "
+                         "each worker needs at least one (more samples or smaller batches)")
 
 
 def launched(command: Callable, params: dict, *, nproc: int, n_batches: int) -> bool:

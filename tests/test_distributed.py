@@ -80,8 +80,8 @@ def test_nproc_larger_than_batches_is_refused_before_work(ckpt, capsys):
     with pytest.raises(SystemExit) as e:
         main(["bi", "--model", str(ckpt), "--samples", "4", "--batch-size", "2", "--nproc", "3"])
     assert e.value.code == 2
-    assert capsys.readouterr().err == ("residscope: error: --nproc: 3 workers but only 2 batches; each worker needs at "
-                                       "least one (raise --samples or lower --batch-size)\n")
+    assert capsys.readouterr().err == ("residscope: error: --nproc: 3 workers but only 2 batches of work; each worker "
+                                       "needs at least one (more samples or smaller batches)\n")
 
 
 @pytest.mark.slow
