@@ -10,7 +10,7 @@ import typer
 
 from residscope.model.errors import InputError
 
-from .cli_common import DEVICE, DTYPE, MODEL, load, model_name, parse_fractions, parse_lengths, write_figure
+from .cli_common import DEVICE, DTYPE, MODEL, NPROC, load, model_name, parse_fractions, parse_lengths, write_figure
 from .cli_output import json_text
 
 
@@ -39,6 +39,20 @@ def _lengths(lengths: Optional[str], window: int) -> list[int]:
     return parse_lengths(lengths, "--lengths") if lengths else [window, 2 * window, 4 * window, 8 * window]
 
 
+def _window_batches(model: Optional[str], lengths: Optional[str], window: Optional[int], max_tokens: int,
+                    stride: Optional[int], batch_size: int) -> int:
+    """Window batches of the longest length (the fewest), from the config alone, for checking --nproc before loading;
+    with --max-tokens 0 (the whole split) the count is unknown until the text is read, so nothing is refused."""
+    if max_tokens <= 0:
+        return 2**31
+    from residscope.model import load_config
+
+    longest = max(parse_lengths(lengths, "--lengths")) if lengths else 8 * (
+        window or load_config(model_name(model)).max_position_embeddings or 1)
+    n_windows = max(1, (max_tokens - longest) // (stride or max(1, longest // 2)) + 1)
+    return -(-n_windows // batch_size)
+
+
 def extend(
     model: Optional[str] = MODEL,
     method: Optional[str] = typer.Option(None, "--method", help="none, pi, ntk, dynamic-ntk, yarn, pv-replace or window"),
@@ -58,6 +72,7 @@ def extend(
     as_json: bool = typer.Option(False, "--json", help='print {"results": [{"method", "length", "ppl", ...}]}'),
     dtype: str = DTYPE,
     device: str = DEVICE,
+    nproc: int = NPROC,
 ) -> None:
     """Sliding-window perplexity of the held-out split against length, for one extension method or a comparison."""
     from residscope.analyses.extension import check_factor, check_window, extension_perplexity, trained_window
@@ -70,11 +85,19 @@ def extend(
     check_window(window)
     if html is not None:
         html = check_output_file(html, "--html")  # before the slow part
+    from residscope.apps import workers
+
+    n_batches = _window_batches(model, lengths, window, max_tokens, stride, batch_size)
+    if workers.launched(extend, locals(), nproc=nproc, n_batches=n_batches):
+        return
+    device = workers.join(device, n_batches=n_batches)
     m, model = load(model, device, dtype), model_name(model)
     w = trained_window(m, window)
     rows = extension_perplexity(m, _methods(m, method, methods, compare), _lengths(lengths, w), factor=factor, window=window,
                                 max_tokens=max_tokens or None, stride=stride, batch_size=batch_size, progress=not as_json,
                                 method_kw=_method_kw(window, ratio, alpha, layer, logit_scale))
+    if not workers.is_main():  # rank 0 alone reports
+        return
     if html is not None:
         write_figure(perplexity_figure(rows, title=f"{model}: sliding-window perplexity against length", window=w), html)
     if as_json:
@@ -105,6 +128,7 @@ def passkey(
     as_json: bool = typer.Option(False, "--json", help='print {"results": [{"method", "length", "depth", "accuracy", ...}]}'),
     dtype: str = DTYPE,
     device: str = DEVICE,
+    nproc: int = NPROC,
 ) -> None:
     """Passkey retrieval (exact match, greedy) against prompt length and key depth, per extension method."""
     from residscope.analyses.extension import check_factor, check_window, passkey_study, trained_window
@@ -118,11 +142,19 @@ def passkey(
     if html is not None:
         html = check_output_file(html, "--html")  # before the slow part
     dps = parse_fractions(depths, "--depths")
+    from residscope.apps import workers
+
+    n_prompts = keys * len(dps) * (len(parse_lengths(lengths, "--lengths")) if lengths else 4)  # 4 default lengths
+    if workers.launched(passkey, locals(), nproc=nproc, n_batches=n_prompts):
+        return
+    device = workers.join(device, n_batches=n_prompts)
     m, model = load(model, device, dtype), model_name(model)
     w = trained_window(m, window)
     rows = passkey_study(m, _methods(m, method, methods, compare), _lengths(lengths, w), dps, n_keys=keys, seed=seed,
                          factor=factor, window=window, method_kw=_method_kw(window, ratio, alpha, layer, logit_scale),
                          progress=not as_json)
+    if not workers.is_main():  # rank 0 alone reports
+        return
     if html is not None:
         write_figure(passkey_figure(rows, title=f"{model}: passkey retrieval"), html)
     if as_json:

@@ -93,12 +93,20 @@ def load_model(
     position_embedding: str | None = None,
     load_tokenizer: bool = True,
     allow_nonfinite: bool = False,
+    offload: bool = False,
+    device_map: str | dict | None = None,
 ) -> Decoder:
     """Load a checkpoint folder (config.json + safetensors, single or sharded), a GGUF file or an alias.
 
     position_embedding: Baichuan 2 only, "rope" or "alibi" to override the choice made from the config.
     allow_nonfinite: load tensors holding NaN or Inf instead of refusing them (to inspect a broken checkpoint).
+    offload: keep the blocks on disk and stream them one at a time through the analyses (`residscope.model.offload`);
+    the embeddings, final norm and unembedding are loaded. Safetensors checkpoints only.
+    device_map: "auto" or {"blocks.0-15": "cuda:0", "blocks.16-31": "cuda:1"} places contiguous blocks on several
+    devices (`residscope.model.device_map`); it replaces `device`.
     """
+    if offload and device_map is not None:
+        raise InputError("offload and device_map: choose one (streaming runs one block at a time on `device`)")
     device, dtype = parse_device(device), parse_dtype(dtype)
     folder = resolve_folder(source)
     cfg = DecoderConfig.from_json(folder / "config.json", position_embedding=position_embedding)
@@ -106,12 +114,25 @@ def load_model(
 
     with torch.device("meta"):
         model = Decoder(cfg, source=str(source))
-    model = model.to(dtype=dtype).to_empty(device=device)
-    model.tie_weights()
-    try:
-        _load_weights(model, folder, allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite)
-    except PermissionError as e:
-        raise CheckpointError(f"{e.filename or folder}: permission denied") from None
+    if offload:
+        from .offload import load_offloaded
+
+        load_offloaded(model, folder, weight_files(folder, allow_pickle=True), device, dtype)
+    else:
+        if device_map is not None:
+            from .device_map import place, resolve_device_map
+
+            plan = resolve_device_map(device_map, model.to(dtype=dtype), dtype)
+            for d in dict.fromkeys(plan):
+                check_dtype_on_device(dtype, torch.device(d))
+            place(model, plan)
+        else:
+            model = model.to(dtype=dtype).to_empty(device=device)
+            model.tie_weights()
+        try:
+            _load_weights(model, folder, allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite)
+        except PermissionError as e:
+            raise CheckpointError(f"{e.filename or folder}: permission denied") from None
     model.eval()
     # assigning the tokenizer (even None) re-syncs what the config reports: device, dtype, BOS behaviour, model name
     model.tokenizer = load_tokenizer_from(folder) if load_tokenizer else None
