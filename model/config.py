@@ -13,15 +13,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .errors import ConfigError
+from .hf_config import FULL, SLIDING, SUBLAYER_KEY, decoder_kwargs
 from .rope import RopeParams
 
-FULL = "full_attention"
-SLIDING = "sliding_attention"
-SUBLAYER_KEY = "residscope_removed_sublayers"  # config.json key of a sub-block-pruned checkpoint (residscope's own)
-
-
-class ConfigError(ValueError):
-    """A config.json that residscope cannot reproduce exactly."""
+__all__ = ["FULL", "SLIDING", "SUBLAYER_KEY", "ConfigError", "DecoderConfig"]
 
 
 @dataclass
@@ -108,10 +104,12 @@ class DecoderConfig:
     # ---- (de)serialisation -------------------------------------------------------------------
     @classmethod
     def from_hf(cls, cfg: dict[str, Any], *, source: str = "config.json", position_embedding: str | None = None) -> "DecoderConfig":
-        """Normalise a transformers config dict. `source` names the file in error messages."""
-        from .hf_config import decoder_config_from_hf
-
-        return decoder_config_from_hf(cls, cfg, source=source, position_embedding=position_embedding)
+        """Normalise a transformers config dict (`hf_config.decoder_kwargs`). `source` names the file in error messages."""
+        kwargs = decoder_kwargs(cfg, source=source, position_embedding=position_embedding)
+        try:
+            return cls(**kwargs)
+        except (TypeError, KeyError) as e:  # a value of the wrong kind, e.g. layer_types not a list
+            raise ConfigError(f"{source}: {e}") from None
 
     @classmethod
     def from_json(cls, path: str | Path, **kw) -> "DecoderConfig":
