@@ -17,6 +17,7 @@ from .checkpoint import hf_to_local, local_names
 from .config import DecoderConfig
 from .decoder import Decoder
 from .errors import CheckpointError
+from .registry import resolve_source
 from .safetensors_io import iter_entries, read_into, read_tensor
 
 log = logging.getLogger(__name__)
@@ -26,21 +27,9 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float64": torch.flo
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 
 
-def resolve_folder(source: str | os.PathLike) -> Path:
-    """A checkpoint folder for `source`: the folder itself, or what the registry makes of an alias or a GGUF file."""
-    path = Path(source).expanduser()
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise CheckpointError(f"{path}: missing config.json")
-        return path
-    from .registry import resolve_source
-
-    return resolve_source(source)
-
-
 def load_config(source: str | os.PathLike, *, position_embedding: str | None = None) -> DecoderConfig:
     """The DecoderConfig of a folder, GGUF file or alias, without loading weights."""
-    folder = resolve_folder(source)
+    folder = resolve_source(source)
     return DecoderConfig.from_json(folder / "config.json", position_embedding=position_embedding)
 
 
@@ -77,7 +66,7 @@ def load_model(
     position_embedding: Baichuan 2 only, "rope" or "alibi" to override the choice made from the config.
     """
     device, dtype = torch.device(device), parse_dtype(dtype)
-    folder = resolve_folder(source)
+    folder = resolve_source(source)
     cfg = DecoderConfig.from_json(folder / "config.json", position_embedding=position_embedding)
     check_dtype_on_device(dtype, device)
 
