@@ -1,13 +1,20 @@
 """Text for calibration and evaluation: the built-in corpus (CPython's `pydoc_data.topics`) and user files.
 
 The built-in corpus is about 465 KB of English reference text that ships with every CPython, split by topic:
-a topic goes to the held-out **evaluation** split when the first byte of sha256(topic name) is divisible by 4
-(19% of the text on CPython 3.11, about 90 KB), otherwise to **calibration**. The rule depends only on each topic's own name, so it
-stays fixed when a CPython release adds or removes topics. Within a split, topics are joined in sorted order.
+a topic goes to **calibration** unless the first byte of sha256(topic name) is divisible by 4; those topics are the
+candidates for the held-out **evaluation** split. pydoc topics repeat sections of one another, so about a third of the
+candidates' text (60-character windows) also occurs verbatim in calibration topics. The evaluation split is therefore the
+candidates' paragraphs (split at blank lines) minus every paragraph touched by a 60-character window of the evaluation
+text that also occurs in the calibration text, repeated until no such window is left (two rounds: the second catches
+short paragraphs that repeat calibration text only together with their neighbours). On CPython 3.11 that keeps 351 of
+478 paragraphs, 56 KB (12% of the corpus; 90 KB before the overlap rule), sharing no 60-character window with
+calibration. The rule depends only on the corpus itself, so it is deterministic. Within a split, topics are joined in sorted order.
 """
 
 from __future__ import annotations
 
+import bisect
+import functools
 import hashlib
 import json
 from pathlib import Path
@@ -18,7 +25,11 @@ import torch
 SPLITS = ("calibration", "evaluation")
 
 
+OVERLAP_WINDOW = 60  # characters: a shared window this long is a copied sentence, not a common phrase
+
+
 def is_evaluation_topic(name: str) -> bool:
+    """Whether a topic is a candidate for the evaluation split (its paragraphs may still be dropped for overlap)."""
     return hashlib.sha256(name.encode()).digest()[0] % 4 == 0
 
 
@@ -26,10 +37,48 @@ def builtin_text(split: str = "calibration") -> str:
     """The calibration or evaluation part of `pydoc_data.topics`, as one string."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    return _builtin_split(split)
+
+
+@functools.lru_cache(maxsize=None)
+def _builtin_split(split: str) -> str:
     from pydoc_data.topics import topics
 
-    want_eval = split == "evaluation"
-    return "\n\n".join(topics[k] for k in sorted(topics) if is_evaluation_topic(k) == want_eval)
+    calibration = "\n\n".join(topics[k] for k in sorted(topics) if not is_evaluation_topic(k))
+    if split == "calibration":
+        return calibration
+    paragraphs = [p for k in sorted(topics) if is_evaluation_topic(k) for p in topics[k].split("\n\n")]
+    return "\n\n".join(drop_overlapping(paragraphs, calibration, OVERLAP_WINDOW))
+
+
+def windows_of(text: str, width: int) -> set[str]:
+    """Every substring of `text` that is `width` characters long."""
+    return {text[i:i + width] for i in range(len(text) - width + 1)}
+
+
+def drop_overlapping(paragraphs: list[str], reference: str, width: int, sep: str = "\n\n") -> list[str]:
+    """The paragraphs (in order) that remain once every paragraph touched by a `width`-character window of their
+    `sep`-joined text that also occurs in `reference` is dropped, repeated until the joined text shares no such window.
+    A window spanning a separator drops every paragraph it touches; dropping never creates a new shared window inside a
+    paragraph, only across the new joins, so the loop ends (in two rounds on pydoc)."""
+    shared = windows_of(reference, width)
+    kept = list(paragraphs)
+    while True:
+        starts, offset = [], 0  # where each kept paragraph begins in the joined text
+        for p in kept:
+            starts.append(offset)
+            offset += len(p) + len(sep)
+        text = sep.join(kept)
+        touched: set[int] = set()
+        for i in range(len(text) - width + 1):
+            if text[i:i + width] in shared:
+                first, last = bisect.bisect_right(starts, i) - 1, bisect.bisect_right(starts, i + width - 1) - 1
+                if i >= starts[first] + len(kept[first]):  # starts in the separator: the paragraph before is untouched
+                    first += 1
+                touched.update(range(first, last + 1))
+        if not touched:
+            return kept
+        kept = [p for n, p in enumerate(kept) if n not in touched]
 
 
 def load_text(path: str | Path) -> str:

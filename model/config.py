@@ -118,7 +118,9 @@ class DecoderConfig:
             cfg = json.loads(path.read_text())
         except FileNotFoundError:
             raise ConfigError(f"{path}: missing config.json") from None
-        except json.JSONDecodeError as e:
+        except OSError as e:  # permission denied, a folder named config.json, ...
+            raise ConfigError(f"{path}: cannot read ({e.strerror or e})") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ConfigError(f"{path}: not valid JSON ({e})") from None
         return cls.from_hf(cfg, source=str(path), **kw)
 

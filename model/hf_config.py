@@ -35,7 +35,9 @@ def _rope_params(cfg: dict, source: str, max_pos: int | None, *, block: dict | N
     if block is None:
         block = {**(cfg.get("rope_parameters") or {}), **(cfg.get("rope_scaling") or {})}
     params = dict(block)
-    params.setdefault("rope_theta", cfg.get("rope_theta") or 10000.0)
+    if params.get("rope_theta") is None:
+        params["rope_theta"] = cfg["rope_theta"] if cfg.get("rope_theta") is not None else 10000.0
+    _check_rope_numbers(params, source)
     partial = params.get("partial_rotary_factor", cfg.get("partial_rotary_factor"))
     if partial not in (None, 1, 1.0):
         # transformers' RoPE for these architectures rotates the whole head and ignores this key: refuse rather
@@ -48,10 +50,43 @@ def _rope_params(cfg: dict, source: str, max_pos: int | None, *, block: dict | N
         raise ConfigError(f"{source}: rope_parameters: {e}") from None
 
 
-def _require(cfg: dict, key: str, source: str):
-    if cfg.get(key) is None:
-        raise ConfigError(f"{source}: missing key {key!r}")
-    return cfg[key]
+# RoPE parameters that enter the frequencies as bases, divisors or exponents: NaN, Inf, zero or a negative value gives
+# NaN or Inf cos/sin and so NaN logits, never an error, so they are refused here.
+_ROPE_POSITIVE = ("rope_theta", "factor", "low_freq_factor", "high_freq_factor", "beta_fast", "beta_slow",
+                  "attention_factor", "mscale", "mscale_all_dim", "original_max_position_embeddings")
+
+
+def _check_rope_numbers(params: dict, source: str) -> None:
+    for key in _ROPE_POSITIVE:
+        value = params.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            raise ConfigError(f"{source}: {key} must be a finite positive number, got {value!r}")
+    low, high = params.get("low_freq_factor"), params.get("high_freq_factor")
+    if params.get("rope_type", params.get("type")) == "llama3" and low is not None and low == high:
+        raise ConfigError(f"{source}: low_freq_factor and high_freq_factor must differ (llama3 divides by their difference)")
+
+
+def _positive_int(cfg: dict, key: str, source: str, default: int | None = None, *, required: bool = False) -> int | None:
+    """An integer config key that sizes the model (a count or a length): a JSON integer >= 1, else a one-line error."""
+    value = cfg.get(key)
+    if value is None:
+        if required:
+            raise ConfigError(f"{source}: missing key {key!r}")
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{source}: {key} must be a positive integer, got {value!r}")
+    return value
+
+
+def _positive_float(cfg: dict, key: str, source: str, default: float | None) -> float | None:
+    value = cfg.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"{source}: {key} must be a finite positive number, got {value!r}")
+    return float(value)
 
 
 def _check_refused(cfg: dict, source: str) -> None:
@@ -87,6 +122,8 @@ def _removed_sublayers(cfg: dict, source: str, n_layers: int) -> dict[str, tuple
 def decoder_kwargs(cfg: dict[str, Any], *, source: str = "config.json", position_embedding: str | None = None) -> dict:
     """The DecoderConfig keyword arguments of a transformers config dict: the fields every family reads alike, then
     the family's own (one function each below). `source` names the file in error messages."""
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"{source}: expected a JSON object of config keys, got a {type(cfg).__name__}")
     model_type = cfg.get("model_type")
     if model_type not in SUPPORTED:
         raise ConfigError(f"{source}: unsupported model_type {model_type!r} (supported: {', '.join(SUPPORTED)})")
@@ -103,22 +140,27 @@ def decoder_kwargs(cfg: dict[str, Any], *, source: str = "config.json", position
 
 
 def _common(cfg: dict, source: str, model_type: str) -> dict:
-    d_model = int(_require(cfg, "hidden_size", source))
-    n_heads = int(_require(cfg, "num_attention_heads", source))
-    n_layers = int(_require(cfg, "num_hidden_layers", source))
+    d_model = _positive_int(cfg, "hidden_size", source, required=True)
+    n_heads = _positive_int(cfg, "num_attention_heads", source, required=True)
+    n_layers = _positive_int(cfg, "num_hidden_layers", source, required=True)
+    d_head = _positive_int(cfg, "head_dim", source, d_model // n_heads)
+    if d_head == 0:
+        raise ConfigError(f"{source}: hidden_size {d_model} < num_attention_heads {n_heads} and no head_dim")
+    for key in ("sliding_window", "model_max_length", "sliding_window_pattern"):
+        _positive_int(cfg, key, source)
     return dict(
         model_type=model_type,
         n_layers=n_layers,
         d_model=d_model,
         n_heads=n_heads,
-        n_kv_heads=int(cfg.get("num_key_value_heads") or n_heads),
-        d_head=int(cfg.get("head_dim") or d_model // n_heads),
-        d_mlp=int(_require(cfg, "intermediate_size", source)),
-        d_vocab=int(_require(cfg, "vocab_size", source)),
-        norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+        n_kv_heads=_positive_int(cfg, "num_key_value_heads", source, n_heads),
+        d_head=d_head,
+        d_mlp=_positive_int(cfg, "intermediate_size", source, required=True),
+        d_vocab=_positive_int(cfg, "vocab_size", source, required=True),
+        norm_eps=_positive_float(cfg, "rms_norm_eps", source, 1e-6),
         act=_activation(cfg, source),
         tie_embeddings=bool(cfg.get("tie_word_embeddings", model_type in ("gemma3_text",))),
-        max_position_embeddings=cfg.get("max_position_embeddings"),
+        max_position_embeddings=_positive_int(cfg, "max_position_embeddings", source),
         bos_token_id=cfg.get("bos_token_id"),
         eos_token_id=cfg.get("eos_token_id"),
         pad_token_id=cfg.get("pad_token_id"),
@@ -173,9 +215,9 @@ def _gemma3_text(cfg: dict, common: dict, source: str) -> dict:
     else:  # legacy: rope_theta (+ rope_scaling) for global layers, rope_local_base_freq for local layers
         full_block = dict(cfg.get("rope_scaling") or {})
         full_block.setdefault("rope_theta", cfg.get("rope_theta", 1_000_000.0))
-        local_block = {"rope_type": "default", "rope_theta": cfg.get("rope_local_base_freq", 10_000.0)}
+        local_block = {"rope_type": "default", "rope_theta": _positive_float(cfg, "rope_local_base_freq", source, 10_000.0)}
     full_block.setdefault("rope_theta", cfg.get("rope_theta", 1_000_000.0))
-    local_block.setdefault("rope_theta", cfg.get("rope_local_base_freq", 10_000.0))
+    local_block.setdefault("rope_theta", _positive_float(cfg, "rope_local_base_freq", source, 10_000.0))
     bias = bool(cfg.get("attention_bias", False))
     return dict(
         common,
@@ -190,11 +232,11 @@ def _gemma3_text(cfg: dict, common: dict, source: str) -> dict:
         },
         layer_types=list(layer_types),
         sliding_window=cfg.get("sliding_window"),
-        attn_scale=float(cfg.get("query_pre_attn_scalar") or 256) ** -0.5,  # transformers' Gemma3TextConfig default
+        attn_scale=_positive_float(cfg, "query_pre_attn_scalar", source, 256.0) ** -0.5,  # Gemma3TextConfig's default
         # Gemma 3 replaced Gemma 2's attention soft-capping by q/k norms: transformers keeps the config key but never
         # applies it (only the final one), so neither do we.
         attn_softcap=None,
-        final_softcap=cfg.get("final_logit_softcapping"),
+        final_softcap=_positive_float(cfg, "final_logit_softcapping", source, None),
     )
 
 

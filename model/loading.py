@@ -60,10 +60,12 @@ def load_model(
     allow_pickle: bool = False,
     position_embedding: str | None = None,
     load_tokenizer: bool = True,
+    allow_nonfinite: bool = False,
 ) -> Decoder:
     """Load a checkpoint folder (config.json + safetensors, single or sharded), a GGUF file or an alias.
 
     position_embedding: Baichuan 2 only, "rope" or "alibi" to override the choice made from the config.
+    allow_nonfinite: load tensors holding NaN or Inf instead of refusing them (to inspect a broken checkpoint).
     """
     device, dtype = torch.device(device), parse_dtype(dtype)
     folder = resolve_source(source)
@@ -74,7 +76,10 @@ def load_model(
         model = Decoder(cfg, source=str(source))
     model = model.to(dtype=dtype).to_empty(device=device)
     model.tie_weights()
-    _load_weights(model, folder, allow_pickle=allow_pickle)
+    try:
+        _load_weights(model, folder, allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite)
+    except PermissionError as e:
+        raise CheckpointError(f"{e.filename or folder}: cannot read ({e.strerror})") from None
     model.eval()
     if load_tokenizer:
         model.tokenizer = load_tokenizer_from(folder)
@@ -104,7 +109,30 @@ def weight_files(folder: Path, allow_pickle: bool) -> list[Path]:
     raise CheckpointError(f"{folder}: no model.safetensors, model.safetensors.index.json or *.bin weights")
 
 
-def _load_weights(model: Decoder, folder: Path, *, allow_pickle: bool) -> None:
+def check_float_weight(path: Path, key: str, dtype: torch.dtype) -> None:
+    """Refuse integer / bool tensors for float parameters: casting int8 codes to floats loads without complaint and
+    computes garbage (they would need a quantisation scale this format does not carry)."""
+    if not dtype.is_floating_point:
+        raise CheckpointError(f"{path}: tensor {key!r} has dtype {str(dtype).removeprefix('torch.')}, "
+                              "expected a floating-point weight (integer tensors are not cast)")
+
+
+def check_finite(path: Path, key: str, tensor: torch.Tensor) -> None:
+    """Refuse a tensor holding NaN or Inf, which would only show up later as NaN logits.
+
+    One reduction without a temporary: a sum is NaN or Inf whenever an element is (NaN and Inf propagate through
+    every partial sum), so a finite sum proves every element finite. A non-finite sum from finite elements (overflow,
+    e.g. float16) falls through to the exact count."""
+    if bool(torch.isfinite(tensor.sum())):
+        return
+    bad = int(tensor.numel() - torch.isfinite(tensor).sum())
+    if bad:
+        raise CheckpointError(f"{path}: tensor {key!r} holds {bad} NaN or Inf value{'s' * (bad > 1)} "
+                              f"(in {str(tensor.dtype).removeprefix('torch.')}); load_model(..., allow_nonfinite=True) "
+                              "loads it anyway")
+
+
+def _load_weights(model: Decoder, folder: Path, *, allow_pickle: bool, allow_nonfinite: bool = False) -> None:
     cfg = model.cfg
     params = dict(model.named_parameters(remove_duplicate=False))
     filled: set[str] = set()
@@ -126,16 +154,21 @@ def _load_weights(model: Decoder, folder: Path, *, allow_pickle: bool) -> None:
             raise CheckpointError(f"{path}: tensor {key!r} has shape {tuple(shape)}, expected {tuple(target.shape)}")
         with torch.no_grad():
             copy(target)
+        if not allow_nonfinite:
+            check_finite(path, key, target)  # after the copy: the bytes are in cache, and a cast may overflow
         filled.add(name)
 
     for path in weight_files(folder, allow_pickle):
         if path.suffix == ".bin":
             for key, tensor in torch.load(path, map_location="cpu", weights_only=True, mmap=True).items():
                 for (name, target), (_, part) in zip(targets(path, key), hf_to_local(key, tensor, cfg)):
+                    check_float_weight(path, key, tensor.dtype)
                     place(path, key, part.shape, name, target, lambda t, part=part: t.copy_(part))
             continue
         for f, entry in iter_entries(path):
             pairs = targets(path, entry.name)
+            if pairs:
+                check_float_weight(path, entry.name, entry.dtype)
             if len(pairs) == 1:  # the common case: bytes go straight into the parameter
                 name, target = pairs[0]
                 place(path, entry.name, entry.shape, name, target, lambda t: read_into(f, entry, t, path))

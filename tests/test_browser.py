@@ -2,7 +2,8 @@
 page over the DevTools protocol, waits until Streamlit has rendered it, checks the DOM for error elements and writes a
 screenshot per page.
 
-Skipped when chromium is not installed (`apt-get install -y chromium`). Screenshots go to $RESIDSCOPE_SCREENSHOTS
+Skipped when chromium is not installed (`apt-get install -y chromium`; `make test` installs it as root), except in CI
+(`CI=true`, set by `.ci/run`), where a missing browser is a failure: the test must not silently stop running. Screenshots go to $RESIDSCOPE_SCREENSHOTS
 (e.g. out/screenshots) or the test's temp folder; $RESIDSCOPE_BROWSER_MODEL picks the model (default: a tiny random
 checkpoint made here; `smollm2-135m` for the bundled model).
 """
@@ -32,7 +33,16 @@ FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-
          "--disable-background-networking", "--disable-component-update", "--disable-sync", "--hide-scrollbars",
          "--window-size=1400,2000", "--remote-debugging-port=0"]
 
-pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install -y chromium)")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def chromium_present():
+    """Module scope, so it runs before the app is served: skip without chromium, fail in CI."""
+    if CHROMIUM is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("chromium is not installed; CI must run the browser test (make test installs it as root: "
+                        "apt-get install -y chromium)", pytrace=False)
+        pytest.skip("chromium is not installed (apt-get install -y chromium)")
 
 # Evaluated in the page: Streamlit has rendered when its app root exists, no script is running, the page's header is
 # there, no placeholder is left and every plotly chart has drawn.

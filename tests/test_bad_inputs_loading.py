@@ -1,0 +1,306 @@
+"""Bad checkpoints, one fault each: a one-line error naming the file and the tensor or key, never a silent NaN.
+
+Each case copies `zoo-rope` (4 layers, 5 MB, with a tokenizer) and breaks one thing: a NaN or Inf in a weight, an int8
+weight, a config key of the wrong type or range, a non-finite RoPE parameter, a config that is not an object, a file
+that cannot be read. GGUF files: truncated, and a cache whose weights were corrupted without changing their size.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import struct
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from residscope.model import load_model
+from residscope.model.config import ConfigError
+from residscope.model.errors import CheckpointError
+from residscope.model.registry import ZOO_DIR
+
+WEIGHTS = "model.safetensors"
+Q_PROJ = "model.layers.1.self_attn.q_proj.weight"
+NORM = "model.layers.2.input_layernorm.weight"
+
+
+def one_line(e: pytest.ExceptionInfo) -> str:
+    msg = str(e.value)
+    assert msg and "\n" not in msg, msg
+    return msg
+
+
+@pytest.fixture
+def zoo_copy(tmp_path) -> Path:
+    folder = tmp_path / "zoo-rope-copy"
+    shutil.copytree(ZOO_DIR / "rope", folder)
+    return folder
+
+
+def edit_tensors(folder: Path, edit) -> None:
+    tensors = load_file(folder / WEIGHTS)
+    edit(tensors)
+    save_file(tensors, folder / WEIGHTS, metadata={"format": "pt"})
+
+
+def edit_config(folder: Path, **changes) -> None:
+    cfg = json.loads((folder / "config.json").read_text())
+    for key, value in changes.items():
+        if value is ...:
+            cfg.pop(key, None)
+        else:
+            cfg[key] = value
+    (folder / "config.json").write_text(json.dumps(cfg))  # json writes NaN / Infinity as Python's json reads them
+
+
+# ---- tensors ----------------------------------------------------------------------------------------------------------
+
+def test_one_nan_weight_is_refused_naming_file_and_tensor(zoo_copy):
+    def one_nan(t):
+        t[Q_PROJ][3, 5] = float("nan")
+
+    edit_tensors(zoo_copy, one_nan)
+    with pytest.raises(CheckpointError) as e:
+        load_model(zoo_copy)
+    msg = one_line(e)
+    assert str(zoo_copy / WEIGHTS) in msg and repr(Q_PROJ) in msg and "1 NaN or Inf value " in msg
+    assert "allow_nonfinite=True" in msg
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_inf_norm_weights_are_refused_in_every_dtype(zoo_copy, dtype):
+    def inf_norm(t):
+        t[NORM].fill_(float("inf"))
+
+    edit_tensors(zoo_copy, inf_norm)
+    with pytest.raises(CheckpointError) as e:
+        load_model(zoo_copy, dtype=dtype)
+    assert repr(NORM) in one_line(e) and "128 NaN or Inf values" in one_line(e)
+
+
+def test_allow_nonfinite_loads_the_broken_checkpoint_for_forensics(zoo_copy):
+    def one_nan(t):
+        t[Q_PROJ][0, 0] = float("nan")
+
+    edit_tensors(zoo_copy, one_nan)
+    model = load_model(zoo_copy, allow_nonfinite=True)
+    q = model.blocks[1].attn.q_proj.weight
+    assert math.isnan(q[0, 0].item()) and int(torch.isnan(q).sum()) == 1
+
+
+def test_float16_overflow_of_a_finite_checkpoint_is_caught_after_the_cast(zoo_copy):
+    """A finite float32 value beyond float16's range becomes Inf when loading as float16: refused, not NaN later."""
+    def huge(t):
+        t[Q_PROJ][0, 0] = 1e6
+
+    edit_tensors(zoo_copy, huge)
+    assert load_model(zoo_copy).blocks[1].attn.q_proj.weight[0, 0].item() == 1e6  # float32: fine
+    with pytest.raises(CheckpointError, match=r"NaN or Inf value \(in float16\)"):
+        load_model(zoo_copy, dtype="float16")
+
+
+def test_finite_weights_whose_float16_sum_overflows_still_load(tmp_path):
+    """The fast check sums each tensor; a sum that overflows although every value is finite must not be refused."""
+    from tiny_llama import make_tiny_checkpoint
+
+    folder = make_tiny_checkpoint(tmp_path / "tiny", n_layers=1)
+    edit_tensors(folder, lambda t: t["model.embed_tokens.weight"].fill_(60000.0))  # 60000 fits float16; the sum does not
+    model = load_model(folder, dtype="float16")
+    assert float(model.embed.weight.detach().max()) == 60000.0
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.int32, torch.bool])
+def test_integer_weight_is_refused_naming_tensor_and_dtype(zoo_copy, dtype):
+    def to_int(t):
+        t[Q_PROJ] = (t[Q_PROJ] * 100).to(dtype)
+
+    edit_tensors(zoo_copy, to_int)
+    with pytest.raises(CheckpointError) as e:
+        load_model(zoo_copy)
+    msg = one_line(e)
+    assert repr(Q_PROJ) in msg and f"dtype {str(dtype).removeprefix('torch.')}" in msg and str(zoo_copy / WEIGHTS) in msg
+
+
+# ---- config.json ------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("key, value", [
+    ("rope_theta", float("nan")), ("rope_theta", float("inf")), ("rope_theta", 0), ("rope_theta", -10000.0),
+    ("rope_theta", "10000"),
+])
+def test_bad_rope_base_is_refused_naming_the_key(zoo_copy, key, value):
+    edit_config(zoo_copy, **{key: value})
+    with pytest.raises(ConfigError) as e:
+        load_model(zoo_copy)
+    msg = one_line(e)
+    assert str(zoo_copy / "config.json") in msg and key in msg
+
+
+@pytest.mark.parametrize("scaling, key", [
+    ({"rope_type": "linear", "factor": float("nan")}, "factor"),
+    ({"rope_type": "linear", "factor": 0}, "factor"),
+    ({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128, "beta_fast": float("inf")}, "beta_fast"),
+    ({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": -1}, "original_max_position_embeddings"),
+    ({"rope_type": "llama3", "factor": 4.0, "original_max_position_embeddings": 128, "low_freq_factor": 2.0,
+      "high_freq_factor": 2.0}, "high_freq_factor"),
+])
+def test_bad_rope_scaling_parameters_are_refused_naming_the_key(zoo_copy, scaling, key):
+    edit_config(zoo_copy, rope_scaling=scaling)
+    with pytest.raises(ConfigError) as e:
+        load_model(zoo_copy)
+    assert key in one_line(e)
+
+
+@pytest.mark.parametrize("key, value", [
+    ("hidden_size", "big"), ("num_hidden_layers", -2), ("num_attention_heads", 0), ("num_key_value_heads", 0),
+    ("intermediate_size", 384.5), ("vocab_size", True), ("head_dim", 0), ("max_position_embeddings", 0),
+    ("rms_norm_eps", float("nan")), ("hidden_size", None),
+])
+def test_core_config_keys_are_checked_by_type_and_range(zoo_copy, key, value):
+    edit_config(zoo_copy, **{key: value})
+    with pytest.raises(ConfigError) as e:
+        load_model(zoo_copy)
+    msg = one_line(e)
+    assert str(zoo_copy / "config.json") in msg and key in msg
+
+
+def test_zero_heads_without_head_dim_is_a_config_error_not_a_division_by_zero(zoo_copy):
+    edit_config(zoo_copy, num_attention_heads=0, head_dim=...)
+    with pytest.raises(ConfigError, match="num_attention_heads must be a positive integer, got 0"):
+        load_model(zoo_copy)
+
+
+@pytest.mark.parametrize("content", ["[1, 2, 3]", '"llama"', "null", "\xff\xfe not text"])
+def test_config_that_is_not_an_object_is_refused(zoo_copy, content):
+    (zoo_copy / "config.json").write_bytes(content.encode("latin-1"))
+    with pytest.raises(ConfigError) as e:
+        load_model(zoo_copy)
+    assert str(zoo_copy / "config.json") in one_line(e)
+
+
+# ---- files that cannot be read ----------------------------------------------------------------------------------------
+
+def _in_unprivileged_child(fn) -> str:
+    """fn()'s exception as "Class: message", run in a forked child that drops root (root reads any file whatever its
+    mode bits, and CI runs as root)."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: no torch threads are needed before the error, only file system calls
+        try:
+            os.close(read)
+            if os.geteuid() == 0:
+                os.setgid(65534)
+                os.setuid(65534)  # nobody
+            try:
+                fn()
+                out = "no error"
+            except Exception as e:  # noqa: BLE001 - reported to the parent
+                out = f"{type(e).__name__}: {e}"
+            os.write(write, out.encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as f:
+        out = f.read()
+    os.waitpid(pid, 0)
+    return out
+
+
+@pytest.fixture
+def shared_copy():
+    """A zoo-rope copy in a folder the unprivileged child can reach (pytest's tmp_path is private to root)."""
+    parent = Path(tempfile.mkdtemp(prefix="residscope-perm-"))
+    parent.chmod(0o755)
+    folder = parent / "zoo-rope-copy"
+    shutil.copytree(ZOO_DIR / "rope", folder)
+    for p in [folder, *folder.iterdir()]:
+        p.chmod(0o755 if p.is_dir() else 0o644)
+    yield folder
+    folder.chmod(0o755)
+    shutil.rmtree(parent)
+
+
+@pytest.mark.parametrize("target", [".", WEIGHTS, "config.json"])
+def test_permission_denied_is_one_line_naming_the_file(shared_copy, target):
+    (shared_copy / target).chmod(0)
+    out = _in_unprivileged_child(lambda: load_model(shared_copy, load_tokenizer=False))
+    assert out.startswith(("CheckpointError: ", "ConfigError: ")), out
+    assert "Permission denied" in out and "\n" not in out
+    assert str(shared_copy / target if target != "." else shared_copy) in out
+
+
+# ---- GGUF -------------------------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def gguf_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("RESIDSCOPE_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory):
+    from test_gguf import write_tiny_llama_gguf
+
+    path = tmp_path_factory.mktemp("gguf") / "tiny-llama.gguf"
+    return path, write_tiny_llama_gguf(path)
+
+
+@pytest.mark.parametrize("size", [0, 3, 100, 3000])
+def test_truncated_gguf_is_one_line_naming_the_file(tiny_gguf, gguf_cache, tmp_path, size):
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(tiny_gguf[0].read_bytes()[:size])
+    with pytest.raises(CheckpointError) as e:
+        load_model(cut)
+    assert str(cut) in one_line(e)
+    assert not (gguf_cache / "gguf").exists() or not list((gguf_cache / "gguf").iterdir())  # nothing half-written
+
+
+def test_same_size_corruption_of_the_gguf_cache_is_detected_and_rebuilt(tiny_gguf, gguf_cache, caplog):
+    from residscope.model.gguf import cache_problem, convert_gguf
+
+    path, reference = tiny_gguf
+    folder = convert_gguf(path)
+    weights = folder / WEIGHTS
+    size = weights.stat().st_size
+    header_len = struct.unpack("<Q", weights.read_bytes()[:8])[0]
+    with weights.open("r+b") as f:  # NaN bit patterns over the first tensor's data, same size
+        f.seek(8 + header_len)
+        f.write(b"\xff\xff\xff\x7f" * 64)
+    assert weights.stat().st_size == size and cache_problem(folder) is None  # the size check alone misses it
+    assert "sha256" in cache_problem(folder, full=True)
+
+    with caplog.at_level("WARNING", logger="residscope.model.gguf"):
+        model = load_model(path, load_tokenizer=False)
+    assert "rebuilding" in caplog.text and "sha256" in caplog.text
+    assert cache_problem(folder, full=True) is None
+    torch.testing.assert_close(model.embed.weight, reference.model.embed_tokens.weight.detach(), rtol=0, atol=0)
+    assert not [p for p in folder.parent.iterdir() if ".tmp-" in p.name]
+
+
+# ---- through the CLI: exit code 2, one line -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("fault", ["nan-weight", "rope-theta-nan", "hidden-size-big", "config-list"])
+def test_cli_refuses_broken_checkpoints_with_exit_2_and_one_line(zoo_copy, fault, capsys):
+    from residscope.apps.cli import main
+
+    if fault == "nan-weight":
+        edit_tensors(zoo_copy, lambda t: t[Q_PROJ].__setitem__((0, 0), float("nan")))
+        culprit = Q_PROJ
+    elif fault == "rope-theta-nan":
+        edit_config(zoo_copy, rope_theta=float("nan"))
+        culprit = "rope_theta"
+    elif fault == "hidden-size-big":
+        edit_config(zoo_copy, hidden_size="big")
+        culprit = "hidden_size"
+    else:
+        (zoo_copy / "config.json").write_text("[]")
+        culprit = "config.json"
+    with pytest.raises(SystemExit) as e:
+        main(["ppl", "--model", str(zoo_copy), "--seq-len", "64", "--samples", "2"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("residscope: error: ") and culprit in err
