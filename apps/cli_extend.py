@@ -12,6 +12,18 @@ import typer
 from .cli_common import DEVICE, DTYPE, MODEL, load, model_name, parse_fractions, parse_lengths, write_figure
 
 
+# options both commands take, with the same meaning
+METHOD = typer.Option(None, "--method", help="none, pi, ntk, dynamic-ntk, yarn, pv-replace or window")
+COMPARE = typer.Option(False, "--compare", help="every method that applies to the model (or --methods): one table, one figure")
+METHODS = typer.Option(None, "--methods", help="with --compare: comma-separated methods")
+FACTOR = typer.Option(None, "--factor", help="extension factor s (default: longest length / trained window)")
+WINDOW = typer.Option(None, "--window", help="trained window (default: max_position_embeddings of the config)")
+RATIO = typer.Option(None, "--ratio", help="pv-replace: interpolation ratio r (default: factor)")
+ALPHA = typer.Option(None, "--alpha", help="pv-replace: scale of the new positional vectors (default 1)")
+LAYER = typer.Option(None, "--layer", help="pv-replace: residual layer (0 = embeddings; default n_layers // 4)")
+LOGIT_SCALE = typer.Option(None, "--logit-scale", help="window: lambda (default ln(sW) / ln(W))")
+
+
 def _methods(model, method: Optional[str], methods: Optional[str], compare: bool) -> list[str]:
     from residscope.analyses.extension import METHODS, applicable_methods
 
@@ -39,16 +51,16 @@ def _lengths(lengths: Optional[str], window: int) -> list[int]:
 
 def extend(
     model: Optional[str] = MODEL,
-    method: Optional[str] = typer.Option(None, "--method", help="none, pi, ntk, dynamic-ntk, yarn, pv-replace or window"),
-    compare: bool = typer.Option(False, "--compare", help="every method that applies to the model (or --methods): one table, one figure"),
-    methods: Optional[str] = typer.Option(None, "--methods", help="with --compare: comma-separated methods"),
-    factor: Optional[float] = typer.Option(None, "--factor", help="extension factor s (default: longest length / trained window)"),
+    method: Optional[str] = METHOD,
+    compare: bool = COMPARE,
+    methods: Optional[str] = METHODS,
+    factor: Optional[float] = FACTOR,
     lengths: Optional[str] = typer.Option(None, "--lengths", help="comma-separated evaluation lengths (default: 1x,2x,4x,8x the window)"),
-    window: Optional[int] = typer.Option(None, "--window", help="trained window (default: max_position_embeddings of the config)"),
-    ratio: Optional[float] = typer.Option(None, "--ratio", help="pv-replace: interpolation ratio r (default: factor)"),
-    alpha: Optional[float] = typer.Option(None, "--alpha", help="pv-replace: scale of the new positional vectors (default 1)"),
-    layer: Optional[int] = typer.Option(None, "--layer", help="pv-replace: residual layer (0 = embeddings; default n_layers // 4)"),
-    logit_scale: Optional[float] = typer.Option(None, "--logit-scale", help="window: lambda (default ln(sW) / ln(W))"),
+    window: Optional[int] = WINDOW,
+    ratio: Optional[float] = RATIO,
+    alpha: Optional[float] = ALPHA,
+    layer: Optional[int] = LAYER,
+    logit_scale: Optional[float] = LOGIT_SCALE,
     max_tokens: int = typer.Option(8192, "--max-tokens", help="evaluation-split tokens read (0 = all)"),
     stride: Optional[int] = typer.Option(None, "--stride", help="window stride (default: half the length)"),
     batch_size: int = typer.Option(4, "--batch-size"),
@@ -83,19 +95,19 @@ def extend(
 
 def passkey(
     model: Optional[str] = MODEL,
-    method: Optional[str] = typer.Option(None, "--method", help="none, pi, ntk, dynamic-ntk, yarn, pv-replace or window"),
-    compare: bool = typer.Option(False, "--compare", help="every method that applies to the model (or --methods)"),
-    methods: Optional[str] = typer.Option(None, "--methods", help="with --compare: comma-separated methods"),
-    factor: Optional[float] = typer.Option(None, "--factor", help="extension factor s (default: longest length / trained window)"),
+    method: Optional[str] = METHOD,
+    compare: bool = COMPARE,
+    methods: Optional[str] = METHODS,
+    factor: Optional[float] = FACTOR,
     lengths: Optional[str] = typer.Option(None, "--lengths", help="comma-separated prompt lengths (default: 1x,2x,4x,8x the window)"),
     depths: str = typer.Option("0,0.5,1", "--depths", help="comma-separated depths of the key in [0, 1]"),
     keys: int = typer.Option(5, "--keys", help="random 5-digit keys per length and depth"),
     seed: int = typer.Option(1234, "--seed", help="seed of the keys"),
-    window: Optional[int] = typer.Option(None, "--window", help="trained window (default: max_position_embeddings of the config)"),
-    ratio: Optional[float] = typer.Option(None, "--ratio"),
-    alpha: Optional[float] = typer.Option(None, "--alpha"),
-    layer: Optional[int] = typer.Option(None, "--layer"),
-    logit_scale: Optional[float] = typer.Option(None, "--logit-scale"),
+    window: Optional[int] = WINDOW,
+    ratio: Optional[float] = RATIO,
+    alpha: Optional[float] = ALPHA,
+    layer: Optional[int] = LAYER,
+    logit_scale: Optional[float] = LOGIT_SCALE,
     html: Optional[Path] = typer.Option(None, "--html", help="write the plotly figure (accuracy against length) here"),
     as_json: bool = typer.Option(False, "--json", help='print {"results": [{"method", "length", "depth", "accuracy", ...}]}'),
     dtype: str = DTYPE,
