@@ -50,7 +50,7 @@ def perplexity(model, batches: Iterable[Batch], *, progress: bool = True, desc: 
             ids, mask = unpack_batch(batch)
             ids = ids.to(model.device)
             mask = mask.to(model.device) if mask is not None else None
-            logits = model(ids, mask)  # [batch, pos, vocab]
+            logits = model(ids, attention_mask=mask)  # [batch, pos, vocab]
             s, n = token_nll_sum(logits, ids, mask)
             total_nll += s
             n_tokens += n

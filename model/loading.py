@@ -81,8 +81,8 @@ def load_model(
     except PermissionError as e:
         raise CheckpointError(f"{e.filename or folder}: cannot read ({e.strerror})") from None
     model.eval()
-    if load_tokenizer:
-        model.tokenizer = load_tokenizer_from(folder)
+    # assigning the tokenizer (even None) re-syncs what the config reports: device, dtype, BOS behaviour, model name
+    model.tokenizer = load_tokenizer_from(folder) if load_tokenizer else None
     return model
 
 

@@ -183,7 +183,7 @@ def block_influence_result(
             with model.hooks(fwd_hooks=fwd_hooks):
                 # the scores need only the residual stream: stop before the unembedding (the largest matmul of
                 # small models), and apply the final norm alone when compat mode reads its output
-                resid = model(ids, mask, stop_at_layer=n_layers)  # [batch, pos, d_model]
+                resid = model(ids, attention_mask=mask, stop_at_layer=n_layers)  # [batch, pos, d_model]
                 if shortgpt_compat and out_hook == "hook_resid_post":
                     model.ln_final(resid)
             pending.clear()
