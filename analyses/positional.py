@@ -27,6 +27,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from residscope.model.errors import InputError, MissingFileError
+
 Hook = tuple[str, Callable]
 
 
@@ -44,7 +46,7 @@ def resid_hook_names(n_layers: int) -> list[str]:
 
 def _check_layer(layer: int, n_resid_layers: int) -> int:
     if not 0 <= layer < n_resid_layers:
-        raise ValueError(f"layer {layer} out of range: residual layers are 0 (embeddings) .. {n_resid_layers - 1}")
+        raise InputError(f"layer {layer} out of range: residual layers are 0 (embeddings) .. {n_resid_layers - 1}")
     return int(layer)
 
 
@@ -90,7 +92,7 @@ class PositionalDecomposition:
         With skip_first=0 a massive first token can dominate both; skip_first=k describes the later positions alone.
         """
         if not 0 <= skip_first < self.seq_len:
-            raise ValueError(f"skip_first must be in 0..{self.seq_len - 1}, got {skip_first}")
+            raise InputError(f"skip_first must be in 0..{self.seq_len - 1}, got {skip_first}")
         p, h2 = self.vectors[:, skip_first:], self.second_moment[:, skip_first:]  # [layer, pos', d_model], [layer, pos']
         share = p.pow(2).sum((-1, -2)) / h2.sum(-1)
         m = p.mean(dim=1, keepdim=True)  # [layer, 1, d_model]
@@ -127,14 +129,14 @@ class PositionalDecomposition:
 
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"{path}: no such positional-vector file")
+            raise MissingFileError(f"{path}: no such positional-vector file")
         try:
             with safe_open(str(path), framework="pt") as f:
                 meta = f.metadata() or {}
                 tensors = {k: f.get_tensor(k) for k in ("vectors", "second_moment", "mean_token_norm")}
             return cls(**tensors, n_samples=int(meta["n_samples"]), hook_names=json.loads(meta.get("hook_names", "[]")))
         except (KeyError, ValueError, OSError, SafetensorError) as e:
-            raise ValueError(f"{path}: not a positional-vector file written by PositionalDecomposition.save ({e})") from None
+            raise InputError(f"{path}: not a positional-vector file written by PositionalDecomposition.save ({e})") from None
 
 
 class _MomentAccumulator:
@@ -156,7 +158,7 @@ class _MomentAccumulator:
                 self.sum_sq = torch.zeros(self.n_resid_layers, pos, dtype=torch.float64)
                 self.sum_norm = torch.zeros(self.n_resid_layers, pos, dtype=torch.float64)
             if h.shape[1] != self.sum_h.shape[1]:
-                raise ValueError(f"all batches must have the same sequence length: got {h.shape[1]} after {self.sum_h.shape[1]}")
+                raise InputError(f"all batches must have the same sequence length: got {h.shape[1]} after {self.sum_h.shape[1]}")
             sq = h.pow(2).sum(-1)  # [batch, pos]
             self.sum_h[layer] += h.sum(0)
             self.sum_sq[layer] += sq.sum(0)
@@ -178,7 +180,7 @@ def decompose_positions(model, batches: Iterable[torch.Tensor], *, progress: boo
         model.run_with_hooks(ids, fwd_hooks=hooks, stop_at_layer=cfg.n_layers)
         acc.n_samples += ids.shape[0]
     if acc.n_samples == 0:
-        raise ValueError("no batches given: the decomposition needs at least one sample")
+        raise InputError("no batches given: the decomposition needs at least one sample")
     n = acc.n_samples
     return PositionalDecomposition(vectors=acc.sum_h / n, second_moment=acc.sum_sq / n, mean_token_norm=acc.sum_norm / n,
                                    n_samples=n, hook_names=names)
@@ -321,12 +323,12 @@ class _AttentionAccumulator:
         def accumulate(pattern: torch.Tensor, hook) -> None:
             b, h, tq, tk = pattern.shape  # [batch, head, q_pos, k_pos]
             if tq != tk:
-                raise ValueError("attention statistics need full-sequence forwards (no KV cache)")
+                raise InputError("attention statistics need full-sequence forwards (no KV cache)")
             if self.sink is None:
                 self.sink = torch.zeros(self.n_layers, h, dtype=torch.float64)
                 self.dist = torch.zeros(self.n_layers, h, tq, dtype=torch.float64)
             if self.dist.shape[-1] != tq:
-                raise ValueError(f"all batches must have the same sequence length: got {tq} after {self.dist.shape[-1]}")
+                raise InputError(f"all batches must have the same sequence length: got {tq} after {self.dist.shape[-1]}")
             p = pattern.detach().double()  # [batch, head, q_pos, k_pos]
             k = min(self.first_k, tq)
             sink = p[:, :, k:, :k].sum(-1)  # [batch, head, q_pos - k]
@@ -354,7 +356,7 @@ def attention_statistics(model, batches: Iterable[torch.Tensor], *, first_k: int
         model.run_with_hooks(ids, fwd_hooks=list(fwd_hooks) + hooks, stop_at_layer=cfg.n_layers)
         acc.n_samples += ids.shape[0]
     if acc.n_samples == 0:
-        raise ValueError("no batches given")
+        raise InputError("no batches given")
     n = acc.n_samples
     return AttentionStatistics(sink_mass=(acc.sink / n).numpy(), by_distance=(acc.dist / n).numpy(), first_k=first_k,
                                n_samples=n)
@@ -388,7 +390,7 @@ def removal_hooks(dec: PositionalDecomposition, layers: int | Sequence[int], *, 
     """
     layers = [layers] if isinstance(layers, int) else list(layers)
     if first_k is not None and not 1 <= first_k <= dec.seq_len:
-        raise ValueError(f"first_k must be in 1..{dec.seq_len}, got {first_k}")
+        raise InputError(f"first_k must be in 1..{dec.seq_len}, got {first_k}")
     hooks = []
     for layer in layers:
         p = dec.vectors[_check_layer(layer, dec.n_resid_layers)]  # [pos, d_model]
@@ -397,7 +399,7 @@ def removal_hooks(dec: PositionalDecomposition, layers: int | Sequence[int], *, 
             delta = torch.zeros(t, p.shape[1], dtype=p.dtype)
             if first_k is None:
                 if t > p.shape[0]:
-                    raise ValueError(f"sequence of {t} tokens is longer than the decomposition ({p.shape[0]}): "
+                    raise InputError(f"sequence of {t} tokens is longer than the decomposition ({p.shape[0]}): "
                                      f"decompose at this length or remove only the first_k positions")
                 delta -= p[:t]
             else:
@@ -414,7 +416,7 @@ def interpolate_positions(vectors: torch.Tensor, length: int, ratio: float, keep
     t >= keep_first takes the linear interpolation at keep_first + (t - keep_first) / ratio (held at the last vector past
     the end). ratio=1 returns the vectors themselves (exactly)."""
     if ratio <= 0:
-        raise ValueError(f"ratio must be > 0, got {ratio}")
+        raise InputError(f"ratio must be > 0, got {ratio}")
     n = vectors.shape[0]
     t = torch.arange(length, dtype=torch.float64)
     src = torch.where(t < keep_first, t, keep_first + (t - keep_first) / ratio).clamp(max=n - 1)  # [length]
@@ -435,12 +437,12 @@ def pv_replacement_hooks(dec: PositionalDecomposition, layer: int, ratio: float,
     ratio=1, alpha=1 is the identity. Use with `model.hooks(fwd_hooks=...)` or `model.run_with_hooks`.
     """
     if keep_first < 0:
-        raise ValueError(f"keep_first must be >= 0, got {keep_first}")
+        raise InputError(f"keep_first must be >= 0, got {keep_first}")
     original = original if original is not None else dec
     src = dec.vectors[_check_layer(layer, dec.n_resid_layers)]  # [pos, d_model]
     orig = original.vectors[_check_layer(layer, original.n_resid_layers)]  # [pos', d_model]
     if orig.shape[-1] != src.shape[-1]:
-        raise ValueError("original and dec come from models of different widths")
+        raise InputError("original and dec come from models of different widths")
 
     def make_delta(t: int) -> torch.Tensor:
         new = interpolate_positions(src, t, ratio, keep_first)  # [t, d_model]

@@ -11,6 +11,8 @@ from typing import Callable, Optional, TypeVar
 
 import typer
 
+from residscope.model.errors import InputError
+
 T = TypeVar("T")
 
 # --model defaults to None, read as the registry's default model: importing the registry here would load torch at start-up
@@ -50,7 +52,7 @@ def parse_list(spec: str, option: str, convert: Callable[[str], T], expected: st
     try:
         return [convert(x) for x in spec.replace(" ", "").split(",") if x != ""]
     except ValueError:
-        raise ValueError(f"{option}: expected comma-separated {expected}; got {spec!r}") from None
+        raise InputError(f"{option}: expected comma-separated {expected}; got {spec!r}") from None
 
 
 def parse_indices(spec: str, option: str, n: int, *, what: str = "layer", note: str = "") -> list[int]:
@@ -58,7 +60,7 @@ def parse_indices(spec: str, option: str, n: int, *, what: str = "layer", note: 
     values = parse_list(spec, option, int, f"{what} indices like 1,4,15")
     for v in values:
         if not 0 <= v < n:
-            raise ValueError(f"{option}: {what} {v} out of range 0..{n - 1}{note}")
+            raise InputError(f"{option}: {what} {v} out of range 0..{n - 1}{note}")
     return values
 
 
@@ -66,7 +68,7 @@ def parse_lengths(spec: str, option: str) -> list[int]:
     """Comma-separated token lengths, each >= 2, at least one."""
     values = parse_list(spec, option, int, "integers like 128,256,512")
     if not values or min(values) < 2:
-        raise ValueError(f"{option}: lengths must be integers >= 2, got {spec!r}")
+        raise InputError(f"{option}: lengths must be integers >= 2, got {spec!r}")
     return values
 
 
@@ -74,7 +76,7 @@ def parse_fractions(spec: str, option: str) -> list[float]:
     """Comma-separated numbers in [0, 1], at least one."""
     values = parse_list(spec, option, float, "numbers like 0,0.5,1")
     if not values or not all(0 <= v <= 1 for v in values):
-        raise ValueError(f"{option}: values must be in [0, 1], got {spec!r}")
+        raise InputError(f"{option}: values must be in [0, 1], got {spec!r}")
     return values
 
 

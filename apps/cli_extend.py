@@ -3,13 +3,15 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional
 
 import typer
 
+from residscope.model.errors import InputError
+
 from .cli_common import DEVICE, DTYPE, MODEL, load, model_name, parse_fractions, parse_lengths, write_figure
+from .cli_output import json_text
 
 
 # options both commands take, with the same meaning
@@ -33,7 +35,7 @@ def _methods(model, method: Optional[str], methods: Optional[str], compare: bool
         chosen = [method or "none"]
     for m in chosen:
         if m not in METHODS:
-            raise ValueError(f"--method: unknown method {m!r} (choose from {', '.join(METHODS)})")
+            raise InputError(f"--method: unknown method {m!r} (choose from {', '.join(METHODS)})")
     return chosen
 
 
@@ -70,13 +72,16 @@ def extend(
     device: str = DEVICE,
 ) -> None:
     """Sliding-window perplexity of the held-out split against length, for one extension method or a comparison."""
-    from residscope.analyses.extension import extension_perplexity, trained_window
+    from residscope.analyses.extension import check_factor, check_window, extension_perplexity, trained_window
+    from residscope.common.atomic import check_output_file
     from residscope.analyses.extension_plots import perplexity_figure, perplexity_table
 
     if batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
-    if factor is not None and factor < 1:
-        raise ValueError(f"--factor must be >= 1, got {factor}")
+        raise InputError(f"--batch-size must be >= 1, got {batch_size}")
+    check_factor(factor)
+    check_window(window)
+    if html is not None:
+        html = check_output_file(html, "--html")  # before the slow part
     m, model = load(model, device, dtype), model_name(model)
     w = trained_window(m, window)
     rows = extension_perplexity(m, _methods(m, method, methods, compare), _lengths(lengths, w), factor=factor, window=window,
@@ -85,7 +90,7 @@ def extend(
     if html is not None:
         write_figure(perplexity_figure(rows, title=f"{model}: sliding-window perplexity against length", window=w), html)
     if as_json:
-        print(json.dumps({"model": model, "window": w, "results": [r.to_dict() for r in rows]}, indent=2))
+        print(json_text({"model": model, "window": w, "results": [r.to_dict() for r in rows]}, indent=2))
     else:
         print(f"{model} (trained window {w}), sliding-window perplexity of the evaluation split")
         print(perplexity_table(rows))
@@ -114,13 +119,16 @@ def passkey(
     device: str = DEVICE,
 ) -> None:
     """Passkey retrieval (exact match, greedy) against prompt length and key depth, per extension method."""
-    from residscope.analyses.extension import passkey_study, trained_window
+    from residscope.analyses.extension import check_factor, check_window, passkey_study, trained_window
+    from residscope.common.atomic import check_output_file
     from residscope.analyses.extension_plots import passkey_figure, passkey_table
 
     if keys < 1:
-        raise ValueError(f"--keys must be >= 1, got {keys}")
-    if factor is not None and factor < 1:
-        raise ValueError(f"--factor must be >= 1, got {factor}")
+        raise InputError(f"--keys must be >= 1, got {keys}")
+    check_factor(factor)
+    check_window(window)
+    if html is not None:
+        html = check_output_file(html, "--html")  # before the slow part
     dps = parse_fractions(depths, "--depths")
     m, model = load(model, device, dtype), model_name(model)
     w = trained_window(m, window)
@@ -130,7 +138,7 @@ def passkey(
     if html is not None:
         write_figure(passkey_figure(rows, title=f"{model}: passkey retrieval"), html)
     if as_json:
-        print(json.dumps({"model": model, "window": w, "results": [r.to_dict() for r in rows]}, indent=2))
+        print(json_text({"model": model, "window": w, "results": [r.to_dict() for r in rows]}, indent=2))
     else:
         print(f"{model} (trained window {w}), passkey accuracy (mean over depths [per depth {dps}])")
         print(passkey_table(rows))

@@ -3,14 +3,16 @@ checkpoint, and held-out perplexity. Heavy imports happen inside the commands.""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional
 
 import typer
 
+from residscope.model.errors import InputError
+
 from .cli_common import (BATCH, DATASET, DEVICE, DTYPE, JSON, MODEL, SEED, SEQ_LEN, TEXT, echo_err, load, model_name,
                          parse_list, write_figure)
+from .cli_output import json_text
 
 
 def _influence(m, metric: str, shortgpt_compat: bool, seq_len: int, samples: int, batch_size: int, seed: int,
@@ -41,17 +43,17 @@ def _check_prune_options(metric: str, remove: Optional[int], layers: Optional[st
     from residscope.model.export import check_target
 
     if metric not in METRICS + BASELINES:
-        raise ValueError(f"--metric must be one of {', '.join(METRICS + BASELINES)}; got {metric!r}")
+        raise InputError(f"--metric must be one of {', '.join(METRICS + BASELINES)}; got {metric!r}")
     if (remove is None) == (layers is None):
-        raise ValueError("give either --remove N or --layers 3,5,... (exactly one)")
+        raise InputError("give either --remove N or --layers 3,5,... (exactly one)")
     if compare and remove is None:
-        raise ValueError("--compare needs --remove N")
+        raise InputError("--compare needs --remove N")
     if out is None and not compare:
-        raise ValueError("--out is required (the folder for the pruned checkpoint)")
+        raise InputError("--out is required (the folder for the pruned checkpoint)")
     if out is not None:
         check_target(Path(out).expanduser(), force)  # fail before the slow part
     if seeds < 1:
-        raise ValueError(f"--seeds must be >= 1, got {seeds}")
+        raise InputError(f"--seeds must be >= 1, got {seeds}")
 
 
 def _influence_table(result) -> str:
@@ -83,9 +85,12 @@ def bi(
     device: str = DEVICE,
 ) -> None:
     """Per-layer importance (ShortGPT Block Influence or another metric) on calibration text."""
+    from residscope.common.atomic import check_output_file
     from residscope.surgery.influence import check_metric
 
     check_metric(metric)
+    if html is not None:
+        html = check_output_file(html, "--html")  # before the slow part
     m = load(model, device, dtype)
     result = _influence(m, metric, shortgpt_compat, seq_len, samples, batch_size, seed, text, dataset)
     if html is not None:
@@ -94,7 +99,7 @@ def bi(
         write_figure(influence_figure(result, highlight=max(1, len(result.scores) // 4)), html, inline_js=True)
         echo_err(f"wrote {html}")
     if as_json:
-        typer.echo(json.dumps({**result.to_dict(), "order": result.order(), "model": model_name(model)}, indent=2))
+        typer.echo(json_text({**result.to_dict(), "order": result.order(), "model": model_name(model)}, indent=2))
     else:
         typer.echo(_influence_table(result))
 
@@ -117,7 +122,7 @@ def ppl(
     m = load(model, device, dtype)
     r = heldout_perplexity(m, seq_len=seq_len, samples=samples, batch_size=batch_size, seed=seed, text_file=text, dataset=dataset)
     if as_json:
-        typer.echo(json.dumps({**r.to_dict(), "model": model_name(model)}, indent=2))
+        typer.echo(json_text({**r.to_dict(), "model": model_name(model)}, indent=2))
     else:
         typer.echo(f"perplexity {r.ppl:.4f}  (nll {r.nll:.4f} nats/token, {r.n_tokens} predicted tokens; {r.source})")
 
@@ -158,7 +163,7 @@ def prune(
     explicit = check_layers(parse_list(layers, "--layers", int, "layer indices like 3,5,7"), n_layers, arg="--layers") \
         if layers is not None else None
     if explicit is None and not 0 < remove < n_layers:
-        raise ValueError(f"--remove must be between 1 and {n_layers - 1} for this {n_layers}-layer model; got {remove}")
+        raise InputError(f"--remove must be between 1 and {n_layers - 1} for this {n_layers}-layer model; got {remove}")
     # token batches are built once: every candidate model is scored on the same held-out and calibration tokens
     eval_batches, eval_source = calibration_batches(m, seq_len=seq_len, samples=eval_samples, batch_size=batch_size,
                                                     seed=seed, split="evaluation")
@@ -179,7 +184,7 @@ def prune(
             typer.echo(_comparison_table(cmp))
         if out is None:
             if as_json:
-                typer.echo(json.dumps(report, indent=2))
+                typer.echo(json_text(report, indent=2))
             return
 
     order = explicit if explicit is not None else removal_for(metric, remove, n_layers=n_layers, influences=influences, seed=seed)
@@ -191,7 +196,7 @@ def prune(
     folder = save_pretrained(pruned, out, pruning_info=record, force=force)
     report.update(removed_layers=order, metric=used_metric, after=after.to_dict(), out=str(folder))
     if as_json:
-        typer.echo(json.dumps(report, indent=2))
+        typer.echo(json_text(report, indent=2))
     else:
         typer.echo(f"removed {len(order)} of {n_layers} layers by {used_metric}: {', '.join(map(str, order))}")
         typer.echo(f"held-out perplexity: {dense.ppl:.4f} -> {after.ppl:.4f} (x{after.ppl / dense.ppl:.2f}; {after.source})")

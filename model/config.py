@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from .errors import ConfigError
-from .hf_config import FULL, SLIDING, SUBLAYER_KEY, decoder_kwargs
+from .hf_config import FULL, SLIDING, decoder_kwargs
 from .rope import RopeParams
 
 # TransformerLens's `original_architecture` per model_type (the class name in config.json's "architectures")

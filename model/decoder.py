@@ -628,7 +628,8 @@ class Decoder(HookedRootModule):
         else:
             ids, attention_mask = self._input_ids(input, attention_mask, None, padding_side, 0)
         eos = eos_token_id if eos_token_id is not None else self.cfg.eos_token_id
-        eos = torch.tensor([eos] if isinstance(eos, int) else list(eos or []) if stop_at_eos else [], device=ids.device)
+        eos = ([eos] if isinstance(eos, int) else list(eos or [])) if stop_at_eos else []
+        eos = torch.tensor(eos, dtype=torch.long, device=ids.device)  # [n_eos]
         cache = KVCache() if use_cache else None
         done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)  # [batch]
         mask, step_input, step_mask = attention_mask, ids, attention_mask
@@ -658,7 +659,7 @@ class Decoder(HookedRootModule):
         ids = row[mask.bool()] if mask is not None else row
         if len(ids) and int(ids[0]) == tokenizing.bos_token_id(self.tokenizer) and self.cfg.default_prepend_bos:
             ids = ids[1:]
-        return self.tokenizer.decode(ids.tolist())
+        return self._need_tokenizer().decode(ids.tolist())
 
     @staticmethod
     def _choose(logits, do_sample, temperature, top_k, top_p, generator) -> torch.Tensor:

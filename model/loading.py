@@ -16,7 +16,7 @@ import torch
 from .checkpoint import hf_to_local, local_names
 from .config import DecoderConfig
 from .decoder import Decoder
-from .errors import CheckpointError
+from .errors import CheckpointError, InputError
 from .registry import resolve_source
 from .safetensors_io import iter_entries, read_into, read_tensor
 
@@ -37,8 +37,26 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype not in _DTYPES:
-        raise ValueError(f"dtype {dtype!r} not supported (choose from {', '.join(sorted(_DTYPES))})")
+        raise InputError(f"dtype {dtype!r} not supported (choose from {', '.join(sorted(_DTYPES))})")
     return _DTYPES[dtype]
+
+
+def parse_device(device: str | torch.device) -> torch.device:
+    """A torch device this machine has: a typo or an accelerator the torch build lacks is refused in one line."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise InputError(f"device {device!r} is not a torch device (e.g. cpu, cuda, cuda:1, mps)") from None
+    if dev.type == "cpu" or dev.type == "meta":
+        return dev
+    available = {"cuda": torch.cuda.is_available, "mps": torch.backends.mps.is_available,
+                 "xpu": lambda: hasattr(torch, "xpu") and torch.xpu.is_available()}.get(dev.type)
+    if available is None or not available():
+        raise InputError(f"device {str(dev)!r} is not available with this torch build / machine (torch "
+                         f"{torch.__version__}); use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise InputError(f"device {str(dev)!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return dev
 
 
 def check_dtype_on_device(dtype: torch.dtype, device: torch.device) -> None:
@@ -67,7 +85,7 @@ def load_model(
     position_embedding: Baichuan 2 only, "rope" or "alibi" to override the choice made from the config.
     allow_nonfinite: load tensors holding NaN or Inf instead of refusing them (to inspect a broken checkpoint).
     """
-    device, dtype = torch.device(device), parse_dtype(dtype)
+    device, dtype = parse_device(device), parse_dtype(dtype)
     folder = resolve_source(source)
     cfg = DecoderConfig.from_json(folder / "config.json", position_embedding=position_embedding)
     check_dtype_on_device(dtype, device)

@@ -35,6 +35,7 @@ import torch
 from tqdm.auto import tqdm
 
 from residscope.common.batches import Batch, batch_count, unpack_batch
+from residscope.model.errors import InputError
 
 METRICS = ("bi", "angular", "relative-magnitude", "attn-bi", "mlp-bi")
 BASELINES = ("sequential", "reverse", "random")
@@ -53,7 +54,7 @@ FINAL_NORM_HOOK = "ln_final.hook_normalized"
 
 def check_metric(metric: str) -> str:
     if metric not in METRICS:
-        raise ValueError(f"metric must be one of {', '.join(METRICS)}; got {metric!r}")
+        raise InputError(f"metric must be one of {', '.join(METRICS)}; got {metric!r}")
     return metric
 
 
@@ -80,7 +81,7 @@ class InfluenceResult:
         check_metric(metric)
         if self.metric in BLOCK_METRICS and metric in BLOCK_METRICS:
             return {"bi": 1.0 - self.mean_cos, "angular": self.angular, "relative-magnitude": self.relative_magnitude}[metric]
-        raise ValueError(f"metric {metric!r} needs its own pass; this result scored {self.metric!r}")
+        raise InputError(f"metric {metric!r} needs its own pass; this result scored {self.metric!r}")
 
     def for_metric(self, metric: str) -> "InfluenceResult":
         """This result relabelled as `metric` (same pass, its scores from `score(metric)`)."""
@@ -189,7 +190,7 @@ def block_influence_result(
             pending.clear()
             n_tokens += int(keep.sum()) if keep is not None else ids.numel()
     if n_tokens == 0:
-        raise ValueError("batches: no tokens to score")
+        raise InputError("batches: no tokens to score")
 
     means = torch.tensor([s.means() for s in stats], dtype=torch.float64)  # [n_layers, 3]
     mean_cos, angular, relmag = means.unbind(-1)
@@ -243,9 +244,9 @@ def removal_order(
     if isinstance(scores_or_baseline, str):
         name = scores_or_baseline
         if name not in BASELINES:
-            raise ValueError(f"baseline must be one of {', '.join(BASELINES)} (or pass scores); got {name!r}")
+            raise InputError(f"baseline must be one of {', '.join(BASELINES)} (or pass scores); got {name!r}")
         if n_layers is None:
-            raise ValueError(f"baseline {name!r} needs n_layers")
+            raise InputError(f"baseline {name!r} needs n_layers")
         order = list(range(n_layers))
         if name == "reverse":
             order.reverse()
@@ -255,11 +256,11 @@ def removal_order(
         scores = scores_or_baseline.scores if isinstance(scores_or_baseline, InfluenceResult) else scores_or_baseline
         scores = torch.as_tensor(scores, dtype=torch.float64)
         if scores.dim() != 1:
-            raise ValueError(f"scores must be one value per layer, got shape {tuple(scores.shape)}")
+            raise InputError(f"scores must be one value per layer, got shape {tuple(scores.shape)}")
         if torch.isnan(scores).any():
-            raise ValueError(f"scores: layer {int(torch.isnan(scores).nonzero()[0])} has no defined score (NaN)")
+            raise InputError(f"scores: layer {int(torch.isnan(scores).nonzero()[0])} has no defined score (NaN)")
         order = torch.sort(scores, stable=True).indices.tolist()
         n_layers = len(order)
     if not 0 <= n <= n_layers:
-        raise ValueError(f"remove: cannot remove {n} of {n_layers} layers")
+        raise InputError(f"remove: cannot remove {n} of {n_layers} layers")
     return order[:n]

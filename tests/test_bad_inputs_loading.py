@@ -281,6 +281,37 @@ def test_same_size_corruption_of_the_gguf_cache_is_detected_and_rebuilt(tiny_ggu
     assert not [p for p in folder.parent.iterdir() if ".tmp-" in p.name]
 
 
+def test_gguf_cache_is_hashed_again_only_after_its_files_change(tiny_gguf, gguf_cache, monkeypatch):
+    """A verified file keeps its stat stamp and is not re-hashed; any write moves its ctime, so it is hashed again."""
+    import time
+
+    from residscope.model import gguf
+
+    path, _ = tiny_gguf
+    folder = gguf.convert_gguf(path)
+    hashed = []
+    real_sha = gguf._sha256_file
+    monkeypatch.setattr(gguf, "_sha256_file", lambda p: hashed.append(p.name) or real_sha(p))
+    assert gguf.convert_gguf(path) == folder and WEIGHTS in hashed  # just written: hashed, but too fresh to stamp
+    hashed.clear()
+    assert gguf.convert_gguf(path) == folder and WEIGHTS in hashed
+    monkeypatch.setattr(gguf, "_RACY_SECONDS", 0.0)  # instead of waiting a few seconds for the ctime to age
+    hashed.clear()
+    gguf.convert_gguf(path)
+    assert WEIGHTS in hashed and WEIGHTS in json.loads((folder / gguf.VERIFIED).read_text())
+    hashed.clear()
+    gguf.convert_gguf(path)
+    assert hashed == []  # stamps unchanged: nothing hashed
+    time.sleep(0.05)  # a later clock tick than the stamp's ctime
+    with (folder / WEIGHTS).open("r+b") as f:  # same size, same bytes even: the write alone moves ctime
+        f.seek(100)
+        byte = f.read(1)
+        f.seek(100)
+        f.write(byte)
+    gguf.convert_gguf(path)
+    assert hashed == [WEIGHTS]
+
+
 # ---- through the CLI: exit code 2, one line -------------------------------------------------------------------------
 
 @pytest.mark.parametrize("fault", ["nan-weight", "rope-theta-nan", "hidden-size-big", "config-list"])

@@ -311,6 +311,11 @@ def test_generate_with_strings(llama):
     assert both[0] == llama.generate("Hi", max_new_tokens=4, stop_at_eos=False)
     assert llama.generate("The cat", max_new_tokens=3, return_type="str", verbose=True, use_past_kv_cache=False) == \
         llama.generate("The cat", max_new_tokens=3)
+    # stop_at_eos: with EOS forced as the first new token, generation stops there (rows padded with EOS), or goes on
+    first = int(llama("The cat")[0, -1].argmax())
+    stopped = llama.generate("The cat", max_new_tokens=4, eos_token_id=first, return_type="tokens")
+    assert stopped.shape == (1, 9) and stopped[0, -1] == first
+    assert llama.generate("The cat", max_new_tokens=4, eos_token_id=first, stop_at_eos=False, return_type="tokens").shape == (1, 12)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -435,11 +440,9 @@ def test_head_detector_matches_its_definition(model):
 # the bundled SmolLM2 (pad == EOS, BOS prepended by to_tokens)
 # ---------------------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def smollm2():
-    try:
-        return load_model("smollm2-135m")
-    except (FileNotFoundError, ImportError, ValueError) as e:
-        pytest.skip(f"bundled model unavailable: {e}")
+def smollm2(real_model):
+    """conftest's session-wide SmolLM2 (loaded once; these tests do not change it)."""
+    return real_model
 
 
 @pytest.mark.real
