@@ -47,6 +47,20 @@ def _method_kw(window, ratio, alpha, layer, logit_scale) -> dict[str, dict]:
             for m in METHODS}
 
 
+def _checked_model(model: Optional[str], device: str, dtype: str, factor: Optional[float], window: Optional[int],
+                   html: Optional[Path]):
+    """(model, its name, trained window, --html path): the options both commands check before loading, then the load."""
+    from residscope.analyses.extension import check_factor, check_window, trained_window
+    from residscope.common.atomic import check_output_file
+
+    check_factor(factor)
+    check_window(window)
+    if html is not None:
+        html = check_output_file(html, "--html")  # before the slow part
+    m = load(model, device, dtype)
+    return m, model_name(model), trained_window(m, window), html
+
+
 def _lengths(lengths: Optional[str], window: int) -> list[int]:
     return parse_lengths(lengths, "--lengths") if lengths else [window, 2 * window, 4 * window, 8 * window]
 
@@ -72,18 +86,12 @@ def extend(
     device: str = DEVICE,
 ) -> None:
     """Sliding-window perplexity of the held-out split against length, for one extension method or a comparison."""
-    from residscope.analyses.extension import check_factor, check_window, extension_perplexity, trained_window
-    from residscope.common.atomic import check_output_file
+    from residscope.analyses.extension import extension_perplexity
     from residscope.analyses.extension_plots import perplexity_figure, perplexity_table
 
     if batch_size < 1:
         raise InputError(f"--batch-size must be >= 1, got {batch_size}")
-    check_factor(factor)
-    check_window(window)
-    if html is not None:
-        html = check_output_file(html, "--html")  # before the slow part
-    m, model = load(model, device, dtype), model_name(model)
-    w = trained_window(m, window)
+    m, model, w, html = _checked_model(model, device, dtype, factor, window, html)
     rows = extension_perplexity(m, _methods(m, method, methods, compare), _lengths(lengths, w), factor=factor, window=window,
                                 max_tokens=max_tokens or None, stride=stride, batch_size=batch_size, progress=not as_json,
                                 method_kw=_method_kw(window, ratio, alpha, layer, logit_scale))
@@ -119,19 +127,13 @@ def passkey(
     device: str = DEVICE,
 ) -> None:
     """Passkey retrieval (exact match, greedy) against prompt length and key depth, per extension method."""
-    from residscope.analyses.extension import check_factor, check_window, passkey_study, trained_window
-    from residscope.common.atomic import check_output_file
+    from residscope.analyses.extension import passkey_study
     from residscope.analyses.extension_plots import passkey_figure, passkey_table
 
     if keys < 1:
         raise InputError(f"--keys must be >= 1, got {keys}")
-    check_factor(factor)
-    check_window(window)
-    if html is not None:
-        html = check_output_file(html, "--html")  # before the slow part
     dps = parse_fractions(depths, "--depths")
-    m, model = load(model, device, dtype), model_name(model)
-    w = trained_window(m, window)
+    m, model, w, html = _checked_model(model, device, dtype, factor, window, html)
     rows = passkey_study(m, _methods(m, method, methods, compare), _lengths(lengths, w), dps, n_keys=keys, seed=seed,
                          factor=factor, window=window, method_kw=_method_kw(window, ratio, alpha, layer, logit_scale),
                          progress=not as_json)
