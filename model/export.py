@@ -32,7 +32,7 @@ import torch
 from residscope.common.atomic import atomic_dir, check_output_dir
 
 from .checkpoint import local_to_hf
-from .config import SUBLAYER_KEY  # the loader reads what this module writes
+from .hf_config import SUBLAYER_KEY  # the loader reads what this module writes
 from .errors import InputError
 
 PRUNING_FILE = "residscope_pruning.json"

@@ -17,6 +17,7 @@ from .checkpoint import hf_to_local, local_names
 from .config import DecoderConfig
 from .decoder import Decoder
 from .errors import CheckpointError, InputError
+from .registry import resolve_source
 from .safetensors_io import iter_entries, read_into, read_tensor
 
 log = logging.getLogger(__name__)
@@ -26,24 +27,9 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float64": torch.flo
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 
 
-def resolve_folder(source: str | os.PathLike) -> Path:
-    """A checkpoint folder for `source`: the folder itself, or what the registry makes of an alias or a GGUF file."""
-    from .registry import resolve_source
-
-    path = Path(source).expanduser()
-    try:
-        if path.is_dir():
-            if not (path / "config.json").is_file():
-                raise CheckpointError(f"{path}: missing config.json")
-            return path
-        return resolve_source(source)  # a GGUF file is read (and its conversion cached) here
-    except PermissionError as e:
-        raise CheckpointError(f"{e.filename or path}: permission denied") from None
-
-
 def load_config(source: str | os.PathLike, *, position_embedding: str | None = None) -> DecoderConfig:
     """The DecoderConfig of a folder, GGUF file or alias, without loading weights."""
-    folder = resolve_folder(source)
+    folder = resolve_source(source)
     return DecoderConfig.from_json(folder / "config.json", position_embedding=position_embedding)
 
 
@@ -108,7 +94,7 @@ def load_model(
     if offload and device_map is not None:
         raise InputError("offload and device_map: choose one (streaming runs one block at a time on `device`)")
     device, dtype = parse_device(device), parse_dtype(dtype)
-    folder = resolve_folder(source)
+    folder = resolve_source(source)
     cfg = DecoderConfig.from_json(folder / "config.json", position_embedding=position_embedding)
     check_dtype_on_device(dtype, device)
 
