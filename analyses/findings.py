@@ -27,6 +27,7 @@ from typing import Callable, Sequence
 import torch
 
 from residscope.common.atomic import atomic_write, atomic_write_text
+from residscope.model.errors import InputError
 
 QUESTIONS = ("rope-table", "shortgpt", "positional", "rope-retrieval")
 
@@ -161,6 +162,9 @@ def text_batches(model, split: str, *, seq_len: int, samples: int, batch_size: i
 # ---------------------------------------------------------------------------------------------------------------------
 # Q4: ShortGPT on two models
 # ---------------------------------------------------------------------------------------------------------------------
+SHORTGPT_VERSION = 2  # results of an older version are recomputed by --resume
+
+
 def shortgpt(model, *, fraction: float = 0.25, seq_len: int = 256, samples: int = 16, eval_samples: int = 8,
              seeds: int = 3, batch_size: int = 4, progress: bool = False) -> dict:
     """Held-out perplexity after removing floor(fraction * n_layers) layers chosen by each metric and baseline (random:
@@ -201,17 +205,26 @@ def shortgpt(model, *, fraction: float = 0.25, seq_len: int = 256, samples: int 
                   "mlp": ppl(remove_sublayers(model, mlp=[last])),
                   "whole layer": ppl(remove_layers(model, [last]))}
 
-    # where the angular metric's order differs from BI's: the first removal count at which the sets differ
-    differ_at = next((k for k in range(1, n_layers) if set(orders["bi"][:k]) != set(orders["angular"][:k])), None)
+    # where the angular metric's order differs from BI's: every removal count up to n at which the removed sets differ,
+    # with the perplexity after each (the set at n is already in the rows)
     by_name = {r["method"]: r for r in rows}
+    differ = [k for k in range(1, n_layers) if set(orders["bi"][:k]) != set(orders["angular"][:k])]
+    by_count = []
+    for k in (k for k in differ if k <= n):
+        at_n = k == n
+        by_count.append({"removed_count": k, "bi_removed": orders["bi"][:k], "angular_removed": orders["angular"][:k],
+                         "bi_ppl": by_name["bi"]["ppl"] if at_n else ppl(remove_layers(model, orders["bi"][:k])),
+                         "angular_ppl": by_name["angular"]["ppl"] if at_n else ppl(remove_layers(model, orders["angular"][:k]))})
+    differ_at = differ[0] if differ else None
     return {"n_layers": n_layers, "removed_count": n, "fraction": fraction, "dense_ppl": dense,
             "calibration": calib_source, "calibration_tokens": influence.n_tokens, "evaluation": held_source,
             "scores": {k: v.tolist() for k, v in scores.items()}, "orders": orders, "rows": rows, "last_layer": last_layer,
             "angular_vs_bi": {"first_count_where_sets_differ": differ_at,
                               "same_set_at_removed_count": set(orders["bi"][:n]) == set(orders["angular"][:n]),
                               "winner_at_removed_count": None if set(orders["bi"][:n]) == set(orders["angular"][:n])
-                              else min(("bi", "angular"), key=lambda k: by_name[k]["ppl"])},
-            "seconds": t.seconds()}
+                              else min(("bi", "angular"), key=lambda k: by_name[k]["ppl"]),
+                              "by_count": by_count},
+            "version": SHORTGPT_VERSION, "seconds": t.seconds()}
 
 
 def shortgpt_figure(results: dict):
@@ -367,7 +380,7 @@ def position_nll(model, tokens: torch.Tensor, length: int, bos: int | None) -> t
 
     body = tokens[: length - (bos is not None)]
     if body.numel() < length - (bos is not None):
-        raise ValueError(f"the evaluation text has {tokens.numel()} tokens, fewer than a window of {length}")
+        raise InputError(f"the evaluation text has {tokens.numel()} tokens, fewer than a window of {length}")
     ids = body if bos is None else torch.cat((torch.tensor([bos]), body))
     ids = ids[None].to(model.device)  # [1, length]
     with torch.inference_mode():
@@ -387,7 +400,7 @@ def parse_plan(spec: str) -> list[tuple[str, int]]:
     for item in spec.split(","):
         kind, _, length = item.partition(":")
         if kind not in kinds or not length.isdigit():
-            raise ValueError(f"--plan: expected items like ppl:1024 or pk:2048, got {item!r}")
+            raise InputError(f"--plan: expected items like ppl:1024 or pk:2048, got {item!r}")
         plan.append((kinds[kind], int(length)))
     return plan
 
@@ -531,7 +544,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         path = out / "shortgpt.json"
         results = json.loads(path.read_text())["models"] if args.resume and path.exists() else {}
         for name in names:
-            if name in results:
+            if results.get(name, {}).get("version") == SHORTGPT_VERSION:
                 continue
             results[name] = shortgpt(_load(name), seq_len=args.seq_len, samples=args.samples,
                                      eval_samples=args.eval_samples, seeds=args.seeds)

@@ -40,6 +40,7 @@ from transformer_lens.hook_points import HookPoint
 from . import export
 from . import tokens as tokenizing
 from .config import DecoderConfig
+from .errors import InputError
 from .rope import RopeParams, apply_rope, rope_cos_sin
 from .tl_weights import AttentionWeights, DecoderWeights, MLPWeights, Unembed
 
@@ -92,7 +93,7 @@ def next_token_loss(logits: torch.Tensor, tokens: torch.Tensor, attention_mask: 
     if attention_mask is None:
         return nll if per_token else nll.mean()
     if attention_mask.shape != tokens.shape:
-        raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, tokens {tuple(tokens.shape)}")
+        raise InputError(f"attention_mask has shape {tuple(attention_mask.shape)}, tokens {tuple(tokens.shape)}")
     mask = attention_mask.to(logits.device).bool()
     counted = mask[:, :-1] & mask[:, 1:]  # [batch, pos - 1]: both the token and the one it predicts are real
     nll = nll.masked_fill(~counted, 0.0)
@@ -102,13 +103,13 @@ def next_token_loss(logits: torch.Tensor, tokens: torch.Tensor, attention_mask: 
 def check_sampling(max_new_tokens, temperature, top_k, top_p) -> None:
     """One-line refusals of generation settings that would fail deep inside sampling or silently do nothing useful."""
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+        raise InputError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
     if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
-        raise ValueError(f"temperature must be a finite number >= 0 (0: greedy), got {temperature!r}")
+        raise InputError(f"temperature must be a finite number >= 0 (0: greedy), got {temperature!r}")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-        raise ValueError(f"top_k must be an integer >= 1 (or None), got {top_k!r}")
+        raise InputError(f"top_k must be an integer >= 1 (or None), got {top_k!r}")
     if top_p is not None and not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
-        raise ValueError(f"top_p must be in (0, 1] (or None), got {top_p!r}")
+        raise InputError(f"top_p must be in (0, 1] (or None), got {top_p!r}")
 
 
 def attention_allowed(q_idx: torch.Tensor, k_idx: torch.Tensor, window: int | None) -> torch.Tensor:
@@ -148,7 +149,8 @@ class Positions:
         key = (params, head_dim, dtype)
         if key not in self._cos_sin:
             # dynamic NTK rescales from the current total length, like transformers' dynamic_rope_update
-            seq_len = int(self.positions.max().item()) + 1
+            # (only it needs the length on the host: a device sync on GPUs, impossible on `meta`)
+            seq_len = int(self.positions.max().item()) + 1 if params.rope_type == "dynamic" else None
             self._cos_sin[key] = rope_cos_sin(params, head_dim, self.positions, seq_len=seq_len, dtype=dtype)
         return self._cos_sin[key]
 
@@ -582,7 +584,7 @@ class Decoder(DecoderWeights, HookedRootModule):
         if return_type not in RETURN_TYPES:
             if isinstance(return_type, torch.Tensor):
                 raise TypeError("attention_mask is keyword-only: model(ids, attention_mask=mask)")
-            raise ValueError(f"return_type must be one of {RETURN_TYPES}, got {return_type!r}")
+            raise InputError(f"return_type must be one of {RETURN_TYPES}, got {return_type!r}")
         past = kv_cache.length if kv_cache is not None else 0
         self._apply_switches()
         if start_at_layer is None:
@@ -605,7 +607,7 @@ class Decoder(DecoderWeights, HookedRootModule):
         if return_type == "logits":
             return logits
         if ids is None:
-            raise ValueError("return_type='loss' with start_at_layer needs the token ids: pass tokens=[batch, pos]")
+            raise InputError("return_type='loss' with start_at_layer needs the token ids: pass tokens=[batch, pos]")
         loss = self.loss_fn(logits, ids, attention_mask, per_token=loss_per_token)
         return loss if return_type == "loss" else (logits, loss)
 
@@ -621,7 +623,7 @@ class Decoder(DecoderWeights, HookedRootModule):
         checked, and their left padding is masked when the padding side is known (else refused, see `forward`)."""
         if isinstance(input, (str, list, tuple)):
             if attention_mask is not None:
-                raise ValueError("attention_mask goes with token ids; for text input the mask comes from to_tokens")
+                raise InputError("attention_mask goes with token ids; for text input the mask comes from to_tokens")
             ids, mask = self._tokenize(input, prepend_bos, padding_side)
             return ids, (mask if not bool(mask.all()) else None)
         if not isinstance(input, torch.Tensor):
@@ -638,15 +640,15 @@ class Decoder(DecoderWeights, HookedRootModule):
             return ids, None  # what looked like padding is the BOS that shares the pad id
         if (padding_side or getattr(tok, "padding_side", None)) == "left":
             return ids, mask
-        raise ValueError(f"input: {rows_starting_with_pad} row(s) start with the pad token (id {pad}) and no attention_mask "
+        raise InputError(f"input: {rows_starting_with_pad} row(s) start with the pad token (id {pad}) and no attention_mask "
                          "was given; pass attention_mask=, or padding_side='left' to mask leading pad tokens")
 
     def _resid_input(self, resid: torch.Tensor, start_at_layer: int) -> torch.Tensor:
         if not -len(self.blocks) <= start_at_layer <= len(self.blocks):
-            raise ValueError(f"start_at_layer={start_at_layer} out of range for {len(self.blocks)} layers")
+            raise InputError(f"start_at_layer={start_at_layer} out of range for {len(self.blocks)} layers")
         if not isinstance(resid, torch.Tensor) or resid.dim() != 3 or resid.shape[-1] != self.cfg.d_model:
             shape = tuple(resid.shape) if isinstance(resid, torch.Tensor) else type(resid).__name__
-            raise ValueError(f"with start_at_layer, input is the residual stream [batch, pos, {self.cfg.d_model}], got {shape}")
+            raise InputError(f"with start_at_layer, input is the residual stream [batch, pos, {self.cfg.d_model}], got {shape}")
         return resid
 
     def unembed_residual(self, normed: torch.Tensor) -> torch.Tensor:
@@ -707,7 +709,7 @@ class Decoder(DecoderWeights, HookedRootModule):
             kv_cache.attention_mask = attention_mask
         if attention_mask is not None:
             if attention_mask.shape != (b, past + p):
-                raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(b, past + p)}")
+                raise InputError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(b, past + p)}")
             key_valid = attention_mask.bool()
             if bool(key_valid.all()):
                 key_valid = None
@@ -727,7 +729,7 @@ class Decoder(DecoderWeights, HookedRootModule):
         needs `return_type="loss"`."""
         self._check_names_filter(names_filter)
         if incl_bwd and kwargs.get("return_type", "logits") != "loss":
-            raise ValueError("incl_bwd=True back-propagates the output: pass return_type='loss' (a scalar)")
+            raise InputError("incl_bwd=True back-propagates the output: pass return_type='loss' (a scalar)")
         out, cache = super().run_with_cache(*model_args, names_filter=names_filter, remove_batch_dim=remove_batch_dim,
                                             incl_bwd=incl_bwd, **kwargs)
         if return_cache_object:
@@ -739,10 +741,10 @@ class Decoder(DecoderWeights, HookedRootModule):
         if names is None or callable(names):
             return
         if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
-            raise ValueError(f"names_filter must be a hook name, a list of hook names or a function, got {names_filter!r}")
+            raise InputError(f"names_filter must be a hook name, a list of hook names or a function, got {names_filter!r}")
         unknown = [n for n in names if n not in self.hook_dict]
         if unknown:
-            raise ValueError(f"names_filter: {unknown[0]!r} is not a hook of this model"
+            raise InputError(f"names_filter: {unknown[0]!r} is not a hook of this model"
                              + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else "")
                              + f"; hooks are named like {next(iter(self.hook_dict))!r} (see model.hook_dict)")
 
@@ -778,7 +780,7 @@ class Decoder(DecoderWeights, HookedRootModule):
         """
         check_sampling(max_new_tokens, temperature, top_k, top_p)
         if return_type not in ("input", "str", "tokens"):
-            raise ValueError(f"return_type must be 'input', 'str' or 'tokens', got {return_type!r}")
+            raise InputError(f"return_type must be 'input', 'str' or 'tokens', got {return_type!r}")
         use_cache = use_cache if use_past_kv_cache is None else use_past_kv_cache
         text_in = isinstance(input, (str, list, tuple))
         if text_in:
@@ -786,11 +788,12 @@ class Decoder(DecoderWeights, HookedRootModule):
         else:
             ids, attention_mask = self._input_ids(input, attention_mask, None, padding_side, 0)
         eos = eos_token_id if eos_token_id is not None else self.cfg.eos_token_id
-        eos = torch.tensor([eos] if isinstance(eos, int) else list(eos or []) if stop_at_eos else [], device=ids.device)
+        eos = ([eos] if isinstance(eos, int) else list(eos or [])) if stop_at_eos else []
+        eos = torch.tensor(eos, dtype=torch.long, device=ids.device)  # [n_eos]
         cache = KVCache() if use_cache else None
         done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)  # [batch]
         mask, step_input, step_mask = attention_mask, ids, attention_mask
-        for _ in tqdm(range(max_new_tokens), disable=not verbose):
+        for _ in tqdm(range(max_new_tokens), desc="generate", disable=not verbose, leave=False):
             if use_cache:
                 logits = self(step_input, attention_mask=step_mask, kv_cache=cache)[:, -1]  # [batch, vocab]
             else:
@@ -816,7 +819,7 @@ class Decoder(DecoderWeights, HookedRootModule):
         ids = row[mask.bool()] if mask is not None else row
         if len(ids) and int(ids[0]) == tokenizing.bos_token_id(self.tokenizer) and self.cfg.default_prepend_bos:
             ids = ids[1:]
-        return self.tokenizer.decode(ids.tolist())
+        return self._need_tokenizer().decode(ids.tolist())
 
     @staticmethod
     def _choose(logits, do_sample, temperature, top_k, top_p, generator) -> torch.Tensor:
@@ -846,7 +849,7 @@ class Decoder(DecoderWeights, HookedRootModule):
         names follow. Each kept attention keeps its run-time positional settings and its configured defaults."""
         keep = sorted(indices)
         if not keep or len(set(keep)) != len(keep) or not all(0 <= i < len(self.blocks) for i in keep):
-            raise ValueError(f"keep_blocks: need distinct indices in 0..{len(self.blocks) - 1}, got {list(indices)}")
+            raise InputError(f"keep_blocks: need distinct indices in 0..{len(self.blocks) - 1}, got {list(indices)}")
         new_index = {old: new for new, old in enumerate(keep)}
         self.cfg = self.cfg.replace(
             n_layers=len(keep),
@@ -864,7 +867,7 @@ class Decoder(DecoderWeights, HookedRootModule):
         for part, layers in (("attn", list(attn)), ("mlp", list(mlp))):
             for i in layers:
                 if not 0 <= i < len(self.blocks) or getattr(self.blocks[i], part) is None:
-                    raise ValueError(f"{part}: layer {i} has no {part} to remove")
+                    raise InputError(f"{part}: layer {i} has no {part} to remove")
                 setattr(self.blocks[i], part, None)
         self.cfg = self.cfg.replace(
             removed_attn=tuple(sorted({*self.cfg.removed_attn, *attn})),
@@ -883,7 +886,7 @@ class Decoder(DecoderWeights, HookedRootModule):
         out = []
         for i in idx:
             if not 0 <= i < len(self.blocks):
-                raise ValueError(f"layers: layer {i} out of range (model has {len(self.blocks)} layers)")
+                raise InputError(f"layers: layer {i} out of range (model has {len(self.blocks)} layers)")
             if self.blocks[i].attn is not None:
                 out.append(self.blocks[i].attn)
         return out
@@ -904,21 +907,21 @@ class Decoder(DecoderWeights, HookedRootModule):
         """Replace the RoPE setting of some layers (all by default): a full RopeParams, or field changes applied to each
         layer's current one (e.g. `set_rope(theta=5e5)`, `set_rope(rope_type="linear", factor=4)`)."""
         if self.cfg.positional != "rope":
-            raise ValueError(f"this model uses {self.cfg.positional!r} positions, not RoPE")
+            raise InputError(f"this model uses {self.cfg.positional!r} positions, not RoPE")
         for attn in self._attention(layers):
             attn.rope = params if params is not None else attn.rope.replace(**changes)  # RopeParams validates itself
 
     def set_window(self, window: int | None, *, layers=None) -> None:
         """Sliding attention window W (query i sees keys i-W < j <= i) for some layers; None = full causal attention."""
         if window is not None and (isinstance(window, bool) or int(window) != window or window < 1):
-            raise ValueError(f"window must be a whole number >= 1 or None, got {window!r}")
+            raise InputError(f"window must be a whole number >= 1 or None, got {window!r}")
         for attn in self._attention(layers):
             attn.window = None if window is None else int(window)
 
     def set_attn_logit_scale(self, scale: float, *, layers=None) -> None:
         """Multiply attention logits by `scale` (λ of attention-window extension) before the softmax."""
         if not (math.isfinite(scale) and scale > 0):
-            raise ValueError(f"scale: attention logit scale must be finite and > 0, got {scale!r}")
+            raise InputError(f"scale: attention logit scale must be finite and > 0, got {scale!r}")
         for attn in self._attention(layers):
             attn.logit_scale = float(scale)
 
@@ -959,7 +962,7 @@ class Decoder(DecoderWeights, HookedRootModule):
     # ---- tokens (TransformerLens's names and semantics; see model/tokens.py) -------------------------------------
     def _need_tokenizer(self):
         if self.tokenizer is None:
-            raise ValueError("this model has no tokenizer (load it with load_model(..., load_tokenizer=True) or set "
+            raise InputError("this model has no tokenizer (load it with load_model(..., load_tokenizer=True) or set "
                              "model.tokenizer)")
         return self.tokenizer
 
@@ -969,13 +972,13 @@ class Decoder(DecoderWeights, HookedRootModule):
         tok = self._need_tokenizer()
         texts = [input] if isinstance(input, str) else list(input)
         if not texts or not all(isinstance(t, str) for t in texts):
-            raise ValueError("input must be a string or a non-empty list of strings")
+            raise InputError("input must be a string or a non-empty list of strings")
         rows = tokenizing.encode_rows(
             tok, texts, prepend_bos=self.cfg.default_prepend_bos if prepend_bos is None else prepend_bos,
             tokenizer_bos=self.cfg.tokenizer_prepends_bos, tokenizer_eos=self.cfg.tokenizer_appends_eos,
             max_len=self.cfg.n_ctx if truncate else None)
         if any(not r for r in rows):
-            raise ValueError(f"input: text {texts[[len(r) for r in rows].index(0)]!r} has no tokens (and no BOS before it)")
+            raise InputError(f"input: text {texts[[len(r) for r in rows].index(0)]!r} has no tokens (and no BOS before it)")
         side = padding_side or getattr(tok, "padding_side", None) or "right"
         ids, mask = tokenizing.pad_rows(rows, tokenizing.pad_token_id(tok), side)
         return ids.to(self.device), mask.to(self.device)
@@ -996,7 +999,7 @@ class Decoder(DecoderWeights, HookedRootModule):
         if ids.dim() == 2:
             return tok.batch_decode(ids.tolist(), clean_up_tokenization_spaces=False)
         if ids.dim() > 2:
-            raise ValueError(f"to_string takes ids [pos] or [batch, pos], got shape {tuple(ids.shape)}")
+            raise InputError(f"to_string takes ids [pos] or [batch, pos], got shape {tuple(ids.shape)}")
         return tok.decode(ids.reshape(-1).tolist(), clean_up_tokenization_spaces=False)
 
     def to_str_tokens(self, input: str | list | torch.Tensor, prepend_bos: bool | None = None,
@@ -1011,14 +1014,14 @@ class Decoder(DecoderWeights, HookedRootModule):
         else:
             ids = torch.as_tensor(input).squeeze()
             if ids.dim() > 1:
-                raise ValueError(f"to_str_tokens takes one sequence of ids, got shape {tuple(ids.shape)}")
+                raise InputError(f"to_str_tokens takes one sequence of ids, got shape {tuple(ids.shape)}")
         return tok.batch_decode([[t] for t in ids.reshape(-1).tolist()], clean_up_tokenization_spaces=False)
 
     def to_single_token(self, string: str) -> int:
         """The id of a string that is exactly one token (no BOS); refused with the tokens it splits into otherwise."""
         ids = self.to_tokens(string, prepend_bos=False)[0]
         if ids.numel() != 1:
-            raise ValueError(f"{string!r} is not a single token: it is {ids.numel()} tokens "
+            raise InputError(f"{string!r} is not a single token: it is {ids.numel()} tokens "
                              f"{self.to_str_tokens(ids)} (ids {ids.tolist()})")
         return int(ids[0])
 
@@ -1030,16 +1033,16 @@ class Decoder(DecoderWeights, HookedRootModule):
         """Position of a token (a one-token string or an id) in a text or in ids [pos] / [1, pos]: its first or last
         occurrence (`mode`)."""
         if mode not in ("first", "last"):
-            raise ValueError(f"mode must be 'first' or 'last', got {mode!r}")
+            raise InputError(f"mode must be 'first' or 'last', got {mode!r}")
         ids = self.to_tokens(input, prepend_bos=prepend_bos, padding_side=padding_side) if isinstance(input, str) else input
         if ids.dim() == 2:
             if ids.shape[0] != 1:
-                raise ValueError(f"get_token_position takes one sequence, got ids of shape {tuple(ids.shape)}")
+                raise InputError(f"get_token_position takes one sequence, got ids of shape {tuple(ids.shape)}")
             ids = ids[0]
         token = self.to_single_token(single_token) if isinstance(single_token, str) else int(single_token)
         where = (ids == token).nonzero()[:, 0]  # [matches]
         if not len(where):
-            raise ValueError(f"token {token} ({self.to_single_str_token(token)!r}) does not occur in the input")
+            raise InputError(f"token {token} ({self.to_single_str_token(token)!r}) does not occur in the input")
         return int(where[0] if mode == "first" else where[-1])
 
     def tokens_to_residual_directions(self, tokens: str | int | torch.Tensor) -> torch.Tensor:

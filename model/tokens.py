@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from .errors import InputError
+
 PADDING_SIDES = ("left", "right")
 
 
@@ -46,7 +48,7 @@ def encode_rows(tokenizer, texts: list[str], *, prepend_bos: bool, tokenizer_bos
     """Token ids per text (unpadded), starting with BOS iff `prepend_bos`, cut to `max_len` when given."""
     bos = bos_token_id(tokenizer)
     if prepend_bos and bos is None:
-        raise ValueError("prepend_bos=True but the tokenizer has neither a BOS nor an EOS token")
+        raise InputError("prepend_bos=True but the tokenizer has neither a BOS nor an EOS token")
     rows = []
     for ids in tokenizer(texts)["input_ids"]:
         if tokenizer_eos and len(ids) > 1 and ids[-1] == tokenizer.eos_token_id:
@@ -62,10 +64,10 @@ def encode_rows(tokenizer, texts: list[str], *, prepend_bos: bool, tokenizer_bos
 def pad_rows(rows: list[list[int]], pad_id: int | None, side: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows of ids -> (ids [batch, pos], mask [batch, pos] with 1 for tokens, 0 for padding)."""
     if side not in PADDING_SIDES:
-        raise ValueError(f"padding_side must be 'left' or 'right', got {side!r}")
+        raise InputError(f"padding_side must be 'left' or 'right', got {side!r}")
     width = max(len(r) for r in rows)
     if pad_id is None and any(len(r) != width for r in rows):
-        raise ValueError("texts tokenise to different lengths and the tokenizer has no pad or EOS token to pad with")
+        raise InputError("texts tokenise to different lengths and the tokenizer has no pad or EOS token to pad with")
     ids = torch.full((len(rows), width), pad_id if pad_id is not None else 0, dtype=torch.long)  # [batch, pos]
     mask = torch.zeros((len(rows), width), dtype=torch.long)  # [batch, pos]
     for i, r in enumerate(rows):
@@ -92,17 +94,17 @@ def check_ids(ids: torch.Tensor, d_vocab: int, pad_id: int | None) -> int:
     """Refuse ids that cannot index the embedding (one line naming `input`) and return how many rows start with the pad
     token (0 when there is no pad token): one reduction, one device sync."""
     if ids.is_meta:
-        raise ValueError("input is on the meta device (a tensor without data); load or move the ids to a real device")
+        raise InputError("input is on the meta device (a tensor without data); load or move the ids to a real device")
     if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
-        raise ValueError(f"input must be integer token ids, got dtype {ids.dtype} "
+        raise InputError(f"input must be integer token ids, got dtype {ids.dtype} "
                          "(a residual stream [batch, pos, d_model] goes in with start_at_layer=)")
     if ids.dim() != 2:
-        raise ValueError(f"input must be token ids [batch, pos] or [pos], got shape {tuple(ids.shape)}")
+        raise InputError(f"input must be token ids [batch, pos] or [pos], got shape {tuple(ids.shape)}")
     if ids.shape[0] == 0 or ids.shape[1] == 0:
-        raise ValueError(f"input is empty (shape {tuple(ids.shape)}): pass at least one token per row")
+        raise InputError(f"input is empty (shape {tuple(ids.shape)}): pass at least one token per row")
     first = ids[:, 0] == pad_id if pad_id is not None else torch.zeros_like(ids[:, 0], dtype=torch.bool)  # [batch]
     lo, hi, pad_rows_ = torch.stack((ids.min(), ids.max(), first.sum())).tolist()
     if lo < 0 or hi >= d_vocab:
         bad = lo if lo < 0 else hi
-        raise ValueError(f"input holds token id {bad}, outside the vocabulary [0, {d_vocab - 1}]")
+        raise InputError(f"input holds token id {bad}, outside the vocabulary [0, {d_vocab - 1}]")
     return pad_rows_
