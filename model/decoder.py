@@ -42,7 +42,7 @@ from . import tokens as tokenizing
 from .config import DecoderConfig
 from .errors import InputError
 from .rope import RopeParams, apply_rope, rope_cos_sin
-from .tl_weights import AttentionWeights, DecoderWeights, MLPWeights, Unembed
+from .tl_weights import AttentionWeights, DecoderWeights, Embed, MLPWeights, Unembed
 
 RETURN_TYPES = ("logits", "loss", "both", None)
 
@@ -201,7 +201,8 @@ class RMSNorm(nn.Module):
     offset 1: Gemma's (normed * (1 + w)).to(dtype).
 
     hook_scale [..., 1] is TransformerLens' sqrt(mean(x^2) + eps). The input is multiplied by rsqrt (transformers'
-    arithmetic, so caching changes no logit); a hook that changes the scale gets TransformerLens' x / scale.
+    arithmetic, so caching changes no logit); a hook that changes the scale, or a backward hook on it, gets TransformerLens'
+    x / scale.
     """
 
     def __init__(self, d: int, eps: float, offset: float = 0.0):
@@ -223,8 +224,8 @@ class RMSNorm(nn.Module):
         if hooked(self.hook_scale):
             scale = var.sqrt()
             seen = self.hook_scale(scale.clone())  # a copy, so an in-place patch shows
-            if not torch.equal(seen, scale):
-                normed = xf / seen  # a hook changed the scale: TransformerLens' formula with the patched value
+            if self.hook_scale._backward_hooks or not torch.equal(seen, scale):
+                normed = xf / seen  # TransformerLens' formula: a patched scale is used, gradients reach the scale
         return self.hook_normalized(self._apply_gain(normed, x.dtype))
 
     def _apply_gain(self, normed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -504,7 +505,7 @@ class Decoder(DecoderWeights, HookedRootModule):
         self.source = source  # what it was loaded from (folder, GGUF file or alias), recorded in exports
         self.layer_origin: list[int] = list(range(cfg.n_layers))  # original index of each block (changes on removal)
         self.n_layers_original = cfg.n_layers  # layer count before any removal
-        self.embed = nn.Embedding(cfg.d_vocab, cfg.d_model)
+        self.embed = Embed(cfg.d_vocab, cfg.d_model)
         self.hook_tokens = HookPoint()  # [batch, pos]; fires only with cfg.use_hook_tokens
         self.hook_embed = HookPoint()  # [batch, pos, d_model]
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))

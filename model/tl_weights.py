@@ -127,6 +127,14 @@ class MLPWeights:
         return _bias_or_zeros(self.down_proj, self.down_proj.out_features)
 
 
+class Embed(nn.Embedding):
+    """The token embedding; `W_E` [d_vocab, d_model] is its weight, as on TransformerLens' Embed."""
+
+    @property
+    def W_E(self) -> torch.Tensor:  # [d_vocab, d_model]
+        return self.weight
+
+
 class Unembed(nn.Module):
     """logits = ln_final(x) @ W_U, with Baichuan 2's NormHead (unit rows) and final soft-capping when configured.
 

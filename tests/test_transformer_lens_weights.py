@@ -182,6 +182,7 @@ def test_weight_shapes_follow_transformer_lens():
         "b_out": (model.b_out, (L, M)), "attn._W_K": (attn._W_K, (KV, M, D)), "attn._W_V": (attn._W_V, (KV, M, D)),
         "attn._b_K": (attn._b_K, (KV, D)), "attn.W_O": (attn.W_O, (H, D, M)), "mlp.W_out": (mlp.W_out, (F, M)),
     }
+    assert model.embed.W_E is model.embed.weight and model.unembed.W_U.shape == (M, V)  # TransformerLens' module names
     for name, (tensor, shape) in expected.items():
         assert tuple(tensor.shape) == shape, name
     # TransformerLens' GQA convention: query head h reads KV head h // (H / KV)
@@ -312,6 +313,19 @@ def test_mlp_in_is_resid_mid_and_editing_it_spares_the_residual():
     # the MLP saw zeros (its output is the MLP of zeros), and resid_mid kept its value: resid_post = resid_mid + mlp_out
     assert_close(seen["mlp_out"], model.blocks[1].mlp(model.blocks[1].ln2(torch.zeros_like(seen["post"]))))
     assert_close(seen["post"], cache["resid_mid", 1] + seen["mlp_out"])
+
+
+def test_ln_scale_receives_gradients():
+    """Attribution patching reads gradients at hook_scale: a backward hook there puts the scale in the graph."""
+    model = build("llama_gqa", torch.float64)
+    tokens = ids()
+    reference = model(tokens)
+    grads = {}
+    with model.hooks(bwd_hooks=[("blocks.1.ln1.hook_scale", lambda g, hook: grads.setdefault("scale", g))]):
+        logits = model(tokens)
+        logits[:, -1, 0].sum().backward()
+    assert grads["scale"].shape == (BATCH, SEQ, 1) and grads["scale"].abs().max() > 0
+    assert_close(logits.detach(), reference, atol=1e-9, rtol=1e-9)
 
 
 def test_split_qkv_input_hooks(family):
