@@ -17,10 +17,13 @@ import bisect
 import functools
 import hashlib
 import json
+import warnings
 from pathlib import Path
 from typing import Iterator
 
 import torch
+
+from residscope.model.errors import InputError, MissingFileError
 
 SPLITS = ("calibration", "evaluation")
 
@@ -36,7 +39,7 @@ def is_evaluation_topic(name: str) -> bool:
 def builtin_text(split: str = "calibration") -> str:
     """The calibration or evaluation part of `pydoc_data.topics`, as one string."""
     if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        raise InputError(f"split must be one of {SPLITS}, got {split!r}")
     return _builtin_split(split)
 
 
@@ -81,27 +84,43 @@ def drop_overlapping(paragraphs: list[str], reference: str, width: int, sep: str
         kept = [p for n, p in enumerate(kept) if n not in touched]
 
 
+def read_utf8(path: Path) -> str:
+    """The file's text; a missing, unreadable or non-UTF-8 file is refused in one line naming it (and the byte)."""
+    if path.is_dir():
+        raise InputError(f"{path}: is a folder, not a text file")
+    if not path.exists():
+        raise MissingFileError(f"{path}: no such text file")
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise InputError(f"{path}: cannot read ({e.strerror})") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); "
+                         "convert it, e.g. iconv -f latin1 -t utf-8") from None
+
+
 def load_text(path: str | Path) -> str:
     """A user corpus: a .txt file, or .jsonl with one JSON object per line holding a "text" field."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such text file")
+    text = read_utf8(path)
     if path.suffix == ".jsonl":
         texts = []
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        for n, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+                raise InputError(f"{path}:{n}: not valid JSON ({e.msg})") from None
             if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise ValueError(f"{path}:{n}: missing string field 'text'")
+                raise InputError(f"{path}:{n}: missing string field 'text'")
             texts.append(record["text"])
         if not texts:
-            raise ValueError(f"{path}: no records with a 'text' field")
+            raise InputError(f"{path}: no records with a 'text' field")
         return "\n\n".join(texts)
-    return path.read_text(encoding="utf-8")
+    return text
 
 
 def dataset_text(name: str, *, split: str = "train", field: str = "text", max_chars: int = 5_000_000) -> str:
@@ -109,7 +128,7 @@ def dataset_text(name: str, *, split: str = "train", field: str = "text", max_ch
     try:
         import datasets
     except ImportError:
-        raise ValueError("--dataset needs the optional 'datasets' package: pip install 'residscope[online]'") from None
+        raise InputError("--dataset needs the optional 'datasets' package: pip install 'residscope[online]'") from None
     ds = datasets.load_dataset(name, split=split, streaming=True)
     parts, size = [], 0
     for row in ds:
@@ -123,7 +142,7 @@ def dataset_text(name: str, *, split: str = "train", field: str = "text", max_ch
 def corpus_text(text_file: str | Path | None = None, *, dataset: str | None = None, split: str = "calibration") -> tuple[str, str]:
     """(text, description) from a user file, a dataset, or the built-in split; the description names the source."""
     if text_file is not None and dataset is not None:
-        raise ValueError("give either a text file or a dataset, not both")
+        raise InputError("give either a text file or a dataset, not both")
     if text_file is not None:
         return load_text(text_file), f"file:{Path(text_file).name}"
     if dataset is not None:
@@ -144,13 +163,13 @@ def token_chunks(tokens: torch.Tensor, seq_len: int, samples: int | None = None,
     Asking for more chunks than the text holds is an error that says how many there are.
     """
     if seq_len < 2:
-        raise ValueError(f"seq-len must be at least 2, got {seq_len}")
+        raise InputError(f"seq-len must be at least 2, got {seq_len}")
     body = seq_len - (bos_token_id is not None)
     n_available = tokens.numel() // body
     if samples is None:
         samples = n_available
     if samples < 1 or samples > n_available:
-        raise ValueError(f"samples={samples} chunks of {seq_len} tokens requested, the text has {n_available} ({tokens.numel()} tokens)")
+        raise InputError(f"samples={samples} chunks of {seq_len} tokens requested, the text has {n_available} ({tokens.numel()} tokens)")
     gen = torch.Generator().manual_seed(seed)
     order = torch.randperm(n_available, generator=gen)[:samples]
     chunks = tokens[: n_available * body].view(n_available, body)[order]  # [samples, body]
@@ -162,7 +181,7 @@ def token_chunks(tokens: torch.Tensor, seq_len: int, samples: int | None = None,
 def batched(chunks: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
     """[samples, seq_len] -> an iterator of [batch, seq_len] tensors."""
     if batch_size < 1:
-        raise ValueError(f"batch-size must be >= 1, got {batch_size}")
+        raise InputError(f"batch-size must be >= 1, got {batch_size}")
     yield from chunks.split(batch_size)
 
 
@@ -170,8 +189,17 @@ def calibration_batches(model, *, seq_len: int = 256, samples: int = 32, batch_s
                         split: str = "calibration", text_file: str | Path | None = None, dataset: str | None = None) -> tuple[list[torch.Tensor], str]:
     """Batches of token ids for `model` (its tokenizer) from the chosen source, and a description of that source."""
     if model.tokenizer is None:
-        raise ValueError("the model has no tokenizer; pass token-id batches directly")
+        raise InputError("the model has no tokenizer; pass token-id batches directly")
+    warn_beyond_positions(model, seq_len, "seq_len")
     text, source = corpus_text(text_file, dataset=dataset, split=split)
     chunks = token_chunks(tokenize(model.tokenizer, text), seq_len, samples, seed=seed)  # [samples, seq_len]
     return list(batched(chunks, batch_size)), f"{source} ({chunks.shape[0]}x{seq_len} tokens, seed {seed})"
 
+
+def warn_beyond_positions(model, length: int, what: str = "length") -> None:
+    """One warning when sequences are longer than the positions the model was trained on: legitimate for extension
+    studies, a silent surprise otherwise."""
+    limit = model.cfg.max_position_embeddings
+    if limit is not None and length > limit:
+        warnings.warn(f"{what}={length} is beyond the model's max_position_embeddings ({limit}): results measure "
+                      "behaviour past the trained context", UserWarning, stacklevel=2)  # one location: shown once per run

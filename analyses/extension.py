@@ -39,7 +39,10 @@ from typing import Iterator, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from residscope.model.errors import InputError
+
 from .passkey import passkey_keys, passkey_prompt
+from .perplexity import perplexity_of
 
 METHODS = ("none", "pi", "ntk", "dynamic-ntk", "yarn", "pv-replace", "window")
 ROPE_METHODS = ("pi", "ntk", "dynamic-ntk", "yarn")
@@ -63,11 +66,26 @@ class Extension:
         return not self.fwd_hooks
 
 
+def check_factor(factor: float | None) -> None:
+    """An extension factor s: a finite number >= 1 (None: derived from the lengths)."""
+    if factor is not None and not (math.isfinite(factor) and factor >= 1):
+        raise InputError(f"factor must be a finite number >= 1 (an extension), got {factor}")
+
+
+def check_window(window: int | None) -> None:
+    if window is not None and (int(window) != window or window < 1):
+        raise InputError(f"window must be a positive integer (the trained context length), got {window}")
+
+
 def trained_window(model, window: int | None = None) -> int:
     """The context window the model was trained with: `window` if given, else max_position_embeddings of its config."""
-    w = window if window is not None else model.cfg.max_position_embeddings
-    if w is None or w < 1:
-        raise ValueError("the model's config has no max_position_embeddings: pass window= (the trained context length)")
+    check_window(window)
+    if window is not None:
+        return int(window)
+    w = model.cfg.max_position_embeddings
+    if w is None or not w >= 1:
+        raise InputError(f"the model's config has no usable max_position_embeddings ({w}): pass window= (the trained "
+                         "context length)")
     return int(w)
 
 
@@ -82,12 +100,12 @@ def bos_token_id(model) -> int | None:
 
 def _check_rope_layers(model, method: str) -> None:
     if model.cfg.positional != "rope":
-        raise ValueError(f"method {method!r} scales RoPE, but this model uses {model.cfg.positional!r} positions (use none, pv-replace or window)")
+        raise InputError(f"method {method!r} scales RoPE, but this model uses {model.cfg.positional!r} positions (use none, pv-replace or window)")
     if all(rope is None for rope in model.rope_settings()):
-        raise ValueError(f"method {method!r}: the model has no attention layer with RoPE left")
+        raise InputError(f"method {method!r}: the model has no attention layer with RoPE left")
     for layer, rope in enumerate(model.rope_settings()):
         if rope is not None and rope.rope_type != "default":
-            raise ValueError(f"method {method!r}: layer {layer} already uses rope_type {rope.rope_type!r}; "
+            raise InputError(f"method {method!r}: layer {layer} already uses rope_type {rope.rope_type!r}; "
                              "extension methods start from unscaled RoPE")
 
 
@@ -121,7 +139,7 @@ def calibration_decomposition(model, length: int, *, samples: int = 64, batch_si
     from .positional import decompose_positions
 
     if model.tokenizer is None:
-        raise ValueError("pv-replace needs the model's tokenizer (or pass decomposition= and original=)")
+        raise InputError("pv-replace needs the model's tokenizer (or pass decomposition= and original=)")
     tokens = tokenize(model.tokenizer, builtin_text("calibration"))
     available = tokens.numel() // length
     chunks = token_chunks(tokens, length, min(samples, available), seed=seed, bos_token_id=bos_token_id(model))
@@ -132,7 +150,7 @@ def method_options(method: str, *, window: int | None = None, ratio: float | Non
                    layer: int | None = None, logit_scale: float | None = None, samples: int | None = None) -> dict:
     """The keyword arguments of `apply_method` that `method` takes, from options that may be None (= its default)."""
     if method not in METHODS:
-        raise ValueError(f"unknown method {method!r} (choose from {', '.join(METHODS)})")
+        raise InputError(f"unknown method {method!r} (choose from {', '.join(METHODS)})")
     taken = {"none": (), "window": ("logit_scale",), "pv-replace": ("window", "ratio", "alpha", "layer", "samples")}
     given = dict(window=window, ratio=ratio, alpha=alpha, layer=layer, logit_scale=logit_scale, samples=samples)
     return {k: given[k] for k in taken.get(method, ("window",)) if given[k] is not None}
@@ -144,8 +162,7 @@ def extension_settings(model, method: str, lengths: Sequence[int], *, factor: fl
 
     factor None: max(lengths) / trained window, at least 1 (one setting for all lengths, as when a model is extended once
     to a target length). pv-replace measures the vectors it replaces at max(lengths) unless `max_length` is given."""
-    if factor is not None and not factor >= 1:
-        raise ValueError(f"factor must be >= 1 (an extension), got {factor}")
+    check_factor(factor)
     f = float(factor) if factor is not None else max(1.0, max(lengths) / trained_window(model, window))
     kw = dict(method_kw or {})
     if method == "pv-replace":
@@ -182,9 +199,14 @@ def apply_method(
     residue to every position: with 64 samples it made NoPE zoo perplexity worse than no replacement.
     """
     if method not in METHODS:
-        raise ValueError(f"unknown method {method!r} (choose from {', '.join(METHODS)})")
-    if not factor >= 1:
-        raise ValueError(f"factor must be >= 1 (an extension), got {factor}")
+        raise InputError(f"unknown method {method!r} (choose from {', '.join(METHODS)})")
+    check_factor(factor)
+    check_window(window)
+    if logit_scale is not None and not (math.isfinite(logit_scale) and logit_scale > 0):
+        raise InputError(f"logit_scale must be a finite number > 0, got {logit_scale}")
+    for name, value in (("ratio", ratio), ("alpha", alpha)):
+        if value is not None and not math.isfinite(value):
+            raise InputError(f"{name} must be a finite number, got {value}")
     ext = Extension(method=method, factor=float(factor))
     with model.positional_overrides():
         if method in ROPE_METHODS:
@@ -218,7 +240,7 @@ def _extend_windows(model, factor: float, window: int | None, logit_scale: float
     windows = model.windows()
     layers = [i for i, w in enumerate(windows) if w is not None]
     if not layers:
-        raise ValueError("method 'window' extends sliding attention windows, but this model has none")
+        raise InputError("method 'window' extends sliding attention windows, but this model has none")
     old = window if window is not None else windows[layers[0]]
     new = int(round(old * factor))
     if logit_scale is None:
@@ -268,10 +290,12 @@ def evaluation_tokens(model, max_tokens: int | None = None) -> torch.Tensor:
     """Token ids [n] of the built-in evaluation split (held out from calibration and from zoo training)."""
     from .corpus import builtin_text, tokenize
 
+    if max_tokens is not None and (int(max_tokens) != max_tokens or max_tokens < 2):
+        raise InputError(f"max_tokens must be an integer >= 2, or None for the whole split, got {max_tokens}")
     if model.tokenizer is None:
-        raise ValueError("the model has no tokenizer; pass token ids to sliding_window_perplexity instead")
+        raise InputError("the model has no tokenizer; pass token ids to sliding_window_perplexity instead")
     tokens = tokenize(model.tokenizer, builtin_text("evaluation"))
-    return tokens[:max_tokens] if max_tokens else tokens
+    return tokens[:max_tokens] if max_tokens is not None else tokens
 
 
 def sliding_windows(n_tokens: int, length: int, stride: int, *, bos: bool = False) -> list[tuple[int, int, int]]:
@@ -279,11 +303,11 @@ def sliding_windows(n_tokens: int, length: int, stride: int, *, bos: bool = Fals
     `stride` after the previous one, and scores only targets no earlier window scored. A window's first token is a
     target only when a BOS token precedes it (`bos`)."""
     if length < 2:
-        raise ValueError(f"length must be >= 2, got {length}")
+        raise InputError(f"length must be >= 2, got {length}")
     if not 1 <= stride <= length:
-        raise ValueError(f"stride must be in 1..length ({length}), got {stride}")
+        raise InputError(f"stride must be in 1..length ({length}), got {stride}")
     if n_tokens < length:
-        raise ValueError(f"the text has {n_tokens} tokens, fewer than one window of {length}")
+        raise InputError(f"the text has {n_tokens} tokens, fewer than one window of {length}")
     out, scored_until = [], 0
     for start in range(0, n_tokens - length + 1, stride):
         end = start + length
@@ -294,30 +318,41 @@ def sliding_windows(n_tokens: int, length: int, stride: int, *, bos: bool = Fals
 
 @torch.inference_mode()
 def sliding_window_perplexity(model, tokens: torch.Tensor, length: int, *, stride: int | None = None, bos: int | None = None,
-                              batch_size: int = 4, progress: bool = True, desc: str = "perplexity") -> tuple[float, float, int, int]:
+                              batch_size: int = 4, progress: bool = True, desc: str = "perplexity",
+                              group=None) -> tuple[float, float, int, int]:
     """(ppl, nll, n_tokens, n_windows) of `tokens` [n] read in windows of `length` tokens (BOS + length-1 text tokens when
     `bos` is given), `stride` apart (default length // 2), each scoring only the targets no earlier window scored, so
-    every token after the first window is predicted with at least length - stride tokens of context. Deterministic."""
+    every token after the first window is predicted with at least length - stride tokens of context. Deterministic.
+    Under torch.distributed each rank scores its share of the window batches and the float64 sums are all-reduced."""
     import torch.nn.functional as F
+
+    from .distributed import LOCAL, all_reduce_sums, is_main, shard
+    from .runner import forward_batches
 
     body = length - (bos is not None)
     stride = stride if stride is not None else max(1, body // 2)
     windows = sliding_windows(tokens.numel(), body, min(stride, body), bos=bos is not None)
-    total, count = 0.0, 0
-    for i in tqdm(range(0, len(windows), batch_size), desc=desc, disable=not progress, leave=False):
-        group = windows[i:i + batch_size]
-        ids = torch.stack([tokens[s:e] for s, e, _ in group])  # [batch, body]
+    groups = shard([windows[i:i + batch_size] for i in range(0, len(windows), batch_size)], group)
+    batches = []
+    for g in groups:
+        ids = torch.stack([tokens[s:e] for s, e, _ in g])  # [batch, body]
         if bos is not None:
             ids = torch.cat((torch.full((ids.shape[0], 1), bos, dtype=ids.dtype), ids), dim=1)  # [batch, length]
-        logits = model(ids.to(model.device)).float()  # [batch, length, vocab]
-        nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:].to(model.device), reduction="none")  # [batch, length-1]
-        offset = bos is not None
-        for row, (s, _, first) in enumerate(group):
+        batches.append(ids)
+    total, count = 0.0, 0
+    offset = bos is not None
+    # already sharded above (the windows of each batch are needed below): forward_batches runs them all (LOCAL)
+    for run, g in zip(forward_batches(model, batches, group=LOCAL, progress=progress and is_main(group), desc=desc),
+                      groups):
+        logits = run.output.float()  # [batch, length, vocab]
+        nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), run.ids[:, 1:], reduction="none")  # [batch, length-1]
+        for row, (s, _, first) in enumerate(g):
             # target at stream index j sits at column (j - s) + offset - 1 of nll
             total += float(nll[row, first - s + offset - 1:].double().sum())
             count += nll.shape[1] - (first - s + offset - 1)
-    nll_mean = total / count
-    return math.exp(nll_mean), nll_mean, count, len(windows)
+    total, count = all_reduce_sums([total, count], group)
+    ppl, nll_mean = perplexity_of(total, int(count), desc)
+    return ppl, nll_mean, int(count), len(windows)
 
 
 def extension_perplexity(model, methods: Sequence[str], lengths: Sequence[int], *, factor: float | None = None,
@@ -327,6 +362,9 @@ def extension_perplexity(model, methods: Sequence[str], lengths: Sequence[int], 
     """Sliding-window perplexity of each method at each length. factor None: max(lengths) / trained window (at least 1),
     one setting for all lengths, as when a model is extended once to a target length. method_kw: extra keyword
     arguments of `apply_method` per method name."""
+    check_factor(factor)
+    if batch_size < 1:
+        raise InputError(f"batch_size must be >= 1, got {batch_size}")
     tokens = evaluation_tokens(model, max_tokens)
     bos = bos_token_id(model)
     rows = []
@@ -359,29 +397,38 @@ class PasskeyRow:
 
 @torch.inference_mode()
 def passkey_accuracy(model, lengths: Sequence[int], depths: Sequence[float] = (0.0, 0.5, 1.0), *, n_keys: int = 5,
-                     seed: int = 1234, method: str = "none", ext: Extension | None = None, progress: bool = True) -> list[PasskeyRow]:
+                     seed: int = 1234, method: str = "none", ext: Extension | None = None, progress: bool = True,
+                     group=None) -> list[PasskeyRow]:
     """Exact-match passkey accuracy per (length, depth) over `n_keys` random 5-digit keys, greedy decoding.
 
-    Run inside `apply_method` and pass its Extension as `ext` (so hooked methods decode without a KV cache)."""
+    Run inside `apply_method` and pass its Extension as `ext` (so hooked methods decode without a KV cache).
+    Under torch.distributed each rank decodes its share of the prompts and the answers are gathered on every rank."""
     if model.tokenizer is None:
-        raise ValueError("passkey retrieval needs the model's tokenizer")
+        raise InputError("passkey retrieval needs the model's tokenizer")
+    from .distributed import gather_items, is_main, shard
+
     keys = passkey_keys(n_keys, seed)
     use_cache = ext.cache_safe if ext is not None else True
-    rows = []
     grid = [(length, depth) for length in lengths for depth in depths]
-    for length, depth in tqdm(grid, desc=f"passkey {method}", disable=not progress, leave=False):
-        answers, hits, n_tok = [], 0, 0
-        for key in keys:
-            ids = passkey_prompt(model.tokenizer, length, depth, key)[None].to(model.device)  # [1, n]
-            n_tok = ids.shape[1]
-            out = model.generate(ids, max_new_tokens=len(key) + 3, use_cache=use_cache)
-            text = model.tokenizer.decode(out[0, ids.shape[1]:].tolist(), skip_special_tokens=True)
-            found = re.search(r"\d+", text)
-            answer = found.group(0) if found else ""
-            answers.append(answer)
-            hits += answer == key
+    # every (length, depth, key) prompt is one item; under torch.distributed each rank decodes its share
+    items = [(g, k) for g in range(len(grid)) for k in range(len(keys))]
+    answers, prompt_tokens = {}, {}
+    for g, k in tqdm(list(shard(items, group)), desc=f"passkey {method}", disable=not progress or not is_main(group),
+                     leave=False):
+        length, depth = grid[g]
+        ids = passkey_prompt(model.tokenizer, length, depth, keys[k])[None].to(model.device)  # [1, n]
+        out = model.generate(ids, max_new_tokens=len(keys[k]) + 3, use_cache=use_cache)
+        text = model.tokenizer.decode(out[0, ids.shape[1]:].tolist(), skip_special_tokens=True)
+        found = re.search(r"\d+", text)
+        answers[g, k] = found.group(0) if found else ""
+        prompt_tokens[g] = ids.shape[1]
+    answers, prompt_tokens = gather_items(answers, group), gather_items(prompt_tokens, group)
+    rows = []
+    for g, (length, depth) in enumerate(grid):
+        got = [answers[g, k] for k in range(len(keys))]
+        hits = sum(a == key for a, key in zip(got, keys))
         rows.append(PasskeyRow(method=method, length=int(length), depth=float(depth), accuracy=hits / len(keys),
-                               n_keys=len(keys), prompt_tokens=int(n_tok), answers=answers))
+                               n_keys=len(keys), prompt_tokens=int(prompt_tokens[g]), answers=got))
     return rows
 
 
@@ -391,7 +438,7 @@ def passkey_study(model, methods: Sequence[str], lengths: Sequence[int], depths:
     """Passkey accuracy of each method at each (length, depth), the model extended once per method as in
     `extension_perplexity` (same factor and keyword-argument defaults)."""
     if n_keys < 1:
-        raise ValueError(f"n_keys must be >= 1, got {n_keys}")
+        raise InputError(f"n_keys must be >= 1, got {n_keys}")
     rows = []
     for method in methods:
         f, kw = extension_settings(model, method, lengths, factor=factor, window=window, method_kw=(method_kw or {}).get(method))

@@ -27,6 +27,7 @@ from typing import Callable, Sequence
 import torch
 
 from residscope.common.atomic import atomic_write, atomic_write_text
+from residscope.model.errors import InputError
 
 QUESTIONS = ("rope-table", "shortgpt", "positional", "rope-retrieval")
 
@@ -379,7 +380,7 @@ def position_nll(model, tokens: torch.Tensor, length: int, bos: int | None) -> t
 
     body = tokens[: length - (bos is not None)]
     if body.numel() < length - (bos is not None):
-        raise ValueError(f"the evaluation text has {tokens.numel()} tokens, fewer than a window of {length}")
+        raise InputError(f"the evaluation text has {tokens.numel()} tokens, fewer than a window of {length}")
     ids = body if bos is None else torch.cat((torch.tensor([bos]), body))
     ids = ids[None].to(model.device)  # [1, length]
     with torch.inference_mode():
@@ -399,7 +400,7 @@ def parse_plan(spec: str) -> list[tuple[str, int]]:
     for item in spec.split(","):
         kind, _, length = item.partition(":")
         if kind not in kinds or not length.isdigit():
-            raise ValueError(f"--plan: expected items like ppl:1024 or pk:2048, got {item!r}")
+            raise InputError(f"--plan: expected items like ppl:1024 or pk:2048, got {item!r}")
         plan.append((kinds[kind], int(length)))
     return plan
 

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from residscope.model.errors import InputError
+
 
 @dataclass
 class LogitLens:
@@ -27,7 +29,7 @@ class LogitLens:
 def logit_lens(model, ids: torch.Tensor) -> LogitLens:
     """The lens over one sequence `ids` [1, pos] at every block's output."""
     if ids.dim() != 2 or ids.shape[0] != 1:
-        raise ValueError(f"ids must be one sequence [1, pos], got shape {tuple(ids.shape)}")
+        raise InputError(f"ids must be one sequence [1, pos], got shape {tuple(ids.shape)}")
     names = [f"blocks.{i}.hook_resid_post" for i in range(model.cfg.n_layers)]
     logits, cache = model.run_with_cache(ids, names_filter=lambda name: name in names)  # logits [1, pos, vocab]
     lens_logits = torch.stack([model.unembed_residual(model.ln_final(cache[n]))[0] for n in names])  # [layer, pos, vocab]

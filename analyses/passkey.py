@@ -11,6 +11,8 @@ import random
 
 import torch
 
+from residscope.model.errors import InputError
+
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
          "I will quiz you about the important information there.")
@@ -27,7 +29,7 @@ def passkey_document(key: str, n_before: int, n_after: int, *, answer: bool = Fa
 def passkey_text(key: str, n_filler: int, depth: float) -> str:
     """The evaluation prompt: `n_filler` filler sentences with the key sentence after round(depth * n_filler) of them."""
     if not 0 <= depth <= 1:
-        raise ValueError(f"depth must be in [0, 1], got {depth}")
+        raise InputError(f"depth must be in [0, 1], got {depth}")
     before = round(depth * n_filler)
     return passkey_document(key, before, n_filler - before)
 
@@ -38,7 +40,7 @@ def passkey_prompt(tokenizer, length: int, depth: float, key: str) -> torch.Tens
         return len(tokenizer(passkey_text(key, n, depth))["input_ids"])
 
     if size(0) > length:
-        raise ValueError(f"length {length} is too short for a passkey prompt ({size(0)} tokens without filler)")
+        raise InputError(f"length {length} is too short for a passkey prompt ({size(0)} tokens without filler)")
     per = max(1, size(1) - size(0))
     n = max(0, (length - size(0)) // per)
     while n > 0 and size(n) > length:

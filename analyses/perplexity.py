@@ -14,9 +14,9 @@ from typing import Iterable
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
-from residscope.common.batches import Batch, batch_count, unpack_batch
+from residscope.common.batches import Batch, unpack_batch
+from residscope.model.errors import InputError
 
 
 @dataclass
@@ -42,22 +42,36 @@ def token_nll_sum(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor | 
     return float(nll.double().sum()), int(nll.numel())
 
 
-def perplexity(model, batches: Iterable[Batch], *, progress: bool = True, desc: str = "perplexity") -> PerplexityResult:
-    """Mean next-token NLL and perplexity of `model` over all predicted tokens of `batches` ([batch, pos] each)."""
-    total_nll, n_tokens = 0.0, 0
-    with torch.inference_mode():
-        for batch in tqdm(batches, total=batch_count(batches), desc=desc, disable=not progress, leave=False):
-            ids, mask = unpack_batch(batch)
-            ids = ids.to(model.device)
-            mask = mask.to(model.device) if mask is not None else None
-            logits = model(ids, mask)  # [batch, pos, vocab]
-            s, n = token_nll_sum(logits, ids, mask)
-            total_nll += s
-            n_tokens += n
+def perplexity_of(total_nll: float, n_tokens: int, what: str = "perplexity") -> tuple[float, float]:
+    """(ppl, mean nll) from a sum of token NLLs. A non-finite mean is refused, naming `what`: NaN logits (a NaN weight,
+    a zero logit scale) would otherwise print as `perplexity nan` and pass for a result."""
     if n_tokens == 0:
-        raise ValueError("batches: no predicted tokens (need at least one row with 2 or more tokens)")
+        raise InputError("batches: no predicted tokens (need at least one row with 2 or more tokens)")
     nll = total_nll / n_tokens
-    return PerplexityResult(ppl=math.exp(nll), nll=nll, n_tokens=n_tokens)
+    if not math.isfinite(nll):
+        raise InputError(f"{what}: the mean negative log-likelihood is {nll}: the model's logits are not finite "
+                         "(check its weights and run-time settings such as the RoPE base or logit scale)")
+    return (math.exp(nll) if nll < 700 else math.inf), nll  # exp overflows a float beyond ~709
+
+
+def perplexity(model, batches: Iterable[Batch], *, progress: bool = True, desc: str = "perplexity",
+               group=None) -> PerplexityResult:
+    """Mean next-token NLL and perplexity of `model` over all predicted tokens of `batches` ([batch, pos] each).
+
+    Under torch.distributed (`group`, or the default group when initialised) each rank scores its share of the batches
+    and the float64 sums are all-reduced: every rank returns the whole corpus's result.
+    """
+    from .distributed import all_reduce_sums
+    from .runner import forward_batches
+
+    total_nll, n_tokens = 0.0, 0
+    for run in forward_batches(model, batches, group=group, progress=progress, desc=desc):
+        s, n = token_nll_sum(run.output, run.ids, run.mask)  # output: logits [batch, pos, vocab]
+        total_nll += s
+        n_tokens += n
+    total_nll, n_tokens = all_reduce_sums([total_nll, n_tokens], group)
+    ppl, nll = perplexity_of(total_nll, int(n_tokens), desc)
+    return PerplexityResult(ppl=ppl, nll=nll, n_tokens=int(n_tokens))
 
 
 def heldout_perplexity(
@@ -76,7 +90,7 @@ def heldout_perplexity(
     from .corpus import calibration_batches
 
     if model.tokenizer is None:
-        raise ValueError("the model has no tokenizer; call perplexity() with token-id batches instead")
+        raise InputError("the model has no tokenizer; call perplexity() with token-id batches instead")
     batches, source = calibration_batches(model, seq_len=seq_len, samples=samples, batch_size=batch_size, seed=seed,
                                           split="evaluation", text_file=text_file, dataset=dataset)
     result = perplexity(model, batches, progress=progress)

@@ -25,7 +25,8 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+
+from residscope.model.errors import InputError, MissingFileError
 
 Hook = tuple[str, Callable]
 
@@ -44,7 +45,7 @@ def resid_hook_names(n_layers: int) -> list[str]:
 
 def _check_layer(layer: int, n_resid_layers: int) -> int:
     if not 0 <= layer < n_resid_layers:
-        raise ValueError(f"layer {layer} out of range: residual layers are 0 (embeddings) .. {n_resid_layers - 1}")
+        raise InputError(f"layer {layer} out of range: residual layers are 0 (embeddings) .. {n_resid_layers - 1}")
     return int(layer)
 
 
@@ -90,7 +91,7 @@ class PositionalDecomposition:
         With skip_first=0 a massive first token can dominate both; skip_first=k describes the later positions alone.
         """
         if not 0 <= skip_first < self.seq_len:
-            raise ValueError(f"skip_first must be in 0..{self.seq_len - 1}, got {skip_first}")
+            raise InputError(f"skip_first must be in 0..{self.seq_len - 1}, got {skip_first}")
         p, h2 = self.vectors[:, skip_first:], self.second_moment[:, skip_first:]  # [layer, pos', d_model], [layer, pos']
         share = p.pow(2).sum((-1, -2)) / h2.sum(-1)
         m = p.mean(dim=1, keepdim=True)  # [layer, 1, d_model]
@@ -127,14 +128,14 @@ class PositionalDecomposition:
 
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"{path}: no such positional-vector file")
+            raise MissingFileError(f"{path}: no such positional-vector file")
         try:
             with safe_open(str(path), framework="pt") as f:
                 meta = f.metadata() or {}
                 tensors = {k: f.get_tensor(k) for k in ("vectors", "second_moment", "mean_token_norm")}
             return cls(**tensors, n_samples=int(meta["n_samples"]), hook_names=json.loads(meta.get("hook_names", "[]")))
         except (KeyError, ValueError, OSError, SafetensorError) as e:
-            raise ValueError(f"{path}: not a positional-vector file written by PositionalDecomposition.save ({e})") from None
+            raise InputError(f"{path}: not a positional-vector file written by PositionalDecomposition.save ({e})") from None
 
 
 class _MomentAccumulator:
@@ -147,16 +148,18 @@ class _MomentAccumulator:
         self.sum_norm: torch.Tensor | None = None  # [layer, pos]
         self.n_samples = 0
 
+    def allocate(self, pos: int) -> None:
+        if self.sum_h is None:
+            self.sum_h = torch.zeros(self.n_resid_layers, pos, self.d_model, dtype=torch.float64)
+            self.sum_sq = torch.zeros(self.n_resid_layers, pos, dtype=torch.float64)
+            self.sum_norm = torch.zeros(self.n_resid_layers, pos, dtype=torch.float64)
+
     def hook(self, layer: int) -> Callable:
         def accumulate(resid: torch.Tensor, hook) -> None:
             h = resid.detach().to("cpu", torch.float64)  # [batch, pos, d_model]
-            if self.sum_h is None:
-                pos = h.shape[1]
-                self.sum_h = torch.zeros(self.n_resid_layers, pos, self.d_model, dtype=torch.float64)
-                self.sum_sq = torch.zeros(self.n_resid_layers, pos, dtype=torch.float64)
-                self.sum_norm = torch.zeros(self.n_resid_layers, pos, dtype=torch.float64)
+            self.allocate(h.shape[1])
             if h.shape[1] != self.sum_h.shape[1]:
-                raise ValueError(f"all batches must have the same sequence length: got {h.shape[1]} after {self.sum_h.shape[1]}")
+                raise InputError(f"all batches must have the same sequence length: got {h.shape[1]} after {self.sum_h.shape[1]}")
             sq = h.pow(2).sum(-1)  # [batch, pos]
             self.sum_h[layer] += h.sum(0)
             self.sum_sq[layer] += sq.sum(0)
@@ -166,21 +169,31 @@ class _MomentAccumulator:
 
 
 @torch.no_grad()
-def decompose_positions(model, batches: Iterable[torch.Tensor], *, progress: bool = True) -> PositionalDecomposition:
-    """Mean-based positional decomposition over token-id batches [batch, pos] of one common length (no padding)."""
+def decompose_positions(model, batches: Iterable[torch.Tensor], *, progress: bool = True,
+                        group=None) -> PositionalDecomposition:
+    """Mean-based positional decomposition over token-id batches [batch, pos] of one common length (no padding).
+
+    Under torch.distributed (`group`, or the default group when initialised) each rank takes its share of the batches
+    and the float64 sums are all-reduced; every rank returns the whole decomposition.
+    """
+    from .distributed import agree, all_reduce_sum
+    from .runner import forward_batches
+
     cfg = model.cfg
     names = resid_hook_names(cfg.n_layers)
     acc = _MomentAccumulator(len(names), cfg.d_model)
     hooks = [(name, acc.hook(layer)) for layer, name in enumerate(names)]
-    for ids in tqdm(batches, desc="positional vectors", disable=not progress, leave=False):
-        ids = ids.to(model.device)
-        # everything we need is in the residual stream: skip the final norm and unembedding
-        model.run_with_hooks(ids, fwd_hooks=hooks, stop_at_layer=cfg.n_layers)
-        acc.n_samples += ids.shape[0]
-    if acc.n_samples == 0:
-        raise ValueError("no batches given: the decomposition needs at least one sample")
-    n = acc.n_samples
-    return PositionalDecomposition(vectors=acc.sum_h / n, second_moment=acc.sum_sq / n, mean_token_norm=acc.sum_norm / n,
+    # everything we need is in the residual stream: skip the final norm and unembedding
+    for run in forward_batches(model, batches, hooks=hooks, stop_at_layer=cfg.n_layers, group=group,
+                               progress=progress, desc="positional vectors"):
+        acc.n_samples += run.ids.shape[0]
+    seq_len = agree(acc.sum_h.shape[1] if acc.sum_h is not None else None, group, what="sequence length")
+    if seq_len is None:
+        raise InputError("no batches given: the decomposition needs at least one sample")
+    acc.allocate(seq_len)  # a rank without batches contributes zeros
+    sum_h, sum_sq, sum_norm = (all_reduce_sum(t, group) for t in (acc.sum_h, acc.sum_sq, acc.sum_norm))
+    n = int(all_reduce_sum(torch.tensor(float(acc.n_samples)), group))
+    return PositionalDecomposition(vectors=sum_h / n, second_moment=sum_sq / n, mean_token_norm=sum_norm / n,
                                    n_samples=n, hook_names=names)
 
 
@@ -321,12 +334,12 @@ class _AttentionAccumulator:
         def accumulate(pattern: torch.Tensor, hook) -> None:
             b, h, tq, tk = pattern.shape  # [batch, head, q_pos, k_pos]
             if tq != tk:
-                raise ValueError("attention statistics need full-sequence forwards (no KV cache)")
+                raise InputError("attention statistics need full-sequence forwards (no KV cache)")
             if self.sink is None:
                 self.sink = torch.zeros(self.n_layers, h, dtype=torch.float64)
                 self.dist = torch.zeros(self.n_layers, h, tq, dtype=torch.float64)
             if self.dist.shape[-1] != tq:
-                raise ValueError(f"all batches must have the same sequence length: got {tq} after {self.dist.shape[-1]}")
+                raise InputError(f"all batches must have the same sequence length: got {tq} after {self.dist.shape[-1]}")
             p = pattern.detach().double()  # [batch, head, q_pos, k_pos]
             k = min(self.first_k, tq)
             sink = p[:, :, k:, :k].sum(-1)  # [batch, head, q_pos - k]
@@ -340,23 +353,32 @@ class _AttentionAccumulator:
 
 @torch.no_grad()
 def attention_statistics(model, batches: Iterable[torch.Tensor], *, first_k: int = 4, fwd_hooks: Sequence[Hook] = (),
-                         progress: bool = True) -> AttentionStatistics:
+                         progress: bool = True, group=None) -> AttentionStatistics:
     """Sink mass and attention against distance for every block and head, over token-id batches of one length.
 
     Patterns are reduced inside their hooks and never stored. `fwd_hooks` (e.g. `removal_hooks(...)`) run at the same time,
-    so the statistics describe the intervened model.
+    so the statistics describe the intervened model. Under torch.distributed the sums are all-reduced (see
+    `decompose_positions`).
     """
+    from .distributed import agree, all_reduce_sum
+    from .runner import forward_batches
+
     cfg = model.cfg
     acc = _AttentionAccumulator(cfg.n_layers, cfg.n_heads, first_k)
     hooks = [(f"blocks.{i}.attn.hook_pattern", acc.hook(i)) for i in model.attention_layers()]
-    for ids in tqdm(batches, desc="attention", disable=not progress, leave=False):
-        ids = ids.to(model.device)
-        model.run_with_hooks(ids, fwd_hooks=list(fwd_hooks) + hooks, stop_at_layer=cfg.n_layers)
-        acc.n_samples += ids.shape[0]
-    if acc.n_samples == 0:
-        raise ValueError("no batches given")
-    n = acc.n_samples
-    return AttentionStatistics(sink_mass=(acc.sink / n).numpy(), by_distance=(acc.dist / n).numpy(), first_k=first_k,
+    for run in forward_batches(model, batches, hooks=list(fwd_hooks) + hooks, stop_at_layer=cfg.n_layers, group=group,
+                               progress=progress, desc="attention"):
+        acc.n_samples += run.ids.shape[0]
+    shape = agree(tuple(acc.dist.shape) if acc.dist is not None else None, group, what="attention statistics shape")
+    n = int(all_reduce_sum(torch.tensor(float(acc.n_samples)), group))
+    if n == 0:
+        raise InputError("no batches given")
+    if shape is None:  # no block has attention left: nothing to describe
+        raise InputError("attention statistics: the model has no attention layers")
+    if acc.dist is None:  # a rank without batches contributes zeros
+        acc.sink, acc.dist = torch.zeros(shape[:2], dtype=torch.float64), torch.zeros(shape, dtype=torch.float64)
+    sink, dist = all_reduce_sum(acc.sink, group), all_reduce_sum(acc.dist, group)
+    return AttentionStatistics(sink_mass=(sink / n).numpy(), by_distance=(dist / n).numpy(), first_k=first_k,
                                n_samples=n)
 
 
@@ -388,7 +410,7 @@ def removal_hooks(dec: PositionalDecomposition, layers: int | Sequence[int], *, 
     """
     layers = [layers] if isinstance(layers, int) else list(layers)
     if first_k is not None and not 1 <= first_k <= dec.seq_len:
-        raise ValueError(f"first_k must be in 1..{dec.seq_len}, got {first_k}")
+        raise InputError(f"first_k must be in 1..{dec.seq_len}, got {first_k}")
     hooks = []
     for layer in layers:
         p = dec.vectors[_check_layer(layer, dec.n_resid_layers)]  # [pos, d_model]
@@ -397,7 +419,7 @@ def removal_hooks(dec: PositionalDecomposition, layers: int | Sequence[int], *, 
             delta = torch.zeros(t, p.shape[1], dtype=p.dtype)
             if first_k is None:
                 if t > p.shape[0]:
-                    raise ValueError(f"sequence of {t} tokens is longer than the decomposition ({p.shape[0]}): "
+                    raise InputError(f"sequence of {t} tokens is longer than the decomposition ({p.shape[0]}): "
                                      f"decompose at this length or remove only the first_k positions")
                 delta -= p[:t]
             else:
@@ -414,7 +436,7 @@ def interpolate_positions(vectors: torch.Tensor, length: int, ratio: float, keep
     t >= keep_first takes the linear interpolation at keep_first + (t - keep_first) / ratio (held at the last vector past
     the end). ratio=1 returns the vectors themselves (exactly)."""
     if ratio <= 0:
-        raise ValueError(f"ratio must be > 0, got {ratio}")
+        raise InputError(f"ratio must be > 0, got {ratio}")
     n = vectors.shape[0]
     t = torch.arange(length, dtype=torch.float64)
     src = torch.where(t < keep_first, t, keep_first + (t - keep_first) / ratio).clamp(max=n - 1)  # [length]
@@ -435,12 +457,12 @@ def pv_replacement_hooks(dec: PositionalDecomposition, layer: int, ratio: float,
     ratio=1, alpha=1 is the identity. Use with `model.hooks(fwd_hooks=...)` or `model.run_with_hooks`.
     """
     if keep_first < 0:
-        raise ValueError(f"keep_first must be >= 0, got {keep_first}")
+        raise InputError(f"keep_first must be >= 0, got {keep_first}")
     original = original if original is not None else dec
     src = dec.vectors[_check_layer(layer, dec.n_resid_layers)]  # [pos, d_model]
     orig = original.vectors[_check_layer(layer, original.n_resid_layers)]  # [pos', d_model]
     if orig.shape[-1] != src.shape[-1]:
-        raise ValueError("original and dec come from models of different widths")
+        raise InputError("original and dec come from models of different widths")
 
     def make_delta(t: int) -> torch.Tensor:
         new = interpolate_positions(src, t, ratio, keep_first)  # [t, d_model]

@@ -15,6 +15,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from residscope.model.errors import InputError
+
 from .positional import (AttentionStatistics, PositionalDecomposition, PositionalDescription, RemovalRow,
                          attention_statistics, decompose_positions, describe_positions, removal_study)
 
@@ -62,11 +64,11 @@ def positional_study(model, batches: Sequence[torch.Tensor], *, first_k: int = 4
     layer in `remove_layers` (residual numbering) remove its vectors on `eval_batches`, at all positions and at the
     first `first_k` only."""
     if first_k < 1:
-        raise ValueError(f"first_k must be >= 1, got {first_k}")
+        raise InputError(f"first_k must be >= 1, got {first_k}")
     if not 0 < cos_threshold <= 1:
-        raise ValueError(f"cos_threshold must be in (0, 1], got {cos_threshold}")
+        raise InputError(f"cos_threshold must be in (0, 1], got {cos_threshold}")
     if remove_layers and eval_batches is None:
-        raise ValueError("remove_layers needs eval_batches (held-out text)")
+        raise InputError("remove_layers needs eval_batches (held-out text)")
     dec = decompose_positions(model, batches, progress=progress)
     desc = describe_positions(dec, cos_threshold=cos_threshold, first_k=first_k)
     att = attention_statistics(model, batches, first_k=first_k, progress=progress)

@@ -26,10 +26,17 @@ import math
 from dataclasses import dataclass, field
 
 import torch
+from tqdm.auto import tqdm
 
+from residscope.model.errors import InputError
 from residscope.model.rope import RopeParams, inv_freq as rope_inv_freq, rotary_dim
 
 DEFAULT_MAX_M = 1 << 22  # 4M positions: the context bound search gives up (capped=True) beyond this
+# Limits that keep every call to minutes on one CPU core (a lower bound at 2^20 takes ~30 s at the default grid step,
+# and the sweep's cost grows as ln(base) / grid_step); beyond them the arguments are refused, not run for hours.
+MAX_LENGTH = 1 << 22
+MAX_M_LIMIT = 1 << 28
+MIN_GRID_STEP = 1e-5
 _COLS = 512  # offsets per block (columns of the matmul)
 _MAX_ROWS = 1024  # block starts per block: at most 512K values (4 MiB) per block
 _N_WITNESSES = 16  # most negative positions kept from each failing scan, to kill neighbouring bases cheaply
@@ -57,13 +64,34 @@ def _one_thread(fn):
     return wrapper
 
 
+# ---- arguments --------------------------------------------------------------------------------------------------
+def check_head_dim(head_dim: int) -> None:
+    if int(head_dim) != head_dim or head_dim < 2 or head_dim % 2:
+        raise InputError(f"head_dim must be an even integer >= 2, got {head_dim}")
+
+
+def check_max_m(max_m: int) -> None:
+    if int(max_m) != max_m or not 1 <= max_m <= MAX_M_LIMIT:
+        raise InputError(f"max_m must be an integer in 1..{MAX_M_LIMIT:,} (2^28), got {max_m}")
+
+
+def check_search(lengths: list[int], grid_step: float, refine_rtol: float) -> None:
+    """Arguments of the base lower bound search, refused when they are meaningless or would run for hours."""
+    if not (math.isfinite(grid_step) and MIN_GRID_STEP <= grid_step <= 1):
+        raise InputError(f"grid_step must be in [{MIN_GRID_STEP:g}, 1] (relative spacing of the base grid), got {grid_step}")
+    if not (math.isfinite(refine_rtol) and 0 < refine_rtol <= grid_step):
+        raise InputError(f"refine_rtol must be in (0, grid_step], got {refine_rtol}")
+    for length in lengths:
+        if int(length) != length or not 1 <= length <= MAX_LENGTH:
+            raise InputError(f"length must be an integer in 1..{MAX_LENGTH:,} (2^22), got {length}")
+
+
 # ---- frequencies ------------------------------------------------------------------------------------------------
 def default_inv_freq(base: float, head_dim: int) -> torch.Tensor:
     """theta_i = base^(-2i/d), i < d/2, float64 [d/2]."""
-    if head_dim < 2 or head_dim % 2:
-        raise ValueError(f"head_dim must be an even integer >= 2, got {head_dim}")
-    if not base > 1:
-        raise ValueError(f"base must be > 1, got {base}")
+    check_head_dim(head_dim)
+    if not (base > 1 and math.isfinite(base)):
+        raise InputError(f"base must be a finite number > 1, got {base}")
     return torch.exp(-math.log(base) * torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
 
 
@@ -81,9 +109,9 @@ def rope_frequencies(params: RopeParams, head_dim: int, seq_len: int | None = No
 def ntk_base(base: float, factor: float, rotary_dim_: int) -> float:
     """NTK-aware scaled base: base * s^(d / (d - 2)) (d = rotary dim), which stretches the lowest frequency by s."""
     if factor <= 0:
-        raise ValueError(f"factor must be positive, got {factor}")
+        raise InputError(f"factor must be positive, got {factor}")
     if rotary_dim_ <= 2:
-        raise ValueError(f"NTK scaling needs a rotary dim > 2, got {rotary_dim_}")
+        raise InputError(f"NTK scaling needs a rotary dim > 2, got {rotary_dim_}")
     return base * factor ** (rotary_dim_ / (rotary_dim_ - 2))
 
 
@@ -108,13 +136,13 @@ def rope_sum(m: torch.Tensor | int, base: float | None = None, head_dim: int | N
 def _frequencies(base, head_dim, inv_freq) -> torch.Tensor:
     if inv_freq is not None:
         if base is not None:
-            raise ValueError("give either base (with head_dim) or inv_freq, not both")
+            raise InputError("give either base (with head_dim) or inv_freq, not both")
         theta = torch.as_tensor(inv_freq, dtype=torch.float64).reshape(-1)
         if theta.numel() == 0 or not torch.isfinite(theta).all() or (theta < 0).any():
-            raise ValueError("inv_freq must be a non-empty vector of finite, non-negative frequencies")
+            raise InputError("inv_freq must be a non-empty vector of finite, non-negative frequencies")
         return theta
     if base is None or head_dim is None:
-        raise ValueError("give base and head_dim, or inv_freq")
+        raise InputError("give base and head_dim, or inv_freq")
     return default_inv_freq(float(base), int(head_dim))
 
 
@@ -204,8 +232,7 @@ def context_bound(base: float | None = None, head_dim: int | None = None, *, inv
                   max_m: int = DEFAULT_MAX_M) -> ContextBound:
     """L_theta = the largest L with B(m) >= 0 for all integer m in [0, L], for a base and head dim (default RoPE
     frequencies) or any frequency vector `inv_freq` [n]. Scans up to `max_m`; beyond that returns capped=True."""
-    if max_m < 1:
-        raise ValueError(f"max_m must be >= 1, got {max_m}")
+    check_max_m(max_m)
     theta = _frequencies(base, head_dim, inv_freq)
     scan = _scan(theta, max_m)
     if scan.first_negative is None:
@@ -233,14 +260,15 @@ class BaseLowerBound:
 
 
 def base_lower_bound(length: int, head_dim: int = 128, *, grid_step: float = 1e-3, refine_rtol: float = 1e-6,
-                     max_m: int = DEFAULT_MAX_M) -> BaseLowerBound:
+                     max_m: int = DEFAULT_MAX_M, progress: bool = False) -> BaseLowerBound:
     """The smallest base with B(m) >= 0 for every integer m in [0, length] (head dim `head_dim`). See `base_lower_bounds`."""
-    return base_lower_bounds([length], head_dim, grid_step=grid_step, refine_rtol=refine_rtol, max_m=max_m)[0]
+    return base_lower_bounds([length], head_dim, grid_step=grid_step, refine_rtol=refine_rtol, max_m=max_m,
+                             progress=progress)[0]
 
 
 @_one_thread
 def base_lower_bounds(lengths: list[int], head_dim: int = 128, *, grid_step: float = 1e-3, refine_rtol: float = 1e-6,
-                      max_m: int = DEFAULT_MAX_M) -> list[BaseLowerBound]:
+                      max_m: int = DEFAULT_MAX_M, progress: bool = False) -> list[BaseLowerBound]:
     """Lower bounds of the base for several lengths from one sweep (results in the order of `lengths`).
 
     What "smallest" means: the bases (1 + r)^k, k = 1, 2, ... (r = `grid_step`) are tested in increasing order, each
@@ -250,16 +278,15 @@ def base_lower_bounds(lengths: list[int], head_dim: int = 128, *, grid_step: flo
     `value` is the infimum of the passing bases within relative `refine_rtol`, up to one caveat that no finite search
     avoids: a passing island narrower than the grid spacing r that lies below `value` would be missed.
     A passing base is not a promise for every larger base (B is not monotone in the base): use `context_bound` to check
-    a specific base.
+    a specific base. Limits: lengths up to MAX_LENGTH (2^22), grid_step >= MIN_GRID_STEP (1e-5); `progress` shows the
+    grid bases tested so far (tqdm).
     """
-    if not grid_step > 0 or not refine_rtol > 0:
-        raise ValueError("grid_step and refine_rtol must be positive")
+    check_search(lengths, grid_step, refine_rtol)
+    check_head_dim(head_dim)
+    check_max_m(max_m)
     if not lengths:
         return []
-    for length in lengths:
-        if int(length) != length or length < 1:
-            raise ValueError(f"length must be a positive integer, got {length}")
-    grid_index = _sweep(sorted({int(x) for x in lengths}), head_dim, grid_step)
+    grid_index = _sweep(sorted({int(x) for x in lengths}), head_dim, grid_step, progress=progress)
     out = {}
     log_step = math.log1p(grid_step)
     for length, k in grid_index.items():
@@ -267,7 +294,7 @@ def base_lower_bounds(lengths: list[int], head_dim: int = 128, *, grid_step: flo
     return [out[int(x)] for x in lengths]
 
 
-def _sweep(lengths: list[int], head_dim: int, grid_step: float, batch: int = 64) -> dict[int, int]:
+def _sweep(lengths: list[int], head_dim: int, grid_step: float, batch: int = 64, progress: bool = False) -> dict[int, int]:
     """For each length, the index k of the first grid base (1 + r)^k that passes; every earlier grid base fails.
 
     Cost control: a base fails as soon as one m <= length has B < 0. Most bases are killed by a "witness" (a position
@@ -279,6 +306,7 @@ def _sweep(lengths: list[int], head_dim: int, grid_step: float, batch: int = 64)
     found: dict[int, int] = {}
     witnesses: list[int] = []  # most recent last
     k0 = 1
+    bar = tqdm(desc=f"bases tried (grid step {grid_step:g})", unit=" bases", disable=not progress, leave=False)
     while todo:
         log_base = log_step * torch.arange(k0, k0 + batch, dtype=torch.float64)  # [G]
         theta = torch.exp(-log_base[:, None] * exps[None, :])  # [G, n]
@@ -297,6 +325,9 @@ def _sweep(lengths: list[int], head_dim: int, grid_step: float, batch: int = 64)
                 found[todo.pop(0)] = k0 + g
         witnesses = list(dict.fromkeys(witnesses[-512:]))
         k0 += batch
+        bar.update(batch)
+        bar.set_postfix(base=f"{math.exp(log_step * k0):.4g}", refresh=False)
+    bar.close()
     return found
 
 
@@ -413,7 +444,13 @@ def model_bounds(cfg, *, seq_len: int | None = None, max_m: int = DEFAULT_MAX_M)
     """Per layer kind of a `DecoderConfig`: head dim, rotary dim, base, scaling and the context bound of the frequencies
     the model's RoPE code produces (dynamic NTK at `seq_len`, default: the configured max positions)."""
     if cfg.positional != "rope":
-        raise ValueError(f"model uses {cfg.positional!r} position embeddings, not RoPE: no RoPE context bound")
+        raise InputError(f"model uses {cfg.positional!r} position embeddings, not RoPE: no RoPE context bound")
+    if cfg.max_position_embeddings is not None and not cfg.max_position_embeddings >= 1:
+        raise InputError(f"config max_position_embeddings must be >= 1, got {cfg.max_position_embeddings}: "
+                         "no context to compare the bound with")
+    if seq_len is not None and not seq_len >= 1:
+        raise InputError(f"seq_len must be >= 1, got {seq_len}")
+    check_max_m(max_m)
     out = []
     for kind in dict.fromkeys(cfg.layer_types):
         params: RopeParams = cfg.rope[kind]

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import torch
 
+from residscope.model.errors import InputError
+
 from .rope_bound import PUBLISHED_BASE_LOWER_BOUNDS, TableRow, rope_sum
 
 
@@ -42,8 +44,8 @@ def bound_figure(rows: list[TableRow]):
 def write_html(figures: list, path: str | Path) -> Path:
     """All figures in one self-contained HTML file (plotly.js inlined: works offline), written atomically."""
     path = Path(path)
-    if path.parent and not path.parent.is_dir():
-        raise ValueError(f"--html: folder {path.parent} does not exist")
+    if not path.parent.is_dir():
+        raise InputError(f"html: folder {path.parent} does not exist")
     parts = [fig.to_html(full_html=False, include_plotlyjs="inline" if i == 0 else False) for i, fig in enumerate(figures)]
     html = "<html><head><meta charset='utf-8'><title>residscope rope-bound</title></head><body>" + "".join(parts) + "</body></html>"
     from residscope.common.atomic import atomic_write_text

@@ -9,6 +9,8 @@ from typing import Optional
 
 import typer
 
+from residscope.model.errors import InputError
+
 ENTRY = Path(__file__).with_name("explorer_app.py")
 ENV_MODEL = "RESIDSCOPE_EXPLORER_MODEL"  # read by explorer_cache.default_model
 
@@ -32,11 +34,14 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Open the Streamlit explorer: logit lens, attention, positional vectors, RoPE bound, pruning, extension."""
         if not 1 <= port <= 65535:
-            raise ValueError(f"--port must be in 1..65535, got {port}")
+            raise InputError(f"--port must be in 1..65535, got {port}")
         env = dict(os.environ)
         if model is not None:
             if not model.strip():
-                raise ValueError("--model: empty model name")
+                raise InputError("--model: empty model name")
+            from residscope.model.registry import check_source
+
+            check_source(model)  # a bad name fails here in one line, not as a page error in the server
             env[ENV_MODEL] = model
         typer.echo(f"residscope explorer on http://localhost:{port} (Ctrl+C to stop)")
         sys.stdout.flush()

@@ -11,6 +11,8 @@ from typing import Callable, Optional, TypeVar
 
 import typer
 
+from residscope.model.errors import InputError
+
 T = TypeVar("T")
 
 # --model defaults to None, read as the registry's default model: importing the registry here would load torch at start-up
@@ -25,6 +27,9 @@ TEXT = typer.Option(None, "--text", help=".txt or .jsonl text file instead of th
 DATASET = typer.Option(None, "--dataset", help="a `datasets` dataset name (needs the network and residscope[online])")
 JSON = typer.Option(False, "--json", help="print JSON instead of a table")
 HTML = typer.Option(None, "--html", help="also write the plotly figure to this HTML file")
+NPROC = typer.Option(1, "--nproc", help="local data-parallel workers (torch.distributed); or start the command under torchrun")
+OFFLOAD = typer.Option(False, "--offload", help="keep the blocks on disk and stream them one at a time (models larger "
+                                                 "than memory; safetensors only)")
 
 
 def model_name(model: Optional[str]) -> str:
@@ -34,10 +39,15 @@ def model_name(model: Optional[str]) -> str:
     return model if model is not None else DEFAULT_MODEL
 
 
-def load(model: Optional[str], device: str = "cpu", dtype: str = "float32"):
+def load(model: Optional[str], device: str = "cpu", dtype: str = "float32", offload: bool = False):
     from residscope.model import load_model
 
-    return load_model(model_name(model), device=device, dtype=dtype)
+    return load_model(model_name(model), device=device, dtype=dtype, offload=offload)
+
+
+def n_batches(samples: int, batch_size: int) -> int:
+    """Batches of `samples` sequences (1 for values the commands refuse later with their own message)."""
+    return -(-samples // batch_size) if samples > 0 and batch_size > 0 else 1
 
 
 def echo_err(msg: str) -> None:
@@ -50,7 +60,7 @@ def parse_list(spec: str, option: str, convert: Callable[[str], T], expected: st
     try:
         return [convert(x) for x in spec.replace(" ", "").split(",") if x != ""]
     except ValueError:
-        raise ValueError(f"{option}: expected comma-separated {expected}; got {spec!r}") from None
+        raise InputError(f"{option}: expected comma-separated {expected}; got {spec!r}") from None
 
 
 def parse_indices(spec: str, option: str, n: int, *, what: str = "layer", note: str = "") -> list[int]:
@@ -58,7 +68,7 @@ def parse_indices(spec: str, option: str, n: int, *, what: str = "layer", note: 
     values = parse_list(spec, option, int, f"{what} indices like 1,4,15")
     for v in values:
         if not 0 <= v < n:
-            raise ValueError(f"{option}: {what} {v} out of range 0..{n - 1}{note}")
+            raise InputError(f"{option}: {what} {v} out of range 0..{n - 1}{note}")
     return values
 
 
@@ -66,7 +76,7 @@ def parse_lengths(spec: str, option: str) -> list[int]:
     """Comma-separated token lengths, each >= 2, at least one."""
     values = parse_list(spec, option, int, "integers like 128,256,512")
     if not values or min(values) < 2:
-        raise ValueError(f"{option}: lengths must be integers >= 2, got {spec!r}")
+        raise InputError(f"{option}: lengths must be integers >= 2, got {spec!r}")
     return values
 
 
@@ -74,7 +84,7 @@ def parse_fractions(spec: str, option: str) -> list[float]:
     """Comma-separated numbers in [0, 1], at least one."""
     values = parse_list(spec, option, float, "numbers like 0,0.5,1")
     if not values or not all(0 <= v <= 1 for v in values):
-        raise ValueError(f"{option}: values must be in [0, 1], got {spec!r}")
+        raise InputError(f"{option}: values must be in [0, 1], got {spec!r}")
     return values
 
 

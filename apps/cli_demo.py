@@ -8,14 +8,16 @@ Every step calls the same library functions as the dedicated commands.
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from pathlib import Path
 from typing import Optional
 
 import typer
 
+from residscope.model.errors import InputError
+
 from .cli_common import MODEL, load, model_name
+from .cli_output import json_text
 
 
 def register(app: typer.Typer) -> None:
@@ -34,13 +36,14 @@ def register(app: typer.Typer) -> None:
         from residscope.analyses.corpus import calibration_batches
         from residscope.analyses.perplexity import heldout_perplexity
         from residscope.analyses.rope_bound import model_bounds
-        from residscope.common.atomic import atomic_write_text
+        from residscope.common.atomic import atomic_write_text, check_output_dir
         from residscope.surgery.export import pruning_record, save_pretrained
         from residscope.surgery.influence import block_influence_result, removal_order
         from residscope.surgery.removal import remove_layers
 
         if not 0 < remove_fraction < 1:
-            raise ValueError(f"--remove-fraction must be in (0, 1), got {remove_fraction}")
+            raise InputError(f"--remove-fraction must be in (0, 1), got {remove_fraction}")
+        check_output_dir(out, "--out", force=True)  # the demo replaces its own output; refuse an unwritable one now
         model = model_name(model)
         summary: dict = {"model": model}
 
@@ -90,5 +93,5 @@ def register(app: typer.Typer) -> None:
                            f"m = {b.bound.bound} tokens, vs max positions {cfg.max_position_embeddings}")
 
         out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, default=str))
+        atomic_write_text(out / "summary.json", json_text(summary, default=str))
         typer.echo(f"summary: {out / 'summary.json'}")

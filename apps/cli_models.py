@@ -8,7 +8,11 @@ from typing import Optional
 
 import typer
 
+from residscope.model.errors import InputError
+
 from .cli_common import DEVICE, DTYPE, MODEL, load, model_name
+
+MAX_NEW_TOKENS = 4096  # one token per forward pass: beyond this a CPU run takes long enough to look like a hang
 
 
 def _show_progress() -> None:
@@ -44,7 +48,8 @@ def models(as_json: bool = typer.Option(False, "--json", help="print the rows as
 def generate(
     prompt: str = typer.Argument(..., help="text to continue"),
     model: Optional[str] = MODEL,
-    max_new_tokens: int = typer.Option(20, "--max-new-tokens", min=1, help="tokens to generate"),
+    max_new_tokens: int = typer.Option(20, "--max-new-tokens", min=1, max=MAX_NEW_TOKENS,
+                                       help="tokens to generate (at most 4096: minutes on a CPU)"),
     sample: bool = typer.Option(False, "--sample", help="sample instead of greedy decoding"),
     temperature: float = typer.Option(1.0, "--temperature", help="softmax temperature when sampling (> 0)"),
     top_k: Optional[int] = typer.Option(None, "--top-k", min=1, help="sample among the k most likely tokens"),
@@ -56,11 +61,11 @@ def generate(
 ) -> None:
     """Print the model's continuation of PROMPT (greedy unless --sample)."""
     if sample and not temperature > 0:
-        raise ValueError(f"--temperature must be > 0 when sampling, got {temperature}")
+        raise InputError(f"--temperature must be > 0 when sampling, got {temperature}")
     if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f"--top-p must be in (0, 1], got {top_p}")
+        raise InputError(f"--top-p must be in (0, 1], got {top_p}")
     if not sample and (top_k is not None or top_p is not None or seed is not None):
-        raise ValueError("--top-k, --top-p and --seed only apply with --sample")
+        raise InputError("--top-k, --top-p and --seed only apply with --sample")
     _show_progress()
 
     import torch
@@ -69,10 +74,10 @@ def generate(
     lm = load(model, device, dtype)
     tok = lm.tokenizer
     if tok is None:
-        raise ValueError(f"{model}: this checkpoint has no tokenizer files, so it cannot take a text prompt")
+        raise InputError(f"{model}: this checkpoint has no tokenizer files, so it cannot take a text prompt")
     if chat:
         if not getattr(tok, "chat_template", None):
-            raise ValueError(f"{model}: --chat needs a chat template, and this tokenizer has none")
+            raise InputError(f"{model}: --chat needs a chat template, and this tokenizer has none")
         text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
         ids = tok(text, add_special_tokens=False, return_tensors="pt").input_ids
     else:
@@ -82,7 +87,7 @@ def generate(
     if sample and seed is not None:
         generator = torch.Generator(device=lm.device).manual_seed(seed)
     out = lm.generate(ids, max_new_tokens=max_new_tokens, do_sample=sample, temperature=temperature, top_k=top_k,
-                      top_p=top_p, generator=generator)  # [1, pos + new]
+                      top_p=top_p, generator=generator, verbose=True)  # [1, pos + new]; progress bar on stderr
     typer.echo(tok.decode(out[0, ids.shape[1]:].tolist(), skip_special_tokens=True))
 
 

@@ -4,13 +4,15 @@ every file is written to a temporary name, then renamed."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from .cli_common import DEVICE, DTYPE, MODEL, load, model_name, parse_indices, write_figure
+from residscope.model.errors import InputError
+
+from .cli_common import DEVICE, DTYPE, MODEL, NPROC, OFFLOAD, load, model_name, n_batches, parse_indices
+from .cli_output import json_text
 
 
 def _table(summary: dict, n_resid_layers: int, out: Path) -> str:
@@ -35,7 +37,8 @@ def positional(
     model: Optional[str] = MODEL,
     samples: int = typer.Option(64, "--samples", help="calibration sequences for the decomposition"),
     seq_len: int = typer.Option(128, "--seq-len", help="tokens per sequence"),
-    out: Path = typer.Option(..., "--out", help="output folder (created if missing)"),
+    out: Path = typer.Option(..., "--out", help="output folder (created if missing; must be empty unless --force)"),
+    force: bool = typer.Option(False, "--force", help="replace a non-empty --out folder"),
     batch_size: int = typer.Option(8, "--batch-size"),
     seed: int = typer.Option(0, "--seed", help="seed of the chunk order"),
     text: Optional[Path] = typer.Option(None, "--text", help=".txt or .jsonl text file instead of the built-in corpus"),
@@ -49,21 +52,26 @@ def positional(
     as_json: bool = typer.Option(False, "--json", help="print the JSON summary instead of a table"),
     dtype: str = DTYPE,
     device: str = DEVICE,
+    nproc: int = NPROC,
+    offload: bool = OFFLOAD,
 ) -> None:
     """Decompose the residual stream into positional vectors, measure sinks and decay, remove positional vectors, probe."""
     from residscope.analyses.corpus import calibration_batches
     from residscope.analyses.positional_plots import study_figures
     from residscope.analyses.positional_study import positional_study
-    from residscope.common.atomic import atomic_write_text
+    from residscope.apps import workers
+    from residscope.common.atomic import atomic_dir, check_output_dir
     from residscope.probes.linear import collect_activations, first_tokens_probe, position_probe
 
     if first_k < 1 or first_k > seq_len:
-        raise ValueError(f"--first-k must be in 1..--seq-len ({seq_len}), got {first_k}")
+        raise InputError(f"--first-k must be in 1..--seq-len ({seq_len}), got {first_k}")
     if not 0 < cos_threshold <= 1:
-        raise ValueError(f"--cos-threshold must be in (0, 1], got {cos_threshold}")
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out: {out} exists and is not a folder")
-    m, progress = load(model, device, dtype), not as_json
+        raise InputError(f"--cos-threshold must be in (0, 1], got {cos_threshold}")
+    out = check_output_dir(out, "--out", force=force)  # before the slow part
+    if workers.launched(positional, locals(), nproc=nproc, n_batches=n_batches(samples, batch_size)):
+        return
+    device = workers.join(device, n_batches=n_batches(samples, batch_size))
+    m, progress = load(model, device, dtype, offload), not as_json
     layers = parse_indices(remove_layers, "--remove-layers", m.cfg.n_layers + 1, note=" (0 = embeddings)")
     batches, source = calibration_batches(m, seq_len=seq_len, samples=samples, batch_size=batch_size, seed=seed,
                                           text_file=text)
@@ -72,20 +80,23 @@ def positional(
                                    split="evaluation", text_file=text)[0] if layers else None
     study = positional_study(m, batches, first_k=first_k, cos_threshold=cos_threshold, remove_layers=layers,
                              eval_batches=held_out, source=source, progress=progress)
+    if not workers.is_main():  # rank 0 alone collects the probes' activations (they need all of them) and writes
+        return
     probes = []
     if probe_tokens > 0:
         acts = collect_activations(m, batches, max_tokens=probe_tokens, progress=progress)
         probes = [position_probe(acts, progress=progress), first_tokens_probe(acts, first_k, progress=progress)]
 
-    out.mkdir(parents=True, exist_ok=True)
     figures = study_figures(study, probes)
-    for name, fig in figures.items():
-        write_figure(fig, out / name)
-    study.decomposition.save(out / "positional_vectors.safetensors")
     summary = dict(model=model_name(model), **study.summary(), probes=[p.to_dict() for p in probes],
                    files=sorted([*figures, "positional_vectors.safetensors", "summary.json"]))
-    atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))
-    typer.echo(json.dumps(summary, indent=1) if as_json else _table(summary, study.decomposition.n_resid_layers, out))
+    summary_json = json_text(summary, indent=1)
+    with atomic_dir(out) as tmp:  # the whole folder appears at once (with --force, it replaces the old one)
+        for name, fig in figures.items():
+            fig.write_html(str(tmp / name), include_plotlyjs="cdn")
+        study.decomposition.save(tmp / "positional_vectors.safetensors")
+        (tmp / "summary.json").write_text(summary_json)
+    typer.echo(summary_json if as_json else _table(summary, study.decomposition.n_resid_layers, out))
 
 
 def register(app: typer.Typer) -> None:

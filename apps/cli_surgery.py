@@ -3,14 +3,16 @@ checkpoint, and held-out perplexity. Heavy imports happen inside the commands.""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from .cli_common import (BATCH, DATASET, DEVICE, DTYPE, JSON, MODEL, SEED, SEQ_LEN, TEXT, echo_err, load, model_name,
-                         parse_list, write_figure)
+from residscope.model.errors import InputError
+
+from .cli_common import (BATCH, DATASET, DEVICE, DTYPE, JSON, MODEL, NPROC, OFFLOAD, SEED, SEQ_LEN, TEXT, echo_err, load,
+                         model_name, n_batches, parse_list, write_figure)
+from .cli_output import json_text
 
 
 def _influence(m, metric: str, shortgpt_compat: bool, seq_len: int, samples: int, batch_size: int, seed: int,
@@ -37,21 +39,21 @@ def _comparison_table(cmp) -> str:
 def _check_prune_options(metric: str, remove: Optional[int], layers: Optional[str], compare: bool, out: Optional[Path],
                          force: bool, seeds: int) -> None:
     """Everything that can be refused before the model loads."""
+    from residscope.common.atomic import check_output_dir
     from residscope.surgery import BASELINES, METRICS
-    from residscope.model.export import check_target
 
     if metric not in METRICS + BASELINES:
-        raise ValueError(f"--metric must be one of {', '.join(METRICS + BASELINES)}; got {metric!r}")
+        raise InputError(f"--metric must be one of {', '.join(METRICS + BASELINES)}; got {metric!r}")
     if (remove is None) == (layers is None):
-        raise ValueError("give either --remove N or --layers 3,5,... (exactly one)")
+        raise InputError("give either --remove N or --layers 3,5,... (exactly one)")
     if compare and remove is None:
-        raise ValueError("--compare needs --remove N")
+        raise InputError("--compare needs --remove N")
     if out is None and not compare:
-        raise ValueError("--out is required (the folder for the pruned checkpoint)")
+        raise InputError("--out is required (the folder for the pruned checkpoint)")
     if out is not None:
-        check_target(Path(out).expanduser(), force)  # fail before the slow part
+        check_output_dir(out, "--out", force=force)  # fail before the slow part
     if seeds < 1:
-        raise ValueError(f"--seeds must be >= 1, got {seeds}")
+        raise InputError(f"--seeds must be >= 1, got {seeds}")
 
 
 def _influence_table(result) -> str:
@@ -81,20 +83,31 @@ def bi(
     html: Optional[Path] = typer.Option(None, "--html", help="write a plotly chart of the scores to this HTML file"),
     dtype: str = DTYPE,
     device: str = DEVICE,
+    nproc: int = NPROC,
+    offload: bool = OFFLOAD,
 ) -> None:
     """Per-layer importance (ShortGPT Block Influence or another metric) on calibration text."""
+    from residscope.apps import workers
+    from residscope.common.atomic import check_output_file
     from residscope.surgery.influence import check_metric
 
     check_metric(metric)
-    m = load(model, device, dtype)
+    if html is not None:
+        html = check_output_file(html, "--html")  # before the slow part
+    if workers.launched(bi, locals(), nproc=nproc, n_batches=n_batches(samples, batch_size)):
+        return
+    device = workers.join(device, n_batches=n_batches(samples, batch_size))
+    m = load(model, device, dtype, offload)
     result = _influence(m, metric, shortgpt_compat, seq_len, samples, batch_size, seed, text, dataset)
+    if not workers.is_main():  # rank 0 alone reports
+        return
     if html is not None:
         from residscope.surgery.plots import influence_figure
 
         write_figure(influence_figure(result, highlight=max(1, len(result.scores) // 4)), html, inline_js=True)
         echo_err(f"wrote {html}")
     if as_json:
-        typer.echo(json.dumps({**result.to_dict(), "order": result.order(), "model": model_name(model)}, indent=2))
+        typer.echo(json_text({**result.to_dict(), "order": result.order(), "model": model_name(model)}, indent=2))
     else:
         typer.echo(_influence_table(result))
 
@@ -110,14 +123,22 @@ def ppl(
     as_json: bool = JSON,
     dtype: str = DTYPE,
     device: str = DEVICE,
+    nproc: int = NPROC,
+    offload: bool = OFFLOAD,
 ) -> None:
     """Held-out perplexity of a model."""
     from residscope.analyses.perplexity import heldout_perplexity
+    from residscope.apps import workers
 
-    m = load(model, device, dtype)
+    if workers.launched(ppl, locals(), nproc=nproc, n_batches=n_batches(samples, batch_size)):
+        return
+    device = workers.join(device, n_batches=n_batches(samples, batch_size))
+    m = load(model, device, dtype, offload)
     r = heldout_perplexity(m, seq_len=seq_len, samples=samples, batch_size=batch_size, seed=seed, text_file=text, dataset=dataset)
+    if not workers.is_main():  # rank 0 alone reports
+        return
     if as_json:
-        typer.echo(json.dumps({**r.to_dict(), "model": model_name(model)}, indent=2))
+        typer.echo(json_text({**r.to_dict(), "model": model_name(model)}, indent=2))
     else:
         typer.echo(f"perplexity {r.ppl:.4f}  (nll {r.nll:.4f} nats/token, {r.n_tokens} predicted tokens; {r.source})")
 
@@ -144,6 +165,7 @@ def prune(
     as_json: bool = JSON,
     dtype: str = DTYPE,
     device: str = DEVICE,
+    offload: bool = OFFLOAD,
 ) -> None:
     """Remove layers (lowest score first, or explicit ones), report held-out perplexity before and after, and save a
     standard transformers checkpoint."""
@@ -153,12 +175,12 @@ def prune(
     from residscope.surgery.removal import check_layers
 
     _check_prune_options(metric, remove, layers, compare, out, force, seeds)
-    m = load(model, device, dtype)
+    m = load(model, device, dtype, offload)
     n_layers = m.cfg.n_layers
     explicit = check_layers(parse_list(layers, "--layers", int, "layer indices like 3,5,7"), n_layers, arg="--layers") \
         if layers is not None else None
     if explicit is None and not 0 < remove < n_layers:
-        raise ValueError(f"--remove must be between 1 and {n_layers - 1} for this {n_layers}-layer model; got {remove}")
+        raise InputError(f"--remove must be between 1 and {n_layers - 1} for this {n_layers}-layer model; got {remove}")
     # token batches are built once: every candidate model is scored on the same held-out and calibration tokens
     eval_batches, eval_source = calibration_batches(m, seq_len=seq_len, samples=eval_samples, batch_size=batch_size,
                                                     seed=seed, split="evaluation")
@@ -179,7 +201,7 @@ def prune(
             typer.echo(_comparison_table(cmp))
         if out is None:
             if as_json:
-                typer.echo(json.dumps(report, indent=2))
+                typer.echo(json_text(report, indent=2))
             return
 
     order = explicit if explicit is not None else removal_for(metric, remove, n_layers=n_layers, influences=influences, seed=seed)
@@ -191,7 +213,7 @@ def prune(
     folder = save_pretrained(pruned, out, pruning_info=record, force=force)
     report.update(removed_layers=order, metric=used_metric, after=after.to_dict(), out=str(folder))
     if as_json:
-        typer.echo(json.dumps(report, indent=2))
+        typer.echo(json_text(report, indent=2))
     else:
         typer.echo(f"removed {len(order)} of {n_layers} layers by {used_metric}: {', '.join(map(str, order))}")
         typer.echo(f"held-out perplexity: {dense.ppl:.4f} -> {after.ppl:.4f} (x{after.ppl / dense.ppl:.2f}; {after.source})")

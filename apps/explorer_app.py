@@ -2,7 +2,7 @@
 
 The sidebar picks the model (an alias from the registry, or a local folder / .gguf path), the page and the prompt;
 `?page=<name>` in the URL opens a page directly. The default model is `$RESIDSCOPE_EXPLORER_MODEL`, else the bundled
-one. Errors show as one-line messages (the traceback goes to the server log).
+one. Errors show as one-line messages; the server log gets the traceback of unexpected errors only.
 """
 
 from __future__ import annotations
@@ -12,18 +12,11 @@ import logging
 import streamlit as st
 
 from residscope.apps import explorer_cache as cache
+from residscope.apps.errors import log_failure, one_line
 from residscope.apps.explorer_pages import DEFAULT_PROMPT, PAGES
 
 log = logging.getLogger("residscope.explorer")
 LOCAL = "local folder or .gguf file..."
-
-
-def one_line(error: BaseException) -> str:
-    text = str(error).strip()
-    first = text.splitlines()[0] if text else ""
-    if isinstance(error, (ValueError, FileNotFoundError, KeyError)) and first:
-        return first
-    return f"{type(error).__name__}: {first}" if first else type(error).__name__
 
 
 def pick_page() -> str:
@@ -71,7 +64,7 @@ def main() -> None:
         with st.spinner(f"Loading {source}...", show_time=True):
             lm = cache.model(source)
     except Exception as e:  # noqa: BLE001 - any load failure is shown, not raised
-        log.exception("loading %s", source)
+        log_failure(log, e, f"loading {source}")
         st.error(f"Cannot load {source}: {one_line(e)}")
         return
     cfg = lm.cfg
@@ -80,7 +73,7 @@ def main() -> None:
     try:
         PAGES[page][1](source)
     except Exception as e:  # noqa: BLE001 - Streamlit's own control flow (rerun, stop) is not an Exception
-        log.exception("page %s on %s", page, source)
+        log_failure(log, e, f"page {page} on {source}")
         st.error(one_line(e))
 
 

@@ -16,6 +16,8 @@ import numpy as np
 import streamlit as st
 import torch
 
+from residscope.model.errors import InputError
+
 ENV_MODEL = "RESIDSCOPE_EXPLORER_MODEL"  # default model of the explorer (alias, folder or .gguf); `residscope app --model`
 
 
@@ -81,7 +83,7 @@ def prompt_run(source: str, prompt: str, top_k: int = 10, new_tokens: int = 12) 
 
     lm = model(source)
     if not prompt.strip():
-        raise ValueError("prompt: enter some text")
+        raise InputError("prompt: enter some text")
     ids = lm.to_tokens(prompt)  # [1, pos]
     with model_lock(source), torch.inference_mode():
         lens = logit_lens(lm, ids)
@@ -110,7 +112,7 @@ def prompt_attention(source: str, prompt: str, first_k: int = 1):
 
     lm = model(source)
     if not prompt.strip():
-        raise ValueError("prompt: enter some text")
+        raise InputError("prompt: enter some text")
     ids = lm.to_tokens(prompt)  # [1, pos]
     layers = lm.attention_layers()
     names = [f"blocks.{i}.attn.hook_pattern" for i in layers]
@@ -222,7 +224,7 @@ def export_pruned(source: str, removed: tuple[int, ...], folder: str, influence_
     from residscope.surgery.export import pruning_record, save_pretrained
 
     if not folder.strip():
-        raise ValueError("export folder: enter a folder name")
+        raise InputError("export folder: enter a folder name")
     lm = pruned_model(source, removed)
     record = pruning_record(removed_layers=list(removed), n_layers_before=model(source).cfg.n_layers,
                             influence=influence_result, perplexity=perplexity)

@@ -11,6 +11,8 @@ import numpy as np
 import plotly.graph_objects as go
 import streamlit as st
 
+from residscope.model.errors import InputError
+
 from . import explorer_cache as cache
 from .cli_common import parse_fractions, parse_lengths
 
@@ -195,7 +197,7 @@ def page_rope(source: str) -> None:
     window = int(c5.number_input("Trained window", 16, 1 << 22, int(cfg.max_position_embeddings or 4096),
                                  key="rope_window", disabled=scaling in ("none", "linear (PI)", "NTK-aware base")))
     if head_dim % 2:
-        raise ValueError(f"head dim must be even, got {head_dim}")
+        raise InputError(f"head dim must be even, got {head_dim}")
     with computing("Scanning B(m)..."):
         plain, m, b_plain, _ = cache.rope_curve(base, head_dim, "none", 1.0, window, 1 << 20)
         if scaling != "none":

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from .errors import InputError
+
 Batch = torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]
 
 
@@ -14,11 +16,11 @@ def unpack_batch(batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None]:
     elif isinstance(batch, (tuple, list)) and len(batch) == 2:
         ids, mask = batch
     else:
-        raise ValueError(f"a batch must be token ids [batch, pos] or (ids, attention_mask), got {type(batch).__name__}")
+        raise InputError(f"a batch must be token ids [batch, pos] or (ids, attention_mask), got {type(batch).__name__}")
     if ids.dim() != 2:
-        raise ValueError(f"token ids must be [batch, pos], got shape {tuple(ids.shape)}")
+        raise InputError(f"token ids must be [batch, pos], got shape {tuple(ids.shape)}")
     if mask is not None and mask.shape != ids.shape:
-        raise ValueError(f"attention_mask has shape {tuple(mask.shape)}, token ids {tuple(ids.shape)}")
+        raise InputError(f"attention_mask has shape {tuple(mask.shape)}, token ids {tuple(ids.shape)}")
     return ids, mask
 
 

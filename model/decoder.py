@@ -17,6 +17,7 @@ logit soft-capping); then an explicit path computes the same result and exposes 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -24,12 +25,17 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformer_lens import HookedRootModule
+from tqdm.auto import tqdm
+from transformer_lens import ActivationCache, HookedRootModule
 from transformer_lens.hook_points import HookPoint
 
 from . import export
+from . import tokens as tokenizing
 from .config import DecoderConfig
+from .errors import InputError
 from .rope import RopeParams, apply_rope, rope_cos_sin
+
+RETURN_TYPES = ("logits", "loss", "both", None)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -57,6 +63,34 @@ def alibi_slopes(n_heads: int, dtype: torch.dtype = torch.float32) -> torch.Tens
     if closest < n_heads:
         slopes += power_of_two_slopes(2 * closest)[0::2][: n_heads - closest]
     return torch.tensor(slopes, dtype=dtype)
+
+
+def next_token_loss(logits: torch.Tensor, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                    per_token: bool = False) -> torch.Tensor:
+    """Cross-entropy of predicting token t+1 from position t (TransformerLens's lm_cross_entropy_loss), computed in at
+    least float32. logits [batch, pos, vocab], tokens / attention_mask [batch, pos] -> scalar, or [batch, pos - 1]."""
+    log_probs = logits[:, :-1].log_softmax(-1, dtype=torch.promote_types(logits.dtype, torch.float32))  # [batch, pos-1, vocab]
+    nll = -log_probs.gather(-1, tokens[:, 1:, None].to(logits.device))[..., 0]  # [batch, pos - 1]
+    if attention_mask is None:
+        return nll if per_token else nll.mean()
+    if attention_mask.shape != tokens.shape:
+        raise InputError(f"attention_mask has shape {tuple(attention_mask.shape)}, tokens {tuple(tokens.shape)}")
+    mask = attention_mask.to(logits.device).bool()
+    counted = mask[:, :-1] & mask[:, 1:]  # [batch, pos - 1]: both the token and the one it predicts are real
+    nll = nll.masked_fill(~counted, 0.0)
+    return nll if per_token else nll.sum() / counted.sum()
+
+
+def check_sampling(max_new_tokens, temperature, top_k, top_p) -> None:
+    """One-line refusals of generation settings that would fail deep inside sampling or silently do nothing useful."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise InputError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
+        raise InputError(f"temperature must be a finite number >= 0 (0: greedy), got {temperature!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise InputError(f"top_k must be an integer >= 1 (or None), got {top_k!r}")
+    if top_p is not None and not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+        raise InputError(f"top_p must be in (0, 1] (or None), got {top_p!r}")
 
 
 def attention_allowed(q_idx: torch.Tensor, k_idx: torch.Tensor, window: int | None) -> torch.Tensor:
@@ -96,7 +130,8 @@ class Positions:
         key = (params, head_dim, dtype)
         if key not in self._cos_sin:
             # dynamic NTK rescales from the current total length, like transformers' dynamic_rope_update
-            seq_len = int(self.positions.max().item()) + 1
+            # (only it needs the length on the host: a device sync on GPUs, impossible on `meta`)
+            seq_len = int(self.positions.max().item()) + 1 if params.rope_type == "dynamic" else None
             self._cos_sin[key] = rope_cos_sin(params, head_dim, self.positions, seq_len=seq_len, dtype=dtype)
         return self._cos_sin[key]
 
@@ -331,12 +366,14 @@ class Block(nn.Module):
 # the model
 # ---------------------------------------------------------------------------------------------------------------------
 class Decoder(HookedRootModule):
-    """A decoder-only LM with TransformerLens hook points. `model(input_ids, attention_mask=None)` -> logits [batch, pos, vocab]."""
+    """A decoder-only LM with TransformerLens hook points and TransformerLens's calling conventions.
+
+    `model(input)` takes token ids [batch, pos] (or [pos]), a string or a list of strings and returns logits
+    [batch, pos, vocab]; `return_type="loss" | "both" | None`, `start_at_layer` / `stop_at_layer` as in TransformerLens.
+    """
 
     def __init__(self, cfg: DecoderConfig, tokenizer=None, *, source: str | None = None):
         super().__init__()
-        self.cfg = cfg
-        self.tokenizer = tokenizer
         self.source = source  # what it was loaded from (folder, GGUF file or alias), recorded in exports
         self.layer_origin: list[int] = list(range(cfg.n_layers))  # original index of each block (changes on removal)
         self.n_layers_original = cfg.n_layers  # layer count before any removal
@@ -345,6 +382,8 @@ class Decoder(HookedRootModule):
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.ln_final = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.norm_offset)
         self.unembed = nn.Linear(cfg.d_model, cfg.d_vocab, bias=False)
+        self.cfg = cfg
+        self.tokenizer = tokenizer
         self.tie_weights()
         self.setup()
 
@@ -353,37 +392,133 @@ class Decoder(HookedRootModule):
         if self.cfg.tie_embeddings:
             self.unembed.weight = self.embed.weight
 
+    # ---- state the config reports (cfg.device, cfg.dtype, cfg.tokenizer_prepends_bos, ...) ---------------------------
+    @property
+    def cfg(self) -> DecoderConfig:
+        return self._cfg
+
+    @cfg.setter
+    def cfg(self, cfg: DecoderConfig) -> None:
+        old = self.__dict__.get("_cfg")
+        if old is not None and old is not cfg:
+            cfg.live = dataclasses.replace(old.live)  # surgery swaps configs: the model's device and tokenizer stay
+        self.__dict__["_cfg"] = cfg
+        self._sync_cfg()
+
+    @property
+    def tokenizer(self):
+        return self.__dict__.get("_tokenizer")
+
+    @tokenizer.setter
+    def tokenizer(self, tokenizer) -> None:
+        self.__dict__["_tokenizer"] = tokenizer
+        self._sync_cfg()
+
+    def _sync_cfg(self) -> None:
+        live, tok = self.cfg.live, self.tokenizer
+        live.device, live.dtype = self.embed.weight.device, self.embed.weight.dtype
+        live.tokenizer_prepends_bos = tok is not None and tokenizing.prepends_bos(tok)
+        live.tokenizer_appends_eos = tok is not None and tokenizing.appends_eos(tok)
+        live.model_name = self.__dict__.get("source")
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        self._sync_cfg()
+        return self
+
     # ---- forward -------------------------------------------------------------------------------------------------
     def forward(
         self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
+        input: torch.Tensor | str | list[str],
+        return_type: str | None = "logits",
         *,
+        loss_per_token: bool = False,
+        prepend_bos: bool | None = None,
+        padding_side: str | None = None,
+        attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
+        start_at_layer: int | None = None,
         stop_at_layer: int | None = None,
-    ) -> torch.Tensor:
-        """input_ids [batch, pos] -> logits [batch, pos, vocab].
+        tokens: torch.Tensor | None = None,
+    ):
+        """input: token ids [batch, pos] or [pos], a string or a list of strings (tokenised by `to_tokens`, with
+        `prepend_bos` / `padding_side`) -> logits [batch, pos, vocab], or what `return_type` asks for: "loss" (mean
+        next-token cross-entropy; [batch, pos - 1] with `loss_per_token`), "both" (logits, loss) or None.
 
         attention_mask [batch, pos] (1 = token, 0 = padding, left or right): padded keys are hidden and positions count
-        only real tokens, so a padded row equals the unpadded sequence. With `kv_cache`, pass the mask of the new tokens
-        only. `stop_at_layer=L` returns the residual stream entering block L instead of logits.
+        only real tokens, so a padded row equals the unpadded sequence. Without it, ids whose rows start with the pad
+        token get the mask inferred (TransformerLens's get_attention_mask) when the padding side is known to be left
+        (`padding_side="left"` or `tokenizer.padding_side == "left"`), and are refused otherwise. With `kv_cache`, pass
+        the mask of the new tokens only. `start_at_layer=L`: input is the residual stream [batch, pos, d_model] entering
+        block L (pass `tokens` for a loss). `stop_at_layer=L`: returns the residual stream entering block L.
         """
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be [batch, pos], got shape {tuple(input_ids.shape)}")
-        pos = self._positions(input_ids, attention_mask, position_ids, kv_cache)
-        x = self.embed(input_ids)  # [batch, pos, d_model]
+        if return_type not in RETURN_TYPES:
+            if isinstance(return_type, torch.Tensor):
+                raise TypeError("attention_mask is keyword-only: model(ids, attention_mask=mask)")
+            raise InputError(f"return_type must be one of {RETURN_TYPES}, got {return_type!r}")
+        past = kv_cache.length if kv_cache is not None else 0
+        if start_at_layer is None:
+            ids, attention_mask = self._input_ids(input, attention_mask, prepend_bos, padding_side, past)  # [batch, pos]
+            x = self.hook_embed(self._embed(ids))  # [batch, pos, d_model]
+        else:
+            x, ids = self._resid_input(input, start_at_layer), tokens  # [batch, pos, d_model]
+        pos = self._positions(x.shape[:2], x.device, attention_mask, position_ids, kv_cache)
+        for block in self.blocks[start_at_layer:stop_at_layer]:
+            x = block(x, pos, kv_cache)
+        if kv_cache is not None:
+            kv_cache.length += x.shape[1]
+        if stop_at_layer is not None:
+            return x  # [batch, pos, d_model]
+        if return_type is None:
+            return None
+        logits = self.unembed_residual(self.ln_final(x))  # [batch, pos, vocab]
+        if return_type == "logits":
+            return logits
+        if ids is None:
+            raise InputError("return_type='loss' with start_at_layer needs the token ids: pass tokens=[batch, pos]")
+        loss = self.loss_fn(logits, ids, attention_mask, per_token=loss_per_token)
+        return loss if return_type == "loss" else (logits, loss)
+
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.embed(ids)  # [batch, pos, d_model]
         if self.cfg.embed_scale is not None:
             # rounded straight to the model dtype, like transformers' buffer (bf16: sqrt(3072) -> 55.5; fp64: exact)
             x = x * torch.tensor(self.cfg.embed_scale, dtype=x.dtype)
-        x = self.hook_embed(x)
-        for block in self.blocks[:stop_at_layer]:
-            x = block(x, pos, kv_cache)
-        if kv_cache is not None:
-            kv_cache.length += input_ids.shape[1]
-        if stop_at_layer is not None:
-            return x
-        return self.unembed_residual(self.ln_final(x))
+        return x
+
+    def _input_ids(self, input, attention_mask, prepend_bos, padding_side, past) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Token ids [batch, pos] and the attention mask to use: strings are tokenised (their mask is known), ids are
+        checked, and their left padding is masked when the padding side is known (else refused, see `forward`)."""
+        if isinstance(input, (str, list, tuple)):
+            if attention_mask is not None:
+                raise InputError("attention_mask goes with token ids; for text input the mask comes from to_tokens")
+            ids, mask = self._tokenize(input, prepend_bos, padding_side)
+            return ids, (mask if not bool(mask.all()) else None)
+        if not isinstance(input, torch.Tensor):
+            raise TypeError(f"input must be token ids, a string or a list of strings, got {type(input).__name__}")
+        ids = input[None] if input.dim() == 1 else input  # [batch, pos]
+        tok = self.tokenizer
+        pad = tokenizing.pad_token_id(tok) if attention_mask is None and past == 0 else None
+        rows_starting_with_pad = tokenizing.check_ids(ids, self.cfg.d_vocab, pad)
+        if not rows_starting_with_pad:
+            return ids, attention_mask
+        mask = tokenizing.left_padding_mask(ids, pad, bos_is_pad=tokenizing.bos_token_id(tok) == pad,
+                                        prepend_bos=self.cfg.default_prepend_bos)  # [batch, pos]
+        if bool(mask.all()):
+            return ids, None  # what looked like padding is the BOS that shares the pad id
+        if (padding_side or getattr(tok, "padding_side", None)) == "left":
+            return ids, mask
+        raise InputError(f"input: {rows_starting_with_pad} row(s) start with the pad token (id {pad}) and no attention_mask "
+                         "was given; pass attention_mask=, or padding_side='left' to mask leading pad tokens")
+
+    def _resid_input(self, resid: torch.Tensor, start_at_layer: int) -> torch.Tensor:
+        if not -len(self.blocks) <= start_at_layer <= len(self.blocks):
+            raise InputError(f"start_at_layer={start_at_layer} out of range for {len(self.blocks)} layers")
+        if not isinstance(resid, torch.Tensor) or resid.dim() != 3 or resid.shape[-1] != self.cfg.d_model:
+            shape = tuple(resid.shape) if isinstance(resid, torch.Tensor) else type(resid).__name__
+            raise InputError(f"with start_at_layer, input is the residual stream [batch, pos, {self.cfg.d_model}], got {shape}")
+        return resid
 
     def unembed_residual(self, normed: torch.Tensor) -> torch.Tensor:
         """Logits [batch, pos, vocab] from the final-normed residual stream (NormHead and soft-capping included)."""
@@ -395,12 +530,20 @@ class Decoder(HookedRootModule):
             logits = torch.tanh(logits / self.cfg.final_softcap) * self.cfg.final_softcap
         return logits
 
-    def _positions(self, input_ids, attention_mask, position_ids, kv_cache) -> Positions:
+    @staticmethod
+    def loss_fn(logits: torch.Tensor, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                per_token: bool = False) -> torch.Tensor:
+        """TransformerLens's next-token cross-entropy: logits [batch, pos, vocab], tokens [batch, pos] -> mean loss, or
+        [batch, pos - 1] with `per_token`. Positions whose token or next token is masked out count as 0 and are left out
+        of the mean."""
+        return next_token_loss(logits, tokens, attention_mask, per_token)
+
+    def _positions(self, shape, device, attention_mask, position_ids, kv_cache) -> Positions:
         past = kv_cache.length if kv_cache is not None else 0
-        b, p = input_ids.shape
+        b, p = shape
         key_valid = None
         if kv_cache is not None and (attention_mask is not None or kv_cache.attention_mask is not None):
-            new = attention_mask if attention_mask is not None else torch.ones(b, p, dtype=torch.long, device=input_ids.device)
+            new = attention_mask if attention_mask is not None else torch.ones(b, p, dtype=torch.long, device=device)
             old = kv_cache.attention_mask
             if old is None:
                 old = torch.ones(b, past, dtype=new.dtype, device=new.device)
@@ -408,7 +551,7 @@ class Decoder(HookedRootModule):
             kv_cache.attention_mask = attention_mask
         if attention_mask is not None:
             if attention_mask.shape != (b, past + p):
-                raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(b, past + p)}")
+                raise InputError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(b, past + p)}")
             key_valid = attention_mask.bool()
             if bool(key_valid.all()):
                 key_valid = None
@@ -417,56 +560,113 @@ class Decoder(HookedRootModule):
                 # count only real tokens, like transformers' generate: position = (number of real tokens before) - 1
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
             else:
-                position_ids = torch.arange(past, past + p, device=input_ids.device).expand(b, p)
+                position_ids = torch.arange(past, past + p, device=device).expand(b, p)
         return Positions(positions=position_ids, key_valid=key_valid, past=past)
+
+    # ---- TransformerLens entry points with a cache or hooks ------------------------------------------------------
+    def run_with_cache(self, *model_args, names_filter=None, return_cache_object: bool = True,
+                       remove_batch_dim: bool = False, incl_bwd: bool = False, **kwargs):
+        """TransformerLens's run_with_cache: (output, ActivationCache). `names_filter`: a hook name, a list of names or a
+        predicate; names that are not hooks of this model are refused. `incl_bwd=True` back-propagates the output, so it
+        needs `return_type="loss"`."""
+        self._check_names_filter(names_filter)
+        if incl_bwd and kwargs.get("return_type", "logits") != "loss":
+            raise InputError("incl_bwd=True back-propagates the output: pass return_type='loss' (a scalar)")
+        out, cache = super().run_with_cache(*model_args, names_filter=names_filter, remove_batch_dim=remove_batch_dim,
+                                            incl_bwd=incl_bwd, **kwargs)
+        if return_cache_object:
+            cache = ActivationCache(cache, self, has_batch_dim=not remove_batch_dim)
+        return out, cache
+
+    def _check_names_filter(self, names_filter) -> None:
+        names = [names_filter] if isinstance(names_filter, str) else names_filter
+        if names is None or callable(names):
+            return
+        if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
+            raise InputError(f"names_filter must be a hook name, a list of hook names or a function, got {names_filter!r}")
+        unknown = [n for n in names if n not in self.hook_dict]
+        if unknown:
+            raise InputError(f"names_filter: {unknown[0]!r} is not a hook of this model"
+                             + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else "")
+                             + f"; hooks are named like {next(iter(self.hook_dict))!r} (see model.hook_dict)")
 
     # ---- generation ----------------------------------------------------------------------------------------------
     @torch.inference_mode()
     def generate(
         self,
-        input_ids: torch.Tensor,
+        input: torch.Tensor | str | list[str] = "",
         max_new_tokens: int = 20,
-        *,
-        attention_mask: torch.Tensor | None = None,
+        stop_at_eos: bool = True,
+        eos_token_id: int | list[int] | None = None,
         do_sample: bool = False,
-        temperature: float = 1.0,
         top_k: int | None = None,
         top_p: float | None = None,
-        generator: torch.Generator | None = None,
-        eos_token_id: int | list[int] | None = None,
+        temperature: float = 1.0,
+        *,
         use_cache: bool = True,
-    ) -> torch.Tensor:
-        """Greedy or sampled continuation with a KV cache. Returns the full ids [batch, pos + new]; rows that hit EOS
-        are padded with EOS afterwards. Without `use_cache` every step recomputes the whole sequence (same tokens)."""
+        use_past_kv_cache: bool | None = None,
+        prepend_bos: bool | None = None,
+        padding_side: str | None = None,
+        return_type: str = "input",
+        verbose: bool = False,
+        attention_mask: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor | str | list[str]:
+        """Greedy (default) or sampled continuation with a KV cache.
+
+        input: token ids [batch, pos], a string or a list of strings (padded on the left, so every row continues from
+        its last real token). return_type: "tokens" (ids [batch, pos + new]), "str" (the decoded text, prompt included,
+        without the BOS `to_tokens` added), or "input" (whatever came in). Rows that hit EOS are padded with EOS
+        afterwards (`stop_at_eos=False` ignores EOS). Without `use_cache` (TransformerLens: `use_past_kv_cache`) every
+        step recomputes the whole sequence (same tokens).
+        """
+        check_sampling(max_new_tokens, temperature, top_k, top_p)
+        if return_type not in ("input", "str", "tokens"):
+            raise InputError(f"return_type must be 'input', 'str' or 'tokens', got {return_type!r}")
+        use_cache = use_cache if use_past_kv_cache is None else use_past_kv_cache
+        text_in = isinstance(input, (str, list, tuple))
+        if text_in:
+            ids, attention_mask = self._tokenize(input, prepend_bos, padding_side or "left")  # [batch, pos]
+        else:
+            ids, attention_mask = self._input_ids(input, attention_mask, None, padding_side, 0)
         eos = eos_token_id if eos_token_id is not None else self.cfg.eos_token_id
-        eos = torch.tensor([eos] if isinstance(eos, int) else list(eos or []), device=input_ids.device)
+        eos = ([eos] if isinstance(eos, int) else list(eos or [])) if stop_at_eos else []
+        eos = torch.tensor(eos, dtype=torch.long, device=ids.device)  # [n_eos]
         cache = KVCache() if use_cache else None
-        ids, done = input_ids, torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-        mask = attention_mask
-        step_input, step_mask = ids, mask
-        for _ in range(max_new_tokens):
+        done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)  # [batch]
+        mask, step_input, step_mask = attention_mask, ids, attention_mask
+        for _ in tqdm(range(max_new_tokens), desc="generate", disable=not verbose, leave=False):
             if use_cache:
-                logits = self(step_input, step_mask, kv_cache=cache)[:, -1]
+                logits = self(step_input, attention_mask=step_mask, kv_cache=cache)[:, -1]  # [batch, vocab]
             else:
-                logits = self(ids, mask)[:, -1]
+                logits = self(ids, attention_mask=mask)[:, -1]  # [batch, vocab]
             nxt = self._choose(logits.float(), do_sample, temperature, top_k, top_p, generator)  # [batch]
             if eos.numel():
                 nxt = torch.where(done, eos[0], nxt)
                 done |= torch.isin(nxt, eos)
-            ids = torch.cat((ids, nxt[:, None]), dim=1)
+            ids = torch.cat((ids, nxt[:, None]), dim=1)  # [batch, pos + 1]
             if mask is not None:
                 mask = torch.cat((mask, torch.ones_like(mask[:, :1])), dim=1)
             step_input, step_mask = nxt[:, None], (None if mask is None else torch.ones_like(mask[:, :1]))
             if eos.numel() and bool(done.all()):
                 break
-        return ids
+        if return_type == "tokens" or (return_type == "input" and not text_in):
+            return ids
+        masks = mask if mask is not None else [None] * len(ids)
+        texts = [self._decode_generated(row, m) for row, m in zip(ids, masks)]
+        return texts[0] if isinstance(input, str) else texts
+
+    def _decode_generated(self, row: torch.Tensor, mask: torch.Tensor | None) -> str:
+        """One generated row as text: padding dropped, and the BOS in front (if any) left out, as TransformerLens does."""
+        ids = row[mask.bool()] if mask is not None else row
+        if len(ids) and int(ids[0]) == tokenizing.bos_token_id(self.tokenizer) and self.cfg.default_prepend_bos:
+            ids = ids[1:]
+        return self._need_tokenizer().decode(ids.tolist())
 
     @staticmethod
     def _choose(logits, do_sample, temperature, top_k, top_p, generator) -> torch.Tensor:
-        if not do_sample:
+        if not do_sample or temperature == 0:  # temperature 0 is greedy, as in TransformerLens
             return logits.argmax(-1)
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
         logits = logits / temperature
         if top_k is not None:
             kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
@@ -491,7 +691,7 @@ class Decoder(HookedRootModule):
         names follow. Each kept attention keeps its run-time positional settings and its configured defaults."""
         keep = sorted(indices)
         if not keep or len(set(keep)) != len(keep) or not all(0 <= i < len(self.blocks) for i in keep):
-            raise ValueError(f"keep_blocks: need distinct indices in 0..{len(self.blocks) - 1}, got {list(indices)}")
+            raise InputError(f"keep_blocks: need distinct indices in 0..{len(self.blocks) - 1}, got {list(indices)}")
         new_index = {old: new for new, old in enumerate(keep)}
         self.cfg = self.cfg.replace(
             n_layers=len(keep),
@@ -500,6 +700,7 @@ class Decoder(HookedRootModule):
             removed_mlp=tuple(new_index[i] for i in self.cfg.removed_mlp if i in new_index),
         )
         self.blocks = nn.ModuleList(self.blocks[i] for i in keep)
+        self.blocks.training = self.training  # a new container starts in training mode; TL's patching checks it
         self.layer_origin = [self.layer_origin[i] for i in keep]
         self.setup()
 
@@ -508,7 +709,7 @@ class Decoder(HookedRootModule):
         for part, layers in (("attn", list(attn)), ("mlp", list(mlp))):
             for i in layers:
                 if not 0 <= i < len(self.blocks) or getattr(self.blocks[i], part) is None:
-                    raise ValueError(f"{part}: layer {i} has no {part} to remove")
+                    raise InputError(f"{part}: layer {i} has no {part} to remove")
                 setattr(self.blocks[i], part, None)
         self.cfg = self.cfg.replace(
             removed_attn=tuple(sorted({*self.cfg.removed_attn, *attn})),
@@ -527,7 +728,7 @@ class Decoder(HookedRootModule):
         out = []
         for i in idx:
             if not 0 <= i < len(self.blocks):
-                raise ValueError(f"layers: layer {i} out of range (model has {len(self.blocks)} layers)")
+                raise InputError(f"layers: layer {i} out of range (model has {len(self.blocks)} layers)")
             if self.blocks[i].attn is not None:
                 out.append(self.blocks[i].attn)
         return out
@@ -548,21 +749,21 @@ class Decoder(HookedRootModule):
         """Replace the RoPE setting of some layers (all by default): a full RopeParams, or field changes applied to each
         layer's current one (e.g. `set_rope(theta=5e5)`, `set_rope(rope_type="linear", factor=4)`)."""
         if self.cfg.positional != "rope":
-            raise ValueError(f"this model uses {self.cfg.positional!r} positions, not RoPE")
+            raise InputError(f"this model uses {self.cfg.positional!r} positions, not RoPE")
         for attn in self._attention(layers):
             attn.rope = params if params is not None else attn.rope.replace(**changes)  # RopeParams validates itself
 
     def set_window(self, window: int | None, *, layers=None) -> None:
         """Sliding attention window W (query i sees keys i-W < j <= i) for some layers; None = full causal attention."""
         if window is not None and (isinstance(window, bool) or int(window) != window or window < 1):
-            raise ValueError(f"window must be a whole number >= 1 or None, got {window!r}")
+            raise InputError(f"window must be a whole number >= 1 or None, got {window!r}")
         for attn in self._attention(layers):
             attn.window = None if window is None else int(window)
 
     def set_attn_logit_scale(self, scale: float, *, layers=None) -> None:
         """Multiply attention logits by `scale` (λ of attention-window extension) before the softmax."""
         if not (math.isfinite(scale) and scale > 0):
-            raise ValueError(f"scale: attention logit scale must be finite and > 0, got {scale!r}")
+            raise InputError(f"scale: attention logit scale must be finite and > 0, got {scale!r}")
         for attn in self._attention(layers):
             attn.logit_scale = float(scale)
 
@@ -600,19 +801,99 @@ class Decoder(HookedRootModule):
     def dtype(self) -> torch.dtype:
         return self.embed.weight.dtype
 
-    def to_tokens(self, text: str | list[str], *, add_special_tokens: bool = True) -> torch.Tensor:
-        """Token ids [batch, pos] on the model's device (right padding is not applied: pass equal-length texts or one)."""
+    # ---- tokens (TransformerLens's names and semantics; see model/tokens.py) -------------------------------------
+    def _need_tokenizer(self):
         if self.tokenizer is None:
-            raise ValueError("this model has no tokenizer")
-        texts = [text] if isinstance(text, str) else list(text)
-        rows = [self.tokenizer(t, add_special_tokens=add_special_tokens)["input_ids"] for t in texts]
-        if len({len(r) for r in rows}) != 1:
-            raise ValueError("texts tokenise to different lengths; tokenise them yourself with padding and pass attention_mask")
-        return torch.tensor(rows, device=self.device)
+            raise InputError("this model has no tokenizer (load it with load_model(..., load_tokenizer=True) or set "
+                             "model.tokenizer)")
+        return self.tokenizer
 
-    def to_string(self, ids: torch.Tensor) -> str | list[str]:
-        if self.tokenizer is None:
-            raise ValueError("this model has no tokenizer")
-        if ids.dim() == 1:
-            return self.tokenizer.decode(ids.tolist())
-        return [self.tokenizer.decode(r.tolist()) for r in ids]
+    def _tokenize(self, input: str | list[str], prepend_bos: bool | None, padding_side: str | None,
+                  truncate: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ids [batch, pos], mask [batch, pos]) on the model's device; see `to_tokens`."""
+        tok = self._need_tokenizer()
+        texts = [input] if isinstance(input, str) else list(input)
+        if not texts or not all(isinstance(t, str) for t in texts):
+            raise InputError("input must be a string or a non-empty list of strings")
+        rows = tokenizing.encode_rows(
+            tok, texts, prepend_bos=self.cfg.default_prepend_bos if prepend_bos is None else prepend_bos,
+            tokenizer_bos=self.cfg.tokenizer_prepends_bos, tokenizer_eos=self.cfg.tokenizer_appends_eos,
+            max_len=self.cfg.n_ctx if truncate else None)
+        if any(not r for r in rows):
+            raise InputError(f"input: text {texts[[len(r) for r in rows].index(0)]!r} has no tokens (and no BOS before it)")
+        side = padding_side or getattr(tok, "padding_side", None) or "right"
+        ids, mask = tokenizing.pad_rows(rows, tokenizing.pad_token_id(tok), side)
+        return ids.to(self.device), mask.to(self.device)
+
+    def to_tokens(self, input: str | list[str], prepend_bos: bool | None = None, padding_side: str | None = None,
+                  move_to_device: bool = True, truncate: bool = True) -> torch.Tensor:
+        """Token ids [batch, pos]. BOS in front when `prepend_bos` (default `cfg.default_prepend_bos`), never twice;
+        texts of unequal length padded on `padding_side` (default the tokenizer's, else right) with the pad token;
+        cut to `cfg.n_ctx` when `truncate`. A forward on these ids finds left padding by itself when told the side
+        (`padding_side="left"`); `model(texts)` knows the mask directly."""
+        ids, _ = self._tokenize(input, prepend_bos, padding_side, truncate)
+        return ids if move_to_device else ids.cpu()
+
+    def to_string(self, tokens: torch.Tensor | list | int) -> str | list[str]:
+        """Text of ids: [pos], 0-d or a list of ints -> str; [batch, pos] or a list of lists -> list[str]."""
+        tok = self._need_tokenizer()
+        ids = torch.as_tensor(tokens)
+        if ids.dim() == 2:
+            return tok.batch_decode(ids.tolist(), clean_up_tokenization_spaces=False)
+        if ids.dim() > 2:
+            raise InputError(f"to_string takes ids [pos] or [batch, pos], got shape {tuple(ids.shape)}")
+        return tok.decode(ids.reshape(-1).tolist(), clean_up_tokenization_spaces=False)
+
+    def to_str_tokens(self, input: str | list | torch.Tensor, prepend_bos: bool | None = None,
+                      padding_side: str | None = None) -> list[str] | list[list[str]]:
+        """Each token as its own string: for a text (tokenised by `to_tokens`), ids [pos] / [1, pos] / 0-d, or a list of
+        either (-> one list per item)."""
+        tok = self._need_tokenizer()
+        if isinstance(input, list) and not all(isinstance(i, int) for i in input):
+            return [self.to_str_tokens(item, prepend_bos, padding_side) for item in input]
+        if isinstance(input, str):
+            ids = self.to_tokens(input, prepend_bos=prepend_bos, padding_side=padding_side)[0]
+        else:
+            ids = torch.as_tensor(input).squeeze()
+            if ids.dim() > 1:
+                raise InputError(f"to_str_tokens takes one sequence of ids, got shape {tuple(ids.shape)}")
+        return tok.batch_decode([[t] for t in ids.reshape(-1).tolist()], clean_up_tokenization_spaces=False)
+
+    def to_single_token(self, string: str) -> int:
+        """The id of a string that is exactly one token (no BOS); refused with the tokens it splits into otherwise."""
+        ids = self.to_tokens(string, prepend_bos=False)[0]
+        if ids.numel() != 1:
+            raise InputError(f"{string!r} is not a single token: it is {ids.numel()} tokens "
+                             f"{self.to_str_tokens(ids)} (ids {ids.tolist()})")
+        return int(ids[0])
+
+    def to_single_str_token(self, int_token: int) -> str:
+        return self.to_str_tokens(torch.tensor([int_token]))[0]
+
+    def get_token_position(self, single_token: str | int, input: str | torch.Tensor, mode: str = "first",
+                           prepend_bos: bool | None = None, padding_side: str | None = None) -> int:
+        """Position of a token (a one-token string or an id) in a text or in ids [pos] / [1, pos]: its first or last
+        occurrence (`mode`)."""
+        if mode not in ("first", "last"):
+            raise InputError(f"mode must be 'first' or 'last', got {mode!r}")
+        ids = self.to_tokens(input, prepend_bos=prepend_bos, padding_side=padding_side) if isinstance(input, str) else input
+        if ids.dim() == 2:
+            if ids.shape[0] != 1:
+                raise InputError(f"get_token_position takes one sequence, got ids of shape {tuple(ids.shape)}")
+            ids = ids[0]
+        token = self.to_single_token(single_token) if isinstance(single_token, str) else int(single_token)
+        where = (ids == token).nonzero()[:, 0]  # [matches]
+        if not len(where):
+            raise InputError(f"token {token} ({self.to_single_str_token(token)!r}) does not occur in the input")
+        return int(where[0] if mode == "first" else where[-1])
+
+    def tokens_to_residual_directions(self, tokens: str | int | torch.Tensor) -> torch.Tensor:
+        """Unembedding directions in the residual stream (after the final norm): rows of W_U as [d_model] for one token
+        (a one-token string, an id or a 0-d tensor), [..., d_model] for ids [...]. Baichuan's NormHead normalises them."""
+        if isinstance(tokens, str):
+            tokens = self.to_single_token(tokens)
+        ids = torch.as_tensor(tokens, device=self.device)
+        weight = self.unembed.weight  # [vocab, d_model]
+        if self.cfg.norm_head:
+            weight = F.normalize(weight, dim=-1)
+        return weight[ids]  # [..., d_model]

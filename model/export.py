@@ -29,10 +29,11 @@ from pathlib import Path
 
 import torch
 
-from residscope.common.atomic import atomic_dir
+from residscope.common.atomic import atomic_dir, check_output_dir
 
 from .checkpoint import local_to_hf
-from .config import SUBLAYER_KEY  # the loader reads what this module writes
+from .hf_config import SUBLAYER_KEY  # the loader reads what this module writes
+from .errors import InputError
 
 PRUNING_FILE = "residscope_pruning.json"
 _LAYER_TYPED = ("qwen2", "gemma3_text")  # transformers configs that derive layer_types from the layer count
@@ -52,7 +53,7 @@ def hf_config_of(model) -> dict:
     """The config.json dict of `model`: its source config with the current layer count, layer types and dtype."""
     cfg = model.cfg
     if not cfg.hf_config:
-        raise ValueError("model.cfg.hf_config is empty: this model has no source config.json to export")
+        raise InputError("model.cfg.hf_config is empty: this model has no source config.json to export")
     out = dict(cfg.hf_config)
     out["num_hidden_layers"] = cfg.n_layers
     if "layer_types" in out or cfg.model_type in _LAYER_TYPED:
@@ -81,10 +82,8 @@ def hf_state_dict(model) -> dict[str, torch.Tensor]:
 
 
 def check_target(out_dir: Path, force: bool) -> None:
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ValueError(f"out: {out_dir} exists and is not a directory")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
-        raise ValueError(f"out: {out_dir} exists and is not empty (use --force / force=True to replace it)")
+    """Refuse an output folder that is a file, not empty (unless `force`) or not writable, before any work."""
+    check_output_dir(out_dir, "out", force=force)
 
 
 def save_pretrained(model, out_dir: str | os.PathLike, *, pruning_info: dict | None = None, force: bool = False) -> Path:
@@ -98,7 +97,6 @@ def save_pretrained(model, out_dir: str | os.PathLike, *, pruning_info: dict | N
     out_dir = Path(out_dir).expanduser()
     check_target(out_dir, force)
     config = hf_config_of(model)
-    state = hf_state_dict(model)
     origin = list(model.layer_origin)
     record = {
         **(pruning_info or {}),
@@ -120,7 +118,12 @@ def save_pretrained(model, out_dir: str | os.PathLike, *, pruning_info: dict | N
 
     with atomic_dir(out_dir) as tmp:
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        if getattr(model, "offload", None) is not None:  # blocks on disk: copy the kept ones, one tensor at a time
+            from .streamed_export import write_kept_tensors
+
+            write_kept_tensors(model, tmp)
+        else:
+            save_file(hf_state_dict(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
         if model.tokenizer is not None:
             model.tokenizer.save_pretrained(str(tmp))
         (tmp / PRUNING_FILE).write_text(json.dumps(record, indent=2) + "\n")

@@ -11,8 +11,12 @@ transformers' `from_pretrained(folder)`) reads the same numbers.
 Cache: `cache_root() / "gguf" / f"{stem}-{key}"`, where the key hashes the file's resolved path, size, mtime, the first
 MiB of its content, the conversion-format version and the transformers / gguf versions. A folder is used only if its
 completion marker (`residscope_cache.json`, written last) matches the key and every file it lists has the listed size
-and sha256 (hashed on every use: a same-size corruption of the weights would otherwise load as NaN or wrong numbers;
-about 0.4 CPU-s for SmolLM2-135M's 538 MB, see README "Benchmarks"); anything else is rebuilt. A conversion writes into a temp folder beside the target and renames it into place, so a
+and sha256 (a same-size corruption of the weights would otherwise load as NaN or wrong numbers); anything else is
+rebuilt. Hashing costs 0.4 CPU-s per use for SmolLM2-135M's 538 MB, more than loading it, so a file is hashed only
+when its stat stamp (size, mtime, ctime, inode) differs from the one recorded in `residscope_verified.json` after its
+last good hash: every write through the file system sets ctime to the current time, and no user-space call can set it
+back, so an unchanged stamp proves unchanged content (a stamp is recorded only once the file's ctime is a few seconds
+old, so a write in the same clock tick as the hash cannot hide; the rule git uses for its index). A conversion writes into a temp folder beside the target and renames it into place, so a
 crash leaves no target and two concurrent conversions cannot corrupt each other (the loser uses the winner's folder).
 """
 
@@ -32,7 +36,7 @@ from pathlib import Path
 
 from residscope.common.atomic import atomic_dir
 
-from .errors import CheckpointError
+from .errors import CheckpointError, MissingFileError
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +129,45 @@ def cache_problem(folder: str | os.PathLike, key: str | None = None, *, full: bo
             return f"{folder}: {name} has {path.stat().st_size} bytes, expected {info.get('size')}"
         if full and _sha256_file(path) != info.get("sha256"):
             return f"{folder}: {name} does not match its sha256"
+    return None
+
+
+VERIFIED = "residscope_verified.json"  # stat stamps of the files whose sha256 matched the marker
+_RACY_SECONDS = 3.0  # a file changed this recently may change again within the same ctime tick: no stamp yet
+
+
+def _stat_stamp(path: Path) -> list[int]:
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
+
+
+def verified_problem(folder: str | os.PathLike, key: str | None = None) -> str | None:
+    """`cache_problem` plus content: each file's sha256 must match the marker. A file whose stat stamp equals the one
+    recorded after its last good hash is not hashed again (see the module docstring for why that is safe)."""
+    folder = Path(folder)
+    problem = cache_problem(folder, key)
+    if problem is not None:
+        return problem
+    files = json.loads((folder / MARKER).read_text())["files"]
+    try:
+        known = json.loads((folder / VERIFIED).read_text())
+    except (OSError, ValueError):
+        known = {}
+    stamps = {}
+    for name, info in files.items():
+        path = folder / name
+        stamp = _stat_stamp(path)  # before hashing: a write while we hash changes ctime, so it is not stamped
+        if known.get(name) != stamp:
+            if _sha256_file(path) != info.get("sha256"):
+                return f"{folder}: {name} does not match its sha256"
+            if time.time_ns() - stamp[2] < _RACY_SECONDS * 1e9:
+                continue
+        stamps[name] = stamp
+    if stamps != known:
+        with contextlib.suppress(OSError):  # a read-only cache still works: it is hashed on every use
+            tmp = folder / f".{VERIFIED}.tmp-{os.getpid()}-{threading.get_ident()}"
+            tmp.write_text(json.dumps(stamps))
+            os.replace(tmp, folder / VERIFIED)
     return None
 
 
@@ -261,12 +304,12 @@ def convert_gguf(gguf_path: str | os.PathLike, *, cache_dir: str | os.PathLike |
     """
     gguf_path = Path(gguf_path).expanduser()
     if not gguf_path.is_file():
-        raise FileNotFoundError(f"GGUF file not found: {gguf_path}")
+        raise MissingFileError(f"GGUF file not found: {gguf_path}")
     gguf_path = gguf_path.resolve()
     key = gguf_cache_key(gguf_path)
     target = cache_folder_for(gguf_path, cache_dir, key=key)
     if not force:
-        problem = cache_problem(target, key, full=True)
+        problem = verified_problem(target, key)
         if problem is None:
             return target
         if target.exists():

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .errors import InputError
+
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
 
 
@@ -36,16 +38,16 @@ class RopeParams:
 
     def __post_init__(self):
         if self.rope_type not in ROPE_TYPES:
-            raise ValueError(f"unsupported rope_type {self.rope_type!r} (supported: {', '.join(ROPE_TYPES)})")
+            raise InputError(f"unsupported rope_type {self.rope_type!r} (supported: {', '.join(ROPE_TYPES)})")
         # `not x > 0` also refuses NaN; every field that scales frequencies must be a finite positive number
         if not (math.isfinite(self.theta) and self.theta > 0):
-            raise ValueError(f"theta: RoPE base must be finite and > 0, got {self.theta}")
+            raise InputError(f"theta: RoPE base must be finite and > 0, got {self.theta}")
         if self.rope_type != "default" and not (math.isfinite(self.factor) and self.factor > 0):
-            raise ValueError(f"factor: RoPE scaling factor must be finite and > 0, got {self.factor}")
+            raise InputError(f"factor: RoPE scaling factor must be finite and > 0, got {self.factor}")
         if self.rope_type in ("yarn", "llama3") and self.original_max_position_embeddings is None:
-            raise ValueError(f"rope_type {self.rope_type!r} needs original_max_position_embeddings")
+            raise InputError(f"rope_type {self.rope_type!r} needs original_max_position_embeddings")
         if self.rope_type == "dynamic" and self.max_position_embeddings is None:
-            raise ValueError("rope_type 'dynamic' needs max_position_embeddings")
+            raise InputError("rope_type 'dynamic' needs max_position_embeddings")
 
     def replace(self, **changes) -> "RopeParams":
         return dataclasses.replace(self, **changes)
@@ -60,7 +62,7 @@ class RopeParams:
         }
         unknown = set(params) - known
         if unknown:
-            raise ValueError(f"unsupported rope parameters {sorted(unknown)}")
+            raise InputError(f"unsupported rope parameters {sorted(unknown)}")
         rope_type = params.get("rope_type", params.get("type", "default"))
         kw = dict(theta=float(params.get("rope_theta", 10000.0)), rope_type=rope_type, max_position_embeddings=max_position_embeddings)
         for key in ("factor", "partial_rotary_factor", "low_freq_factor", "high_freq_factor", "beta_fast", "beta_slow"):

@@ -28,11 +28,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from typing import Any
 
 import sentencepiece as spm
 from transformers import AddedToken, PreTrainedTokenizer
+
+from residscope.common.atomic import atomic_write, atomic_write_text
+
+from .errors import InputError
 
 VOCAB_FILES_NAMES = {"vocab_file": "tokenizer.model"}
 REMOTE_CLASS = "BaichuanTokenizer"
@@ -89,7 +92,7 @@ class BaichuanTokenizer(PreTrainedTokenizer):
             else:
                 sp.Load(str(vocab_file))
         except (OSError, RuntimeError) as e:
-            raise ValueError(f"{vocab_file}: not a readable sentencepiece model ({str(e).splitlines()[0]})") from None
+            raise InputError(f"{vocab_file}: not a readable sentencepiece model ({str(e).splitlines()[0]})") from None
         return sp
 
     # pickling / deepcopy: the processor itself is not picklable, its serialized proto is
@@ -172,24 +175,15 @@ class BaichuanTokenizer(PreTrainedTokenizer):
     # ---- saving ------------------------------------------------------------------------------------------------------
     def save_vocabulary(self, save_directory: str, filename_prefix: str | None = None) -> tuple[str]:
         if not os.path.isdir(save_directory):
-            raise ValueError(f"{save_directory}: not a directory")
+            raise InputError(f"{save_directory}: not a directory")
         name = (filename_prefix + "-" if filename_prefix else "") + VOCAB_FILES_NAMES["vocab_file"]
         out = os.path.join(save_directory, name)
         if os.path.abspath(str(self.vocab_file)) == os.path.abspath(out) and os.path.isfile(out):
             return (out,)
-        fd, tmp = tempfile.mkstemp(prefix=".tokenizer.model.", dir=save_directory)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                if os.path.isfile(str(self.vocab_file)):
-                    with open(self.vocab_file, "rb") as src:
-                        shutil.copyfileobj(src, f)
-                else:
-                    f.write(self.sp_model.serialized_model_proto())
-            os.replace(tmp, out)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
+        if os.path.isfile(str(self.vocab_file)):
+            atomic_write(out, lambda tmp: shutil.copyfile(self.vocab_file, tmp))
+        else:
+            atomic_write(out, lambda tmp: tmp.write_bytes(self.sp_model.serialized_model_proto()))
         return (out,)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
@@ -202,10 +196,7 @@ class BaichuanTokenizer(PreTrainedTokenizer):
             with open(config_file, encoding="utf-8") as f:
                 config = json.load(f)
             config.update(add_bos_token=self.add_bos_token, add_eos_token=self.add_eos_token)
-            tmp = config_file + ".tmp"
-            with open(tmp, "w", encoding="utf-8") as f:
-                f.write(json.dumps(config, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
-            os.replace(tmp, config_file)
+            atomic_write_text(config_file, json.dumps(config, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
         return files
 
 

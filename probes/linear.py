@@ -20,7 +20,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from residscope.analyses.distributed import LOCAL
 from residscope.analyses.positional import resid_hook_name
+from residscope.analyses.runner import forward_batches
+from residscope.model.errors import InputError
 
 TASKS = ("regression", "classification")
 
@@ -58,36 +61,43 @@ def collect_activations(model, batches: Iterable[torch.Tensor], *, layers: Seque
     layers = list(range(n_resid)) if layers is None else sorted({int(layer) for layer in layers})
     for layer in layers:
         if not 0 <= layer < n_resid:
-            raise ValueError(f"layer {layer} out of range: residual layers are 0 (embeddings) .. {n_resid - 1}")
+            raise InputError(f"layer {layer} out of range: residual layers are 0 (embeddings) .. {n_resid - 1}")
     if max_tokens < 1:
-        raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+        raise InputError(f"max_tokens must be >= 1, got {max_tokens}")
     chunks: dict[int, list[np.ndarray]] = {layer: [] for layer in layers}
     sample, position, token = [], [], []
     held, next_sample = 0, 0
-
-    def keep(layer: int, budget: list[int]):
-        def hook(resid: torch.Tensor, hook) -> None:
-            flat = resid.detach()[: budget[0]].float().cpu().reshape(-1, resid.shape[-1])  # [rows * pos, d_model]
-            chunks[layer].append(flat[: budget[1]].numpy())
-
-        return hook
-
-    for ids in tqdm(batches, desc="activations", disable=not progress, leave=False):
+    chosen, budgets = [], []  # the batches the cap reaches, and (rows, tokens) kept of each
+    for ids in batches:
         if held >= max_tokens:
             break
         b, t = ids.shape
         take = min(max_tokens - held, b * t)
         rows = -(-take // t)  # samples touched by the cap
-        budget = [rows, take]
-        hooks = [(resid_hook_name(layer), keep(layer, budget)) for layer in layers]
-        model.run_with_hooks(ids.to(model.device), fwd_hooks=hooks, stop_at_layer=max(max(layers), 1))
+        chosen.append(ids)
+        budgets.append((rows, take))
         sample.append((next_sample + np.arange(rows)[:, None].repeat(t, 1)).reshape(-1)[:take])
         position.append(np.tile(np.arange(t), rows)[:take])
         token.append(ids[:rows].reshape(-1)[:take].cpu().numpy())
         held += take
         next_sample += b
+
+    def keep(layer: int, rows: int, take: int):
+        def hook(resid: torch.Tensor, hook) -> None:
+            flat = resid.detach()[:rows].float().cpu().reshape(-1, resid.shape[-1])  # [rows * pos, d_model]
+            chunks[layer].append(flat[:take].numpy())
+
+        return hook
+
+    def hooks_for(index: int, ids, mask) -> list:
+        return [(resid_hook_name(layer), keep(layer, *budgets[index])) for layer in layers]
+
+    # every rank's probes see the same tokens: no sharding (LOCAL), even under torch.distributed
+    for _ in forward_batches(model, chosen, hooks=hooks_for, stop_at_layer=max(max(layers), 1), group=LOCAL,
+                             progress=progress, desc="activations"):
+        pass
     if held == 0:
-        raise ValueError("no batches given")
+        raise InputError("no batches given")
     return Activations(features={layer: np.concatenate(chunks[layer]) for layer in layers}, sample=np.concatenate(sample),
                        position=np.concatenate(position), token=np.concatenate(token))
 
@@ -100,7 +110,7 @@ def split_by_sample(groups: np.ndarray, test_fraction: float = 0.25, seed: int =
     from sklearn.model_selection import GroupShuffleSplit
 
     if len(np.unique(groups)) < 2:
-        raise ValueError("probes need at least 2 samples to split train/test by sample")
+        raise InputError("probes need at least 2 samples to split train/test by sample")
     splitter = GroupShuffleSplit(n_splits=1, test_size=test_fraction, random_state=seed)
     return next(splitter.split(np.zeros(len(groups)), groups=groups))
 
@@ -146,12 +156,12 @@ def fit_probe(x: np.ndarray, y: np.ndarray, train: np.ndarray, test: np.ndarray,
     strength=None chooses it with `choose_strength` (needs `groups`, the sample of each token); the control uses the same.
     """
     if task not in TASKS:
-        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+        raise InputError(f"task must be one of {TASKS}, got {task!r}")
     if task == "classification" and (len(np.unique(y[train])) < 2 or len(np.unique(y[test])) < 2):
-        raise ValueError("classification probe: both classes must occur in the train and the test samples")
+        raise InputError("classification probe: both classes must occur in the train and the test samples")
     if strength is None:
         if groups is None:
-            raise ValueError("fit_probe: pass a strength, or the groups (sample of each token) to choose one")
+            raise InputError("fit_probe: pass a strength, or the groups (sample of each token) to choose one")
         strength = choose_strength(x, y, train, groups, task=task, seed=seed)
     score = _score(task, _make_probe(task, strength, seed).fit(x[train], y[train]), x[test], y[test])
     shuffled = np.random.default_rng(seed).permutation(y[train])
@@ -185,7 +195,7 @@ def probe_layers(acts: Activations, y: np.ndarray, *, target: str, task: str, st
     """Fit one probe per layer of `acts` for per-token targets y [n_tokens], split by sample."""
     y = np.asarray(y)
     if y.shape != (acts.n_tokens,):
-        raise ValueError(f"target {target!r}: expected {acts.n_tokens} values, got shape {y.shape}")
+        raise InputError(f"target {target!r}: expected {acts.n_tokens} values, got shape {y.shape}")
     train, test = split_by_sample(acts.sample, test_fraction, seed)
     rows = [fit_probe(acts.features[layer], y, train, test, task=task, strength=strength, groups=acts.sample, seed=seed)
             for layer in tqdm(acts.layers, desc=f"probe {target}", disable=not progress, leave=False)]

@@ -17,6 +17,7 @@ from typing import Iterable, Sequence
 
 from residscope.analyses.perplexity import PerplexityResult, perplexity
 from residscope.common.batches import Batch
+from residscope.model.errors import InputError
 
 from .influence import BASELINES, METRICS, InfluenceResult, influence_results, removal_order
 from .removal import remove_layers
@@ -49,7 +50,7 @@ def removal_for(method: str, n_remove: int, *, n_layers: int, influences: dict[s
     if method in BASELINES:
         return removal_order(method, n_remove, n_layers=n_layers, seed=seed)
     if influences is None or method not in influences:
-        raise ValueError(f"method {method!r}: no influence scores for it (metrics: {', '.join(METRICS)})")
+        raise InputError(f"method {method!r}: no influence scores for it (metrics: {', '.join(METRICS)})")
     return removal_order(influences[method], n_remove)
 
 
@@ -72,15 +73,15 @@ def compare_removals(model, n_remove: int, eval_batches: Sequence[Batch], *,
     n_layers = len(model.blocks)
     unknown = [m for m in methods if m not in METRICS + BASELINES]
     if unknown:
-        raise ValueError(f"methods: unknown {unknown} (choose from {', '.join(METRICS + BASELINES)})")
+        raise InputError(f"methods: unknown {unknown} (choose from {', '.join(METRICS + BASELINES)})")
     if not 0 < n_remove < n_layers:
-        raise ValueError(f"n_remove must be between 1 and {n_layers - 1} for this {n_layers}-layer model; got {n_remove}")
+        raise InputError(f"n_remove must be between 1 and {n_layers - 1} for this {n_layers}-layer model; got {n_remove}")
     if seeds < 1:
-        raise ValueError(f"seeds must be >= 1, got {seeds}")
+        raise InputError(f"seeds must be >= 1, got {seeds}")
     metrics = [m for m in methods if m in METRICS and m not in (influences or {})]
     if metrics:
         if calibration_batches is None:
-            raise ValueError(f"metrics {metrics} need calibration_batches (or influences)")
+            raise InputError(f"metrics {metrics} need calibration_batches (or influences)")
         influences = {**(influences or {}), **influence_results(model, calibration_batches, metrics, progress=progress,
                                                                  shortgpt_compat=shortgpt_compat, source=calibration_source)}
     evaluate = heldout_scorer(eval_batches, eval_source, progress=progress)

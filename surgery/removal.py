@@ -15,6 +15,8 @@ from residscope.model.export import removed_sublayers
 
 __all__ = ["check_layers", "layer_origin", "remove_layers", "remove_sublayers", "removed_sublayers"]
 
+from residscope.model.errors import InputError
+
 
 def layer_origin(model) -> list[int]:
     """Original layer index of each current block (identity for an unpruned model)."""
@@ -31,11 +33,11 @@ def check_layers(layers: Iterable[int], n_layers: int, *, arg: str = "layers") -
                     raise ValueError
                 x = int(x)
             except (TypeError, ValueError):
-                raise ValueError(f"{arg}: layer index {x!r} is not an integer") from None
+                raise InputError(f"{arg}: layer index {x!r} is not an integer") from None
         if not 0 <= x < n_layers:
-            raise ValueError(f"{arg}: layer {x} out of range (model has {n_layers} layers, 0..{n_layers - 1})")
+            raise InputError(f"{arg}: layer {x} out of range (model has {n_layers} layers, 0..{n_layers - 1})")
         if x in out:
-            raise ValueError(f"{arg}: layer {x} given twice")
+            raise InputError(f"{arg}: layer {x} given twice")
         out.append(x)
     return out
 
@@ -60,7 +62,7 @@ def remove_layers(model, layers: Iterable[int], *, copy: bool = True):
     n = len(model.blocks)
     removed = set(check_layers(layers, n))
     if len(removed) == n:
-        raise ValueError(f"layers: cannot remove all {n} layers")
+        raise InputError(f"layers: cannot remove all {n} layers")
     if copy:
         model = _copy_model(model)
     model.keep_blocks([i for i in range(n) if i not in removed])
@@ -76,7 +78,7 @@ def remove_sublayers(model, *, attn: Iterable[int] = (), mlp: Iterable[int] = ()
     for arg, idx, part in (("attn", attn, "attn"), ("mlp", mlp, "mlp")):
         for i in idx:
             if getattr(model.blocks[i], part) is None:
-                raise ValueError(f"{arg}: layer {i} has no {part} left to remove")
+                raise InputError(f"{arg}: layer {i} has no {part} left to remove")
     if copy:
         model = _copy_model(model)
     model.remove_sublayers(attn=attn, mlp=mlp)

@@ -224,13 +224,18 @@ def shared_copy():
     shutil.rmtree(parent)
 
 
-@pytest.mark.parametrize("target", [".", WEIGHTS, "config.json"])
-def test_permission_denied_is_one_line_naming_the_file(shared_copy, target):
-    (shared_copy / target).chmod(0)
-    out = _in_unprivileged_child(lambda: load_model(shared_copy, load_tokenizer=False))
+@pytest.mark.parametrize("target", [".", WEIGHTS, "config.json", "gguf"])
+def test_permission_denied_is_one_line_naming_the_file(shared_copy, tiny_gguf, target):
+    source = shared_copy
+    if target == "gguf":
+        source = shared_copy.parent / "tiny.gguf"
+        shutil.copy(tiny_gguf[0], source)
+    culprit = source if target in (".", "gguf") else shared_copy / target
+    culprit.chmod(0)
+    out = _in_unprivileged_child(lambda: load_model(source, load_tokenizer=False))
     assert out.startswith(("CheckpointError: ", "ConfigError: ")), out
-    assert "Permission denied" in out and "\n" not in out
-    assert str(shared_copy / target if target != "." else shared_copy) in out
+    assert "permission denied" in out and "\n" not in out
+    assert str(culprit) in out
 
 
 # ---- GGUF -------------------------------------------------------------------------------------------------------------
@@ -279,6 +284,37 @@ def test_same_size_corruption_of_the_gguf_cache_is_detected_and_rebuilt(tiny_ggu
     assert cache_problem(folder, full=True) is None
     torch.testing.assert_close(model.embed.weight, reference.model.embed_tokens.weight.detach(), rtol=0, atol=0)
     assert not [p for p in folder.parent.iterdir() if ".tmp-" in p.name]
+
+
+def test_gguf_cache_is_hashed_again_only_after_its_files_change(tiny_gguf, gguf_cache, monkeypatch):
+    """A verified file keeps its stat stamp and is not re-hashed; any write moves its ctime, so it is hashed again."""
+    import time
+
+    from residscope.model import gguf
+
+    path, _ = tiny_gguf
+    folder = gguf.convert_gguf(path)
+    hashed = []
+    real_sha = gguf._sha256_file
+    monkeypatch.setattr(gguf, "_sha256_file", lambda p: hashed.append(p.name) or real_sha(p))
+    assert gguf.convert_gguf(path) == folder and WEIGHTS in hashed  # just written: hashed, but too fresh to stamp
+    hashed.clear()
+    assert gguf.convert_gguf(path) == folder and WEIGHTS in hashed
+    monkeypatch.setattr(gguf, "_RACY_SECONDS", 0.0)  # instead of waiting a few seconds for the ctime to age
+    hashed.clear()
+    gguf.convert_gguf(path)
+    assert WEIGHTS in hashed and WEIGHTS in json.loads((folder / gguf.VERIFIED).read_text())
+    hashed.clear()
+    gguf.convert_gguf(path)
+    assert hashed == []  # stamps unchanged: nothing hashed
+    time.sleep(0.05)  # a later clock tick than the stamp's ctime
+    with (folder / WEIGHTS).open("r+b") as f:  # same size, same bytes even: the write alone moves ctime
+        f.seek(100)
+        byte = f.read(1)
+        f.seek(100)
+        f.write(byte)
+    gguf.convert_gguf(path)
+    assert hashed == [WEIGHTS]
 
 
 # ---- through the CLI: exit code 2, one line -------------------------------------------------------------------------

@@ -152,7 +152,7 @@ def test_padded_batch_equals_unpadded_rows(llama, side):
     else:
         mask[0, 7:] = 0
     with torch.no_grad():
-        batched = ours(ids, mask)
+        batched = ours(ids, attention_mask=mask)
         alone = ours(short[None])
         alone_long = ours(long[None])
         # transformers with the positions that count only real tokens gives the same numbers

@@ -184,7 +184,7 @@ def test_errors_name_the_method_and_model():
     with pytest.raises(ValueError, match="unknown method"):
         with ext.apply_method(nope, "rerope", 2.0):
             pass
-    with pytest.raises(ValueError, match="factor must be >= 1"):
+    with pytest.raises(ValueError, match="factor must be a finite number >= 1"):
         with ext.apply_method(nope, "none", 0.5):
             pass
     assert ext.applicable_methods(nope) == ["none", "pv-replace"]

@@ -229,7 +229,7 @@ def test_cli_writes_summary_vectors_and_figures(tmp_path, capsys):
     assert not list(out.glob(".*"))  # no temporary files left behind
 
     with pytest.raises(SystemExit) as e:
-        run_cli(app, [*args[:-1], "--remove-layers", "7"])
+        run_cli(app, [*args[:-1], "--remove-layers", "7", "--force"])  # --force: out/ is not empty any more
     assert e.value.code == 2 and "--remove-layers: layer 7 out of range" in capsys.readouterr().err
 
 

@@ -272,10 +272,12 @@ def test_load_model_gets_the_tokenizer(folder, sp):
     model = load_model(folder)
     assert isinstance(model.tokenizer, BaichuanTokenizer)
     text = TEXTS[0]
-    tokens = model.to_tokens(text)
+    tokens = model.to_tokens(text, prepend_bos=False)
     assert tokens.tolist() == [sp.encode(text)]
+    # by default BOS goes in front (Baichuan 2's tokenizer does not add it; TransformerLens prepends it for Baichuan)
+    assert model.to_tokens(text).tolist() == [[model.tokenizer.bos_token_id] + sp.encode(text)]
     logits = model(tokens)
     assert logits.shape == (1, tokens.shape[1], VOCAB) and torch.isfinite(logits).all()
     assert model.to_string(tokens[0]) == text
-    assert model.to_tokens(["123", "456"]).tolist() == [[sp.piece_to_id(c) for c in s] for s in ("123", "456")]
+    assert model.to_tokens(["123", "456"], prepend_bos=False).tolist() == [[sp.piece_to_id(c) for c in s] for s in ("123", "456")]
     assert_no_remote_code(folder)

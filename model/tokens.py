@@ -1,0 +1,110 @@
+"""Text <-> token ids the way TransformerLens does it: BOS handling per tokenizer, padding and the mask that goes with it.
+
+Pure helpers over a transformers tokenizer; `Decoder.to_tokens` & co. are thin wrappers around them.
+
+BOS: `prepend_bos=True` means "the ids start with BOS". A tokenizer that adds BOS itself (Llama 2, Gemma) is left alone;
+one that does not (SmolLM2's GPT-2 style BPE) gets the BOS id put in front. `prepend_bos=False` removes the BOS a
+tokenizer added. So BOS is never doubled and never missing, whichever tokenizer the model has.
+
+Padding: rows of unequal length are padded with the pad token (the EOS token where the tokenizer has no pad token, as
+TransformerLens does), on the right unless asked otherwise, and `encode` returns the mask with the ids. Ids that arrive
+without a mask are handled by `left_padding_mask`, TransformerLens's `get_attention_mask` for left padding.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .errors import InputError
+
+PADDING_SIDES = ("left", "right")
+
+
+def prepends_bos(tokenizer) -> bool:
+    """Whether the tokenizer puts BOS in front on its own (TransformerLens's detect_tokenizer_bos_eos)."""
+    ids = tokenizer.encode("a")
+    return len(ids) > 1 and tokenizer.bos_token_id is not None and ids[0] == tokenizer.bos_token_id
+
+
+def appends_eos(tokenizer) -> bool:
+    ids = tokenizer.encode("a")
+    return len(ids) > 1 and tokenizer.eos_token_id is not None and ids[-1] == tokenizer.eos_token_id
+
+
+def pad_token_id(tokenizer) -> int | None:
+    """The id used for padding: the tokenizer's pad token, else its EOS (TransformerLens's setup_tokenizer)."""
+    if tokenizer is None:
+        return None
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def bos_token_id(tokenizer) -> int | None:
+    """BOS id, or EOS for tokenizers without one (GPT-2 style: TransformerLens's fallback)."""
+    return tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+
+
+def encode_rows(tokenizer, texts: list[str], *, prepend_bos: bool, tokenizer_bos: bool, tokenizer_eos: bool,
+                max_len: int | None) -> list[list[int]]:
+    """Token ids per text (unpadded), starting with BOS iff `prepend_bos`, cut to `max_len` when given."""
+    bos = bos_token_id(tokenizer)
+    if prepend_bos and bos is None:
+        raise InputError("prepend_bos=True but the tokenizer has neither a BOS nor an EOS token")
+    rows = []
+    for ids in tokenizer(texts)["input_ids"]:
+        if tokenizer_eos and len(ids) > 1 and ids[-1] == tokenizer.eos_token_id:
+            ids = ids[:-1]  # TransformerLens strips an EOS the tokenizer appends by itself
+        if tokenizer_bos and not prepend_bos:
+            ids = ids[1:]
+        elif prepend_bos and not tokenizer_bos:
+            ids = [bos] + ids
+        rows.append(ids[:max_len] if max_len is not None else ids)
+    return rows
+
+
+def pad_rows(rows: list[list[int]], pad_id: int | None, side: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of ids -> (ids [batch, pos], mask [batch, pos] with 1 for tokens, 0 for padding)."""
+    if side not in PADDING_SIDES:
+        raise InputError(f"padding_side must be 'left' or 'right', got {side!r}")
+    width = max(len(r) for r in rows)
+    if pad_id is None and any(len(r) != width for r in rows):
+        raise InputError("texts tokenise to different lengths and the tokenizer has no pad or EOS token to pad with")
+    ids = torch.full((len(rows), width), pad_id if pad_id is not None else 0, dtype=torch.long)  # [batch, pos]
+    mask = torch.zeros((len(rows), width), dtype=torch.long)  # [batch, pos]
+    for i, r in enumerate(rows):
+        span = slice(width - len(r), width) if side == "left" else slice(0, len(r))
+        ids[i, span] = torch.tensor(r, dtype=torch.long)
+        mask[i, span] = 1
+    return ids, mask
+
+
+def left_padding_mask(ids: torch.Tensor, pad_id: int, *, bos_is_pad: bool, prepend_bos: bool) -> torch.Tensor:
+    """TransformerLens's get_attention_mask for left padding: leading pad tokens get 0; when BOS and pad share an id
+    and BOS is prepended, the last leading pad is that BOS and stays visible. ids [batch, pos] -> mask [batch, pos]."""
+    is_leading_pad = (ids != pad_id).long().cumsum(-1) == 0  # [batch, pos]
+    mask = (~is_leading_pad).long()  # [batch, pos]
+    if prepend_bos and bos_is_pad:
+        # the BOS is the last of the leading "pads" (TransformerLens indexes -1 for a row with none: the last column,
+        # which is a real token there anyway)
+        last_pad = is_leading_pad.sum(-1) - 1  # [batch]
+        mask[torch.arange(ids.shape[0], device=ids.device), last_pad] = 1
+    return mask
+
+
+def check_ids(ids: torch.Tensor, d_vocab: int, pad_id: int | None) -> int:
+    """Refuse ids that cannot index the embedding (one line naming `input`) and return how many rows start with the pad
+    token (0 when there is no pad token): one reduction, one device sync."""
+    if ids.is_meta:
+        raise InputError("input is on the meta device (a tensor without data); load or move the ids to a real device")
+    if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+        raise InputError(f"input must be integer token ids, got dtype {ids.dtype} "
+                         "(a residual stream [batch, pos, d_model] goes in with start_at_layer=)")
+    if ids.dim() != 2:
+        raise InputError(f"input must be token ids [batch, pos] or [pos], got shape {tuple(ids.shape)}")
+    if ids.shape[0] == 0 or ids.shape[1] == 0:
+        raise InputError(f"input is empty (shape {tuple(ids.shape)}): pass at least one token per row")
+    first = ids[:, 0] == pad_id if pad_id is not None else torch.zeros_like(ids[:, 0], dtype=torch.bool)  # [batch]
+    lo, hi, pad_rows_ = torch.stack((ids.min(), ids.max(), first.sum())).tolist()
+    if lo < 0 or hi >= d_vocab:
+        bad = lo if lo < 0 else hi
+        raise InputError(f"input holds token id {bad}, outside the vocabulary [0, {d_vocab - 1}]")
+    return pad_rows_
