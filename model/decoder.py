@@ -130,7 +130,8 @@ class Positions:
         key = (params, head_dim, dtype)
         if key not in self._cos_sin:
             # dynamic NTK rescales from the current total length, like transformers' dynamic_rope_update
-            seq_len = int(self.positions.max().item()) + 1
+            # (only it needs the length on the host: a device sync on GPUs, impossible on `meta`)
+            seq_len = int(self.positions.max().item()) + 1 if params.rope_type == "dynamic" else None
             self._cos_sin[key] = rope_cos_sin(params, head_dim, self.positions, seq_len=seq_len, dtype=dtype)
         return self._cos_sin[key]
 

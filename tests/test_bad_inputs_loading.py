@@ -224,13 +224,18 @@ def shared_copy():
     shutil.rmtree(parent)
 
 
-@pytest.mark.parametrize("target", [".", WEIGHTS, "config.json"])
-def test_permission_denied_is_one_line_naming_the_file(shared_copy, target):
-    (shared_copy / target).chmod(0)
-    out = _in_unprivileged_child(lambda: load_model(shared_copy, load_tokenizer=False))
+@pytest.mark.parametrize("target", [".", WEIGHTS, "config.json", "gguf"])
+def test_permission_denied_is_one_line_naming_the_file(shared_copy, tiny_gguf, target):
+    source = shared_copy
+    if target == "gguf":
+        source = shared_copy.parent / "tiny.gguf"
+        shutil.copy(tiny_gguf[0], source)
+    culprit = source if target in (".", "gguf") else shared_copy / target
+    culprit.chmod(0)
+    out = _in_unprivileged_child(lambda: load_model(source, load_tokenizer=False))
     assert out.startswith(("CheckpointError: ", "ConfigError: ")), out
-    assert "Permission denied" in out and "\n" not in out
-    assert str(shared_copy / target if target != "." else shared_copy) in out
+    assert "permission denied" in out and "\n" not in out
+    assert str(culprit) in out
 
 
 # ---- GGUF -------------------------------------------------------------------------------------------------------------
