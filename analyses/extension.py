@@ -318,30 +318,41 @@ def sliding_windows(n_tokens: int, length: int, stride: int, *, bos: bool = Fals
 
 @torch.inference_mode()
 def sliding_window_perplexity(model, tokens: torch.Tensor, length: int, *, stride: int | None = None, bos: int | None = None,
-                              batch_size: int = 4, progress: bool = True, desc: str = "perplexity") -> tuple[float, float, int, int]:
+                              batch_size: int = 4, progress: bool = True, desc: str = "perplexity",
+                              group=None) -> tuple[float, float, int, int]:
     """(ppl, nll, n_tokens, n_windows) of `tokens` [n] read in windows of `length` tokens (BOS + length-1 text tokens when
     `bos` is given), `stride` apart (default length // 2), each scoring only the targets no earlier window scored, so
-    every token after the first window is predicted with at least length - stride tokens of context. Deterministic."""
+    every token after the first window is predicted with at least length - stride tokens of context. Deterministic.
+    Under torch.distributed each rank scores its share of the window batches and the float64 sums are all-reduced."""
     import torch.nn.functional as F
+
+    from .distributed import LOCAL, all_reduce_sums, is_main, shard
+    from .runner import forward_batches
 
     body = length - (bos is not None)
     stride = stride if stride is not None else max(1, body // 2)
     windows = sliding_windows(tokens.numel(), body, min(stride, body), bos=bos is not None)
-    total, count = 0.0, 0
-    for i in tqdm(range(0, len(windows), batch_size), desc=desc, disable=not progress, leave=False):
-        group = windows[i:i + batch_size]
-        ids = torch.stack([tokens[s:e] for s, e, _ in group])  # [batch, body]
+    groups = shard([windows[i:i + batch_size] for i in range(0, len(windows), batch_size)], group)
+    batches = []
+    for g in groups:
+        ids = torch.stack([tokens[s:e] for s, e, _ in g])  # [batch, body]
         if bos is not None:
             ids = torch.cat((torch.full((ids.shape[0], 1), bos, dtype=ids.dtype), ids), dim=1)  # [batch, length]
-        logits = model(ids.to(model.device)).float()  # [batch, length, vocab]
-        nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:].to(model.device), reduction="none")  # [batch, length-1]
-        offset = bos is not None
-        for row, (s, _, first) in enumerate(group):
+        batches.append(ids)
+    total, count = 0.0, 0
+    offset = bos is not None
+    # already sharded above (the windows of each batch are needed below): forward_batches runs them all (LOCAL)
+    for run, g in zip(forward_batches(model, batches, group=LOCAL, progress=progress and is_main(group), desc=desc),
+                      groups):
+        logits = run.output.float()  # [batch, length, vocab]
+        nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), run.ids[:, 1:], reduction="none")  # [batch, length-1]
+        for row, (s, _, first) in enumerate(g):
             # target at stream index j sits at column (j - s) + offset - 1 of nll
             total += float(nll[row, first - s + offset - 1:].double().sum())
             count += nll.shape[1] - (first - s + offset - 1)
-    ppl, nll_mean = perplexity_of(total, count, desc)
-    return ppl, nll_mean, count, len(windows)
+    total, count = all_reduce_sums([total, count], group)
+    ppl, nll_mean = perplexity_of(total, int(count), desc)
+    return ppl, nll_mean, int(count), len(windows)
 
 
 def extension_perplexity(model, methods: Sequence[str], lengths: Sequence[int], *, factor: float | None = None,
@@ -386,29 +397,38 @@ class PasskeyRow:
 
 @torch.inference_mode()
 def passkey_accuracy(model, lengths: Sequence[int], depths: Sequence[float] = (0.0, 0.5, 1.0), *, n_keys: int = 5,
-                     seed: int = 1234, method: str = "none", ext: Extension | None = None, progress: bool = True) -> list[PasskeyRow]:
+                     seed: int = 1234, method: str = "none", ext: Extension | None = None, progress: bool = True,
+                     group=None) -> list[PasskeyRow]:
     """Exact-match passkey accuracy per (length, depth) over `n_keys` random 5-digit keys, greedy decoding.
 
-    Run inside `apply_method` and pass its Extension as `ext` (so hooked methods decode without a KV cache)."""
+    Run inside `apply_method` and pass its Extension as `ext` (so hooked methods decode without a KV cache).
+    Under torch.distributed each rank decodes its share of the prompts and the answers are gathered on every rank."""
     if model.tokenizer is None:
         raise InputError("passkey retrieval needs the model's tokenizer")
+    from .distributed import gather_items, is_main, shard
+
     keys = passkey_keys(n_keys, seed)
     use_cache = ext.cache_safe if ext is not None else True
-    rows = []
     grid = [(length, depth) for length in lengths for depth in depths]
-    for length, depth in tqdm(grid, desc=f"passkey {method}", disable=not progress, leave=False):
-        answers, hits, n_tok = [], 0, 0
-        for key in keys:
-            ids = passkey_prompt(model.tokenizer, length, depth, key)[None].to(model.device)  # [1, n]
-            n_tok = ids.shape[1]
-            out = model.generate(ids, max_new_tokens=len(key) + 3, use_cache=use_cache)
-            text = model.tokenizer.decode(out[0, ids.shape[1]:].tolist(), skip_special_tokens=True)
-            found = re.search(r"\d+", text)
-            answer = found.group(0) if found else ""
-            answers.append(answer)
-            hits += answer == key
+    # every (length, depth, key) prompt is one item; under torch.distributed each rank decodes its share
+    items = [(g, k) for g in range(len(grid)) for k in range(len(keys))]
+    answers, prompt_tokens = {}, {}
+    for g, k in tqdm(list(shard(items, group)), desc=f"passkey {method}", disable=not progress or not is_main(group),
+                     leave=False):
+        length, depth = grid[g]
+        ids = passkey_prompt(model.tokenizer, length, depth, keys[k])[None].to(model.device)  # [1, n]
+        out = model.generate(ids, max_new_tokens=len(keys[k]) + 3, use_cache=use_cache)
+        text = model.tokenizer.decode(out[0, ids.shape[1]:].tolist(), skip_special_tokens=True)
+        found = re.search(r"\d+", text)
+        answers[g, k] = found.group(0) if found else ""
+        prompt_tokens[g] = ids.shape[1]
+    answers, prompt_tokens = gather_items(answers, group), gather_items(prompt_tokens, group)
+    rows = []
+    for g, (length, depth) in enumerate(grid):
+        got = [answers[g, k] for k in range(len(keys))]
+        hits = sum(a == key for a, key in zip(got, keys))
         rows.append(PasskeyRow(method=method, length=int(length), depth=float(depth), accuracy=hits / len(keys),
-                               n_keys=len(keys), prompt_tokens=int(n_tok), answers=answers))
+                               n_keys=len(keys), prompt_tokens=int(prompt_tokens[g]), answers=got))
     return rows
 
 

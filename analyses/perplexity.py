@@ -14,9 +14,8 @@ from typing import Iterable
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
-from residscope.common.batches import Batch, batch_count, unpack_batch
+from residscope.common.batches import Batch, unpack_batch
 from residscope.model.errors import InputError
 
 
@@ -55,20 +54,24 @@ def perplexity_of(total_nll: float, n_tokens: int, what: str = "perplexity") -> 
     return (math.exp(nll) if nll < 700 else math.inf), nll  # exp overflows a float beyond ~709
 
 
-def perplexity(model, batches: Iterable[Batch], *, progress: bool = True, desc: str = "perplexity") -> PerplexityResult:
-    """Mean next-token NLL and perplexity of `model` over all predicted tokens of `batches` ([batch, pos] each)."""
+def perplexity(model, batches: Iterable[Batch], *, progress: bool = True, desc: str = "perplexity",
+               group=None) -> PerplexityResult:
+    """Mean next-token NLL and perplexity of `model` over all predicted tokens of `batches` ([batch, pos] each).
+
+    Under torch.distributed (`group`, or the default group when initialised) each rank scores its share of the batches
+    and the float64 sums are all-reduced: every rank returns the whole corpus's result.
+    """
+    from .distributed import all_reduce_sums
+    from .runner import forward_batches
+
     total_nll, n_tokens = 0.0, 0
-    with torch.inference_mode():
-        for batch in tqdm(batches, total=batch_count(batches), desc=desc, disable=not progress, leave=False):
-            ids, mask = unpack_batch(batch)
-            ids = ids.to(model.device)
-            mask = mask.to(model.device) if mask is not None else None
-            logits = model(ids, attention_mask=mask)  # [batch, pos, vocab]
-            s, n = token_nll_sum(logits, ids, mask)
-            total_nll += s
-            n_tokens += n
-    ppl, nll = perplexity_of(total_nll, n_tokens, desc)
-    return PerplexityResult(ppl=ppl, nll=nll, n_tokens=n_tokens)
+    for run in forward_batches(model, batches, group=group, progress=progress, desc=desc):
+        s, n = token_nll_sum(run.output, run.ids, run.mask)  # output: logits [batch, pos, vocab]
+        total_nll += s
+        n_tokens += n
+    total_nll, n_tokens = all_reduce_sums([total_nll, n_tokens], group)
+    ppl, nll = perplexity_of(total_nll, int(n_tokens), desc)
+    return PerplexityResult(ppl=ppl, nll=nll, n_tokens=int(n_tokens))
 
 
 def heldout_perplexity(

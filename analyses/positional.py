@@ -25,7 +25,6 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from residscope.model.errors import InputError, MissingFileError
 
@@ -149,14 +148,16 @@ class _MomentAccumulator:
         self.sum_norm: torch.Tensor | None = None  # [layer, pos]
         self.n_samples = 0
 
+    def allocate(self, pos: int) -> None:
+        if self.sum_h is None:
+            self.sum_h = torch.zeros(self.n_resid_layers, pos, self.d_model, dtype=torch.float64)
+            self.sum_sq = torch.zeros(self.n_resid_layers, pos, dtype=torch.float64)
+            self.sum_norm = torch.zeros(self.n_resid_layers, pos, dtype=torch.float64)
+
     def hook(self, layer: int) -> Callable:
         def accumulate(resid: torch.Tensor, hook) -> None:
             h = resid.detach().to("cpu", torch.float64)  # [batch, pos, d_model]
-            if self.sum_h is None:
-                pos = h.shape[1]
-                self.sum_h = torch.zeros(self.n_resid_layers, pos, self.d_model, dtype=torch.float64)
-                self.sum_sq = torch.zeros(self.n_resid_layers, pos, dtype=torch.float64)
-                self.sum_norm = torch.zeros(self.n_resid_layers, pos, dtype=torch.float64)
+            self.allocate(h.shape[1])
             if h.shape[1] != self.sum_h.shape[1]:
                 raise InputError(f"all batches must have the same sequence length: got {h.shape[1]} after {self.sum_h.shape[1]}")
             sq = h.pow(2).sum(-1)  # [batch, pos]
@@ -168,21 +169,31 @@ class _MomentAccumulator:
 
 
 @torch.no_grad()
-def decompose_positions(model, batches: Iterable[torch.Tensor], *, progress: bool = True) -> PositionalDecomposition:
-    """Mean-based positional decomposition over token-id batches [batch, pos] of one common length (no padding)."""
+def decompose_positions(model, batches: Iterable[torch.Tensor], *, progress: bool = True,
+                        group=None) -> PositionalDecomposition:
+    """Mean-based positional decomposition over token-id batches [batch, pos] of one common length (no padding).
+
+    Under torch.distributed (`group`, or the default group when initialised) each rank takes its share of the batches
+    and the float64 sums are all-reduced; every rank returns the whole decomposition.
+    """
+    from .distributed import agree, all_reduce_sum
+    from .runner import forward_batches
+
     cfg = model.cfg
     names = resid_hook_names(cfg.n_layers)
     acc = _MomentAccumulator(len(names), cfg.d_model)
     hooks = [(name, acc.hook(layer)) for layer, name in enumerate(names)]
-    for ids in tqdm(batches, desc="positional vectors", disable=not progress, leave=False):
-        ids = ids.to(model.device)
-        # everything we need is in the residual stream: skip the final norm and unembedding
-        model.run_with_hooks(ids, fwd_hooks=hooks, stop_at_layer=cfg.n_layers)
-        acc.n_samples += ids.shape[0]
-    if acc.n_samples == 0:
+    # everything we need is in the residual stream: skip the final norm and unembedding
+    for run in forward_batches(model, batches, hooks=hooks, stop_at_layer=cfg.n_layers, group=group,
+                               progress=progress, desc="positional vectors"):
+        acc.n_samples += run.ids.shape[0]
+    seq_len = agree(acc.sum_h.shape[1] if acc.sum_h is not None else None, group, what="sequence length")
+    if seq_len is None:
         raise InputError("no batches given: the decomposition needs at least one sample")
-    n = acc.n_samples
-    return PositionalDecomposition(vectors=acc.sum_h / n, second_moment=acc.sum_sq / n, mean_token_norm=acc.sum_norm / n,
+    acc.allocate(seq_len)  # a rank without batches contributes zeros
+    sum_h, sum_sq, sum_norm = (all_reduce_sum(t, group) for t in (acc.sum_h, acc.sum_sq, acc.sum_norm))
+    n = int(all_reduce_sum(torch.tensor(float(acc.n_samples)), group))
+    return PositionalDecomposition(vectors=sum_h / n, second_moment=sum_sq / n, mean_token_norm=sum_norm / n,
                                    n_samples=n, hook_names=names)
 
 
@@ -342,23 +353,32 @@ class _AttentionAccumulator:
 
 @torch.no_grad()
 def attention_statistics(model, batches: Iterable[torch.Tensor], *, first_k: int = 4, fwd_hooks: Sequence[Hook] = (),
-                         progress: bool = True) -> AttentionStatistics:
+                         progress: bool = True, group=None) -> AttentionStatistics:
     """Sink mass and attention against distance for every block and head, over token-id batches of one length.
 
     Patterns are reduced inside their hooks and never stored. `fwd_hooks` (e.g. `removal_hooks(...)`) run at the same time,
-    so the statistics describe the intervened model.
+    so the statistics describe the intervened model. Under torch.distributed the sums are all-reduced (see
+    `decompose_positions`).
     """
+    from .distributed import agree, all_reduce_sum
+    from .runner import forward_batches
+
     cfg = model.cfg
     acc = _AttentionAccumulator(cfg.n_layers, cfg.n_heads, first_k)
     hooks = [(f"blocks.{i}.attn.hook_pattern", acc.hook(i)) for i in model.attention_layers()]
-    for ids in tqdm(batches, desc="attention", disable=not progress, leave=False):
-        ids = ids.to(model.device)
-        model.run_with_hooks(ids, fwd_hooks=list(fwd_hooks) + hooks, stop_at_layer=cfg.n_layers)
-        acc.n_samples += ids.shape[0]
-    if acc.n_samples == 0:
+    for run in forward_batches(model, batches, hooks=list(fwd_hooks) + hooks, stop_at_layer=cfg.n_layers, group=group,
+                               progress=progress, desc="attention"):
+        acc.n_samples += run.ids.shape[0]
+    shape = agree(tuple(acc.dist.shape) if acc.dist is not None else None, group, what="attention statistics shape")
+    n = int(all_reduce_sum(torch.tensor(float(acc.n_samples)), group))
+    if n == 0:
         raise InputError("no batches given")
-    n = acc.n_samples
-    return AttentionStatistics(sink_mass=(acc.sink / n).numpy(), by_distance=(acc.dist / n).numpy(), first_k=first_k,
+    if shape is None:  # no block has attention left: nothing to describe
+        raise InputError("attention statistics: the model has no attention layers")
+    if acc.dist is None:  # a rank without batches contributes zeros
+        acc.sink, acc.dist = torch.zeros(shape[:2], dtype=torch.float64), torch.zeros(shape, dtype=torch.float64)
+    sink, dist = all_reduce_sum(acc.sink, group), all_reduce_sum(acc.dist, group)
+    return AttentionStatistics(sink_mass=(sink / n).numpy(), by_distance=(dist / n).numpy(), first_k=first_k,
                                n_samples=n)
 
 

@@ -27,6 +27,9 @@ TEXT = typer.Option(None, "--text", help=".txt or .jsonl text file instead of th
 DATASET = typer.Option(None, "--dataset", help="a `datasets` dataset name (needs the network and residscope[online])")
 JSON = typer.Option(False, "--json", help="print JSON instead of a table")
 HTML = typer.Option(None, "--html", help="also write the plotly figure to this HTML file")
+NPROC = typer.Option(1, "--nproc", help="local data-parallel workers (torch.distributed); or start the command under torchrun")
+OFFLOAD = typer.Option(False, "--offload", help="keep the blocks on disk and stream them one at a time (models larger "
+                                                 "than memory; safetensors only)")
 
 
 def model_name(model: Optional[str]) -> str:
@@ -36,10 +39,15 @@ def model_name(model: Optional[str]) -> str:
     return model if model is not None else DEFAULT_MODEL
 
 
-def load(model: Optional[str], device: str = "cpu", dtype: str = "float32"):
+def load(model: Optional[str], device: str = "cpu", dtype: str = "float32", offload: bool = False):
     from residscope.model import load_model
 
-    return load_model(model_name(model), device=device, dtype=dtype)
+    return load_model(model_name(model), device=device, dtype=dtype, offload=offload)
+
+
+def n_batches(samples: int, batch_size: int) -> int:
+    """Batches of `samples` sequences (1 for values the commands refuse later with their own message)."""
+    return -(-samples // batch_size) if samples > 0 and batch_size > 0 else 1
 
 
 def echo_err(msg: str) -> None:

@@ -8,7 +8,6 @@ Every step calls the same library functions as the dedicated commands.
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from pathlib import Path
 from typing import Optional

@@ -87,7 +87,7 @@ def generate(
     if sample and seed is not None:
         generator = torch.Generator(device=lm.device).manual_seed(seed)
     out = lm.generate(ids, max_new_tokens=max_new_tokens, do_sample=sample, temperature=temperature, top_k=top_k,
-                      top_p=top_p, generator=generator)  # [1, pos + new]
+                      top_p=top_p, generator=generator, verbose=True)  # [1, pos + new]; progress bar on stderr
     typer.echo(tok.decode(out[0, ids.shape[1]:].tolist(), skip_special_tokens=True))
 
 

@@ -11,7 +11,7 @@ import typer
 
 from residscope.model.errors import InputError
 
-from .cli_common import DEVICE, DTYPE, MODEL, load, model_name, parse_indices
+from .cli_common import DEVICE, DTYPE, MODEL, NPROC, OFFLOAD, load, model_name, n_batches, parse_indices
 from .cli_output import json_text
 
 
@@ -52,11 +52,14 @@ def positional(
     as_json: bool = typer.Option(False, "--json", help="print the JSON summary instead of a table"),
     dtype: str = DTYPE,
     device: str = DEVICE,
+    nproc: int = NPROC,
+    offload: bool = OFFLOAD,
 ) -> None:
     """Decompose the residual stream into positional vectors, measure sinks and decay, remove positional vectors, probe."""
     from residscope.analyses.corpus import calibration_batches
     from residscope.analyses.positional_plots import study_figures
     from residscope.analyses.positional_study import positional_study
+    from residscope.apps import workers
     from residscope.common.atomic import atomic_dir, check_output_dir
     from residscope.probes.linear import collect_activations, first_tokens_probe, position_probe
 
@@ -65,7 +68,10 @@ def positional(
     if not 0 < cos_threshold <= 1:
         raise InputError(f"--cos-threshold must be in (0, 1], got {cos_threshold}")
     out = check_output_dir(out, "--out", force=force)  # before the slow part
-    m, progress = load(model, device, dtype), not as_json
+    if workers.launched(positional, locals(), nproc=nproc, n_batches=n_batches(samples, batch_size)):
+        return
+    device = workers.join(device, n_batches=n_batches(samples, batch_size))
+    m, progress = load(model, device, dtype, offload), not as_json
     layers = parse_indices(remove_layers, "--remove-layers", m.cfg.n_layers + 1, note=" (0 = embeddings)")
     batches, source = calibration_batches(m, seq_len=seq_len, samples=samples, batch_size=batch_size, seed=seed,
                                           text_file=text)
@@ -74,6 +80,8 @@ def positional(
                                    split="evaluation", text_file=text)[0] if layers else None
     study = positional_study(m, batches, first_k=first_k, cos_threshold=cos_threshold, remove_layers=layers,
                              eval_batches=held_out, source=source, progress=progress)
+    if not workers.is_main():  # rank 0 alone collects the probes' activations (they need all of them) and writes
+        return
     probes = []
     if probe_tokens > 0:
         acts = collect_activations(m, batches, max_tokens=probe_tokens, progress=progress)

@@ -10,8 +10,8 @@ import typer
 
 from residscope.model.errors import InputError
 
-from .cli_common import (BATCH, DATASET, DEVICE, DTYPE, JSON, MODEL, SEED, SEQ_LEN, TEXT, echo_err, load, model_name,
-                         parse_list, write_figure)
+from .cli_common import (BATCH, DATASET, DEVICE, DTYPE, JSON, MODEL, NPROC, OFFLOAD, SEED, SEQ_LEN, TEXT, echo_err, load,
+                         model_name, n_batches, parse_list, write_figure)
 from .cli_output import json_text
 
 
@@ -39,8 +39,8 @@ def _comparison_table(cmp) -> str:
 def _check_prune_options(metric: str, remove: Optional[int], layers: Optional[str], compare: bool, out: Optional[Path],
                          force: bool, seeds: int) -> None:
     """Everything that can be refused before the model loads."""
+    from residscope.common.atomic import check_output_dir
     from residscope.surgery import BASELINES, METRICS
-    from residscope.model.export import check_target
 
     if metric not in METRICS + BASELINES:
         raise InputError(f"--metric must be one of {', '.join(METRICS + BASELINES)}; got {metric!r}")
@@ -51,7 +51,7 @@ def _check_prune_options(metric: str, remove: Optional[int], layers: Optional[st
     if out is None and not compare:
         raise InputError("--out is required (the folder for the pruned checkpoint)")
     if out is not None:
-        check_target(Path(out).expanduser(), force)  # fail before the slow part
+        check_output_dir(out, "--out", force=force)  # fail before the slow part
     if seeds < 1:
         raise InputError(f"--seeds must be >= 1, got {seeds}")
 
@@ -83,16 +83,24 @@ def bi(
     html: Optional[Path] = typer.Option(None, "--html", help="write a plotly chart of the scores to this HTML file"),
     dtype: str = DTYPE,
     device: str = DEVICE,
+    nproc: int = NPROC,
+    offload: bool = OFFLOAD,
 ) -> None:
     """Per-layer importance (ShortGPT Block Influence or another metric) on calibration text."""
+    from residscope.apps import workers
     from residscope.common.atomic import check_output_file
     from residscope.surgery.influence import check_metric
 
     check_metric(metric)
     if html is not None:
         html = check_output_file(html, "--html")  # before the slow part
-    m = load(model, device, dtype)
+    if workers.launched(bi, locals(), nproc=nproc, n_batches=n_batches(samples, batch_size)):
+        return
+    device = workers.join(device, n_batches=n_batches(samples, batch_size))
+    m = load(model, device, dtype, offload)
     result = _influence(m, metric, shortgpt_compat, seq_len, samples, batch_size, seed, text, dataset)
+    if not workers.is_main():  # rank 0 alone reports
+        return
     if html is not None:
         from residscope.surgery.plots import influence_figure
 
@@ -115,12 +123,20 @@ def ppl(
     as_json: bool = JSON,
     dtype: str = DTYPE,
     device: str = DEVICE,
+    nproc: int = NPROC,
+    offload: bool = OFFLOAD,
 ) -> None:
     """Held-out perplexity of a model."""
     from residscope.analyses.perplexity import heldout_perplexity
+    from residscope.apps import workers
 
-    m = load(model, device, dtype)
+    if workers.launched(ppl, locals(), nproc=nproc, n_batches=n_batches(samples, batch_size)):
+        return
+    device = workers.join(device, n_batches=n_batches(samples, batch_size))
+    m = load(model, device, dtype, offload)
     r = heldout_perplexity(m, seq_len=seq_len, samples=samples, batch_size=batch_size, seed=seed, text_file=text, dataset=dataset)
+    if not workers.is_main():  # rank 0 alone reports
+        return
     if as_json:
         typer.echo(json_text({**r.to_dict(), "model": model_name(model)}, indent=2))
     else:
@@ -149,6 +165,7 @@ def prune(
     as_json: bool = JSON,
     dtype: str = DTYPE,
     device: str = DEVICE,
+    offload: bool = OFFLOAD,
 ) -> None:
     """Remove layers (lowest score first, or explicit ones), report held-out perplexity before and after, and save a
     standard transformers checkpoint."""
@@ -158,7 +175,7 @@ def prune(
     from residscope.surgery.removal import check_layers
 
     _check_prune_options(metric, remove, layers, compare, out, force, seeds)
-    m = load(model, device, dtype)
+    m = load(model, device, dtype, offload)
     n_layers = m.cfg.n_layers
     explicit = check_layers(parse_list(layers, "--layers", int, "layer indices like 3,5,7"), n_layers, arg="--layers") \
         if layers is not None else None

@@ -67,9 +67,9 @@ def child(mode: str, source: str, batch: int, seq_len: int, repeat: int) -> dict
     if mode.startswith("hf"):
         import transformers
 
-        from residscope.model.loading import resolve_folder
+        from residscope.model.registry import resolve_source
 
-        model = transformers.AutoModelForCausalLM.from_pretrained(resolve_folder(source), dtype=torch.float32).eval()
+        model = transformers.AutoModelForCausalLM.from_pretrained(resolve_source(source), dtype=torch.float32).eval()
         vocab = model.config.vocab_size
     else:
         model = load_model(source, load_tokenizer=False)

@@ -11,7 +11,7 @@ barriers, and a 2-thread forward measured 6-17x slower than a 1-thread one under
 Checkpoint: by default a Llama with SmolLM2-135M's shape (hidden 576, 30 layers, 9 heads, 3 KV heads, intermediate 1536,
 vocab 49152, rope_theta 1e5, tied embeddings) with random weights, written with `save_pretrained` to a temp folder together
 with a tiny word-level tokenizer (TransformerBridge insists on one). Speed does not depend on the weights. `--model` takes a
-folder, GGUF file or alias instead (anything `residscope.model.loading.resolve_folder` understands).
+folder, GGUF file or alias instead (anything `residscope.model.registry.resolve_source` understands).
 
 Cases, all under torch.inference_mode on the same input ids, in one process, timed interleaved (each repeat runs every case
 once, so load from other processes on the machine spreads over all cases), median reported:
@@ -365,10 +365,10 @@ def main(argv=None) -> int:
 
     tmp = tempfile.TemporaryDirectory(prefix="residscope-bench-")
     if args.model:
-        from residscope.model.loading import resolve_folder
+        from residscope.model.registry import resolve_source
 
         try:
-            folder = resolve_folder(args.model)
+            folder = resolve_source(args.model)
         except Exception as e:  # noqa: BLE001 - one line naming the argument
             p.error(f"--model {args.model}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
         checkpoint = f"{args.model} ({folder})"

@@ -16,11 +16,8 @@ from typing import Any
 import torch
 
 from .errors import ConfigError
+from .hf_config import FULL, SLIDING, decoder_kwargs
 from .rope import RopeParams
-
-FULL = "full_attention"
-SLIDING = "sliding_attention"
-SUBLAYER_KEY = "residscope_removed_sublayers"  # config.json key of a sub-block-pruned checkpoint (residscope's own)
 
 # TransformerLens's `original_architecture` per model_type (the class name in config.json's "architectures")
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
@@ -84,6 +81,7 @@ class DecoderConfig:
     use_attn_result: bool = False
     use_split_qkv_input: bool = False
     use_hook_tokens: bool = False
+    use_attn_in: bool = False
     seed: int | None = None
     live: LiveState = field(default_factory=LiveState, init=False, repr=False, compare=False)
 
@@ -283,10 +281,12 @@ class DecoderConfig:
     # ---- (de)serialisation -------------------------------------------------------------------
     @classmethod
     def from_hf(cls, cfg: dict[str, Any], *, source: str = "config.json", position_embedding: str | None = None) -> "DecoderConfig":
-        """Normalise a transformers config dict. `source` names the file in error messages."""
-        from .hf_config import decoder_config_from_hf
-
-        return decoder_config_from_hf(cls, cfg, source=source, position_embedding=position_embedding)
+        """Normalise a transformers config dict (`hf_config.decoder_kwargs`). `source` names the file in error messages."""
+        kwargs = decoder_kwargs(cfg, source=source, position_embedding=position_embedding)
+        try:
+            return cls(**kwargs)
+        except (TypeError, KeyError) as e:  # a value of the wrong kind, e.g. layer_types not a list
+            raise ConfigError(f"{source}: {e}") from None
 
     @classmethod
     def from_json(cls, path: str | Path, **kw) -> "DecoderConfig":
@@ -296,7 +296,7 @@ class DecoderConfig:
         except FileNotFoundError:
             raise ConfigError(f"{path}: missing config.json") from None
         except OSError as e:  # permission denied, a folder named config.json, ...
-            raise ConfigError(f"{path}: cannot read ({e.strerror or e})") from None
+            raise ConfigError(f"{path}: cannot read ({(e.strerror or str(e)).lower()})") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ConfigError(f"{path}: not valid JSON ({e})") from None
         return cls.from_hf(cfg, source=str(path), **kw)

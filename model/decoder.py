@@ -9,7 +9,15 @@ Hook names follow TransformerLens, so `run_with_cache`, `run_with_hooks` and `Ac
     blocks.{i}.attn.hook_attn_scores / hook_pattern [batch, head, q_pos, k_pos] (explicit path only)
     blocks.{i}.attn.hook_z                          [batch, pos, head, d_head]
     blocks.{i}.mlp.hook_pre / hook_pre_linear / hook_post  [batch, pos, d_mlp]
+    blocks.{i}.hook_mlp_in                          [batch, pos, d_model]  (resid_mid, copied when hooked)
+    blocks.{i}.ln1 / ln2 (/ ln1_post / ln2_post).hook_scale, ln_final.hook_scale  [batch, pos, 1]
     ln_final.hook_normalized
+TransformerLens' opt-in hooks fire only after their switch (`model.set_use_attn_result(True)` or `model.cfg.<switch> = True`):
+    blocks.{i}.attn.hook_result                     [batch, pos, head, d_model]  (use_attn_result)
+    blocks.{i}.hook_q_input                         [batch, pos, head, d_model]  (use_split_qkv_input)
+    blocks.{i}.hook_k_input / hook_v_input          [batch, pos, kv_head, d_model]
+    blocks.{i}.hook_attn_in                         [batch, pos, head, d_model]  (use_attn_in; not with GQA)
+    hook_tokens                                     [batch, pos]  (use_hook_tokens)
 Attention runs through SDPA unless a hook is attached to `hook_attn_scores` or `hook_pattern` (or the layer needs
 logit soft-capping); then an explicit path computes the same result and exposes scores and pattern.
 """
@@ -32,7 +40,9 @@ from transformer_lens.hook_points import HookPoint
 from . import export
 from . import tokens as tokenizing
 from .config import DecoderConfig
+from .errors import InputError
 from .rope import RopeParams, apply_rope, rope_cos_sin
+from .tl_weights import AttentionWeights, DecoderWeights, Embed, MLPWeights, Unembed
 
 RETURN_TYPES = ("logits", "loss", "both", None)
 
@@ -46,6 +56,16 @@ def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
         return x
     b, kvh, p, d = x.shape
     return x[:, :, None].expand(b, kvh, n_rep, p, d).reshape(b, kvh * n_rep, p, d)
+
+
+def hooked(hp: HookPoint) -> bool:
+    """True when a forward or backward hook is attached: opt-in work (patterns, scales, copies) runs only then."""
+    return bool(hp._forward_hooks or hp._backward_hooks)
+
+
+def repeat_heads(x: torch.Tensor, n: int) -> torch.Tensor:
+    """[batch, pos, d_model] -> [batch, pos, n, d_model], a real copy so hooks may edit one head's slot in place."""
+    return x[:, :, None].expand(x.shape[0], x.shape[1], n, x.shape[2]).contiguous()
 
 
 def alibi_slopes(n_heads: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -73,7 +93,7 @@ def next_token_loss(logits: torch.Tensor, tokens: torch.Tensor, attention_mask: 
     if attention_mask is None:
         return nll if per_token else nll.mean()
     if attention_mask.shape != tokens.shape:
-        raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, tokens {tuple(tokens.shape)}")
+        raise InputError(f"attention_mask has shape {tuple(attention_mask.shape)}, tokens {tuple(tokens.shape)}")
     mask = attention_mask.to(logits.device).bool()
     counted = mask[:, :-1] & mask[:, 1:]  # [batch, pos - 1]: both the token and the one it predicts are real
     nll = nll.masked_fill(~counted, 0.0)
@@ -83,13 +103,13 @@ def next_token_loss(logits: torch.Tensor, tokens: torch.Tensor, attention_mask: 
 def check_sampling(max_new_tokens, temperature, top_k, top_p) -> None:
     """One-line refusals of generation settings that would fail deep inside sampling or silently do nothing useful."""
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+        raise InputError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
     if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
-        raise ValueError(f"temperature must be a finite number >= 0 (0: greedy), got {temperature!r}")
+        raise InputError(f"temperature must be a finite number >= 0 (0: greedy), got {temperature!r}")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-        raise ValueError(f"top_k must be an integer >= 1 (or None), got {top_k!r}")
+        raise InputError(f"top_k must be an integer >= 1 (or None), got {top_k!r}")
     if top_p is not None and not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
-        raise ValueError(f"top_p must be in (0, 1] (or None), got {top_p!r}")
+        raise InputError(f"top_p must be in (0, 1] (or None), got {top_p!r}")
 
 
 def attention_allowed(q_idx: torch.Tensor, k_idx: torch.Tensor, window: int | None) -> torch.Tensor:
@@ -129,7 +149,8 @@ class Positions:
         key = (params, head_dim, dtype)
         if key not in self._cos_sin:
             # dynamic NTK rescales from the current total length, like transformers' dynamic_rope_update
-            seq_len = int(self.positions.max().item()) + 1
+            # (only it needs the length on the host: a device sync on GPUs, impossible on `meta`)
+            seq_len = int(self.positions.max().item()) + 1 if params.rope_type == "dynamic" else None
             self._cos_sin[key] = rope_cos_sin(params, head_dim, self.positions, seq_len=seq_len, dtype=dtype)
         return self._cos_sin[key]
 
@@ -175,30 +196,59 @@ class KVCache:
 # modules
 # ---------------------------------------------------------------------------------------------------------------------
 class RMSNorm(nn.Module):
-    """RMSNorm computed in float32. offset 0: Llama's w * normed.to(dtype); offset 1: Gemma's (normed * (1 + w)).to(dtype)."""
+    """RMSNorm computed in float32 (float64 for float64 models, where transformers would round through float32: a float64
+    run is then float64 throughout and decompositions of it are exact to 1e-9). offset 0: Llama's w * normed.to(dtype);
+    offset 1: Gemma's (normed * (1 + w)).to(dtype).
+
+    hook_scale [..., 1] is TransformerLens' sqrt(mean(x^2) + eps). The input is multiplied by rsqrt (transformers'
+    arithmetic, so caching changes no logit); a hook that changes the scale, or a backward hook on it, gets TransformerLens'
+    x / scale.
+    """
 
     def __init__(self, d: int, eps: float, offset: float = 0.0):
         super().__init__()
         self.eps, self.offset = eps, offset
         self.weight = nn.Parameter(torch.zeros(d) if offset else torch.ones(d))
-        self.hook_normalized = HookPoint()
+        self.hook_scale = HookPoint()  # [batch, pos, 1]
+        self.hook_normalized = HookPoint()  # [batch, pos, d]
+
+    @property
+    def gain(self) -> torch.Tensor:
+        """[d]: what the normalised input is multiplied by (weight, or offset + weight for Gemma)."""
+        return self.weight + self.offset if self.offset else self.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))
+        var = xf.pow(2).mean(-1, keepdim=True) + self.eps  # [..., 1]
+        normed = xf * torch.rsqrt(var)
+        if hooked(self.hook_scale):
+            scale = var.sqrt()
+            seen = self.hook_scale(scale.clone())  # a copy, so an in-place patch shows
+            if self.hook_scale._backward_hooks or not torch.equal(seen, scale):
+                normed = xf / seen  # TransformerLens' formula: a patched scale is used, gradients reach the scale
+        return self.hook_normalized(self._apply_gain(normed, x.dtype))
+
+    def _apply_gain(self, normed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         if self.offset:
-            out = (normed * (self.offset + self.weight.float())).type_as(x)
-        else:
-            out = self.weight * normed.to(x.dtype)
-        return self.hook_normalized(out)
+            return (normed * (self.offset + self.weight.to(normed.dtype))).to(dtype)
+        return self.weight * normed.to(dtype)
+
+    def split(self, parts: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+        """This norm's output on `total` [batch, pos, d] as shares of `parts` [batch, pos, n, d] (which sum to total):
+        every part is divided by total's scale and multiplied by the gain. Exact, since the norm is linear once its
+        scale is fixed; the shares sum to forward(total)."""
+        wide = torch.promote_types(total.dtype, torch.float32)
+        scale = self.hook_scale((total.to(wide).pow(2).mean(-1, keepdim=True) + self.eps).sqrt())  # [batch, pos, 1]
+        return self._apply_gain(parts.to(wide) / scale[..., None, :], parts.dtype)  # [batch, pos, n, d]
 
 
-class Attention(nn.Module):
+class Attention(AttentionWeights, nn.Module):
     """Grouped-query attention with RoPE or ALiBi, optional q/k norms, sliding window and logit soft-capping.
 
     It copies the scalars it needs from the config, so a block keeps working after surgery renumbers or drops its
     neighbours. `rope`, `window` and `logit_scale` are run-time settings (Decoder.set_rope / set_window /
-    set_attn_logit_scale); `default_rope` / `default_window` are what the checkpoint was built with.
+    set_attn_logit_scale); `default_rope` / `default_window` are what the checkpoint was built with. TransformerLens'
+    weight names (W_Q, W_O, QK, ...) come from AttentionWeights.
     """
 
     def __init__(self, cfg: DecoderConfig, layer: int):
@@ -220,6 +270,8 @@ class Attention(nn.Module):
         self.default_rope: RopeParams | None = cfg.rope_of(layer)
         self.default_window: int | None = cfg.window_of(layer)
         self.rope, self.window, self.logit_scale = self.default_rope, self.default_window, 1.0
+        self.output_normed = cfg.post_norms  # Gemma 3: the block RMS-normalises this module's output (ln1_post)
+        self.use_attn_result = False  # TransformerLens switch, kept in step with cfg by Decoder.forward
 
         self.hook_q = HookPoint()  # [batch, pos, head, d_head]
         self.hook_k = HookPoint()  # [batch, pos, kv_head, d_head]
@@ -229,19 +281,31 @@ class Attention(nn.Module):
         self.hook_attn_scores = HookPoint()  # [batch, head, q_pos, k_pos], explicit path only
         self.hook_pattern = HookPoint()  # [batch, head, q_pos, k_pos], explicit path only
         self.hook_z = HookPoint()  # [batch, pos, head, d_head]
+        self.hook_result = HookPoint()  # [batch, pos, head, d_model], with use_attn_result only
 
     def reset_positional(self) -> None:
         self.rope, self.window, self.logit_scale = self.default_rope, self.default_window, 1.0
 
     def wants_pattern(self) -> bool:
-        hooked = any(hp._forward_hooks or hp._backward_hooks for hp in (self.hook_attn_scores, self.hook_pattern))
-        return hooked or self.softcap is not None
+        return hooked(self.hook_attn_scores) or hooked(self.hook_pattern) or self.softcap is not None
 
-    def forward(self, x: torch.Tensor, pos: Positions, cache: KVCache | None = None) -> torch.Tensor:
-        b, p, _ = x.shape
-        q = self.hook_q(self._maybe_norm("q_norm", self.q_proj(x).view(b, p, self.n_heads, self.d_head)))  # [batch, pos, head, d_head]
-        k = self.hook_k(self._maybe_norm("k_norm", self.k_proj(x).view(b, p, self.n_kv_heads, self.d_head)))  # [batch, pos, kv_head, d_head]
-        v = self.hook_v(self.v_proj(x).view(b, p, self.n_kv_heads, self.d_head))  # [batch, pos, kv_head, d_head]
+    def forward(
+        self,
+        x: torch.Tensor,
+        pos: Positions,
+        cache: KVCache | None = None,
+        *,
+        k_in: torch.Tensor | None = None,
+        v_in: torch.Tensor | None = None,
+        out_norm: RMSNorm | None = None,
+    ) -> torch.Tensor:
+        """x [batch, pos, d_model] -> [batch, pos, d_model]. Split-qkv mode: x [batch, pos, head, d_model] feeds the
+        queries and k_in / v_in [batch, pos, kv_head, d_model] the keys / values, one input per head. `out_norm` is the
+        block's post-attention norm (Gemma 3), applied here so per-head results can carry it."""
+        b, p = x.shape[:2]
+        q = self.hook_q(self._maybe_norm("q_norm", self._project(self.q_proj, x, self.n_heads)))  # [batch, pos, head, d_head]
+        k = self.hook_k(self._maybe_norm("k_norm", self._project(self.k_proj, x if k_in is None else k_in, self.n_kv_heads)))  # [batch, pos, kv_head, d_head]
+        v = self.hook_v(self._project(self.v_proj, x if v_in is None else v_in, self.n_kv_heads))  # [batch, pos, kv_head, d_head]
         if self.rope is not None:
             cos, sin = pos.cos_sin(self.rope, self.d_head, q.dtype)  # [batch, pos, rotary_dim]
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -256,7 +320,39 @@ class Attention(nn.Module):
         else:
             z = self._sdpa(q, k, v, pos, scale)
         z = self.hook_z(z.transpose(1, 2))  # [batch, pos, head, d_head]
-        return self.o_proj(z.reshape(b, p, self.n_heads * self.d_head))
+        if self.use_attn_result:
+            return self._sum_of_results(z, out_norm)
+        out = self.o_proj(z.reshape(b, p, self.n_heads * self.d_head))  # [batch, pos, d_model]
+        return out if out_norm is None else out_norm(out)
+
+    def _project(self, linear: nn.Linear, x: torch.Tensor, n: int) -> torch.Tensor:
+        """-> [batch, pos, n, d_head]. Per-head inputs [batch, pos, n, d_model] (split-qkv) meet only their head's rows."""
+        if x.dim() == 3:
+            return linear(x).view(x.shape[0], x.shape[1], n, self.d_head)
+        out = torch.einsum("bpnm,ndm->bpnd", x, linear.weight.view(n, self.d_head, -1))
+        return out if linear.bias is None else out + linear.bias.view(n, self.d_head)
+
+    def _sum_of_results(self, z: torch.Tensor, out_norm: RMSNorm | None) -> torch.Tensor:
+        """Attention output as the sum of hook_result [batch, pos, head, d_model], each head's write to the residual
+        stream. Under a post-norm a head's result is its share of the normed output (scaled by the norm of the summed
+        output), so results still sum to hook_attn_out; a patched result enters at that cached scale."""
+        result = torch.einsum("bphd,hdm->bphm", z, self.W_O)  # [batch, pos, head, d_model]
+        bias = self.o_proj.bias
+        if out_norm is None:
+            out = self.hook_result(result).sum(-2)
+            return out if bias is None else out + bias
+        if bias is not None:
+            raise ValueError(f"{self.hook_z.name.rsplit('.', 1)[0]}: o_proj's bias passes through the post-attention norm, so per-head "
+                             "results plus b_O cannot sum to the attention output")
+        return out_norm.hook_normalized(self.hook_result(out_norm.split(result, result.sum(-2))).sum(-2))
+
+    @property
+    def _result_contribution_scale(self) -> float:
+        """Read by TransformerLens' ActivationCache when it rebuilds head results as z @ W_O (hook_result not cached)."""
+        if self.output_normed:
+            raise ValueError(f"{self.hook_z.name.rsplit('.', 1)[0]}: the attention output is RMS-normalised (ln1_post), so z @ W_O is "
+                             "not a head's contribution; run with model.set_use_attn_result(True) to cache exact hook_result")
+        return 1.0
 
     def _maybe_norm(self, name: str, x: torch.Tensor) -> torch.Tensor:
         return getattr(self, name)(x) if self.qk_norm else x
@@ -302,7 +398,7 @@ class Attention(nn.Module):
         return pattern @ v  # [batch, head, q_pos, d_head]
 
 
-class MLP(nn.Module):
+class MLP(MLPWeights, nn.Module):
     """Gated MLP: down(act(gate(x)) * up(x)); SwiGLU (silu) or GeGLU (tanh gelu)."""
 
     def __init__(self, cfg: DecoderConfig):
@@ -338,32 +434,66 @@ class Block(nn.Module):
             self.ln1_post = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.norm_offset)
             self.ln2_post = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.norm_offset)
         self.post_norms = cfg.post_norms
+        self.use_split_qkv_input = False  # TransformerLens switches, kept in step with cfg by Decoder.forward
+        self.use_attn_in = False
         self.hook_resid_pre = HookPoint()  # [batch, pos, d_model]
+        self.hook_attn_in = HookPoint()  # [batch, pos, head, d_model], with use_attn_in only
+        self.hook_q_input = HookPoint()  # [batch, pos, head, d_model], with use_split_qkv_input only
+        self.hook_k_input = HookPoint()  # [batch, pos, kv_head, d_model], with use_split_qkv_input only
+        self.hook_v_input = HookPoint()  # [batch, pos, kv_head, d_model], with use_split_qkv_input only
         self.hook_attn_out = HookPoint()  # [batch, pos, d_model]
         self.hook_resid_mid = HookPoint()  # [batch, pos, d_model]
+        self.hook_mlp_in = HookPoint()  # [batch, pos, d_model], resid_mid (a copy when hooked)
         self.hook_mlp_out = HookPoint()  # [batch, pos, d_model]
         self.hook_resid_post = HookPoint()  # [batch, pos, d_model]
 
     def forward(self, x: torch.Tensor, pos: Positions, cache: KVCache | None = None) -> torch.Tensor:
         x = self.hook_resid_pre(x)  # [batch, pos, d_model]
         if self.attn is not None:
-            attn_out = self.attn(self.ln1(x), pos, cache)
-            if self.post_norms:
-                attn_out = self.ln1_post(attn_out)
+            out_norm = self.ln1_post if self.post_norms else None
+            if self.use_split_qkv_input or self.use_attn_in:
+                q_in, k_in, v_in = self._per_head_inputs(x)
+                attn_out = self.attn(q_in, pos, cache, k_in=k_in, v_in=v_in, out_norm=out_norm)
+            else:
+                attn_out = self.attn(self.ln1(x), pos, cache, out_norm=out_norm)
             x = x + self.hook_attn_out(attn_out)
         x = self.hook_resid_mid(x)
         if self.mlp is not None:
-            mlp_out = self.mlp(self.ln2(x))
+            mlp_in = self.hook_mlp_in(x.clone()) if hooked(self.hook_mlp_in) else x  # a copy: editing it spares resid_mid
+            mlp_out = self.mlp(self.ln2(mlp_in))
             if self.post_norms:
                 mlp_out = self.ln2_post(mlp_out)
             x = x + self.hook_mlp_out(mlp_out)
         return self.hook_resid_post(x)
 
+    def _per_head_inputs(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """TransformerLens' per-head attention inputs, each normed by ln1: queries [batch, pos, head, d_model], keys and
+        values [batch, pos, kv_head, d_model]; hook_attn_in (one slot per head) feeds all three when use_attn_in is on."""
+        h, kvh = self.attn.n_heads, self.attn.n_kv_heads
+        if self.use_attn_in:
+            attn_in = self.hook_attn_in(repeat_heads(x, h))  # [batch, pos, head, d_model]; h == kvh (checked)
+            if not self.use_split_qkv_input:
+                normed = self.ln1(attn_in)
+                return normed, normed, normed
+            q_in, k_in, v_in = attn_in, attn_in.clone(), attn_in.clone()
+        else:
+            q_in, k_in, v_in = repeat_heads(x, h), repeat_heads(x, kvh), repeat_heads(x, kvh)
+        q_in, k_in, v_in = self.hook_q_input(q_in), self.hook_k_input(k_in), self.hook_v_input(v_in)
+        return self.ln1(q_in), self.ln1(k_in), self.ln1(v_in)
+
+    @property
+    def residual_contribution_scale(self) -> float:
+        """Read by TransformerLens' ActivationCache when it splits an MLP output into neurons as post * W_out."""
+        if self.post_norms:
+            raise ValueError("the MLP output is RMS-normalised (ln2_post), so post * W_out is not a neuron's contribution; "
+                             "use decompose_resid / get_full_resid_decomposition(expand_neurons=False)")
+        return 1.0
+
 
 # ---------------------------------------------------------------------------------------------------------------------
 # the model
 # ---------------------------------------------------------------------------------------------------------------------
-class Decoder(HookedRootModule):
+class Decoder(DecoderWeights, HookedRootModule):
     """A decoder-only LM with TransformerLens hook points and TransformerLens's calling conventions.
 
     `model(input)` takes token ids [batch, pos] (or [pos]), a string or a list of strings and returns logits
@@ -375,11 +505,12 @@ class Decoder(HookedRootModule):
         self.source = source  # what it was loaded from (folder, GGUF file or alias), recorded in exports
         self.layer_origin: list[int] = list(range(cfg.n_layers))  # original index of each block (changes on removal)
         self.n_layers_original = cfg.n_layers  # layer count before any removal
-        self.embed = nn.Embedding(cfg.d_vocab, cfg.d_model)
+        self.embed = Embed(cfg.d_vocab, cfg.d_model)
+        self.hook_tokens = HookPoint()  # [batch, pos]; fires only with cfg.use_hook_tokens
         self.hook_embed = HookPoint()  # [batch, pos, d_model]
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.ln_final = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.norm_offset)
-        self.unembed = nn.Linear(cfg.d_model, cfg.d_vocab, bias=False)
+        self.unembed = Unembed(cfg.d_model, cfg.d_vocab, norm_head=cfg.norm_head, softcap=cfg.final_softcap)
         self.cfg = cfg
         self.tokenizer = tokenizer
         self.tie_weights()
@@ -454,10 +585,13 @@ class Decoder(HookedRootModule):
         if return_type not in RETURN_TYPES:
             if isinstance(return_type, torch.Tensor):
                 raise TypeError("attention_mask is keyword-only: model(ids, attention_mask=mask)")
-            raise ValueError(f"return_type must be one of {RETURN_TYPES}, got {return_type!r}")
+            raise InputError(f"return_type must be one of {RETURN_TYPES}, got {return_type!r}")
         past = kv_cache.length if kv_cache is not None else 0
+        self._apply_switches()
         if start_at_layer is None:
             ids, attention_mask = self._input_ids(input, attention_mask, prepend_bos, padding_side, past)  # [batch, pos]
+            if self.cfg.use_hook_tokens:
+                ids = self.hook_tokens(ids)
             x = self.hook_embed(self._embed(ids))  # [batch, pos, d_model]
         else:
             x, ids = self._resid_input(input, start_at_layer), tokens  # [batch, pos, d_model]
@@ -474,7 +608,7 @@ class Decoder(HookedRootModule):
         if return_type == "logits":
             return logits
         if ids is None:
-            raise ValueError("return_type='loss' with start_at_layer needs the token ids: pass tokens=[batch, pos]")
+            raise InputError("return_type='loss' with start_at_layer needs the token ids: pass tokens=[batch, pos]")
         loss = self.loss_fn(logits, ids, attention_mask, per_token=loss_per_token)
         return loss if return_type == "loss" else (logits, loss)
 
@@ -490,7 +624,7 @@ class Decoder(HookedRootModule):
         checked, and their left padding is masked when the padding side is known (else refused, see `forward`)."""
         if isinstance(input, (str, list, tuple)):
             if attention_mask is not None:
-                raise ValueError("attention_mask goes with token ids; for text input the mask comes from to_tokens")
+                raise InputError("attention_mask goes with token ids; for text input the mask comes from to_tokens")
             ids, mask = self._tokenize(input, prepend_bos, padding_side)
             return ids, (mask if not bool(mask.all()) else None)
         if not isinstance(input, torch.Tensor):
@@ -507,26 +641,53 @@ class Decoder(HookedRootModule):
             return ids, None  # what looked like padding is the BOS that shares the pad id
         if (padding_side or getattr(tok, "padding_side", None)) == "left":
             return ids, mask
-        raise ValueError(f"input: {rows_starting_with_pad} row(s) start with the pad token (id {pad}) and no attention_mask "
+        raise InputError(f"input: {rows_starting_with_pad} row(s) start with the pad token (id {pad}) and no attention_mask "
                          "was given; pass attention_mask=, or padding_side='left' to mask leading pad tokens")
 
     def _resid_input(self, resid: torch.Tensor, start_at_layer: int) -> torch.Tensor:
         if not -len(self.blocks) <= start_at_layer <= len(self.blocks):
-            raise ValueError(f"start_at_layer={start_at_layer} out of range for {len(self.blocks)} layers")
+            raise InputError(f"start_at_layer={start_at_layer} out of range for {len(self.blocks)} layers")
         if not isinstance(resid, torch.Tensor) or resid.dim() != 3 or resid.shape[-1] != self.cfg.d_model:
             shape = tuple(resid.shape) if isinstance(resid, torch.Tensor) else type(resid).__name__
-            raise ValueError(f"with start_at_layer, input is the residual stream [batch, pos, {self.cfg.d_model}], got {shape}")
+            raise InputError(f"with start_at_layer, input is the residual stream [batch, pos, {self.cfg.d_model}], got {shape}")
         return resid
 
     def unembed_residual(self, normed: torch.Tensor) -> torch.Tensor:
         """Logits [batch, pos, vocab] from the final-normed residual stream (NormHead and soft-capping included)."""
-        if self.cfg.norm_head:
-            logits = F.linear(normed, F.normalize(self.unembed.weight, dim=-1))
-        else:
-            logits = self.unembed(normed)
-        if self.cfg.final_softcap is not None:
-            logits = torch.tanh(logits / self.cfg.final_softcap) * self.cfg.final_softcap
-        return logits
+        return self.unembed(normed)
+
+    # ---- TransformerLens switches for opt-in hooks -----------------------------------------------------------------
+    def set_use_attn_result(self, use_attn_result: bool) -> None:
+        """Per-head results blocks.{i}.attn.hook_result [batch, pos, head, d_model] (costs a head-sized einsum)."""
+        self.cfg.use_attn_result = bool(use_attn_result)
+
+    def set_use_split_qkv_input(self, use_split_qkv_input: bool) -> None:
+        """Separate residual-stream copies per head for queries, keys and values: blocks.{i}.hook_q_input / hook_k_input /
+        hook_v_input, so a patch can reach one head's queries alone."""
+        self.cfg.use_split_qkv_input = bool(use_split_qkv_input)
+
+    def set_use_attn_in(self, use_attn_in: bool) -> None:
+        """One residual-stream copy per head, blocks.{i}.hook_attn_in [batch, pos, head, d_model], feeding q, k and v."""
+        if use_attn_in and self.cfg.n_kv_heads != self.cfg.n_heads:
+            raise ValueError(f"use_attn_in gives each of the {self.cfg.n_heads} query heads an input, which cannot feed "
+                             f"{self.cfg.n_kv_heads} KV heads; use set_use_split_qkv_input(True)")
+        self.cfg.use_attn_in = bool(use_attn_in)
+
+    def set_use_hook_tokens(self, use_hook_tokens: bool) -> None:
+        """hook_tokens [batch, pos] on the input ids."""
+        self.cfg.use_hook_tokens = bool(use_hook_tokens)
+
+    def _apply_switches(self) -> None:
+        """Copy cfg's switches to the modules (users set them on cfg directly, as in TransformerLens); a few attribute
+        reads per block when nothing changed."""
+        attn_result, split, attn_in = self.cfg.use_attn_result, self.cfg.use_split_qkv_input, self.cfg.use_attn_in
+        if attn_in and self.cfg.n_kv_heads != self.cfg.n_heads:
+            self.set_use_attn_in(True)  # raises the one-line explanation
+        for block in self.blocks:
+            if block.use_split_qkv_input != split or block.use_attn_in != attn_in:
+                block.use_split_qkv_input, block.use_attn_in = split, attn_in
+            if block.attn is not None and block.attn.use_attn_result != attn_result:
+                block.attn.use_attn_result = attn_result
 
     @staticmethod
     def loss_fn(logits: torch.Tensor, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -549,7 +710,7 @@ class Decoder(HookedRootModule):
             kv_cache.attention_mask = attention_mask
         if attention_mask is not None:
             if attention_mask.shape != (b, past + p):
-                raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(b, past + p)}")
+                raise InputError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(b, past + p)}")
             key_valid = attention_mask.bool()
             if bool(key_valid.all()):
                 key_valid = None
@@ -569,7 +730,7 @@ class Decoder(HookedRootModule):
         needs `return_type="loss"`."""
         self._check_names_filter(names_filter)
         if incl_bwd and kwargs.get("return_type", "logits") != "loss":
-            raise ValueError("incl_bwd=True back-propagates the output: pass return_type='loss' (a scalar)")
+            raise InputError("incl_bwd=True back-propagates the output: pass return_type='loss' (a scalar)")
         out, cache = super().run_with_cache(*model_args, names_filter=names_filter, remove_batch_dim=remove_batch_dim,
                                             incl_bwd=incl_bwd, **kwargs)
         if return_cache_object:
@@ -581,10 +742,10 @@ class Decoder(HookedRootModule):
         if names is None or callable(names):
             return
         if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
-            raise ValueError(f"names_filter must be a hook name, a list of hook names or a function, got {names_filter!r}")
+            raise InputError(f"names_filter must be a hook name, a list of hook names or a function, got {names_filter!r}")
         unknown = [n for n in names if n not in self.hook_dict]
         if unknown:
-            raise ValueError(f"names_filter: {unknown[0]!r} is not a hook of this model"
+            raise InputError(f"names_filter: {unknown[0]!r} is not a hook of this model"
                              + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else "")
                              + f"; hooks are named like {next(iter(self.hook_dict))!r} (see model.hook_dict)")
 
@@ -620,7 +781,7 @@ class Decoder(HookedRootModule):
         """
         check_sampling(max_new_tokens, temperature, top_k, top_p)
         if return_type not in ("input", "str", "tokens"):
-            raise ValueError(f"return_type must be 'input', 'str' or 'tokens', got {return_type!r}")
+            raise InputError(f"return_type must be 'input', 'str' or 'tokens', got {return_type!r}")
         use_cache = use_cache if use_past_kv_cache is None else use_past_kv_cache
         text_in = isinstance(input, (str, list, tuple))
         if text_in:
@@ -633,7 +794,7 @@ class Decoder(HookedRootModule):
         cache = KVCache() if use_cache else None
         done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)  # [batch]
         mask, step_input, step_mask = attention_mask, ids, attention_mask
-        for _ in tqdm(range(max_new_tokens), disable=not verbose):
+        for _ in tqdm(range(max_new_tokens), desc="generate", disable=not verbose, leave=False):
             if use_cache:
                 logits = self(step_input, attention_mask=step_mask, kv_cache=cache)[:, -1]  # [batch, vocab]
             else:
@@ -689,7 +850,7 @@ class Decoder(HookedRootModule):
         names follow. Each kept attention keeps its run-time positional settings and its configured defaults."""
         keep = sorted(indices)
         if not keep or len(set(keep)) != len(keep) or not all(0 <= i < len(self.blocks) for i in keep):
-            raise ValueError(f"keep_blocks: need distinct indices in 0..{len(self.blocks) - 1}, got {list(indices)}")
+            raise InputError(f"keep_blocks: need distinct indices in 0..{len(self.blocks) - 1}, got {list(indices)}")
         new_index = {old: new for new, old in enumerate(keep)}
         self.cfg = self.cfg.replace(
             n_layers=len(keep),
@@ -707,7 +868,7 @@ class Decoder(HookedRootModule):
         for part, layers in (("attn", list(attn)), ("mlp", list(mlp))):
             for i in layers:
                 if not 0 <= i < len(self.blocks) or getattr(self.blocks[i], part) is None:
-                    raise ValueError(f"{part}: layer {i} has no {part} to remove")
+                    raise InputError(f"{part}: layer {i} has no {part} to remove")
                 setattr(self.blocks[i], part, None)
         self.cfg = self.cfg.replace(
             removed_attn=tuple(sorted({*self.cfg.removed_attn, *attn})),
@@ -726,7 +887,7 @@ class Decoder(HookedRootModule):
         out = []
         for i in idx:
             if not 0 <= i < len(self.blocks):
-                raise ValueError(f"layers: layer {i} out of range (model has {len(self.blocks)} layers)")
+                raise InputError(f"layers: layer {i} out of range (model has {len(self.blocks)} layers)")
             if self.blocks[i].attn is not None:
                 out.append(self.blocks[i].attn)
         return out
@@ -747,21 +908,21 @@ class Decoder(HookedRootModule):
         """Replace the RoPE setting of some layers (all by default): a full RopeParams, or field changes applied to each
         layer's current one (e.g. `set_rope(theta=5e5)`, `set_rope(rope_type="linear", factor=4)`)."""
         if self.cfg.positional != "rope":
-            raise ValueError(f"this model uses {self.cfg.positional!r} positions, not RoPE")
+            raise InputError(f"this model uses {self.cfg.positional!r} positions, not RoPE")
         for attn in self._attention(layers):
             attn.rope = params if params is not None else attn.rope.replace(**changes)  # RopeParams validates itself
 
     def set_window(self, window: int | None, *, layers=None) -> None:
         """Sliding attention window W (query i sees keys i-W < j <= i) for some layers; None = full causal attention."""
         if window is not None and (isinstance(window, bool) or int(window) != window or window < 1):
-            raise ValueError(f"window must be a whole number >= 1 or None, got {window!r}")
+            raise InputError(f"window must be a whole number >= 1 or None, got {window!r}")
         for attn in self._attention(layers):
             attn.window = None if window is None else int(window)
 
     def set_attn_logit_scale(self, scale: float, *, layers=None) -> None:
         """Multiply attention logits by `scale` (λ of attention-window extension) before the softmax."""
         if not (math.isfinite(scale) and scale > 0):
-            raise ValueError(f"scale: attention logit scale must be finite and > 0, got {scale!r}")
+            raise InputError(f"scale: attention logit scale must be finite and > 0, got {scale!r}")
         for attn in self._attention(layers):
             attn.logit_scale = float(scale)
 
@@ -802,7 +963,7 @@ class Decoder(HookedRootModule):
     # ---- tokens (TransformerLens's names and semantics; see model/tokens.py) -------------------------------------
     def _need_tokenizer(self):
         if self.tokenizer is None:
-            raise ValueError("this model has no tokenizer (load it with load_model(..., load_tokenizer=True) or set "
+            raise InputError("this model has no tokenizer (load it with load_model(..., load_tokenizer=True) or set "
                              "model.tokenizer)")
         return self.tokenizer
 
@@ -812,13 +973,13 @@ class Decoder(HookedRootModule):
         tok = self._need_tokenizer()
         texts = [input] if isinstance(input, str) else list(input)
         if not texts or not all(isinstance(t, str) for t in texts):
-            raise ValueError("input must be a string or a non-empty list of strings")
+            raise InputError("input must be a string or a non-empty list of strings")
         rows = tokenizing.encode_rows(
             tok, texts, prepend_bos=self.cfg.default_prepend_bos if prepend_bos is None else prepend_bos,
             tokenizer_bos=self.cfg.tokenizer_prepends_bos, tokenizer_eos=self.cfg.tokenizer_appends_eos,
             max_len=self.cfg.n_ctx if truncate else None)
         if any(not r for r in rows):
-            raise ValueError(f"input: text {texts[[len(r) for r in rows].index(0)]!r} has no tokens (and no BOS before it)")
+            raise InputError(f"input: text {texts[[len(r) for r in rows].index(0)]!r} has no tokens (and no BOS before it)")
         side = padding_side or getattr(tok, "padding_side", None) or "right"
         ids, mask = tokenizing.pad_rows(rows, tokenizing.pad_token_id(tok), side)
         return ids.to(self.device), mask.to(self.device)
@@ -839,7 +1000,7 @@ class Decoder(HookedRootModule):
         if ids.dim() == 2:
             return tok.batch_decode(ids.tolist(), clean_up_tokenization_spaces=False)
         if ids.dim() > 2:
-            raise ValueError(f"to_string takes ids [pos] or [batch, pos], got shape {tuple(ids.shape)}")
+            raise InputError(f"to_string takes ids [pos] or [batch, pos], got shape {tuple(ids.shape)}")
         return tok.decode(ids.reshape(-1).tolist(), clean_up_tokenization_spaces=False)
 
     def to_str_tokens(self, input: str | list | torch.Tensor, prepend_bos: bool | None = None,
@@ -854,14 +1015,14 @@ class Decoder(HookedRootModule):
         else:
             ids = torch.as_tensor(input).squeeze()
             if ids.dim() > 1:
-                raise ValueError(f"to_str_tokens takes one sequence of ids, got shape {tuple(ids.shape)}")
+                raise InputError(f"to_str_tokens takes one sequence of ids, got shape {tuple(ids.shape)}")
         return tok.batch_decode([[t] for t in ids.reshape(-1).tolist()], clean_up_tokenization_spaces=False)
 
     def to_single_token(self, string: str) -> int:
         """The id of a string that is exactly one token (no BOS); refused with the tokens it splits into otherwise."""
         ids = self.to_tokens(string, prepend_bos=False)[0]
         if ids.numel() != 1:
-            raise ValueError(f"{string!r} is not a single token: it is {ids.numel()} tokens "
+            raise InputError(f"{string!r} is not a single token: it is {ids.numel()} tokens "
                              f"{self.to_str_tokens(ids)} (ids {ids.tolist()})")
         return int(ids[0])
 
@@ -873,25 +1034,23 @@ class Decoder(HookedRootModule):
         """Position of a token (a one-token string or an id) in a text or in ids [pos] / [1, pos]: its first or last
         occurrence (`mode`)."""
         if mode not in ("first", "last"):
-            raise ValueError(f"mode must be 'first' or 'last', got {mode!r}")
+            raise InputError(f"mode must be 'first' or 'last', got {mode!r}")
         ids = self.to_tokens(input, prepend_bos=prepend_bos, padding_side=padding_side) if isinstance(input, str) else input
         if ids.dim() == 2:
             if ids.shape[0] != 1:
-                raise ValueError(f"get_token_position takes one sequence, got ids of shape {tuple(ids.shape)}")
+                raise InputError(f"get_token_position takes one sequence, got ids of shape {tuple(ids.shape)}")
             ids = ids[0]
         token = self.to_single_token(single_token) if isinstance(single_token, str) else int(single_token)
         where = (ids == token).nonzero()[:, 0]  # [matches]
         if not len(where):
-            raise ValueError(f"token {token} ({self.to_single_str_token(token)!r}) does not occur in the input")
+            raise InputError(f"token {token} ({self.to_single_str_token(token)!r}) does not occur in the input")
         return int(where[0] if mode == "first" else where[-1])
 
     def tokens_to_residual_directions(self, tokens: str | int | torch.Tensor) -> torch.Tensor:
-        """Unembedding directions in the residual stream (after the final norm): rows of W_U as [d_model] for one token
-        (a one-token string, an id or a 0-d tensor), [..., d_model] for ids [...]. Baichuan's NormHead normalises them."""
+        """Unembedding directions in the residual stream before the final norm's gain: [d_model] for one token (a
+        one-token string, an id or a 0-d tensor), [..., d_model] for ids [...]. Dotted with a stack passed through
+        `ActivationCache.apply_ln_to_stack` they give logits exactly: see `unembed_directions` (ln_final's gain is in
+        them, since residscope does not fold norms into W_U; NormHead rows are normalised; soft-capping is refused)."""
         if isinstance(tokens, str):
             tokens = self.to_single_token(tokens)
-        ids = torch.as_tensor(tokens, device=self.device)
-        weight = self.unembed.weight  # [vocab, d_model]
-        if self.cfg.norm_head:
-            weight = F.normalize(weight, dim=-1)
-        return weight[ids]  # [..., d_model]
+        return self.unembed_directions(tokens)

@@ -32,7 +32,7 @@ import torch
 from residscope.common.atomic import atomic_dir, check_output_dir
 
 from .checkpoint import local_to_hf
-from .config import SUBLAYER_KEY  # the loader reads what this module writes
+from .hf_config import SUBLAYER_KEY  # the loader reads what this module writes
 from .errors import InputError
 
 PRUNING_FILE = "residscope_pruning.json"
@@ -97,7 +97,6 @@ def save_pretrained(model, out_dir: str | os.PathLike, *, pruning_info: dict | N
     out_dir = Path(out_dir).expanduser()
     check_target(out_dir, force)
     config = hf_config_of(model)
-    state = hf_state_dict(model)
     origin = list(model.layer_origin)
     record = {
         **(pruning_info or {}),
@@ -119,7 +118,12 @@ def save_pretrained(model, out_dir: str | os.PathLike, *, pruning_info: dict | N
 
     with atomic_dir(out_dir) as tmp:
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        if getattr(model, "offload", None) is not None:  # blocks on disk: copy the kept ones, one tensor at a time
+            from .streamed_export import write_kept_tensors
+
+            write_kept_tensors(model, tmp)
+        else:
+            save_file(hf_state_dict(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
         if model.tokenizer is not None:
             model.tokenizer.save_pretrained(str(tmp))
         (tmp / PRUNING_FILE).write_text(json.dumps(record, indent=2) + "\n")

@@ -1,4 +1,6 @@
-"""Normalise transformers `config.json` dicts (llama, mistral, qwen2, gemma3_text, baichuan) into a DecoderConfig.
+"""Normalise transformers `config.json` dicts (llama, mistral, qwen2, gemma3_text, baichuan) into the keyword arguments
+of a DecoderConfig (`decoder_kwargs`; `DecoderConfig.from_hf` calls it). One function per family says what that family
+adds to the fields all of them share. This module knows nothing of DecoderConfig: config.py imports it, not the reverse.
 
 Options that would change the computation and that residscope does not implement are refused with a message naming the
 key, never approximated.
@@ -9,8 +11,12 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from .config import FULL, SLIDING, SUBLAYER_KEY, ConfigError
+from .errors import ConfigError
 from .rope import RopeParams
+
+FULL = "full_attention"  # transformers' layer_types
+SLIDING = "sliding_attention"
+SUBLAYER_KEY = "residscope_removed_sublayers"  # config.json key of a sub-block-pruned checkpoint (residscope's own)
 
 SUPPORTED = ("llama", "mistral", "qwen2", "gemma3_text", "baichuan")
 POSITIONAL_KEY = "residscope_position_embedding"
@@ -113,7 +119,9 @@ def _removed_sublayers(cfg: dict, source: str, n_layers: int) -> dict[str, tuple
     return out
 
 
-def decoder_config_from_hf(cls, cfg: dict[str, Any], *, source: str = "config.json", position_embedding: str | None = None):
+def decoder_kwargs(cfg: dict[str, Any], *, source: str = "config.json", position_embedding: str | None = None) -> dict:
+    """The DecoderConfig keyword arguments of a transformers config dict: the fields every family reads alike, then
+    the family's own (one function each below). `source` names the file in error messages."""
     if not isinstance(cfg, dict):
         raise ConfigError(f"{source}: expected a JSON object of config keys, got a {type(cfg).__name__}")
     model_type = cfg.get("model_type")
@@ -122,30 +130,37 @@ def decoder_config_from_hf(cls, cfg: dict[str, Any], *, source: str = "config.js
     _check_refused(cfg, source)
     if position_embedding is not None and model_type != "baichuan":
         raise ConfigError(f"position_embedding override is only for baichuan configs, not {model_type!r}")
+    try:
+        common = _common(cfg, source, model_type)
+        if model_type == "baichuan":
+            return _baichuan(cfg, common, source, position_embedding)
+        return FAMILIES[model_type](cfg, common, source)
+    except (TypeError, KeyError) as e:
+        raise ConfigError(f"{source}: {e}") from None
 
+
+def _common(cfg: dict, source: str, model_type: str) -> dict:
     d_model = _positive_int(cfg, "hidden_size", source, required=True)
     n_heads = _positive_int(cfg, "num_attention_heads", source, required=True)
     n_layers = _positive_int(cfg, "num_hidden_layers", source, required=True)
-    n_kv = _positive_int(cfg, "num_key_value_heads", source, n_heads)
     d_head = _positive_int(cfg, "head_dim", source, d_model // n_heads)
     if d_head == 0:
         raise ConfigError(f"{source}: hidden_size {d_model} < num_attention_heads {n_heads} and no head_dim")
-    max_pos = _positive_int(cfg, "max_position_embeddings", source)
     for key in ("sliding_window", "model_max_length", "sliding_window_pattern"):
         _positive_int(cfg, key, source)
-    common = dict(
+    return dict(
         model_type=model_type,
         n_layers=n_layers,
         d_model=d_model,
         n_heads=n_heads,
-        n_kv_heads=n_kv,
+        n_kv_heads=_positive_int(cfg, "num_key_value_heads", source, n_heads),
         d_head=d_head,
         d_mlp=_positive_int(cfg, "intermediate_size", source, required=True),
         d_vocab=_positive_int(cfg, "vocab_size", source, required=True),
         norm_eps=_positive_float(cfg, "rms_norm_eps", source, 1e-6),
         act=_activation(cfg, source),
         tie_embeddings=bool(cfg.get("tie_word_embeddings", model_type in ("gemma3_text",))),
-        max_position_embeddings=max_pos,
+        max_position_embeddings=_positive_int(cfg, "max_position_embeddings", source),
         bos_token_id=cfg.get("bos_token_id"),
         eos_token_id=cfg.get("eos_token_id"),
         pad_token_id=cfg.get("pad_token_id"),
@@ -153,43 +168,42 @@ def decoder_config_from_hf(cls, cfg: dict[str, Any], *, source: str = "config.js
         hf_config=dict(cfg),
     )
 
-    try:
-        if model_type in ("llama", "mistral"):
-            bias = bool(cfg.get("attention_bias", False))
-            window = cfg.get("sliding_window") if model_type == "mistral" else None
-            layer_types = cfg.get("layer_types") or [SLIDING if window else FULL] * n_layers
-            # residscope's own key, for models trained here (the zoo): "none" (NoPE) or "alibi" instead of RoPE.
-            # transformers ignores it, so such checkpoints only run correctly in residscope.
-            positional = cfg.get(POSITIONAL_KEY, "rope")
-            if positional not in ("rope", "alibi", "none"):
-                raise ConfigError(f"{source}: {POSITIONAL_KEY} must be 'rope', 'alibi' or 'none', got {positional!r}")
-            rope = {t: _rope_params(cfg, source, max_pos) for t in set(layer_types)} if positional == "rope" else {}
-            return cls(
-                **common, qkv_bias=bias, o_bias=bias, mlp_bias=bool(cfg.get("mlp_bias", False)),
-                positional=positional, rope=rope, layer_types=list(layer_types), sliding_window=window,
-            )
-        if model_type == "qwen2":
-            window = cfg.get("sliding_window") if cfg.get("use_sliding_window") else None
-            layer_types = cfg.get("layer_types") or [
-                SLIDING if window is not None and i >= cfg.get("max_window_layers", n_layers) else FULL for i in range(n_layers)
-            ]
-            if window is None:
-                layer_types = [FULL] * n_layers
-            return cls(
-                **common, qkv_bias=True, o_bias=False,
-                rope={t: _rope_params(cfg, source, max_pos) for t in set(layer_types)},
-                layer_types=list(layer_types), sliding_window=window,
-            )
-        if model_type == "gemma3_text":
-            return _gemma3(cls, cfg, common, source)
-        if model_type == "baichuan":
-            return _baichuan(cls, cfg, common, source, position_embedding)
-    except (TypeError, KeyError) as e:
-        raise ConfigError(f"{source}: {e}") from None
-    raise AssertionError(model_type)
+
+def _llama(cfg: dict, common: dict, source: str, *, window: int | None = None) -> dict:
+    """Llama: RoPE on every layer, optional biases. residscope's own `residscope_position_embedding` key ("none" for
+    NoPE, "alibi") marks the zoo models trained here; transformers ignores it, so those run correctly only in residscope."""
+    positional = cfg.get(POSITIONAL_KEY, "rope")
+    if positional not in ("rope", "alibi", "none"):
+        raise ConfigError(f"{source}: {POSITIONAL_KEY} must be 'rope', 'alibi' or 'none', got {positional!r}")
+    layer_types = cfg.get("layer_types") or [SLIDING if window else FULL] * common["n_layers"]
+    max_pos = common["max_position_embeddings"]
+    bias = bool(cfg.get("attention_bias", False))
+    return dict(common, qkv_bias=bias, o_bias=bias, mlp_bias=bool(cfg.get("mlp_bias", False)), positional=positional,
+                rope={t: _rope_params(cfg, source, max_pos) for t in set(layer_types)} if positional == "rope" else {},
+                layer_types=list(layer_types), sliding_window=window)
 
 
-def _gemma3(cls, cfg: dict, common: dict, source: str):
+def _mistral(cfg: dict, common: dict, source: str) -> dict:
+    """Mistral: Llama with `sliding_window` on every layer (None: full attention)."""
+    return _llama(cfg, common, source, window=cfg.get("sliding_window"))
+
+
+def _qwen2(cfg: dict, common: dict, source: str) -> dict:
+    """Qwen2: q/k/v biases; with `use_sliding_window`, layers from `max_window_layers` on slide."""
+    n_layers = common["n_layers"]
+    window = cfg.get("sliding_window") if cfg.get("use_sliding_window") else None
+    layer_types = cfg.get("layer_types") or [
+        SLIDING if window is not None and i >= cfg.get("max_window_layers", n_layers) else FULL for i in range(n_layers)
+    ]
+    if window is None:
+        layer_types = [FULL] * n_layers
+    return dict(common, qkv_bias=True, o_bias=False, layer_types=list(layer_types), sliding_window=window,
+                rope={t: _rope_params(cfg, source, common["max_position_embeddings"]) for t in set(layer_types)})
+
+
+def _gemma3_text(cfg: dict, common: dict, source: str) -> dict:
+    """Gemma 3: (1 + w) RMSNorms, scaled embeddings, q/k norms, post-norms; local (sliding) layers with their own RoPE
+    base between global ones."""
     n_layers = common["n_layers"]
     pattern = cfg.get("sliding_window_pattern", 6)
     layer_types = cfg.get("layer_types") or [SLIDING if (i + 1) % pattern else FULL for i in range(n_layers)]
@@ -205,8 +219,8 @@ def _gemma3(cls, cfg: dict, common: dict, source: str):
     full_block.setdefault("rope_theta", cfg.get("rope_theta", 1_000_000.0))
     local_block.setdefault("rope_theta", _positive_float(cfg, "rope_local_base_freq", source, 10_000.0))
     bias = bool(cfg.get("attention_bias", False))
-    return cls(
-        **common,
+    return dict(
+        common,
         qkv_bias=bias, o_bias=bias,
         norm_offset=1.0,
         embed_scale=math.sqrt(common["d_model"]),
@@ -226,7 +240,7 @@ def _gemma3(cls, cfg: dict, common: dict, source: str):
     )
 
 
-def _baichuan(cls, cfg: dict, common: dict, source: str, position_embedding: str | None):
+def _baichuan(cfg: dict, common: dict, source: str, position_embedding: str | None = None) -> dict:
     """Baichuan 2: RoPE when the config has max_position_embeddings (7B), ALiBi when it has only model_max_length (13B)."""
     if position_embedding is None:
         position_embedding = "rope" if cfg.get("max_position_embeddings") is not None else "alibi"
@@ -237,4 +251,7 @@ def _baichuan(cls, cfg: dict, common: dict, source: str, position_embedding: str
     max_pos = cfg.get("max_position_embeddings") or cfg.get("model_max_length")
     common = {**common, "max_position_embeddings": max_pos, "tie_embeddings": bool(cfg.get("tie_word_embeddings", False))}
     rope = {FULL: _rope_params(cfg, source, max_pos)} if position_embedding == "rope" else {}
-    return cls(**common, norm_head=True, positional=position_embedding, rope=rope)
+    return dict(common, norm_head=True, positional=position_embedding, rope=rope)
+
+
+FAMILIES = {"llama": _llama, "mistral": _mistral, "qwen2": _qwen2, "gemma3_text": _gemma3_text, "baichuan": _baichuan}

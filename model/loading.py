@@ -17,6 +17,7 @@ from .checkpoint import hf_to_local, local_names
 from .config import DecoderConfig
 from .decoder import Decoder
 from .errors import CheckpointError, InputError
+from .registry import resolve_source
 from .safetensors_io import iter_entries, read_into, read_tensor
 
 log = logging.getLogger(__name__)
@@ -26,24 +27,9 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float64": torch.flo
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 
 
-def resolve_folder(source: str | os.PathLike) -> Path:
-    """A checkpoint folder for `source`: the folder itself, or what the registry makes of an alias or a GGUF file."""
-    path = Path(source).expanduser()
-    try:
-        if path.is_dir():
-            if not (path / "config.json").is_file():
-                raise CheckpointError(f"{path}: missing config.json")
-            return path
-    except PermissionError as e:
-        raise CheckpointError(f"{e.filename or path}: cannot read ({e.strerror})") from None
-    from .registry import resolve_source
-
-    return resolve_source(source)
-
-
 def load_config(source: str | os.PathLike, *, position_embedding: str | None = None) -> DecoderConfig:
     """The DecoderConfig of a folder, GGUF file or alias, without loading weights."""
-    folder = resolve_folder(source)
+    folder = resolve_source(source)
     return DecoderConfig.from_json(folder / "config.json", position_embedding=position_embedding)
 
 
@@ -93,25 +79,46 @@ def load_model(
     position_embedding: str | None = None,
     load_tokenizer: bool = True,
     allow_nonfinite: bool = False,
+    offload: bool = False,
+    device_map: str | dict | None = None,
 ) -> Decoder:
     """Load a checkpoint folder (config.json + safetensors, single or sharded), a GGUF file or an alias.
 
     position_embedding: Baichuan 2 only, "rope" or "alibi" to override the choice made from the config.
     allow_nonfinite: load tensors holding NaN or Inf instead of refusing them (to inspect a broken checkpoint).
+    offload: keep the blocks on disk and stream them one at a time through the analyses (`residscope.model.offload`);
+    the embeddings, final norm and unembedding are loaded. Safetensors checkpoints only.
+    device_map: "auto" or {"blocks.0-15": "cuda:0", "blocks.16-31": "cuda:1"} places contiguous blocks on several
+    devices (`residscope.model.device_map`); it replaces `device`.
     """
+    if offload and device_map is not None:
+        raise InputError("offload and device_map: choose one (streaming runs one block at a time on `device`)")
     device, dtype = parse_device(device), parse_dtype(dtype)
-    folder = resolve_folder(source)
+    folder = resolve_source(source)
     cfg = DecoderConfig.from_json(folder / "config.json", position_embedding=position_embedding)
     check_dtype_on_device(dtype, device)
 
     with torch.device("meta"):
         model = Decoder(cfg, source=str(source))
-    model = model.to(dtype=dtype).to_empty(device=device)
-    model.tie_weights()
-    try:
-        _load_weights(model, folder, allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite)
-    except PermissionError as e:
-        raise CheckpointError(f"{e.filename or folder}: cannot read ({e.strerror})") from None
+    if offload:
+        from .offload import load_offloaded
+
+        load_offloaded(model, folder, weight_files(folder, allow_pickle=True), device, dtype)
+    else:
+        if device_map is not None:
+            from .device_map import place, resolve_device_map
+
+            plan = resolve_device_map(device_map, model.to(dtype=dtype), dtype)
+            for d in dict.fromkeys(plan):
+                check_dtype_on_device(dtype, torch.device(d))
+            place(model, plan)
+        else:
+            model = model.to(dtype=dtype).to_empty(device=device)
+            model.tie_weights()
+        try:
+            _load_weights(model, folder, allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite)
+        except PermissionError as e:
+            raise CheckpointError(f"{e.filename or folder}: permission denied") from None
     model.eval()
     # assigning the tokenizer (even None) re-syncs what the config reports: device, dtype, BOS behaviour, model name
     model.tokenizer = load_tokenizer_from(folder) if load_tokenizer else None

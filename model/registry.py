@@ -1,9 +1,10 @@
 """Model aliases: short names for the real models residscope can open without a hub.
 
-`resolve_source(source)` turns what a user types into a Hugging Face-layout folder:
-- an alias (`smollm2-135m`, `gemma3-270m`, `zoo-*`) -> its folder (GGUF models are converted once, then cached);
+`resolve_source(source)` turns what a user types into a Hugging Face-layout folder, trying in this order:
+- an existing folder -> itself;
 - a path to a `.gguf` file -> its converted folder (see `residscope.model.gguf`);
-- an existing folder -> itself.
+- an alias (`smollm2-135m`, `gemma3-270m`, `zoo-*`) -> its folder (GGUF models are converted once, then cached).
+An existing path thus shadows an alias of the same name, as a local folder shadows a hub id in transformers.
 `list_models()` says where each alias comes from and whether it is installed.
 
 Aliases are found through `importlib.metadata` (the file lists of installed distributions); the packages themselves are
@@ -253,39 +254,50 @@ def resolve_alias(alias: str) -> Path:
 
 
 def resolve_source(source: str | os.PathLike) -> Path:
-    """A Hugging Face-layout folder (config.json, model.safetensors, tokenizer files) for an alias, a GGUF file or a folder.
+    """The Hugging Face-layout folder (config.json, model.safetensors, tokenizer files) for a folder, a GGUF file or an
+    alias: the one resolver behind `load_model` and `load_config`.
 
-    Raises ModelNotInstalledError (a FileNotFoundError) for an alias whose package is missing, FileNotFoundError for a
-    path that does not exist, ValueError for a file that is not GGUF; each message is one line naming the source.
+    Precedence: an existing path wins over an alias of the same name, as a local folder shadows a hub id in
+    transformers' `from_pretrained` (so a checkpoint saved as `--out zoo-rope` loads from there); any other string is
+    looked up as an alias. Raises (see `check_source`) CheckpointError for a folder without config.json or one that
+    cannot be read, InputError for a file that is not GGUF, ModelNotInstalledError for an alias whose files are missing,
+    MissingFileError for a name that is none of these; each message is one line naming the source.
     """
     check_source(source)
     text = os.fspath(source)
-    if isinstance(source, str) and text in _REGISTRY:
-        return resolve_alias(text)
     path = Path(text).expanduser()
     if path.is_dir():
         return path
-    from .gguf import convert_gguf
+    if path.is_file():
+        from .gguf import convert_gguf
 
-    return convert_gguf(path)
+        try:
+            return convert_gguf(path)  # the GGUF file is read (and its conversion cached) here
+        except PermissionError as e:
+            raise CheckpointError(f"{e.filename or path}: permission denied") from None
+    return resolve_alias(text)
 
 
 def check_source(source: str | os.PathLike) -> None:
-    """Refuse what `resolve_source` would refuse, without converting or assembling anything (cheap): an unknown or
-    uninstalled alias, a folder without config.json, a file that is not GGUF, a path that does not exist."""
+    """Refuse what `resolve_source` would refuse, without converting or assembling anything (cheap), in the same order:
+    a folder without config.json (or unreadable), a file that is not GGUF, then an unknown or uninstalled alias."""
     text = os.fspath(source)
+    path = Path(text).expanduser()
+    try:
+        if path.is_dir():
+            if not (path / "config.json").is_file():
+                raise CheckpointError(f"{path}: missing config.json (not a Hugging Face model folder)")
+            return
+    except PermissionError as e:
+        raise CheckpointError(f"{e.filename or path}: permission denied") from None
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise InputError(f"{path}: not a model folder or a .gguf file")
+        return
     _register_zoo_on_disk()
     if isinstance(source, str) and text in _REGISTRY:
         entry = _REGISTRY[text]
         if entry.find() is None:
             raise ModelNotInstalledError(f"{text} is not installed: {entry.install}")
         return
-    path = Path(text).expanduser()
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise CheckpointError(f"{path}: missing config.json (not a Hugging Face model folder)")
-    elif path.is_file():
-        if path.suffix.lower() != ".gguf":
-            raise InputError(f"{path}: not a model folder or a .gguf file")
-    else:
-        raise MissingFileError(f"{text!r} is not a model alias, folder or GGUF file (aliases: {', '.join(known_aliases())})")
+    raise MissingFileError(f"{text!r} is not a model alias, folder or GGUF file (aliases: {', '.join(known_aliases())})")

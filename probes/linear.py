@@ -20,7 +20,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from residscope.analyses.distributed import LOCAL
 from residscope.analyses.positional import resid_hook_name
+from residscope.analyses.runner import forward_batches
 from residscope.model.errors import InputError
 
 TASKS = ("regression", "classification")
@@ -65,28 +67,35 @@ def collect_activations(model, batches: Iterable[torch.Tensor], *, layers: Seque
     chunks: dict[int, list[np.ndarray]] = {layer: [] for layer in layers}
     sample, position, token = [], [], []
     held, next_sample = 0, 0
-
-    def keep(layer: int, budget: list[int]):
-        def hook(resid: torch.Tensor, hook) -> None:
-            flat = resid.detach()[: budget[0]].float().cpu().reshape(-1, resid.shape[-1])  # [rows * pos, d_model]
-            chunks[layer].append(flat[: budget[1]].numpy())
-
-        return hook
-
-    for ids in tqdm(batches, desc="activations", disable=not progress, leave=False):
+    chosen, budgets = [], []  # the batches the cap reaches, and (rows, tokens) kept of each
+    for ids in batches:
         if held >= max_tokens:
             break
         b, t = ids.shape
         take = min(max_tokens - held, b * t)
         rows = -(-take // t)  # samples touched by the cap
-        budget = [rows, take]
-        hooks = [(resid_hook_name(layer), keep(layer, budget)) for layer in layers]
-        model.run_with_hooks(ids.to(model.device), fwd_hooks=hooks, stop_at_layer=max(max(layers), 1))
+        chosen.append(ids)
+        budgets.append((rows, take))
         sample.append((next_sample + np.arange(rows)[:, None].repeat(t, 1)).reshape(-1)[:take])
         position.append(np.tile(np.arange(t), rows)[:take])
         token.append(ids[:rows].reshape(-1)[:take].cpu().numpy())
         held += take
         next_sample += b
+
+    def keep(layer: int, rows: int, take: int):
+        def hook(resid: torch.Tensor, hook) -> None:
+            flat = resid.detach()[:rows].float().cpu().reshape(-1, resid.shape[-1])  # [rows * pos, d_model]
+            chunks[layer].append(flat[:take].numpy())
+
+        return hook
+
+    def hooks_for(index: int, ids, mask) -> list:
+        return [(resid_hook_name(layer), keep(layer, *budgets[index])) for layer in layers]
+
+    # every rank's probes see the same tokens: no sharding (LOCAL), even under torch.distributed
+    for _ in forward_batches(model, chosen, hooks=hooks_for, stop_at_layer=max(max(layers), 1), group=LOCAL,
+                             progress=progress, desc="activations"):
+        pass
     if held == 0:
         raise InputError("no batches given")
     return Activations(features={layer: np.concatenate(chunks[layer]) for layer in layers}, sample=np.concatenate(sample),

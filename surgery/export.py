@@ -5,7 +5,7 @@ Writing the checkpoint itself is the model's business (`residscope.model.export`
 
 from __future__ import annotations
 
-from residscope.model.config import SUBLAYER_KEY
+from residscope.model.hf_config import SUBLAYER_KEY
 from residscope.model.export import PRUNING_FILE, save_pretrained
 
 __all__ = ["PRUNING_FILE", "SUBLAYER_KEY", "pruning_record", "save_pretrained"]

@@ -32,9 +32,9 @@ from dataclasses import asdict, dataclass
 from typing import Iterable, Sequence
 
 import torch
-from tqdm.auto import tqdm
-
-from residscope.common.batches import Batch, batch_count, unpack_batch
+from residscope.analyses.distributed import all_reduce_sum, all_reduce_sums
+from residscope.analyses.runner import forward_batches
+from residscope.common.batches import Batch
 from residscope.model.errors import InputError
 
 METRICS = ("bi", "angular", "relative-magnitude", "attn-bi", "mlp-bi")
@@ -148,47 +148,58 @@ def block_influence_result(
     shortgpt_compat: bool = False,
     progress: bool = True,
     source: str | None = None,
+    group=None,
 ) -> InfluenceResult:
-    """Stream `batches` (token ids [batch, pos], or (ids, attention_mask)) through `model` and score every layer."""
+    """Stream `batches` (token ids [batch, pos], or (ids, attention_mask)) through `model` and score every layer.
+
+    Under torch.distributed (`group`, or the default group when initialised) each rank scores its share of the batches
+    and the float64 sums are all-reduced, so every rank returns the whole corpus's scores.
+    """
     check_metric(metric)
     n_layers = len(model.blocks)
     in_hook, out_hook = _PAIR[metric]
+    compat_final_norm = shortgpt_compat and out_hook == "hook_resid_post"
     stats = [_PairStats(shortgpt_compat) for _ in range(n_layers)]
-    pending: dict[int, torch.Tensor] = {}  # layer -> its input stream, held only until its output arrives
-    keep: torch.Tensor | None = None  # [batch, pos] bool, real tokens of the current batch
+    # (batch, layer) -> that layer's input stream, held only until its output arrives (keyed by batch as well: a
+    # streamed model runs every batch through one layer before the next)
+    pending: dict[tuple[int, int], torch.Tensor] = {}
 
-    def take_input(layer: int):
+    def take_input(index: int, layer: int):
         def hook(x, hook):
-            pending[layer] = x
+            pending[index, layer] = x
         return hook
 
-    def take_output(layer: int):
+    def take_output(index: int, layer: int, keep: torch.Tensor | None):
         def hook(x, hook):
-            stats[layer].add(pending.pop(layer), x, keep)
+            stats[layer].add(pending.pop((index, layer)), x, keep)
         return hook
 
-    fwd_hooks = []
-    for i in range(n_layers):
-        fwd_hooks.append((f"blocks.{i}.{in_hook}", take_input(i)))
-        last_block_output = i == n_layers - 1 and out_hook == "hook_resid_post"
-        out_name = FINAL_NORM_HOOK if shortgpt_compat and last_block_output else f"blocks.{i}.{out_hook}"
-        fwd_hooks.append((out_name, take_output(i)))
+    def hooks_for(index: int, ids: torch.Tensor, mask: torch.Tensor | None) -> list:
+        keep = mask.bool() if mask is not None else None  # [batch, pos] real tokens
+        out = []
+        for i in range(n_layers):
+            out.append((f"blocks.{i}.{in_hook}", take_input(index, i)))
+            if not (compat_final_norm and i == n_layers - 1):
+                out.append((f"blocks.{i}.{out_hook}", take_output(index, i, keep)))
+        return out
 
     n_tokens = 0
-    with torch.inference_mode():
-        for batch in tqdm(batches, total=batch_count(batches), desc=f"block influence ({metric})", disable=not progress, leave=False):
-            ids, mask = unpack_batch(batch)
-            ids = ids.to(model.device)
-            mask = mask.to(model.device) if mask is not None else None
-            keep = mask.bool() if mask is not None else None
-            with model.hooks(fwd_hooks=fwd_hooks):
-                # the scores need only the residual stream: stop before the unembedding (the largest matmul of
-                # small models), and apply the final norm alone when compat mode reads its output
-                resid = model(ids, attention_mask=mask, stop_at_layer=n_layers)  # [batch, pos, d_model]
-                if shortgpt_compat and out_hook == "hook_resid_post":
-                    model.ln_final(resid)
-            pending.clear()
-            n_tokens += int(keep.sum()) if keep is not None else ids.numel()
+    # the scores need only the residual stream: stop before the unembedding (the largest matmul of small models)
+    for run in forward_batches(model, batches, hooks=hooks_for, stop_at_layer=n_layers, group=group,
+                               progress=progress, desc=f"block influence ({metric})"):
+        keep = run.mask.bool() if run.mask is not None else None
+        if compat_final_norm:  # the reference reads the last layer's output after the final norm
+            final = (FINAL_NORM_HOOK, take_output(run.index, n_layers - 1, keep))
+            with model.hooks(fwd_hooks=[final]):
+                model.ln_final(run.output)
+        n_tokens += int(keep.sum()) if keep is not None else run.ids.numel()
+    sums = torch.tensor([[s.cos, s.angular, s.relmag, s.n, s.n_defined, s.n_undefined] for s in stats],
+                        dtype=torch.float64)  # [n_layers, 6]
+    sums = all_reduce_sum(sums, group)
+    n_tokens = int(all_reduce_sums([n_tokens], group)[0])
+    for s, row in zip(stats, sums.tolist()):
+        s.cos, s.angular, s.relmag = row[:3]
+        s.n, s.n_defined, s.n_undefined = (int(x) for x in row[3:])
     if n_tokens == 0:
         raise InputError("batches: no tokens to score")
 
@@ -209,7 +220,7 @@ def block_influence_result(
 
 
 def influence_results(model, batches: Iterable[Batch], metrics: Sequence[str], *, shortgpt_compat: bool = False,
-                      progress: bool = True, source: str | None = None) -> dict[str, InfluenceResult]:
+                      progress: bool = True, source: str | None = None, group=None) -> dict[str, InfluenceResult]:
     """An InfluenceResult per metric, from as few passes as possible: one for bi, angular and relative-magnitude
     together, one each for attn-bi and mlp-bi."""
     for metric in metrics:
@@ -221,15 +232,16 @@ def influence_results(model, batches: Iterable[Batch], metrics: Sequence[str], *
         key = "bi" if metric in BLOCK_METRICS else metric
         if key not in passes:
             passes[key] = block_influence_result(model, batches, key, shortgpt_compat=shortgpt_compat,
-                                                 progress=progress, source=source)
+                                                 progress=progress, source=source, group=group)
         out[metric] = passes[key].for_metric(metric)
     return out
 
 
 def block_influence(model, batches: Iterable[Batch], metric: str = "bi", *, shortgpt_compat: bool = False,
-                    progress: bool = True) -> torch.Tensor:
+                    progress: bool = True, group=None) -> torch.Tensor:
     """Per-layer scores [n_layers] (float64) of `metric`; see `block_influence_result` for the statistics behind them."""
-    return block_influence_result(model, batches, metric, shortgpt_compat=shortgpt_compat, progress=progress).scores
+    return block_influence_result(model, batches, metric, shortgpt_compat=shortgpt_compat, progress=progress,
+                                  group=group).scores
 
 
 def removal_order(

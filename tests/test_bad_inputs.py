@@ -126,7 +126,7 @@ def test_bi_html_is_written_to_a_temp_name_then_renamed(tmp_path, capsys, monkey
 
 @pytest.mark.parametrize("argv, culprit", [
     (["positional", "--model", "does-not-exist", "--out", "{locked}/out", *FAST], "--out"),
-    (["prune", "--model", "does-not-exist", "--remove", "1", "--out", "{locked}/out"], "out"),
+    (["prune", "--model", "does-not-exist", "--remove", "1", "--out", "{locked}/out"], "--out"),
     (["bi", "--model", "does-not-exist", "--html", "{locked}/bi.html"], "--html"),
     (["extend", "--model", "does-not-exist", "--html", "{locked}/ext.html"], "--html"),
     (["passkey", "--model", "does-not-exist", "--html", "{locked}/pk.html"], "--html"),
@@ -394,6 +394,19 @@ def test_user_errors_are_value_errors_and_one_family():
     for cls in (ConfigError, CheckpointError, MissingFileError, ModelNotInstalledError):
         assert issubclass(cls, InputError) and issubclass(cls, ValueError)
     assert issubclass(MissingFileError, FileNotFoundError)
+
+
+def test_decoder_argument_errors_are_input_errors():
+    """The decoder's own checks (set by other parts of issue 14) use the same class, so the CLI shows them in one line."""
+    from residscope.model import load_model
+
+    m = load_model("zoo-rope")
+    ids = torch.tensor([[1, 2, 3]])
+    for call, culprit in [(lambda: m.generate(ids, max_new_tokens=2, do_sample=True, top_k=0), "top_k"),
+                          (lambda: m.set_attn_logit_scale(0.0), "scale"), (lambda: m.set_window(0), "window"),
+                          (lambda: m.set_rope(theta=math.nan), "theta")]:
+        with pytest.raises(InputError, match=culprit):
+            call()
 
 
 def test_library_raises_input_error_for_user_mistakes(tmp_path):

@@ -126,6 +126,16 @@ def test_integer_weight_is_refused_naming_tensor_and_dtype(zoo_copy, dtype):
     assert repr(Q_PROJ) in msg and f"dtype {str(dtype).removeprefix('torch.')}" in msg and str(zoo_copy / WEIGHTS) in msg
 
 
+def test_offloaded_loading_refuses_integer_blocks_and_nan_embeddings(zoo_copy):
+    edit_tensors(zoo_copy, lambda t: t.__setitem__(Q_PROJ, t[Q_PROJ].to(torch.int8)))
+    with pytest.raises(CheckpointError, match=rf"{Q_PROJ!r} has dtype int8"):
+        load_model(zoo_copy, offload=True)
+    edit_tensors(zoo_copy, lambda t: t.__setitem__(Q_PROJ, t[Q_PROJ].float()))
+    edit_tensors(zoo_copy, lambda t: t["model.embed_tokens.weight"].__setitem__((7, 7), float("inf")))
+    with pytest.raises(CheckpointError, match="'model.embed_tokens.weight' holds 1 NaN or Inf value"):
+        load_model(zoo_copy, offload=True)
+
+
 # ---- config.json ------------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("key, value", [
@@ -224,13 +234,18 @@ def shared_copy():
     shutil.rmtree(parent)
 
 
-@pytest.mark.parametrize("target", [".", WEIGHTS, "config.json"])
-def test_permission_denied_is_one_line_naming_the_file(shared_copy, target):
-    (shared_copy / target).chmod(0)
-    out = _in_unprivileged_child(lambda: load_model(shared_copy, load_tokenizer=False))
+@pytest.mark.parametrize("target", [".", WEIGHTS, "config.json", "gguf"])
+def test_permission_denied_is_one_line_naming_the_file(shared_copy, tiny_gguf, target):
+    source = shared_copy
+    if target == "gguf":
+        source = shared_copy.parent / "tiny.gguf"
+        shutil.copy(tiny_gguf[0], source)
+    culprit = source if target in (".", "gguf") else shared_copy / target
+    culprit.chmod(0)
+    out = _in_unprivileged_child(lambda: load_model(source, load_tokenizer=False))
     assert out.startswith(("CheckpointError: ", "ConfigError: ")), out
-    assert "Permission denied" in out and "\n" not in out
-    assert str(shared_copy / target if target != "." else shared_copy) in out
+    assert "permission denied" in out and "\n" not in out
+    assert str(culprit) in out
 
 
 # ---- GGUF -------------------------------------------------------------------------------------------------------------

@@ -80,3 +80,28 @@ def test_usage_errors_from_click(capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert "Invalid value for 'code'" in err and len(err.strip().splitlines()) == 1  # names the argument, one line
+
+
+def test_list_options_are_parsed_in_one_place():
+    from residscope.apps.cli_common import parse_fractions, parse_indices, parse_lengths
+
+    assert parse_lengths(" 128, 256,", "--lengths") == [128, 256]
+    assert parse_fractions("0,0.5,1", "--depths") == [0.0, 0.5, 1.0]
+    assert parse_indices("", "--remove-layers", 5) == []
+    for call, message in [
+        (lambda: parse_lengths("128,x", "--lengths"), "--lengths: expected comma-separated integers like 128,256,512; got '128,x'"),
+        (lambda: parse_lengths("1", "--lengths"), "--lengths: lengths must be integers >= 2, got '1'"),
+        (lambda: parse_fractions("0.5,2", "--depths"), "--depths: values must be in [0, 1], got '0.5,2'"),
+        (lambda: parse_indices("1,7", "--remove-layers", 5, note=" (0 = embeddings)"),
+         "--remove-layers: layer 7 out of range 0..4 (0 = embeddings)"),
+    ]:
+        with pytest.raises(ValueError) as e:
+            call()
+        assert str(e.value) == message
+
+
+def test_commands_default_to_the_registry_model():
+    from residscope.apps.cli_common import model_name
+    from residscope.model.registry import DEFAULT_MODEL
+
+    assert model_name(None) == DEFAULT_MODEL and model_name("zoo-rope") == "zoo-rope"

@@ -267,6 +267,23 @@ def test_folder_resolves_to_itself(tmp_path):
         resolve_source(tmp_path.parent)
 
 
+def test_an_existing_path_wins_over_an_alias_of_the_same_name(tmp_path, monkeypatch):
+    """One resolver for load_model and load_config, with transformers' precedence: a local folder shadows a name."""
+    from residscope.model import load_config
+    from residscope.model.registry import ZOO_DIR
+
+    monkeypatch.chdir(tmp_path)
+    assert resolve_source("zoo-rope") == ZOO_DIR / "rope"  # no such path here: the alias
+    local = tmp_path / "zoo-rope"
+    local.mkdir()
+    with pytest.raises(CheckpointError, match="zoo-rope: missing config.json"):
+        resolve_source("zoo-rope")  # the folder is taken even when it is not a checkpoint: no silent fallback
+    config = json.loads((ZOO_DIR / "rope" / "config.json").read_text())
+    (local / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 1}))
+    assert resolve_source("zoo-rope") == Path("zoo-rope")
+    assert load_config("zoo-rope").n_layers == 1 and load_config(ZOO_DIR / "rope").n_layers == 4
+
+
 def test_listing_and_not_installed_aliases(monkeypatch):
     rows = {r.alias: r for r in list_models()}
     assert {"smollm2-135m", "gemma3-270m", "zoo-nope", "zoo-rope"} <= set(rows)

@@ -69,9 +69,10 @@ def test_zoo_models_predict_held_out_text_within_their_window(zoo_model):
     name, model = zoo_model
     tokens = evaluation_tokens(model, 2048)
     ppl, *_ = sliding_window_perplexity(model, tokens, 128, stride=127, bos=model.tokenizer.bos_token_id, progress=False)
-    # the first 2048 tokens of the held-out topics: 88 (nope) to 246 (alibi); a uniform guess over 2048 tokens scores 2048.
-    # (Over 4096 tokens it is 48-62: a third of the evaluation split's text also occurs verbatim in calibration topics,
-    # which the zoo saw 20 times; see README "Built-in corpus". The first 2048 tokens overlap least.)
+    # the first 2048 tokens of the evaluation split: 104 (nope), 189 (rope), 225 (rope-smallbase), 330 (alibi),
+    # 210 (window); a uniform guess over 2048 tokens scores 2048. (Before the split dropped evaluation paragraphs that
+    # repeat calibration text, which the zoo saw about 20 times in training, these were 88 to 246, and 48 to 62 over
+    # 4096 tokens: memorised text, not held-out prediction.)
     assert ppl < 400, f"zoo-{name}: in-window perplexity {ppl:.1f}"
 
 
@@ -137,7 +138,10 @@ def test_training_saves_what_load_model_reads(tmp_path):
 # ---- extension on the zoo ---------------------------------------------------------------------------------------------
 # Measured numbers in the comments: 4096 held-out tokens, windows `length` long, stride length / 2 (so every scored token
 # has at least length / 2 tokens of context), trained window 128. They are deterministic (seeded decompositions, greedy
-# decoding); the margins asserted are far from rounding.
+# decoding); the margins asserted are far from rounding unless a comment says otherwise.
+# The evaluation split no longer holds paragraphs that repeat calibration (training) text (README "Built-in corpus"),
+# so every perplexity rose (the zoo had memorised those paragraphs) and some ratios shrank; "old split:" gives the
+# figures measured before, and where an asserted threshold had to follow the new measurements the comment says so.
 def _ppl(model, method: str, length: int, factor: float, **kw) -> float:
     from residscope.analyses.extension import extension_perplexity
 
@@ -155,14 +159,16 @@ def _passkey(model, length: int, depths=(0.0, 0.5, 1.0)) -> list[float]:
 @pytest.mark.slow
 def test_rope_scalings_beat_direct_extrapolation_at_4x_except_pi():
     rope = load_model("zoo-rope")
-    inside, direct = _ppl(rope, "none", 128, 4.0), _ppl(rope, "none", 512, 4.0)  # 50.2 -> 284.1: extrapolation fails
-    assert direct > 4 * inside
-    for method in ("ntk", "dynamic-ntk", "yarn"):  # 185.9, 120.8, 120.7
+    inside, direct = _ppl(rope, "none", 128, 4.0), _ppl(rope, "none", 512, 4.0)  # 312.4 -> 805.3: extrapolation fails
+    assert direct > 2.5 * inside  # 2.6x (old split: 50.2 -> 284.1, asserted > 4x)
+    for method in ("dynamic-ntk", "yarn"):  # 470.0, 503.5 (old split: 120.8, 120.7)
         assert _ppl(rope, method, 512, 4.0) < 0.7 * direct, method
-    # PI only ties with direct extrapolation at 4x (283.9): dividing every frequency by 4 costs as much inside the
-    # window (283.3 at 128 tokens) as it saves beyond it; a model this small leans on its fast frequencies
+    # NTK gains less on held-out text: 630.3 = 0.78x direct (old split: 185.9 = 0.65x, asserted < 0.7x with the others)
+    assert _ppl(rope, "ntk", 512, 4.0) < 0.85 * direct
+    # PI only ties with direct extrapolation at 4x (796.1): dividing every frequency by 4 costs as much inside the
+    # window (833.1 at 128 tokens) as it saves beyond it; a model this small leans on its fast frequencies
     pi_inside = _ppl(rope, "pi", 128, 4.0)
-    assert pi_inside > 4 * inside
+    assert pi_inside > 2.5 * inside  # 2.7x (old split: 283.3 vs 50.2, asserted > 4x)
     assert _ppl(rope, "pi", 512, 4.0) == pytest.approx(direct, rel=0.05)
 
 
@@ -173,17 +179,20 @@ def test_positional_vector_replacement_beats_direct_extrapolation_on_nope():
     nope = load_model("zoo-nope")
     dec = calibration_decomposition(nope, 128, samples=512)
     original = calibration_decomposition(nope, 512, samples=512)
-    direct = _ppl(nope, "none", 512, 4.0)  # 86.6 (47.6 inside the window)
+    direct = _ppl(nope, "none", 512, 4.0)  # 206.7, 152.5 inside the window (old split: 86.6, 47.6)
     kw = dict(decomposition=dec, original=original)
-    assert _ppl(nope, "pv-replace", 512, 4.0, **kw) < 0.98 * direct  # layer 1, r 4, alpha 1: 84.3
-    assert _ppl(nope, "pv-replace", 512, 4.0, alpha=1.3, **kw) < 0.92 * direct  # alpha 1.3 as in the paper's r=5: 76.0
+    # layer 1, r 4, alpha 1: 201.9 = 0.977x direct, a thin (but deterministic) margin (old split: 84.3 = 0.973x)
+    assert _ppl(nope, "pv-replace", 512, 4.0, **kw) < 0.98 * direct
+    # alpha 1.3 as in the paper's r=5: 184.5 = 0.89x (old split: 76.0 = 0.88x)
+    assert _ppl(nope, "pv-replace", 512, 4.0, alpha=1.3, **kw) < 0.92 * direct
     # the replaced layer's positional vectors beyond the window move towards the in-window set (drift per residual
     # layer, none: [0.49, 0.74, 0.64, 1.04, 0.30], replaced: [0.49, 0.62, 0.62, 1.10, 0.27]; layer 3 moves away)
     drift_direct = positional_drift(nope, "none", 512, factor=4.0).relative_distance
     drift_replaced = positional_drift(nope, "pv-replace", 512, factor=4.0).relative_distance
     assert drift_replaced[0] == pytest.approx(drift_direct[0])  # below the replacement layer nothing changes
     assert drift_replaced[1] < 0.9 * drift_direct[1]
-    # with 64 samples the vectors' own noise (added at every position) made it worse than direct extrapolation
+    # with 64 samples the vectors' own noise (added at every position) costs: 189.7 against 184.5 with 512 (old split:
+    # worse than direct extrapolation; on held-out text still better than direct, 206.7)
     noisy = calibration_decomposition(nope, 128, samples=64)
     assert _ppl(nope, "pv-replace", 512, 4.0, alpha=1.3, decomposition=noisy, original=original) > _ppl(
         nope, "pv-replace", 512, 4.0, alpha=1.3, **kw)
@@ -193,9 +202,11 @@ def test_positional_vector_replacement_beats_direct_extrapolation_on_nope():
 def test_small_base_gives_superficial_long_context():
     """Men et al.: a base below the bound keeps perplexity low far beyond the window but cannot retrieve there."""
     small, rope = load_model("zoo-rope-smallbase"), load_model("zoo-rope")
-    # perplexity 54.4 -> 81.6 at 4x and 126.6 at 8x; base 10000: 50.2 -> 284.1 -> 471.4
+    # perplexity 395.0 -> 443.3 at 4x and 540.6 at 8x; base 10000: 312.4 -> 805.3 -> 1012.8
+    # (old split: 54.4 -> 81.6 -> 126.6 against 50.2 -> 284.1 -> 471.4)
     assert _ppl(small, "none", 512, 4.0) < 1.6 * _ppl(small, "none", 128, 4.0)
-    assert _ppl(small, "none", 512, 4.0) < 0.4 * _ppl(rope, "none", 512, 4.0)
+    # 0.55x the base-10000 model at 4x (old split: 0.29x, asserted < 0.4x)
+    assert _ppl(small, "none", 512, 4.0) < 0.6 * _ppl(rope, "none", 512, 4.0)
     assert _passkey(small, 128) == [1.0, 1.0, 1.0]  # every key, every depth, inside the window
     assert _passkey(small, 256) == [0.0, 0.0, 0.0]  # none at 2x
     assert _passkey(small, 512) == [0.0, 0.0, 0.0]  # none at 4x
@@ -204,7 +215,7 @@ def test_small_base_gives_superficial_long_context():
 @pytest.mark.slow
 def test_alibi_as_is_stays_flat_and_retrieves_nearby_keys_beyond_the_window():
     alibi = load_model("zoo-alibi")
-    inside = _ppl(alibi, "none", 128, 1.0)  # 62.2, 61.6 at 512, 62.2 at 1024
+    inside = _ppl(alibi, "none", 128, 1.0)  # 529.9, 523.9 at 512, 526.9 at 1024 (old split: 62.2, 61.6, 62.2)
     assert _ppl(alibi, "none", 1024, 1.0) == pytest.approx(inside, rel=0.03)
     assert _passkey(alibi, 256) == [1.0, 1.0, 1.0]  # 2x: every key
     assert _passkey(alibi, 512) == [0.0, 0.6, 1.0]  # 4x: only keys near the question (ALiBi's recency bias)
@@ -215,15 +226,17 @@ def test_window_extension_keeps_perplexity_flat_where_full_attention_does_not():
     from residscope.analyses.extension import evaluation_tokens, sliding_window_perplexity
 
     window = load_model("zoo-window")  # sliding window 32, trained on 128-token rows
-    # as trained: flat (60.3, 59.5, 59.9 at 128, 512, 1024)
+    # as trained: flat (359.0, 357.3, 359.1 at 128, 512, 1024; old split: 60.3, 59.5, 59.9)
     assert _ppl(window, "none", 1024, 1.0) == pytest.approx(_ppl(window, "none", 128, 1.0), rel=0.03)
-    # window 32 -> 64 (lambda = ln 64 / ln 32 = 1.2): flat, 99.5 -> 100.6 -> 101.1, but above the model as trained:
-    # on this zoo the extra context costs more than it brings (lambda 1: 93.2 -> 95.1; window 128: 123.5 -> 166.5)
+    # window 32 -> 64 (lambda = ln 64 / ln 32 = 1.2): flat, 385.5 -> 396.3 -> 398.6, but above the model as trained:
+    # on this zoo the extra context costs more than it brings (lambda 1: 362.7 -> 374.2; old split: 99.5 -> 101.1,
+    # lambda 1: 93.2 -> 95.1)
     extended = [_ppl(window, "window", n, 2.0) for n in (128, 512, 1024)]
     assert max(extended) < 1.05 * min(extended)
-    # the window removed altogether (every layer attends to everything): 107.7 -> 216.8 -> 269.1
+    # the window removed altogether (every layer attends to everything): 367.9 -> 491.9 -> 543.3 (old split:
+    # 107.7 -> 216.8 -> 269.1, asserted to more than double; now 1.48x)
     tokens = evaluation_tokens(window, 4096)
     with window.positional_overrides():
         window.set_window(None)
         full = [sliding_window_perplexity(window, tokens, n, bos=window.cfg.bos_token_id, progress=False)[0] for n in (128, 1024)]
-    assert full[1] > 2 * full[0]
+    assert full[1] > 1.4 * full[0]
