@@ -224,7 +224,7 @@ class RMSNorm(nn.Module):
         if hooked(self.hook_scale):
             scale = var.sqrt()
             seen = self.hook_scale(scale.clone())  # a copy, so an in-place patch shows
-            if self.hook_scale._backward_hooks or not torch.equal(seen, scale):
+            if self.hook_scale._backward_hooks or seen.is_meta or not torch.equal(seen, scale):
                 normed = xf / seen  # TransformerLens' formula: a patched scale is used, gradients reach the scale
         return self.hook_normalized(self._apply_gain(normed, x.dtype))
 

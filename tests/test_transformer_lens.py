@@ -469,6 +469,7 @@ def test_smollm2_tokens_loss_and_padding(smollm2):
 
 
 @pytest.mark.real
+@pytest.mark.slow  # a 150-forward patching sweep over the 30 layers: ~100 s of CPU
 def test_smollm2_demo_calls(smollm2):
     m = smollm2
     clean, corrupt = m.to_tokens("When John and Mary went to the shops, John gave the bag to"), \
