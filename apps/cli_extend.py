@@ -107,7 +107,6 @@ def extend(
     """Sliding-window perplexity of the held-out split against length, for one extension method or a comparison."""
     from residscope.analyses.extension import extension_perplexity
     from residscope.analyses.extension_plots import perplexity_figure, perplexity_table
-    from residscope.common.atomic import check_output_file
 
     if batch_size < 1:
         raise InputError(f"--batch-size must be >= 1, got {batch_size}")
@@ -159,7 +158,6 @@ def passkey(
     """Passkey retrieval (exact match, greedy) against prompt length and key depth, per extension method."""
     from residscope.analyses.extension import passkey_study
     from residscope.analyses.extension_plots import passkey_figure, passkey_table
-    from residscope.common.atomic import check_output_file
 
     if keys < 1:
         raise InputError(f"--keys must be >= 1, got {keys}")

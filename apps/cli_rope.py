@@ -62,8 +62,8 @@ def rope_bound(
 
     rows, fig_head_dim = None, head_dim
     if length is not None:
-        bases = _print_lower_bound(rb.base_lower_bound(length, head_dim, grid_step=grid_step, max_m=max_m, progress=progress), length,
-                                   head_dim, grid_step, as_json)
+        bound = rb.base_lower_bound(length, head_dim, grid_step=grid_step, max_m=max_m, progress=progress)
+        bases = _print_lower_bound(bound, length, head_dim, grid_step, as_json)
     elif base is not None:
         bases = _print_context_bound(rb.context_bound(base, head_dim, max_m=max_m), base, head_dim, as_json)
     elif table:

@@ -81,6 +81,7 @@ class DecoderConfig:
     use_attn_result: bool = False
     use_split_qkv_input: bool = False
     use_hook_tokens: bool = False
+    use_attn_in: bool = False
     seed: int | None = None
     live: LiveState = field(default_factory=LiveState, init=False, repr=False, compare=False)
 

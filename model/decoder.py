@@ -9,7 +9,15 @@ Hook names follow TransformerLens, so `run_with_cache`, `run_with_hooks` and `Ac
     blocks.{i}.attn.hook_attn_scores / hook_pattern [batch, head, q_pos, k_pos] (explicit path only)
     blocks.{i}.attn.hook_z                          [batch, pos, head, d_head]
     blocks.{i}.mlp.hook_pre / hook_pre_linear / hook_post  [batch, pos, d_mlp]
+    blocks.{i}.hook_mlp_in                          [batch, pos, d_model]  (resid_mid, copied when hooked)
+    blocks.{i}.ln1 / ln2 (/ ln1_post / ln2_post).hook_scale, ln_final.hook_scale  [batch, pos, 1]
     ln_final.hook_normalized
+TransformerLens' opt-in hooks fire only after their switch (`model.set_use_attn_result(True)` or `model.cfg.<switch> = True`):
+    blocks.{i}.attn.hook_result                     [batch, pos, head, d_model]  (use_attn_result)
+    blocks.{i}.hook_q_input                         [batch, pos, head, d_model]  (use_split_qkv_input)
+    blocks.{i}.hook_k_input / hook_v_input          [batch, pos, kv_head, d_model]
+    blocks.{i}.hook_attn_in                         [batch, pos, head, d_model]  (use_attn_in; not with GQA)
+    hook_tokens                                     [batch, pos]  (use_hook_tokens)
 Attention runs through SDPA unless a hook is attached to `hook_attn_scores` or `hook_pattern` (or the layer needs
 logit soft-capping); then an explicit path computes the same result and exposes scores and pattern.
 """
@@ -34,6 +42,7 @@ from . import tokens as tokenizing
 from .config import DecoderConfig
 from .errors import InputError
 from .rope import RopeParams, apply_rope, rope_cos_sin
+from .tl_weights import AttentionWeights, DecoderWeights, Embed, MLPWeights, Unembed
 
 RETURN_TYPES = ("logits", "loss", "both", None)
 
@@ -47,6 +56,16 @@ def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
         return x
     b, kvh, p, d = x.shape
     return x[:, :, None].expand(b, kvh, n_rep, p, d).reshape(b, kvh * n_rep, p, d)
+
+
+def hooked(hp: HookPoint) -> bool:
+    """True when a forward or backward hook is attached: opt-in work (patterns, scales, copies) runs only then."""
+    return bool(hp._forward_hooks or hp._backward_hooks)
+
+
+def repeat_heads(x: torch.Tensor, n: int) -> torch.Tensor:
+    """[batch, pos, d_model] -> [batch, pos, n, d_model], a real copy so hooks may edit one head's slot in place."""
+    return x[:, :, None].expand(x.shape[0], x.shape[1], n, x.shape[2]).contiguous()
 
 
 def alibi_slopes(n_heads: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -177,30 +196,59 @@ class KVCache:
 # modules
 # ---------------------------------------------------------------------------------------------------------------------
 class RMSNorm(nn.Module):
-    """RMSNorm computed in float32. offset 0: Llama's w * normed.to(dtype); offset 1: Gemma's (normed * (1 + w)).to(dtype)."""
+    """RMSNorm computed in float32 (float64 for float64 models, where transformers would round through float32: a float64
+    run is then float64 throughout and decompositions of it are exact to 1e-9). offset 0: Llama's w * normed.to(dtype);
+    offset 1: Gemma's (normed * (1 + w)).to(dtype).
+
+    hook_scale [..., 1] is TransformerLens' sqrt(mean(x^2) + eps). The input is multiplied by rsqrt (transformers'
+    arithmetic, so caching changes no logit); a hook that changes the scale, or a backward hook on it, gets TransformerLens'
+    x / scale.
+    """
 
     def __init__(self, d: int, eps: float, offset: float = 0.0):
         super().__init__()
         self.eps, self.offset = eps, offset
         self.weight = nn.Parameter(torch.zeros(d) if offset else torch.ones(d))
-        self.hook_normalized = HookPoint()
+        self.hook_scale = HookPoint()  # [batch, pos, 1]
+        self.hook_normalized = HookPoint()  # [batch, pos, d]
+
+    @property
+    def gain(self) -> torch.Tensor:
+        """[d]: what the normalised input is multiplied by (weight, or offset + weight for Gemma)."""
+        return self.weight + self.offset if self.offset else self.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))
+        var = xf.pow(2).mean(-1, keepdim=True) + self.eps  # [..., 1]
+        normed = xf * torch.rsqrt(var)
+        if hooked(self.hook_scale):
+            scale = var.sqrt()
+            seen = self.hook_scale(scale.clone())  # a copy, so an in-place patch shows
+            if self.hook_scale._backward_hooks or not torch.equal(seen, scale):
+                normed = xf / seen  # TransformerLens' formula: a patched scale is used, gradients reach the scale
+        return self.hook_normalized(self._apply_gain(normed, x.dtype))
+
+    def _apply_gain(self, normed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         if self.offset:
-            out = (normed * (self.offset + self.weight.float())).type_as(x)
-        else:
-            out = self.weight * normed.to(x.dtype)
-        return self.hook_normalized(out)
+            return (normed * (self.offset + self.weight.to(normed.dtype))).to(dtype)
+        return self.weight * normed.to(dtype)
+
+    def split(self, parts: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+        """This norm's output on `total` [batch, pos, d] as shares of `parts` [batch, pos, n, d] (which sum to total):
+        every part is divided by total's scale and multiplied by the gain. Exact, since the norm is linear once its
+        scale is fixed; the shares sum to forward(total)."""
+        wide = torch.promote_types(total.dtype, torch.float32)
+        scale = self.hook_scale((total.to(wide).pow(2).mean(-1, keepdim=True) + self.eps).sqrt())  # [batch, pos, 1]
+        return self._apply_gain(parts.to(wide) / scale[..., None, :], parts.dtype)  # [batch, pos, n, d]
 
 
-class Attention(nn.Module):
+class Attention(AttentionWeights, nn.Module):
     """Grouped-query attention with RoPE or ALiBi, optional q/k norms, sliding window and logit soft-capping.
 
     It copies the scalars it needs from the config, so a block keeps working after surgery renumbers or drops its
     neighbours. `rope`, `window` and `logit_scale` are run-time settings (Decoder.set_rope / set_window /
-    set_attn_logit_scale); `default_rope` / `default_window` are what the checkpoint was built with.
+    set_attn_logit_scale); `default_rope` / `default_window` are what the checkpoint was built with. TransformerLens'
+    weight names (W_Q, W_O, QK, ...) come from AttentionWeights.
     """
 
     def __init__(self, cfg: DecoderConfig, layer: int):
@@ -222,6 +270,8 @@ class Attention(nn.Module):
         self.default_rope: RopeParams | None = cfg.rope_of(layer)
         self.default_window: int | None = cfg.window_of(layer)
         self.rope, self.window, self.logit_scale = self.default_rope, self.default_window, 1.0
+        self.output_normed = cfg.post_norms  # Gemma 3: the block RMS-normalises this module's output (ln1_post)
+        self.use_attn_result = False  # TransformerLens switch, kept in step with cfg by Decoder.forward
 
         self.hook_q = HookPoint()  # [batch, pos, head, d_head]
         self.hook_k = HookPoint()  # [batch, pos, kv_head, d_head]
@@ -231,19 +281,31 @@ class Attention(nn.Module):
         self.hook_attn_scores = HookPoint()  # [batch, head, q_pos, k_pos], explicit path only
         self.hook_pattern = HookPoint()  # [batch, head, q_pos, k_pos], explicit path only
         self.hook_z = HookPoint()  # [batch, pos, head, d_head]
+        self.hook_result = HookPoint()  # [batch, pos, head, d_model], with use_attn_result only
 
     def reset_positional(self) -> None:
         self.rope, self.window, self.logit_scale = self.default_rope, self.default_window, 1.0
 
     def wants_pattern(self) -> bool:
-        hooked = any(hp._forward_hooks or hp._backward_hooks for hp in (self.hook_attn_scores, self.hook_pattern))
-        return hooked or self.softcap is not None
+        return hooked(self.hook_attn_scores) or hooked(self.hook_pattern) or self.softcap is not None
 
-    def forward(self, x: torch.Tensor, pos: Positions, cache: KVCache | None = None) -> torch.Tensor:
-        b, p, _ = x.shape
-        q = self.hook_q(self._maybe_norm("q_norm", self.q_proj(x).view(b, p, self.n_heads, self.d_head)))  # [batch, pos, head, d_head]
-        k = self.hook_k(self._maybe_norm("k_norm", self.k_proj(x).view(b, p, self.n_kv_heads, self.d_head)))  # [batch, pos, kv_head, d_head]
-        v = self.hook_v(self.v_proj(x).view(b, p, self.n_kv_heads, self.d_head))  # [batch, pos, kv_head, d_head]
+    def forward(
+        self,
+        x: torch.Tensor,
+        pos: Positions,
+        cache: KVCache | None = None,
+        *,
+        k_in: torch.Tensor | None = None,
+        v_in: torch.Tensor | None = None,
+        out_norm: RMSNorm | None = None,
+    ) -> torch.Tensor:
+        """x [batch, pos, d_model] -> [batch, pos, d_model]. Split-qkv mode: x [batch, pos, head, d_model] feeds the
+        queries and k_in / v_in [batch, pos, kv_head, d_model] the keys / values, one input per head. `out_norm` is the
+        block's post-attention norm (Gemma 3), applied here so per-head results can carry it."""
+        b, p = x.shape[:2]
+        q = self.hook_q(self._maybe_norm("q_norm", self._project(self.q_proj, x, self.n_heads)))  # [batch, pos, head, d_head]
+        k = self.hook_k(self._maybe_norm("k_norm", self._project(self.k_proj, x if k_in is None else k_in, self.n_kv_heads)))  # [batch, pos, kv_head, d_head]
+        v = self.hook_v(self._project(self.v_proj, x if v_in is None else v_in, self.n_kv_heads))  # [batch, pos, kv_head, d_head]
         if self.rope is not None:
             cos, sin = pos.cos_sin(self.rope, self.d_head, q.dtype)  # [batch, pos, rotary_dim]
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -258,7 +320,39 @@ class Attention(nn.Module):
         else:
             z = self._sdpa(q, k, v, pos, scale)
         z = self.hook_z(z.transpose(1, 2))  # [batch, pos, head, d_head]
-        return self.o_proj(z.reshape(b, p, self.n_heads * self.d_head))
+        if self.use_attn_result:
+            return self._sum_of_results(z, out_norm)
+        out = self.o_proj(z.reshape(b, p, self.n_heads * self.d_head))  # [batch, pos, d_model]
+        return out if out_norm is None else out_norm(out)
+
+    def _project(self, linear: nn.Linear, x: torch.Tensor, n: int) -> torch.Tensor:
+        """-> [batch, pos, n, d_head]. Per-head inputs [batch, pos, n, d_model] (split-qkv) meet only their head's rows."""
+        if x.dim() == 3:
+            return linear(x).view(x.shape[0], x.shape[1], n, self.d_head)
+        out = torch.einsum("bpnm,ndm->bpnd", x, linear.weight.view(n, self.d_head, -1))
+        return out if linear.bias is None else out + linear.bias.view(n, self.d_head)
+
+    def _sum_of_results(self, z: torch.Tensor, out_norm: RMSNorm | None) -> torch.Tensor:
+        """Attention output as the sum of hook_result [batch, pos, head, d_model], each head's write to the residual
+        stream. Under a post-norm a head's result is its share of the normed output (scaled by the norm of the summed
+        output), so results still sum to hook_attn_out; a patched result enters at that cached scale."""
+        result = torch.einsum("bphd,hdm->bphm", z, self.W_O)  # [batch, pos, head, d_model]
+        bias = self.o_proj.bias
+        if out_norm is None:
+            out = self.hook_result(result).sum(-2)
+            return out if bias is None else out + bias
+        if bias is not None:
+            raise ValueError(f"{self.hook_z.name.rsplit('.', 1)[0]}: o_proj's bias passes through the post-attention norm, so per-head "
+                             "results plus b_O cannot sum to the attention output")
+        return out_norm.hook_normalized(self.hook_result(out_norm.split(result, result.sum(-2))).sum(-2))
+
+    @property
+    def _result_contribution_scale(self) -> float:
+        """Read by TransformerLens' ActivationCache when it rebuilds head results as z @ W_O (hook_result not cached)."""
+        if self.output_normed:
+            raise ValueError(f"{self.hook_z.name.rsplit('.', 1)[0]}: the attention output is RMS-normalised (ln1_post), so z @ W_O is "
+                             "not a head's contribution; run with model.set_use_attn_result(True) to cache exact hook_result")
+        return 1.0
 
     def _maybe_norm(self, name: str, x: torch.Tensor) -> torch.Tensor:
         return getattr(self, name)(x) if self.qk_norm else x
@@ -304,7 +398,7 @@ class Attention(nn.Module):
         return pattern @ v  # [batch, head, q_pos, d_head]
 
 
-class MLP(nn.Module):
+class MLP(MLPWeights, nn.Module):
     """Gated MLP: down(act(gate(x)) * up(x)); SwiGLU (silu) or GeGLU (tanh gelu)."""
 
     def __init__(self, cfg: DecoderConfig):
@@ -340,32 +434,66 @@ class Block(nn.Module):
             self.ln1_post = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.norm_offset)
             self.ln2_post = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.norm_offset)
         self.post_norms = cfg.post_norms
+        self.use_split_qkv_input = False  # TransformerLens switches, kept in step with cfg by Decoder.forward
+        self.use_attn_in = False
         self.hook_resid_pre = HookPoint()  # [batch, pos, d_model]
+        self.hook_attn_in = HookPoint()  # [batch, pos, head, d_model], with use_attn_in only
+        self.hook_q_input = HookPoint()  # [batch, pos, head, d_model], with use_split_qkv_input only
+        self.hook_k_input = HookPoint()  # [batch, pos, kv_head, d_model], with use_split_qkv_input only
+        self.hook_v_input = HookPoint()  # [batch, pos, kv_head, d_model], with use_split_qkv_input only
         self.hook_attn_out = HookPoint()  # [batch, pos, d_model]
         self.hook_resid_mid = HookPoint()  # [batch, pos, d_model]
+        self.hook_mlp_in = HookPoint()  # [batch, pos, d_model], resid_mid (a copy when hooked)
         self.hook_mlp_out = HookPoint()  # [batch, pos, d_model]
         self.hook_resid_post = HookPoint()  # [batch, pos, d_model]
 
     def forward(self, x: torch.Tensor, pos: Positions, cache: KVCache | None = None) -> torch.Tensor:
         x = self.hook_resid_pre(x)  # [batch, pos, d_model]
         if self.attn is not None:
-            attn_out = self.attn(self.ln1(x), pos, cache)
-            if self.post_norms:
-                attn_out = self.ln1_post(attn_out)
+            out_norm = self.ln1_post if self.post_norms else None
+            if self.use_split_qkv_input or self.use_attn_in:
+                q_in, k_in, v_in = self._per_head_inputs(x)
+                attn_out = self.attn(q_in, pos, cache, k_in=k_in, v_in=v_in, out_norm=out_norm)
+            else:
+                attn_out = self.attn(self.ln1(x), pos, cache, out_norm=out_norm)
             x = x + self.hook_attn_out(attn_out)
         x = self.hook_resid_mid(x)
         if self.mlp is not None:
-            mlp_out = self.mlp(self.ln2(x))
+            mlp_in = self.hook_mlp_in(x.clone()) if hooked(self.hook_mlp_in) else x  # a copy: editing it spares resid_mid
+            mlp_out = self.mlp(self.ln2(mlp_in))
             if self.post_norms:
                 mlp_out = self.ln2_post(mlp_out)
             x = x + self.hook_mlp_out(mlp_out)
         return self.hook_resid_post(x)
 
+    def _per_head_inputs(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """TransformerLens' per-head attention inputs, each normed by ln1: queries [batch, pos, head, d_model], keys and
+        values [batch, pos, kv_head, d_model]; hook_attn_in (one slot per head) feeds all three when use_attn_in is on."""
+        h, kvh = self.attn.n_heads, self.attn.n_kv_heads
+        if self.use_attn_in:
+            attn_in = self.hook_attn_in(repeat_heads(x, h))  # [batch, pos, head, d_model]; h == kvh (checked)
+            if not self.use_split_qkv_input:
+                normed = self.ln1(attn_in)
+                return normed, normed, normed
+            q_in, k_in, v_in = attn_in, attn_in.clone(), attn_in.clone()
+        else:
+            q_in, k_in, v_in = repeat_heads(x, h), repeat_heads(x, kvh), repeat_heads(x, kvh)
+        q_in, k_in, v_in = self.hook_q_input(q_in), self.hook_k_input(k_in), self.hook_v_input(v_in)
+        return self.ln1(q_in), self.ln1(k_in), self.ln1(v_in)
+
+    @property
+    def residual_contribution_scale(self) -> float:
+        """Read by TransformerLens' ActivationCache when it splits an MLP output into neurons as post * W_out."""
+        if self.post_norms:
+            raise ValueError("the MLP output is RMS-normalised (ln2_post), so post * W_out is not a neuron's contribution; "
+                             "use decompose_resid / get_full_resid_decomposition(expand_neurons=False)")
+        return 1.0
+
 
 # ---------------------------------------------------------------------------------------------------------------------
 # the model
 # ---------------------------------------------------------------------------------------------------------------------
-class Decoder(HookedRootModule):
+class Decoder(DecoderWeights, HookedRootModule):
     """A decoder-only LM with TransformerLens hook points and TransformerLens's calling conventions.
 
     `model(input)` takes token ids [batch, pos] (or [pos]), a string or a list of strings and returns logits
@@ -377,11 +505,12 @@ class Decoder(HookedRootModule):
         self.source = source  # what it was loaded from (folder, GGUF file or alias), recorded in exports
         self.layer_origin: list[int] = list(range(cfg.n_layers))  # original index of each block (changes on removal)
         self.n_layers_original = cfg.n_layers  # layer count before any removal
-        self.embed = nn.Embedding(cfg.d_vocab, cfg.d_model)
+        self.embed = Embed(cfg.d_vocab, cfg.d_model)
+        self.hook_tokens = HookPoint()  # [batch, pos]; fires only with cfg.use_hook_tokens
         self.hook_embed = HookPoint()  # [batch, pos, d_model]
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.ln_final = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.norm_offset)
-        self.unembed = nn.Linear(cfg.d_model, cfg.d_vocab, bias=False)
+        self.unembed = Unembed(cfg.d_model, cfg.d_vocab, norm_head=cfg.norm_head, softcap=cfg.final_softcap)
         self.cfg = cfg
         self.tokenizer = tokenizer
         self.tie_weights()
@@ -458,8 +587,11 @@ class Decoder(HookedRootModule):
                 raise TypeError("attention_mask is keyword-only: model(ids, attention_mask=mask)")
             raise InputError(f"return_type must be one of {RETURN_TYPES}, got {return_type!r}")
         past = kv_cache.length if kv_cache is not None else 0
+        self._apply_switches()
         if start_at_layer is None:
             ids, attention_mask = self._input_ids(input, attention_mask, prepend_bos, padding_side, past)  # [batch, pos]
+            if self.cfg.use_hook_tokens:
+                ids = self.hook_tokens(ids)
             x = self.hook_embed(self._embed(ids))  # [batch, pos, d_model]
         else:
             x, ids = self._resid_input(input, start_at_layer), tokens  # [batch, pos, d_model]
@@ -522,13 +654,40 @@ class Decoder(HookedRootModule):
 
     def unembed_residual(self, normed: torch.Tensor) -> torch.Tensor:
         """Logits [batch, pos, vocab] from the final-normed residual stream (NormHead and soft-capping included)."""
-        if self.cfg.norm_head:
-            logits = F.linear(normed, F.normalize(self.unembed.weight, dim=-1))
-        else:
-            logits = self.unembed(normed)
-        if self.cfg.final_softcap is not None:
-            logits = torch.tanh(logits / self.cfg.final_softcap) * self.cfg.final_softcap
-        return logits
+        return self.unembed(normed)
+
+    # ---- TransformerLens switches for opt-in hooks -----------------------------------------------------------------
+    def set_use_attn_result(self, use_attn_result: bool) -> None:
+        """Per-head results blocks.{i}.attn.hook_result [batch, pos, head, d_model] (costs a head-sized einsum)."""
+        self.cfg.use_attn_result = bool(use_attn_result)
+
+    def set_use_split_qkv_input(self, use_split_qkv_input: bool) -> None:
+        """Separate residual-stream copies per head for queries, keys and values: blocks.{i}.hook_q_input / hook_k_input /
+        hook_v_input, so a patch can reach one head's queries alone."""
+        self.cfg.use_split_qkv_input = bool(use_split_qkv_input)
+
+    def set_use_attn_in(self, use_attn_in: bool) -> None:
+        """One residual-stream copy per head, blocks.{i}.hook_attn_in [batch, pos, head, d_model], feeding q, k and v."""
+        if use_attn_in and self.cfg.n_kv_heads != self.cfg.n_heads:
+            raise ValueError(f"use_attn_in gives each of the {self.cfg.n_heads} query heads an input, which cannot feed "
+                             f"{self.cfg.n_kv_heads} KV heads; use set_use_split_qkv_input(True)")
+        self.cfg.use_attn_in = bool(use_attn_in)
+
+    def set_use_hook_tokens(self, use_hook_tokens: bool) -> None:
+        """hook_tokens [batch, pos] on the input ids."""
+        self.cfg.use_hook_tokens = bool(use_hook_tokens)
+
+    def _apply_switches(self) -> None:
+        """Copy cfg's switches to the modules (users set them on cfg directly, as in TransformerLens); a few attribute
+        reads per block when nothing changed."""
+        attn_result, split, attn_in = self.cfg.use_attn_result, self.cfg.use_split_qkv_input, self.cfg.use_attn_in
+        if attn_in and self.cfg.n_kv_heads != self.cfg.n_heads:
+            self.set_use_attn_in(True)  # raises the one-line explanation
+        for block in self.blocks:
+            if block.use_split_qkv_input != split or block.use_attn_in != attn_in:
+                block.use_split_qkv_input, block.use_attn_in = split, attn_in
+            if block.attn is not None and block.attn.use_attn_result != attn_result:
+                block.attn.use_attn_result = attn_result
 
     @staticmethod
     def loss_fn(logits: torch.Tensor, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -888,12 +1047,10 @@ class Decoder(HookedRootModule):
         return int(where[0] if mode == "first" else where[-1])
 
     def tokens_to_residual_directions(self, tokens: str | int | torch.Tensor) -> torch.Tensor:
-        """Unembedding directions in the residual stream (after the final norm): rows of W_U as [d_model] for one token
-        (a one-token string, an id or a 0-d tensor), [..., d_model] for ids [...]. Baichuan's NormHead normalises them."""
+        """Unembedding directions in the residual stream before the final norm's gain: [d_model] for one token (a
+        one-token string, an id or a 0-d tensor), [..., d_model] for ids [...]. Dotted with a stack passed through
+        `ActivationCache.apply_ln_to_stack` they give logits exactly: see `unembed_directions` (ln_final's gain is in
+        them, since residscope does not fold norms into W_U; NormHead rows are normalised; soft-capping is refused)."""
         if isinstance(tokens, str):
             tokens = self.to_single_token(tokens)
-        ids = torch.as_tensor(tokens, device=self.device)
-        weight = self.unembed.weight  # [vocab, d_model]
-        if self.cfg.norm_head:
-            weight = F.normalize(weight, dim=-1)
-        return weight[ids]  # [..., d_model]
+        return self.unembed_directions(tokens)

@@ -114,7 +114,12 @@ class BlockStore:
 
 
 def load_offloaded(model: Decoder, folder: Path, files: list[Path], device: torch.device, dtype: torch.dtype) -> Decoder:
-    """Fill `model` (built on `meta`) with its resident tensors and attach the BlockStore of its blocks."""
+    """Fill `model` (built on `meta`) with its resident tensors and attach the BlockStore of its blocks.
+
+    Integer tensors are refused for every weight (the header says their dtype); NaN / Inf only in the resident tensors,
+    since the blocks' bytes are read when they stream, not here."""
+    from .loading import check_finite, check_float_weight
+
     pickled = [f for f in files if f.suffix != ".safetensors"]
     if pickled:
         raise CheckpointError(f"{pickled[0]}: offload=True (--offload) streams safetensors checkpoints only; this one "
@@ -131,6 +136,8 @@ def load_offloaded(model: Decoder, folder: Path, files: list[Path], device: torc
         with open(path, "rb") as f:
             for entry in read_header(f, path):
                 names = _names(path, entry.name, cfg)
+                if names:
+                    check_float_weight(path, entry.name, entry.dtype)  # from the header: streamed blocks too
                 for part, name in enumerate(names):
                     if name.startswith("blocks."):
                         layer, inner = name.split(".", 2)[1:]
@@ -139,6 +146,7 @@ def load_offloaded(model: Decoder, folder: Path, files: list[Path], device: torc
                         continue
                     elif name in resident:
                         read_into(f, entry, resident[name], path)
+                        check_finite(path, entry.name, resident[name])
                         filled.add(name)
                     else:
                         raise CheckpointError(f"{path}: tensor {entry.name!r} has no place in this config ({name})")

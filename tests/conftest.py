@@ -51,3 +51,26 @@ def real_model():
         return load_model("smollm2-135m")
     except (FileNotFoundError, ImportError, ValueError) as e:
         pytest.skip(f"bundled model unavailable: {e}")
+
+
+@pytest.fixture
+def hf_norms_in_float64(monkeypatch):
+    """transformers' RMSNorms round through float32 even in a float64 model; residscope's float64 models normalise in
+    float64 (so decompositions of them are exact to 1e-9). Float64 parity tests compare with a transformers whose norms
+    do the same; in float32 and below these forwards compute exactly what transformers' own do."""
+    from transformers.models.gemma3 import modeling_gemma3
+    from transformers.models.llama import modeling_llama
+
+    def rms(x, eps):
+        wide = x.to(torch.promote_types(x.dtype, torch.float32))
+        return wide * torch.rsqrt(wide.pow(2).mean(-1, keepdim=True) + eps)
+
+    def llama(self, x):
+        return self.weight * rms(x, self.variance_epsilon).to(x.dtype)
+
+    def gemma(self, x):
+        normed = rms(x, self.eps)
+        return (normed * (1.0 + self.weight.to(normed.dtype))).type_as(x)
+
+    monkeypatch.setattr(modeling_llama.LlamaRMSNorm, "forward", llama)
+    monkeypatch.setattr(modeling_gemma3.Gemma3RMSNorm, "forward", gemma)

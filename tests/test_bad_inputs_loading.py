@@ -126,6 +126,16 @@ def test_integer_weight_is_refused_naming_tensor_and_dtype(zoo_copy, dtype):
     assert repr(Q_PROJ) in msg and f"dtype {str(dtype).removeprefix('torch.')}" in msg and str(zoo_copy / WEIGHTS) in msg
 
 
+def test_offloaded_loading_refuses_integer_blocks_and_nan_embeddings(zoo_copy):
+    edit_tensors(zoo_copy, lambda t: t.__setitem__(Q_PROJ, t[Q_PROJ].to(torch.int8)))
+    with pytest.raises(CheckpointError, match=rf"{Q_PROJ!r} has dtype int8"):
+        load_model(zoo_copy, offload=True)
+    edit_tensors(zoo_copy, lambda t: t.__setitem__(Q_PROJ, t[Q_PROJ].float()))
+    edit_tensors(zoo_copy, lambda t: t["model.embed_tokens.weight"].__setitem__((7, 7), float("inf")))
+    with pytest.raises(CheckpointError, match="'model.embed_tokens.weight' holds 1 NaN or Inf value"):
+        load_model(zoo_copy, offload=True)
+
+
 # ---- config.json ------------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("key, value", [

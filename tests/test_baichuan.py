@@ -40,9 +40,9 @@ def ref_alibi_slopes(n: int) -> list[float]:
 
 
 def ref_rms_norm(x, w, eps):
-    """RESEARCH.md's RMSNorm, w * (x.float() * rsqrt(mean(x.float()^2) + eps)).to(dtype): normalised in float32, so
-    a float64 run keeps this one float32 rounding (as transformers' Llama does)."""
-    xf = x.float()
+    """RESEARCH.md's RMSNorm, w * (x.float() * rsqrt(mean(x.float()^2) + eps)).to(dtype): normalised in float32, or
+    in float64 for a float64 run (transformers' Llama would round through float32; residscope does not)."""
+    xf = x.to(torch.promote_types(x.dtype, torch.float32))
     return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 

@@ -263,7 +263,7 @@ def test_knob_errors(llama):
 
 
 # ---- loading ------------------------------------------------------------------------------------------------------
-def test_sharded_checkpoint_and_float64(tmp_path):
+def test_sharded_checkpoint_and_float64(tmp_path, hf_norms_in_float64):
     torch.manual_seed(0)
     hf = LlamaForCausalLM(LlamaConfig(**SMALL)).eval()
     folder = save_hf(hf, tmp_path, max_shard_size="20KB")

@@ -177,11 +177,12 @@ def test_padded_rows_equal_unpadded(pair, side):
     torch.testing.assert_close(batched_explicit[0, real], alone_short[0], atol=1e-4, rtol=1e-4)
 
 
-def test_float64_parity_is_tight(pair):
+def test_float64_parity_is_tight(pair, hf_norms_in_float64):
     """In float64 any remaining difference is a formula difference, not rounding.
 
     Both our attention paths stay in float64 (the explicit one takes its softmax in float64 for float64 models), so
-    both equal transformers' SDPA path; transformers' eager path rounds its softmax through float32 and is not used here.
+    both equal transformers' SDPA path; transformers' eager path rounds its softmax through float32 and is not used here,
+    and its norms are kept in float64 like ours (`hf_norms_in_float64`).
     """
     case, hf, folder, model = pair
     ids = _ids(seed=6)

@@ -290,7 +290,8 @@ def test_token_helpers(llama):
         llama.get_token_position("z", "banana")
     assert llama.to_str_tokens(["ab", "c"]) == [["<s>", "a", "b"], ["<s>", "c"]]
     directions = llama.tokens_to_residual_directions(torch.tensor([5, 6]))  # [2, d_model]
-    assert torch.equal(directions, llama.unembed.weight[[5, 6]])
+    # W_U's columns times ln_final's gain: residscope does not fold the norm into W_U (exact DLA: test_transformer_lens_weights)
+    assert torch.equal(directions, llama.unembed.weight[[5, 6]] * llama.ln_final.weight)
     assert llama.tokens_to_residual_directions("a").shape == (llama.cfg.d_model,)
     assert llama.to_tokens("a" * 500).shape[1] == llama.cfg.n_ctx  # truncated to the context
     assert llama.to_tokens("a" * 500, truncate=False).shape[1] == 501
