@@ -15,7 +15,7 @@ from typing import Iterable
 import torch
 import torch.nn.functional as F
 
-from residscope.common.batches import Batch, unpack_batch
+from residscope.common.batches import Batch
 from residscope.model.errors import InputError
 
 
