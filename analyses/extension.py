@@ -90,12 +90,10 @@ def trained_window(model, window: int | None = None) -> int:
 
 
 def bos_token_id(model) -> int | None:
-    """The BOS id the tokenizer puts in front of a text (None when it adds none)."""
+    """The BOS id the tokenizer puts in front of a text (None when it adds none); the decoder detects that once, when
+    its tokenizer is set (`cfg.tokenizer_prepends_bos`)."""
     tok = model.tokenizer
-    if tok is None or tok.bos_token_id is None:
-        return None
-    ids = tok("a", add_special_tokens=True)["input_ids"]
-    return tok.bos_token_id if ids and ids[0] == tok.bos_token_id else None
+    return tok.bos_token_id if tok is not None and model.cfg.tokenizer_prepends_bos else None
 
 
 def _check_rope_layers(model, method: str) -> None:
