@@ -49,7 +49,7 @@ def forward_batches(model, batches: Iterable[Batch], *, hooks: Hooks | HookFacto
     mine = shard(batches, group)
     bar = dict(total=batch_count(mine), desc=desc, disable=not progress or not is_main(group), leave=False)
     with torch.inference_mode():
-        if getattr(model, "offload", None) is not None:
+        if model.offload is not None:
             from residscope.model.offload import streamed_forward
 
             inputs = [_to_device(model, b) for b in mine]  # layer-major: every batch is needed at every block

@@ -3,6 +3,7 @@ so heavy imports (torch, transformers) happen inside the commands, not at start-
 
 from __future__ import annotations
 
+import os
 import sys
 
 import typer
@@ -16,12 +17,21 @@ app = typer.Typer(
 )
 
 # One module per feature; each defines register(app).
+from .cli_common import ALLOW_NONFINITE_ENV  # noqa: E402
 from . import cli_app, cli_demo, cli_extend, cli_models, cli_positional, cli_surgery, cli_rope  # noqa: E402
 
 for _module in (cli_app, cli_demo, cli_extend, cli_models, cli_positional, cli_surgery, cli_rope):
     _module.register(app)
 
 
+@app.callback()
+def _global_options(
+    allow_nonfinite: bool = typer.Option(False, "--allow-nonfinite", help="load weights holding NaN or Inf instead of "
+                                         "refusing them (to inspect a broken checkpoint); put it before the command"),
+) -> None:
+    # an environment variable rather than module state, so --nproc workers (new processes) inherit it
+    if allow_nonfinite:
+        os.environ[ALLOW_NONFINITE_ENV] = "1"
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: user errors become one line on stderr and exit code 2."""

@@ -39,10 +39,16 @@ def model_name(model: Optional[str]) -> str:
     return model if model is not None else DEFAULT_MODEL
 
 
+ALLOW_NONFINITE_ENV = "RESIDSCOPE_ALLOW_NONFINITE"  # set by `residscope --allow-nonfinite <command>`
+
+
 def load(model: Optional[str], device: str = "cpu", dtype: str = "float32", offload: bool = False):
+    import os
+
     from residscope.model import load_model
 
-    return load_model(model_name(model), device=device, dtype=dtype, offload=offload)
+    return load_model(model_name(model), device=device, dtype=dtype, offload=offload,
+                      allow_nonfinite=os.environ.get(ALLOW_NONFINITE_ENV) == "1")
 
 
 def n_batches(samples: int, batch_size: int) -> int:

@@ -505,6 +505,7 @@ class Decoder(DecoderWeights, HookedRootModule):
         self.source = source  # what it was loaded from (folder, GGUF file or alias), recorded in exports
         self.layer_origin: list[int] = list(range(cfg.n_layers))  # original index of each block (changes on removal)
         self.n_layers_original = cfg.n_layers  # layer count before any removal
+        self.offload = None  # a BlockStore when the blocks stay on disk (load_model(..., offload=True))
         self.embed = Embed(cfg.d_vocab, cfg.d_model)
         self.hook_tokens = HookPoint()  # [batch, pos]; fires only with cfg.use_hook_tokens
         self.hook_embed = HookPoint()  # [batch, pos, d_model]
@@ -596,8 +597,9 @@ class Decoder(DecoderWeights, HookedRootModule):
         else:
             x, ids = self._resid_input(input, start_at_layer), tokens  # [batch, pos, d_model]
         pos = self._positions(x.shape[:2], x.device, attention_mask, position_ids, kv_cache)
-        for block in self.blocks[start_at_layer:stop_at_layer]:
-            x = block(x, pos, kv_cache)
+        with self._blocks(start_at_layer, stop_at_layer) as blocks:
+            for block in blocks:
+                x = block(x, pos, kv_cache)
         if kv_cache is not None:
             kv_cache.length += x.shape[1]
         if stop_at_layer is not None:
@@ -611,6 +613,18 @@ class Decoder(DecoderWeights, HookedRootModule):
             raise InputError("return_type='loss' with start_at_layer needs the token ids: pass tokens=[batch, pos]")
         loss = self.loss_fn(logits, ids, attention_mask, per_token=loss_per_token)
         return loss if return_type == "loss" else (logits, loss)
+
+    @contextlib.contextmanager
+    def _blocks(self, start: int | None, stop: int | None):
+        """The blocks a forward runs; streamed from disk one at a time when the model is offloaded (closed on error,
+        so a failing forward frees the block it was in)."""
+        if self.offload is None:
+            yield self.blocks[start:stop]
+            return
+        from .offload import streamed_blocks
+
+        with contextlib.closing(streamed_blocks(self, start, stop)) as blocks:
+            yield blocks
 
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
         x = self.embed(ids)  # [batch, pos, d_model]

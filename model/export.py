@@ -118,7 +118,7 @@ def save_pretrained(model, out_dir: str | os.PathLike, *, pruning_info: dict | N
 
     with atomic_dir(out_dir) as tmp:
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        if getattr(model, "offload", None) is not None:  # blocks on disk: copy the kept ones, one tensor at a time
+        if model.offload is not None:  # blocks on disk: copy the kept ones, one tensor at a time
             from .streamed_export import write_kept_tensors
 
             write_kept_tensors(model, tmp)

@@ -103,7 +103,8 @@ def load_model(
     if offload:
         from .offload import load_offloaded
 
-        load_offloaded(model, folder, weight_files(folder, allow_pickle=True), device, dtype)
+        load_offloaded(model, folder, weight_files(folder, allow_pickle=True), device, dtype,
+                       allow_nonfinite=allow_nonfinite)
     else:
         if device_map is not None:
             from .device_map import place, resolve_device_map
@@ -168,7 +169,7 @@ def check_finite(path: Path, key: str, tensor: torch.Tensor) -> None:
     if bad:
         raise CheckpointError(f"{path}: tensor {key!r} holds {bad} NaN or Inf value{'s' * (bad > 1)} "
                               f"(in {str(tensor.dtype).removeprefix('torch.')}); load_model(..., allow_nonfinite=True) "
-                              "loads it anyway")
+                              "or `residscope --allow-nonfinite ...` loads it anyway")
 
 
 def _load_weights(model: Decoder, folder: Path, *, allow_pickle: bool, allow_nonfinite: bool = False) -> None:

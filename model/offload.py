@@ -11,6 +11,9 @@ Block i+1 is read by a background thread while block i computes, so the time is 
 blocks are in memory. Hook names and the tensors they see are those of the in-memory forward (same modules, same
 `Positions`), which is why analyses need no streamed variant: they call `analyses.runner.forward_batches`. Activations of
 all batches stay on the compute device, or in CPU memory with `model.offload.activations = "cpu"`.
+
+A plain call (`model(ids)`, `run_with_cache`, `generate`) on an offloaded model streams too, one batch through
+`streamed_blocks`: slower (every call reads every block), but the whole TransformerLens surface works.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -60,6 +64,7 @@ class BlockStore:
     device: torch.device
     dtype: torch.dtype
     activations: str = "device"  # or "cpu": keep all batches' residual streams in CPU memory between blocks
+    allow_nonfinite: bool = False  # else a streamed tensor holding NaN / Inf stops the forward with one line
     stats: StreamStats = field(default_factory=StreamStats)
     _free: dict = field(default_factory=dict, repr=False)  # shape -> tensors of released blocks, reused by reads
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -95,6 +100,10 @@ class BlockStore:
             target.copy_(part)
         else:
             read_into(f, ref.entry, target, ref.path)  # straight into `target` when dtypes match, else via one temporary
+        if not self.allow_nonfinite:
+            from .loading import check_finite
+
+            check_finite(ref.path, ref.entry.name, target)  # in the reader thread, hidden behind the compute
         return target
 
     # Freed blocks' tensors are reused for the next reads: every block has the same shapes, so two sets (the block
@@ -113,11 +122,12 @@ class BlockStore:
                 self._free.setdefault(tuple(t.shape), []).append(t)
 
 
-def load_offloaded(model: Decoder, folder: Path, files: list[Path], device: torch.device, dtype: torch.dtype) -> Decoder:
+def load_offloaded(model: Decoder, folder: Path, files: list[Path], device: torch.device, dtype: torch.dtype, *,
+                   allow_nonfinite: bool = False) -> Decoder:
     """Fill `model` (built on `meta`) with its resident tensors and attach the BlockStore of its blocks.
 
-    Integer tensors are refused for every weight (the header says their dtype); NaN / Inf only in the resident tensors,
-    since the blocks' bytes are read when they stream, not here."""
+    Integer tensors are refused for every weight (the header says their dtype); NaN / Inf in the resident tensors here,
+    in the blocks' tensors when they stream (their bytes are read then, not here)."""
     from .loading import check_finite, check_float_weight
 
     pickled = [f for f in files if f.suffix != ".safetensors"]
@@ -146,7 +156,8 @@ def load_offloaded(model: Decoder, folder: Path, files: list[Path], device: torc
                         continue
                     elif name in resident:
                         read_into(f, entry, resident[name], path)
-                        check_finite(path, entry.name, resident[name])
+                        if not allow_nonfinite:
+                            check_finite(path, entry.name, resident[name])
                         filled.add(name)
                     else:
                         raise CheckpointError(f"{path}: tensor {entry.name!r} has no place in this config ({name})")
@@ -154,7 +165,7 @@ def load_offloaded(model: Decoder, folder: Path, files: list[Path], device: torc
     if missing:
         raise CheckpointError(f"{folder}: missing tensor for {missing[0]}")
     _check_blocks(model, layers, folder)
-    model.offload = BlockStore(layers, files, device, dtype)
+    model.offload = BlockStore(layers, files, device, dtype, allow_nonfinite=allow_nonfinite)
     return model
 
 
@@ -191,6 +202,37 @@ def _release(block: torch.nn.Module) -> None:
     block.to_empty(device="meta")  # drops the storage; shapes and dtypes stay for the next read
 
 
+def streamed_blocks(model: Decoder, start: int | None, stop: int | None, *, progress: bool = False,
+                    desc: str = "blocks") -> Iterator[torch.nn.Module]:
+    """model.blocks[start:stop], each materialised while the caller runs it and freed when the caller asks for the
+    next one; block j+1 is read in a background thread meanwhile. `Decoder.forward` uses it for one batch,
+    `streamed_forward` for many."""
+    from tqdm.auto import tqdm
+
+    store: BlockStore = model.offload
+    blocks = list(model.blocks)[start:stop]
+    origin = list(model.layer_origin)[start:stop]
+
+    def read(j: int) -> dict[str, torch.Tensor]:
+        shapes = {n: p.shape for n, p in blocks[j].named_parameters()}
+        return store.read_block(origin[j], list(shapes), shapes)
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="residscope-read") as reader:
+        pending = reader.submit(read, 0) if blocks else None
+        for j, block in enumerate(tqdm(blocks, desc=f"{desc} (streamed)", disable=not progress, leave=False)):
+            waited = time.perf_counter()
+            tensors = pending.result()
+            store.stats.wait_seconds += time.perf_counter() - waited
+            pending = reader.submit(read, j + 1) if j + 1 < len(blocks) else None  # read ahead while computing
+            _materialise(block, tensors)
+            try:
+                yield block
+            finally:
+                _release(block)
+                store.recycle(tensors.values())
+                del tensors
+
+
 def streamed_forward(model: Decoder, inputs: list[tuple[torch.Tensor, torch.Tensor | None]], *,
                      hooks: Callable[[int], list], stop_at_layer: int | None = None, progress: bool = False,
                      desc: str = "blocks") -> Iterator[torch.Tensor]:
@@ -199,8 +241,6 @@ def streamed_forward(model: Decoder, inputs: list[tuple[torch.Tensor, torch.Tens
     hooks(i) gives the forward hooks of batch i; they are attached around every piece of batch i's forward. Yields each
     batch's logits (or residual stream with stop_at_layer) in order; the unembedding runs lazily, one batch at a time.
     """
-    from tqdm.auto import tqdm
-
     store: BlockStore = model.offload
     keep = torch.device("cpu") if store.activations == "cpu" else store.device
     # what Decoder.forward does before its first block, batch by batch (ids checked, left padding masked or refused)
@@ -210,33 +250,14 @@ def streamed_forward(model: Decoder, inputs: list[tuple[torch.Tensor, torch.Tens
     for i, (ids, _) in enumerate(inputs):
         with model.hooks(fwd_hooks=hooks(i)):
             xs.append(model.hook_embed(model._embed(ids)).to(keep))  # [batch, pos, d_model]
-    blocks = list(model.blocks[:stop_at_layer])
-    origin = list(model.layer_origin)
-
-    def read(j: int):
-        block = blocks[j]
-        shapes = {n: p.shape for n, p in block.named_parameters()}
-        return store.read_block(origin[j], list(shapes), shapes)
-
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="residscope-read") as reader:
-        pending = reader.submit(read, 0) if blocks else None
-        for j, block in enumerate(tqdm(blocks, desc=f"{desc} (streamed)", disable=not progress, leave=False)):
+    with closing(streamed_blocks(model, None, stop_at_layer, progress=progress, desc=desc)) as blocks:
+        for block in blocks:
             start = time.perf_counter()
-            tensors = pending.result()
-            store.stats.wait_seconds += time.perf_counter() - start
-            pending = reader.submit(read, j + 1) if j + 1 < len(blocks) else None  # read ahead while computing
-            _materialise(block, tensors)
-            start = time.perf_counter()
-            try:
-                for i in range(len(inputs)):
-                    with model.hooks(fwd_hooks=hooks(i)):
-                        xs[i] = block(xs[i].to(store.device), positions[i]).to(keep)
-                if store.device.type == "cuda":
-                    torch.cuda.synchronize(store.device)
-            finally:
-                _release(block)
-                store.recycle(tensors.values())
-                del tensors
+            for i in range(len(inputs)):
+                with model.hooks(fwd_hooks=hooks(i)):
+                    xs[i] = block(xs[i].to(store.device), positions[i]).to(keep)
+            if store.device.type == "cuda":
+                torch.cuda.synchronize(store.device)
             store.stats.compute_seconds += time.perf_counter() - start
     for i in range(len(inputs)):
         out = xs[i].to(store.device)

@@ -136,6 +136,42 @@ def test_offloaded_loading_refuses_integer_blocks_and_nan_embeddings(zoo_copy):
         load_model(zoo_copy, offload=True)
 
 
+def test_offloaded_block_with_nan_is_refused_when_it_streams_and_allowed_on_request(zoo_copy):
+    """Streamed blocks are read during the forward, so their NaN check happens there (in the reader thread)."""
+    edit_tensors(zoo_copy, lambda t: t[Q_PROJ].__setitem__((2, 3), float("nan")))
+    ids = torch.tensor([[1, 2, 3, 4]])
+    model = load_model(zoo_copy, offload=True)  # the block is not read yet: loading succeeds
+    with pytest.raises(CheckpointError) as e:
+        model(ids)
+    assert str(zoo_copy / WEIGHTS) in one_line(e) and f"{Q_PROJ!r} holds 1 NaN or Inf value " in one_line(e)
+    # the forensic load computes with the broken weight, as the in-memory forensic load does
+    logits, cache = load_model(zoo_copy, offload=True, allow_nonfinite=True).run_with_cache(ids)
+    assert int(torch.isnan(cache["blocks.1.attn.hook_q"]).sum()) == ids.shape[1]  # one NaN coordinate per query
+    expected, _ = load_model(zoo_copy, allow_nonfinite=True).run_with_cache(ids)
+    torch.testing.assert_close(logits, expected, rtol=0, atol=0, equal_nan=True)
+
+
+def test_cli_allow_nonfinite_flag_reaches_the_loader(zoo_copy, monkeypatch, capsys):
+    from residscope.apps.cli import app
+    from residscope.apps.cli_common import ALLOW_NONFINITE_ENV
+    from residscope.apps.errors import run_cli
+
+    def run(*argv: str) -> tuple[int, str]:
+        try:
+            run_cli(app, list(argv))
+            code = 0
+        except SystemExit as e:
+            code = e.code or 0
+        return code, capsys.readouterr().err.strip()
+
+    monkeypatch.setenv(ALLOW_NONFINITE_ENV, "0")  # restored (removed) after the test: the flag sets it in-process
+    edit_tensors(zoo_copy, lambda t: t[Q_PROJ].__setitem__((0, 0), float("nan")))
+    code, err = run("generate", "--model", str(zoo_copy), "--max-new-tokens", "1", "a b")
+    assert code == 2 and "\n" not in err and "--allow-nonfinite" in err and repr(Q_PROJ) in err
+    code, err = run("--allow-nonfinite", "generate", "--model", str(zoo_copy), "--max-new-tokens", "1", "a b")
+    assert code == 0, err
+
+
 # ---- config.json ------------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("key, value", [

@@ -91,6 +91,29 @@ def test_user_hooks_fire_under_the_same_names(ckpt):
     assert abs(outs[0] - perplexity(plain, data, progress=False).nll) > 1e-5  # the hook did change something
 
 
+def test_plain_calls_on_an_offloaded_model_stream_one_batch(ckpt):
+    """model(ids), run_with_cache, loss, stop_at_layer and generate work on an offloaded model as in memory, and the
+    blocks go back to disk after each call, also when the call fails half-way."""
+    plain, streamed = load_model(ckpt), load_model(ckpt, offload=True)
+    ids = batches()[0][0]  # [2, 20]
+    assert torch.equal(streamed(ids), plain(ids))
+    logits, cache = streamed.run_with_cache(ids, names_filter=lambda n: n.endswith("hook_pattern"))
+    expected, expected_cache = plain.run_with_cache(ids, names_filter=lambda n: n.endswith("hook_pattern"))
+    assert torch.equal(logits, expected)
+    assert torch.equal(cache["blocks.3.attn.hook_pattern"], expected_cache["blocks.3.attn.hook_pattern"])
+    assert torch.equal(streamed(ids, return_type="loss"), plain(ids, return_type="loss"))
+    assert torch.equal(streamed(ids, stop_at_layer=2), plain(ids, stop_at_layer=2))
+    assert torch.equal(streamed.generate(ids[:1, :5], max_new_tokens=4), plain.generate(ids[:1, :5], max_new_tokens=4))
+    assert all(p.device.type == "meta" for p in streamed.blocks.parameters())
+
+    def fail(x, hook):
+        raise RuntimeError("stop here")
+
+    with pytest.raises(RuntimeError, match="stop here"):
+        streamed.run_with_hooks(ids, fwd_hooks=[("blocks.1.hook_resid_mid", fail)])
+    assert all(p.device.type == "meta" for p in streamed.blocks.parameters())  # the failing block was freed
+
+
 def test_pickled_checkpoint_refused(tmp_path, ckpt):
     folder = tmp_path / "pickled"
     folder.mkdir()
