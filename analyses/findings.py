@@ -389,41 +389,42 @@ def position_nll(model, tokens: torch.Tensor, length: int, bos: int | None) -> t
 
 
 def default_plan(lengths: Sequence[int]) -> list[tuple[str, int]]:
-    """Perplexity then passkey at each length, shortest first."""
-    return [(kind, length) for length in lengths for kind in ("perplexity", "passkey")]
+    """One-window perplexity, sliding-window perplexity, then passkey at each length, shortest first."""
+    return [(kind, length) for length in lengths for kind in ("perplexity", "sliding", "passkey")]
 
 
 def parse_plan(spec: str) -> list[tuple[str, int]]:
-    """"ppl:1024,pk:1024,ppl:2048" -> [("perplexity", 1024), ("passkey", 1024), ("perplexity", 2048)]."""
-    kinds = {"ppl": "perplexity", "pk": "passkey"}
+    """"ppl:1024,spl:1024,pk:1024" -> [("perplexity", 1024), ("sliding", 1024), ("passkey", 1024)]."""
+    kinds = {"ppl": "perplexity", "spl": "sliding", "pk": "passkey"}
     plan = []
     for item in spec.split(","):
         kind, _, length = item.partition(":")
         if kind not in kinds or not length.isdigit():
-            raise InputError(f"--plan: expected items like ppl:1024 or pk:2048, got {item!r}")
+            raise InputError(f"--plan: expected items like ppl:1024, spl:1024 or pk:2048, got {item!r}")
         plan.append((kinds[kind], int(length)))
     return plan
 
 
 def rope_retrieval(model, *, bases: Sequence[float], plan: Sequence[tuple[str, int]], n_keys: int = 4,
-                   depths: Sequence[float] = (0.0, 0.5, 1.0), deadline: float | None = None, done: dict | None = None,
+                   depths: Sequence[float] = (0.0, 0.5, 1.0), eval_tokens: int | None = None, deadline: float | None = None, done: dict | None = None,
                    on_cell: Callable[[dict], None] | None = None, progress: bool = False) -> dict:
-    """One-window perplexity and passkey accuracy with the RoPE base of every layer set at run time to each of `bases`,
+    """One-window perplexity (per position), sliding-window perplexity over the whole evaluation split and passkey
+    accuracy with the RoPE base of every layer set at run time to each of `bases`,
     cell by cell in `plan` order ((kind, length) pairs, each run for every base). `on_cell(results)` after each cell
     lets a caller save partial results; cells already in `done` (earlier results) are kept, not rerun; a cell whose
     estimated time would pass `deadline` (a time.time()) is skipped and listed, and so is passkey at a length for a
     base that retrieved no key at a shorter length."""
-    from .extension import bos_token_id, evaluation_tokens, passkey_accuracy
+    from .extension import bos_token_id, evaluation_tokens, passkey_accuracy, sliding_window_perplexity, sliding_windows
     from .rope_bound import context_bound
 
     head_dim = model.cfg.d_head
-    tokens = evaluation_tokens(model)
+    tokens = evaluation_tokens(model, eval_tokens)  # [n]: the whole held-out split unless eval_tokens
     bos = bos_token_id(model)
     res: dict = {"head_dim": head_dim, "trained_base": model.cfg.rope_of(0).theta,
                  "max_position_embeddings": model.cfg.max_position_embeddings,
                  "bounds": {f"{b:g}": context_bound(b, head_dim).bound for b in bases},
                  "plan": [f"{k}:{n}" for k, n in plan], "depths": list(depths), "n_keys": n_keys,
-                 "perplexity": list((done or {}).get("perplexity", [])), "passkey": list((done or {}).get("passkey", [])),
+                 **{kind: list((done or {}).get(kind, [])) for kind in ("perplexity", "sliding", "passkey")},
                  "skipped": []}
 
     def ppl_cell(length: int) -> dict:
@@ -433,21 +434,32 @@ def rope_retrieval(model, *, bases: Sequence[float], plan: Sequence[tuple[str, i
         return {"ppl": math.exp(float(nll.mean())), "ppl_second_half": math.exp(float(half.mean())),
                 "n_tokens": len(nll), "nll_by_256": bins}
 
+    def stride(length: int) -> int:
+        return (length - (bos is not None)) // 2  # sliding_window_perplexity's default
+
+    def sliding_cell(length: int) -> dict:
+        ppl, nll, n, n_windows = sliding_window_perplexity(model, tokens, length, bos=bos, batch_size=1, progress=progress)
+        return {"ppl": ppl, "nll": nll, "n_tokens": n, "n_windows": n_windows, "stride": stride(length)}
+
     def passkey_cell(length: int) -> dict:
         rows = passkey_accuracy(model, [length], depths, n_keys=n_keys, progress=progress)
         return {"accuracy": statistics.fmean(r.accuracy for r in rows), "prompt_tokens": rows[0].prompt_tokens,
                 "by_depth": {f"{r.depth:g}": r.accuracy for r in rows}, "answers": {f"{r.depth:g}": r.answers for r in rows}}
 
     def estimate(kind: str, length: int) -> float:
-        """Seconds a cell should take, from the slowest measured forward (a passkey cell is one prefill per prompt)."""
+        """Seconds a cell should take, from the slowest measured forward (a passkey cell is one prefill per prompt, a
+        sliding cell one forward per window)."""
         measured = [(r["length"], r["seconds"]) for r in res["perplexity"]]
         if not measured:
             return 0.0
         l0, s0 = max(measured)
         forward = max(s for n, s in measured if n == l0) * (length / l0) ** 1.5
+        if kind == "sliding":
+            body = length - (bos is not None)
+            return forward * len(sliding_windows(tokens.numel(), body, stride(length), bos=bos is not None))
         return forward * (n_keys * len(depths) if kind == "passkey" else 1)
 
-    cells = {"perplexity": ppl_cell, "passkey": passkey_cell}
+    cells = {"perplexity": ppl_cell, "sliding": sliding_cell, "passkey": passkey_cell}
     for kind, length in plan:
         for base in bases:
             if any(r["base"] == base and r["length"] == length for r in res[kind]):
@@ -474,20 +486,21 @@ def rope_retrieval_figure(res: dict):
     from plotly.subplots import make_subplots
 
     fig = make_subplots(rows=1, cols=2, subplot_titles=("passkey accuracy (mean over keys and depths)",
-                                                        "perplexity of the second half of one window"))
+                                                        "perplexity (solid: sliding windows; dashed: 2nd half of one)"))
     colors = ["#d62728", "#1f77b4", "#2ca02c", "#9467bd"]
     for i, (label, bound) in enumerate(res["bounds"].items()):
         base = float(label)
         c = colors[i % len(colors)]
-        pk = sorted((r["length"], r["accuracy"]) for r in res["passkey"] if r["base"] == base)
-        pp = sorted((r["length"], r["ppl_second_half"]) for r in res["perplexity"] if r["base"] == base)
         name = f"base {label} (bound {bound:,})"
-        if pk:
-            fig.add_scatter(x=[x for x, _ in pk], y=[y for _, y in pk], mode="lines+markers", name=name, line_color=c,
-                            legendgroup=label, row=1, col=1)
-        if pp:
-            fig.add_scatter(x=[x for x, _ in pp], y=[y for _, y in pp], mode="lines+markers", name=name, line_color=c,
-                            legendgroup=label, showlegend=not pk, row=1, col=2)
+        curves = [(1, "passkey", "accuracy", "solid"), (2, "sliding", "ppl", "solid"),
+                  (2, "perplexity", "ppl_second_half", "dash")]
+        shown = False
+        for col, kind, key, dash in curves:
+            xy = sorted((r["length"], r[key]) for r in res.get(kind, []) if r["base"] == base)
+            if xy:
+                fig.add_scatter(x=[x for x, _ in xy], y=[y for _, y in xy], mode="lines+markers", name=name,
+                                line=dict(color=c, dash=dash), legendgroup=label, showlegend=not shown, row=1, col=col)
+                shown = True
         for col in (1, 2):
             fig.add_vline(x=bound, line_dash="dot", line_color=c, row=1, col=col)
     fig.update_xaxes(title_text="tokens (dotted: context bound of each base)")
@@ -524,10 +537,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--lengths-table", default=None, help="rope-table: lengths (default: the paper's 1k .. 1M)")
     p.add_argument("--bases", default="1e4,1e5,1e6", help="rope-retrieval: RoPE bases set at run time")
     p.add_argument("--lengths", default="1024,2048,3072,4096,6144,8192", help="rope-retrieval: window / prompt lengths")
-    p.add_argument("--plan", default=None, help="rope-retrieval: cell order like ppl:1024,pk:1024,ppl:2048 (default: "
-                   "perplexity then passkey at each length, shortest first)")
+    p.add_argument("--plan", default=None, help="rope-retrieval: cell order like ppl:1024,spl:1024,pk:1024 (one-window "
+                   "perplexity, sliding-window perplexity, passkey; default: all three at each length, shortest first)")
     p.add_argument("--resume", action="store_true", help="keep the results of an earlier run in --out (models / cells done)")
     p.add_argument("--keys", type=int, default=4, help="rope-retrieval: passkeys per length and depth")
+    p.add_argument("--eval-tokens", type=int, default=None, help="rope-retrieval: read only the first N tokens of the "
+                   "evaluation split (default: all of it)")
     p.add_argument("--deadline", default=None, help="rope-retrieval: HH:MM (UTC) after which no new cell starts")
     args = p.parse_args(argv)
     out = args.out
@@ -577,6 +592,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         done = json.loads(previous.read_text()) if args.resume and previous.exists() else None
         plan = parse_plan(args.plan) if args.plan else default_plan(_ints(args.lengths))
         res = rope_retrieval(model, bases=_floats(args.bases), plan=plan, n_keys=args.keys, deadline=deadline,
+                             eval_tokens=args.eval_tokens,
                              done=done, on_cell=save)
         save(res)
         write_figure(rope_retrieval_figure(res), out, "rope-retrieval")

@@ -11,6 +11,13 @@ import pytest
 from residscope.analyses import findings
 
 
+@pytest.fixture(autouse=True)
+def html_figures(monkeypatch):
+    """The same output wherever the suite runs: HTML figures, whether or not the optional kaleido (PNG) is installed
+    (kaleido drives a browser and can time out on a loaded machine; the PNGs in docs/ are drawn separately)."""
+    monkeypatch.setattr(findings, "can_write_png", lambda: False)
+
+
 def _run(tmp_path, *argv) -> dict:
     assert findings.main([*argv, "--out", str(tmp_path)]) == 0
     question = argv[0]
@@ -58,18 +65,23 @@ def test_positional_and_removal_on_zoo(tmp_path):
 
 def test_rope_retrieval_on_zoo(tmp_path):
     data = _run(tmp_path, "rope-retrieval", "--models", "zoo-rope", "--bases", "1e4,1e2", "--lengths", "100",
-                "--keys", "2")
+                "--keys", "2", "--eval-tokens", "1000")
     assert data["bounds"] == {"10000": 473, "100": 27}  # head dim 32
     assert {(r["base"], r["length"]) for r in data["perplexity"]} == {(1e4, 100), (1e2, 100)}
     assert all(len(r["by_depth"]) == 3 for r in data["passkey"])
+    # the sliding-window cells score the (first 1000 tokens of the) evaluation split, each target once, up to a tail
+    # shorter than one stride after the last window
+    assert {(r["base"], r["length"]) for r in data["sliding"]} == {(1e4, 100), (1e2, 100)}
+    assert all(1000 - 50 < r["n_tokens"] < 1000 and r["n_windows"] == 19 and math.isfinite(r["ppl"])
+               for r in data["sliding"])
     # resuming keeps finished cells and runs only the new ones
     again = _run(tmp_path, "rope-retrieval", "--models", "zoo-rope", "--bases", "1e4,1e2", "--plan", "ppl:100,ppl:128",
-                 "--resume", "--keys", "2")
-    assert len(again["perplexity"]) == 4 and again["passkey"] == data["passkey"]
+                 "--resume", "--keys", "2", "--eval-tokens", "1000")
+    assert len(again["perplexity"]) == 4 and again["passkey"] == data["passkey"] and again["sliding"] == data["sliding"]
 
 
 def test_plan_and_anchor_helpers():
-    assert findings.parse_plan("ppl:8,pk:16") == [("perplexity", 8), ("passkey", 16)]
+    assert findings.parse_plan("ppl:8,spl:8,pk:16") == [("perplexity", 8), ("sliding", 8), ("passkey", 16)]
     with pytest.raises(ValueError, match="--plan"):
         findings.parse_plan("ppl:8,passkey:16")
     # positions 0 and 1 have clusters of their own; position 2 shares its cluster with later ones
