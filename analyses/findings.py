@@ -423,9 +423,11 @@ def rope_retrieval(model, *, bases: Sequence[float], plan: Sequence[tuple[str, i
     res: dict = {"head_dim": head_dim, "trained_base": model.cfg.rope_of(0).theta,
                  "max_position_embeddings": model.cfg.max_position_embeddings,
                  "bounds": {f"{b:g}": context_bound(b, head_dim).bound for b in bases},
-                 "plan": [f"{k}:{n}" for k, n in plan], "depths": list(depths), "n_keys": n_keys,
+                 # a resumed run adds its plan to the earlier one and keeps the earlier skips it does not retry
+                 "plan": list(dict.fromkeys([*(done or {}).get("plan", []), *(f"{k}:{n}" for k, n in plan)])),
+                 "depths": list(depths), "n_keys": n_keys,
                  **{kind: list((done or {}).get(kind, [])) for kind in ("perplexity", "sliding", "passkey")},
-                 "skipped": []}
+                 "skipped": [s for s in (done or {}).get("skipped", []) if (s["kind"], s["length"]) not in set(plan)]}
 
     def ppl_cell(length: int) -> dict:
         nll = position_nll(model, tokens, length, bos)  # [length - 1]
@@ -585,11 +587,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         model = _load(model_name)
         deadline = _deadline(args.deadline) if args.deadline else None
 
-        def save(res: dict) -> None:
-            write_json(out, "rope-retrieval", {"model": model_name, "seconds": t.seconds(), **res})
-
         previous = out / "rope-retrieval.json"
         done = json.loads(previous.read_text()) if args.resume and previous.exists() else None
+
+        def save(res: dict) -> None:  # seconds: summed over the runs that filled the file
+            seconds = round((done or {}).get("seconds", 0) + t.seconds(), 1)
+            write_json(out, "rope-retrieval", {"model": model_name, "seconds": seconds, **res})
+
         plan = parse_plan(args.plan) if args.plan else default_plan(_ints(args.lengths))
         res = rope_retrieval(model, bases=_floats(args.bases), plan=plan, n_keys=args.keys, deadline=deadline,
                              eval_tokens=args.eval_tokens,

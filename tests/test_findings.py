@@ -78,6 +78,8 @@ def test_rope_retrieval_on_zoo(tmp_path):
     again = _run(tmp_path, "rope-retrieval", "--models", "zoo-rope", "--bases", "1e4,1e2", "--plan", "ppl:100,ppl:128",
                  "--resume", "--keys", "2", "--eval-tokens", "1000")
     assert len(again["perplexity"]) == 4 and again["passkey"] == data["passkey"] and again["sliding"] == data["sliding"]
+    assert again["plan"] == ["perplexity:100", "sliding:100", "passkey:100", "perplexity:128"]
+    assert again["seconds"] >= data["seconds"]
 
 
 def test_plan_and_anchor_helpers():
