@@ -427,7 +427,9 @@ def rope_retrieval(model, *, bases: Sequence[float], plan: Sequence[tuple[str, i
                  "plan": list(dict.fromkeys([*(done or {}).get("plan", []), *(f"{k}:{n}" for k, n in plan)])),
                  "depths": list(depths), "n_keys": n_keys,
                  **{kind: list((done or {}).get(kind, [])) for kind in ("perplexity", "sliding", "passkey")},
-                 "skipped": [s for s in (done or {}).get("skipped", []) if (s["kind"], s["length"]) not in set(plan)]}
+                 "eval_tokens": eval_tokens,
+                 "skipped": [s for s in (done or {}).get("skipped", [])
+                             if (s["kind"], s["length"]) not in set(plan) or s["base"] not in bases]}
 
     def ppl_cell(length: int) -> dict:
         nll = position_nll(model, tokens, length, bos)  # [length - 1]
@@ -437,7 +439,7 @@ def rope_retrieval(model, *, bases: Sequence[float], plan: Sequence[tuple[str, i
                 "n_tokens": len(nll), "nll_by_256": bins}
 
     def stride(length: int) -> int:
-        return (length - (bos is not None)) // 2  # sliding_window_perplexity's default
+        return max(1, (length - (bos is not None)) // 2)  # sliding_window_perplexity's default
 
     def sliding_cell(length: int) -> dict:
         ppl, nll, n, n_windows = sliding_window_perplexity(model, tokens, length, bos=bos, batch_size=1, progress=progress)
@@ -589,6 +591,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         previous = out / "rope-retrieval.json"
         done = json.loads(previous.read_text()) if args.resume and previous.exists() else None
+        for key, value in (("model", model_name), ("eval_tokens", args.eval_tokens)):
+            if done is not None and done.get(key) != value:
+                raise InputError(f"--resume: {previous} holds results for {key} {done.get(key)!r}, not {value!r}; "
+                                 "use another --out")
 
         def save(res: dict) -> None:  # seconds: summed over the runs that filled the file
             seconds = round((done or {}).get("seconds", 0) + t.seconds(), 1)

@@ -29,9 +29,9 @@ def _global_options(
     allow_nonfinite: bool = typer.Option(False, "--allow-nonfinite", help="load weights holding NaN or Inf instead of "
                                          "refusing them (to inspect a broken checkpoint); put it before the command"),
 ) -> None:
-    # an environment variable rather than module state, so --nproc workers (new processes) inherit it
-    if allow_nonfinite:
-        os.environ[ALLOW_NONFINITE_ENV] = "1"
+    # an environment variable rather than module state, so --nproc workers (new processes) inherit it; always
+    # written, so an earlier in-process run's flag does not carry over
+    os.environ[ALLOW_NONFINITE_ENV] = "1" if allow_nonfinite else "0"
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: user errors become one line on stderr and exit code 2."""

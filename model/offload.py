@@ -31,7 +31,7 @@ import torch
 from .checkpoint import local_names
 from .config import DecoderConfig
 from .decoder import Decoder
-from .errors import CheckpointError
+from .errors import CheckpointError, InputError
 from .safetensors_io import Entry, read_header, read_into, read_tensor
 
 
@@ -65,6 +65,7 @@ class BlockStore:
     dtype: torch.dtype
     activations: str = "device"  # or "cpu": keep all batches' residual streams in CPU memory between blocks
     allow_nonfinite: bool = False  # else a streamed tensor holding NaN / Inf stops the forward with one line
+    streaming: bool = False  # a forward is running through the blocks (calls cannot nest)
     stats: StreamStats = field(default_factory=StreamStats)
     _free: dict = field(default_factory=dict, repr=False)  # shape -> tensors of released blocks, reused by reads
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -206,31 +207,43 @@ def streamed_blocks(model: Decoder, start: int | None, stop: int | None, *, prog
                     desc: str = "blocks") -> Iterator[torch.nn.Module]:
     """model.blocks[start:stop], each materialised while the caller runs it and freed when the caller asks for the
     next one; block j+1 is read in a background thread meanwhile. `Decoder.forward` uses it for one batch,
-    `streamed_forward` for many."""
+    `streamed_forward` for many.
+
+    Freed tensors are reused for later reads, except with gradients enabled: autograd keeps a block's weights for the
+    backward pass, so they must not be overwritten (a backward then holds every block in memory)."""
     from tqdm.auto import tqdm
 
     store: BlockStore = model.offload
+    if store.streaming:
+        raise InputError("the offloaded model was called again while it was running (e.g. from a hook): its blocks "
+                         "stream one at a time, so calls cannot nest; load a second copy for the inner call")
     blocks = list(model.blocks)[start:stop]
     origin = list(model.layer_origin)[start:stop]
+    reuse = not torch.is_grad_enabled()
 
     def read(j: int) -> dict[str, torch.Tensor]:
         shapes = {n: p.shape for n, p in blocks[j].named_parameters()}
         return store.read_block(origin[j], list(shapes), shapes)
 
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="residscope-read") as reader:
-        pending = reader.submit(read, 0) if blocks else None
-        for j, block in enumerate(tqdm(blocks, desc=f"{desc} (streamed)", disable=not progress, leave=False)):
-            waited = time.perf_counter()
-            tensors = pending.result()
-            store.stats.wait_seconds += time.perf_counter() - waited
-            pending = reader.submit(read, j + 1) if j + 1 < len(blocks) else None  # read ahead while computing
-            _materialise(block, tensors)
-            try:
-                yield block
-            finally:
-                _release(block)
-                store.recycle(tensors.values())
-                del tensors
+    store.streaming = True
+    try:
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="residscope-read") as reader:
+            pending = reader.submit(read, 0) if blocks else None
+            for j, block in enumerate(tqdm(blocks, desc=f"{desc} (streamed)", disable=not progress, leave=False)):
+                waited = time.perf_counter()
+                tensors = pending.result()
+                store.stats.wait_seconds += time.perf_counter() - waited
+                pending = reader.submit(read, j + 1) if j + 1 < len(blocks) else None  # read ahead while computing
+                _materialise(block, tensors)
+                try:
+                    yield block
+                finally:
+                    _release(block)
+                    if reuse:
+                        store.recycle(tensors.values())
+                    del tensors
+    finally:
+        store.streaming = False
 
 
 def streamed_forward(model: Decoder, inputs: list[tuple[torch.Tensor, torch.Tensor | None]], *,

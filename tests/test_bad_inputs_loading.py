@@ -170,6 +170,8 @@ def test_cli_allow_nonfinite_flag_reaches_the_loader(zoo_copy, monkeypatch, caps
     assert code == 2 and "\n" not in err and "--allow-nonfinite" in err and repr(Q_PROJ) in err
     code, err = run("--allow-nonfinite", "generate", "--model", str(zoo_copy), "--max-new-tokens", "1", "a b")
     assert code == 0, err
+    code, err = run("generate", "--model", str(zoo_copy), "--max-new-tokens", "1", "a b")
+    assert code == 2 and repr(Q_PROJ) in err  # the flag does not outlive its run
 
 
 # ---- config.json ------------------------------------------------------------------------------------------------------

@@ -79,6 +79,9 @@ def test_rope_retrieval_on_zoo(tmp_path):
                  "--resume", "--keys", "2", "--eval-tokens", "1000")
     assert len(again["perplexity"]) == 4 and again["passkey"] == data["passkey"] and again["sliding"] == data["sliding"]
     assert again["plan"] == ["perplexity:100", "sliding:100", "passkey:100", "perplexity:128"]
+    with pytest.raises(ValueError, match="--resume: .* holds results for eval_tokens 1000, not 500"):
+        findings.main(["rope-retrieval", "--models", "zoo-rope", "--plan", "ppl:100", "--resume", "--eval-tokens", "500",
+                       "--out", str(tmp_path)])
     assert again["seconds"] >= data["seconds"]
 
 

@@ -114,6 +114,30 @@ def test_plain_calls_on_an_offloaded_model_stream_one_batch(ckpt):
     assert all(p.device.type == "meta" for p in streamed.blocks.parameters())  # the failing block was freed
 
 
+def test_backward_and_start_at_layer_through_an_offloaded_model(ckpt):
+    """With gradients on, streamed weights are not reused while autograd holds them: input gradients equal in memory."""
+    plain, streamed = load_model(ckpt), load_model(ckpt, offload=True)
+    resid = torch.randn(2, 7, plain.cfg.d_model, generator=torch.Generator().manual_seed(1))  # [batch, pos, d_model]
+    grads = []
+    for m in (plain, streamed):
+        x = resid.clone().requires_grad_(True)
+        m(x, start_at_layer=1).square().mean().backward()
+        grads.append(x.grad)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-6, atol=1e-7)
+
+
+def test_nested_call_on_an_offloaded_model_is_refused_in_one_line(ckpt):
+    streamed = load_model(ckpt, offload=True)
+    ids = batches()[0][0]
+
+    def call_again(x, hook):
+        streamed(ids[:, :3])
+
+    with pytest.raises(ValueError, match="called again while it was running"):
+        streamed.run_with_hooks(ids, fwd_hooks=[("blocks.1.hook_resid_mid", call_again)])
+    assert torch.equal(streamed(ids), load_model(ckpt)(ids))  # and the model still works afterwards
+
+
 def test_pickled_checkpoint_refused(tmp_path, ckpt):
     folder = tmp_path / "pickled"
     folder.mkdir()
