@@ -489,25 +489,30 @@ def rope_retrieval(model, *, bases: Sequence[float], plan: Sequence[tuple[str, i
 def rope_retrieval_figure(res: dict):
     from plotly.subplots import make_subplots
 
-    fig = make_subplots(rows=1, cols=2, subplot_titles=("passkey accuracy (mean over keys and depths)",
-                                                        "perplexity (solid: sliding windows; dashed: 2nd half of one)"))
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("keys retrieved (solid: key at the start, dashed: middle)",
+                                                        "perplexity (solid: sliding, dashed: one window's 2nd half)"))
     colors = ["#d62728", "#1f77b4", "#2ca02c", "#9467bd"]
     for i, (label, bound) in enumerate(res["bounds"].items()):
         base = float(label)
         c = colors[i % len(colors)]
         name = f"base {label} (bound {bound:,})"
-        curves = [(1, "passkey", "accuracy", "solid"), (2, "sliding", "ppl", "solid"),
-                  (2, "perplexity", "ppl_second_half", "dash")]
+        # depth 0 and 0.5 put the key about L and L/2 tokens from the question: the depths that test distance
+        curves = [(1, "passkey", lambda r: r["by_depth"].get("0"), "solid"),
+                  (1, "passkey", lambda r: r["by_depth"].get("0.5"), "dash"),
+                  (2, "sliding", lambda r: r["ppl"], "solid"), (2, "perplexity", lambda r: r["ppl_second_half"], "dash")]
         shown = False
-        for col, kind, key, dash in curves:
-            xy = sorted((r["length"], r[key]) for r in res.get(kind, []) if r["base"] == base)
+        for col, kind, value, dash in curves:
+            xy = sorted((r["length"], value(r)) for r in res.get(kind, []) if r["base"] == base and value(r) is not None)
+            # shifted sideways by base (2.5% of the longest length), so equal accuracies stay visible
+            dodge = (i - 1) * 0.025 * max((r["length"] for r in res["passkey"]), default=0) if col == 1 else 0
             if xy:
-                fig.add_scatter(x=[x for x, _ in xy], y=[y for _, y in xy], mode="lines+markers", name=name,
+                fig.add_scatter(x=[x + dodge for x, _ in xy], y=[y for _, y in xy], mode="lines+markers", name=name,
                                 line=dict(color=c, dash=dash), legendgroup=label, showlegend=not shown, row=1, col=col)
                 shown = True
         for col in (1, 2):
             fig.add_vline(x=bound, line_dash="dot", line_color=c, row=1, col=col)
     fig.update_xaxes(title_text="tokens (dotted: context bound of each base)")
+    fig.update_annotations(font_size=13)
     fig.update_yaxes(range=[-0.05, 1.05], row=1, col=1)
     fig.update_yaxes(type="log", row=1, col=2)
     fig.update_layout(title=f"RoPE base vs retrieval (head dim {res['head_dim']}, trained base {res['trained_base']:g})",
