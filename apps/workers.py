@@ -157,6 +157,10 @@ def _run_command(module: str, name: str, params_json: str) -> None:
             params[key] = Path(value)
     try:
         record(command)(**params)  # `record` writes the exception to the error file the launcher reads
+        if dist.is_initialized():
+            # every rank leaves together: a rank tearing gloo down while a peer is still writing its output can abort
+            # the peer at exit ("terminate called without an active exception")
+            dist.barrier()
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

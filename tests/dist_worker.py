@@ -52,6 +52,7 @@ def main(folder: str, out: str, fail_rank: str | None = None) -> None:
         res = results(model)
         if dist.get_rank() == 0:
             save_file({k: v.contiguous() for k, v in res.items()}, out)
+        dist.barrier()  # leave together, as apps/workers.py does
     finally:
         dist.destroy_process_group()
 
