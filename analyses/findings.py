@@ -406,7 +406,8 @@ def parse_plan(spec: str) -> list[tuple[str, int]]:
 
 
 def rope_retrieval(model, *, bases: Sequence[float], plan: Sequence[tuple[str, int]], n_keys: int = 4,
-                   depths: Sequence[float] = (0.0, 0.5, 1.0), eval_tokens: int | None = None, deadline: float | None = None, done: dict | None = None,
+                   depths: Sequence[float] = (0.0, 0.5, 1.0), eval_tokens: int | None = None,
+                   deadline: float | None = None, done: dict | None = None,
                    on_cell: Callable[[dict], None] | None = None, progress: bool = False) -> dict:
     """One-window perplexity (per position), sliding-window perplexity over the whole evaluation split and passkey
     accuracy with the RoPE base of every layer set at run time to each of `bases`,
@@ -607,8 +608,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         plan = parse_plan(args.plan) if args.plan else default_plan(_ints(args.lengths))
         res = rope_retrieval(model, bases=_floats(args.bases), plan=plan, n_keys=args.keys, deadline=deadline,
-                             eval_tokens=args.eval_tokens,
-                             done=done, on_cell=save)
+                             eval_tokens=args.eval_tokens, done=done, on_cell=save)
         save(res)
         write_figure(rope_retrieval_figure(res), out, "rope-retrieval")
     print(f"{args.question}: done in {t.seconds()} s -> {out}")

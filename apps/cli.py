@@ -8,6 +8,8 @@ import sys
 
 import typer
 
+from .cli_common import ALLOW_NONFINITE_ENV
+
 app = typer.Typer(
     name="residscope",
     help="Look inside decoder-only LLMs and cut them: hooks, positional analyses, ShortGPT pruning.",
@@ -17,7 +19,6 @@ app = typer.Typer(
 )
 
 # One module per feature; each defines register(app).
-from .cli_common import ALLOW_NONFINITE_ENV  # noqa: E402
 from . import cli_app, cli_demo, cli_extend, cli_models, cli_positional, cli_surgery, cli_rope  # noqa: E402
 
 for _module in (cli_app, cli_demo, cli_extend, cli_models, cli_positional, cli_surgery, cli_rope):
@@ -32,6 +33,7 @@ def _global_options(
     # an environment variable rather than module state, so --nproc workers (new processes) inherit it; always
     # written, so an earlier in-process run's flag does not carry over
     os.environ[ALLOW_NONFINITE_ENV] = "1" if allow_nonfinite else "0"
+
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: user errors become one line on stderr and exit code 2."""
