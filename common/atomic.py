@@ -130,6 +130,14 @@ def _check_can_create_in(folder: Path, what: str) -> None:
         raise InputError(f"{what}: cannot write in {folder} ({e.strerror or errno.errorcode.get(e.errno, e)})") from None
 
 
+def _check_parent_creatable(path: Path, what: str) -> None:
+    """`path` can be created: its nearest existing ancestor is a folder we can write in."""
+    existing = _nearest_existing(path.parent)
+    if not existing.is_dir():
+        raise InputError(f"{what}: {existing} is not a folder")
+    _check_can_create_in(existing, what)
+
+
 def check_output_dir(path: str | os.PathLike, what: str = "out", *, force: bool = False) -> Path:
     """Refuse `path` as an output folder unless it can be created or replaced: not a file, empty unless `force`, and
     its folder writable. `what` names the argument in the message (e.g. "--out"). Returns the path, user-expanded."""
@@ -138,10 +146,7 @@ def check_output_dir(path: str | os.PathLike, what: str = "out", *, force: bool 
         raise InputError(f"{what}: {path} exists and is not a folder")
     if path.is_dir() and any(path.iterdir()) and not force:
         raise InputError(f"{what}: {path} exists and is not empty (use --force / force=True to replace it)")
-    existing = _nearest_existing(path.parent)
-    if not existing.is_dir():
-        raise InputError(f"{what}: {existing} is not a folder")
-    _check_can_create_in(existing, what)
+    _check_parent_creatable(path, what)
     return path
 
 
@@ -151,8 +156,5 @@ def check_output_file(path: str | os.PathLike, what: str = "path") -> Path:
     path = Path(path).expanduser()
     if path.is_dir():
         raise InputError(f"{what}: {path} is a folder, not a file")
-    existing = _nearest_existing(path.parent)
-    if not existing.is_dir():
-        raise InputError(f"{what}: {existing} is not a folder")
-    _check_can_create_in(existing, what)
+    _check_parent_creatable(path, what)
     return path
