@@ -19,11 +19,6 @@ from .errors import ConfigError
 from .hf_config import FULL, SLIDING, decoder_kwargs
 from .rope import RopeParams
 
-# TransformerLens's `original_architecture` per model_type (the class name in config.json's "architectures")
-ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                 "gemma3_text": "Gemma3ForCausalLM", "baichuan": "BaichuanForCausalLM"}
-# families whose checkpoints were trained without a BOS token in front (TransformerLens's default_prepend_bos=False)
-NO_BOS_FAMILIES = ("qwen2",)
 
 
 @dataclass
@@ -57,14 +52,30 @@ class DecoderConfig:
     o_bias: bool = False
     mlp_bias: bool = False
     tie_embeddings: bool = False
-    act: str = "silu"  # "silu" (SwiGLU) or "gelu_tanh" (GeGLU)
+    # ---- what a family changes (model/families/): each field is one computation, read by the decoder as data ----
+    act: str = "silu"  # MLP activation: "silu", "gelu_tanh" (gelu_new, gelu_pytorch_tanh), "gelu" (erf), "relu"
+    mlp: str = "gated"  # "gated": down(act(gate(x)) * up(x)) (SwiGLU, GeGLU); "plain": down(act(up(x))) (GPT-2, OPT, ...)
+    norm: str = "rms"  # "rms" (RMSNorm) or "layer" (LayerNorm, with a bias when norm_bias)
+    norm_bias: bool = True  # LayerNorm only
     norm_offset: float = 0.0  # 1.0 for Gemma's (1 + w) RMSNorm
-    embed_scale: float | None = None  # Gemma multiplies embeddings by sqrt(d_model)
-    qk_norm: bool = False  # Gemma 3 RMS-normalises q and k per head
-    post_norms: bool = False  # Gemma 3 normalises attention and MLP outputs before the residual add
+    pre_norms: bool = True  # ln1 / ln2 before attention / MLP (OLMo 2 has none: only post_norms)
+    post_norms: bool = False  # ln1_post / ln2_post on the attention / MLP output before the residual add (Gemma 2/3, OLMo 2)
+    residual_norm: bool = False  # post-LN: x = ln1(x + attn(x)), x = ln2(x + mlp(x)) (OPT-350m's do_layer_norm_before=False)
+    parallel: bool = False  # x + attn(ln1(x)) + mlp(ln2(x)) (GPT-NeoX's use_parallel_residual, GPT-J)
+    shared_norm: bool = False  # parallel block whose MLP reads ln1's output too (GPT-J: one norm per block)
+    final_norm: bool = True  # ln_final before the unembedding (OPT-350m has none)
+    embed_scale: float | None = None  # embeddings multiplied by it (Gemma: sqrt(d_model); Granite: embedding_multiplier)
+    embed_norm: bool = False  # a norm right after the embedding (BLOOM's word_embeddings_layernorm)
+    d_embed: int | None = None  # embeddings narrower than the stream, projected in and out (OPT's word_embed_proj_dim)
+    residual_scale: float | None = None  # attention and MLP outputs multiplied by it before the add (Granite)
+    logit_divisor: float | None = None  # logits divided by it (Granite's logits_scaling)
+    unembed_bias: bool = False  # lm_head has a bias (GPT-J)
+    qk_norm: str | None = None  # "head": RMSNorm of q and k per head (Gemma 3, Qwen3); "full": over all heads (OLMo 2)
     norm_head: bool = False  # Baichuan 2 L2-normalises every row of lm_head
-    positional: str = "rope"  # "rope", "alibi" or "none"
+    positional: str = "rope"  # "rope", "alibi", "learned" (absolute position table, GPT-2 / OPT) or "none"
     rope: dict[str, RopeParams] = field(default_factory=dict)  # per layer type (FULL / SLIDING)
+    no_rope: tuple[int, ...] = ()  # layers that apply no rotary position at all (SmolLM3's NoPE layers)
+    pos_offset: int = 0  # learned positions: position p reads row p + pos_offset (OPT: 2)
     layer_types: list[str] = field(default_factory=list)  # FULL or SLIDING per layer
     sliding_window: int | None = None
     attn_scale: float | None = None  # None: 1/sqrt(d_head)
@@ -94,11 +105,20 @@ class DecoderConfig:
             raise ConfigError(f"num_attention_heads {self.n_heads} is not a multiple of num_key_value_heads {self.n_kv_heads}")
         if SLIDING in self.layer_types and not self.sliding_window:
             raise ConfigError("sliding_attention layers need a sliding_window")
-        if self.act not in ("silu", "gelu_tanh"):
+        if self.act not in ("silu", "gelu_tanh", "gelu", "relu"):
             raise ConfigError(f"unsupported activation {self.act!r}")
-        if self.positional not in ("rope", "alibi", "none"):
+        if self.mlp not in ("gated", "plain") or self.norm not in ("rms", "layer"):
+            raise ConfigError(f"unsupported mlp {self.mlp!r} / norm {self.norm!r}")
+        if self.qk_norm is True:  # older callers said qk_norm=True for Gemma 3's per-head norms
+            self.qk_norm = "head"
+        if self.qk_norm not in (None, False, "head", "full"):
+            raise ConfigError(f"unsupported qk_norm {self.qk_norm!r}")
+        self.qk_norm = self.qk_norm or None
+        if self.positional not in ("rope", "alibi", "learned", "none"):
             raise ConfigError(f"unsupported position embedding {self.positional!r}")
-        for name in ("removed_attn", "removed_mlp"):
+        if self.positional == "learned" and not self.max_position_embeddings:
+            raise ConfigError("learned positions need max_position_embeddings (the table's size)")
+        for name in ("removed_attn", "removed_mlp", "no_rope"):
             layers = tuple(getattr(self, name))
             if any(not 0 <= i < self.n_layers for i in layers) or len(set(layers)) != len(layers):
                 raise ConfigError(f"{name} {list(layers)} must name distinct layers in 0..{self.n_layers - 1}")
@@ -128,7 +148,15 @@ class DecoderConfig:
         return self.sliding_window if self.layer_types[layer] == SLIDING else None
 
     def rope_of(self, layer: int) -> RopeParams | None:
-        return self.rope.get(self.layer_types[layer]) if self.positional == "rope" else None
+        """The configured RoPE of a layer: None without rotary positions (another kind, or a NoPE layer)."""
+        if self.positional != "rope" or layer in self.no_rope:
+            return None
+        return self.rope.get(self.layer_types[layer])
+
+    @property
+    def d_embedding(self) -> int:
+        """Width of the token embedding (and of the unembedding's input): d_model unless projected (OPT-350m)."""
+        return self.d_embed or self.d_model
 
     # ---- TransformerLens field names (read-only, true for this model; TL's ActivationCache, patching and
     # head_detector read them through `model.cfg`) ---------------------------------------------------------------
@@ -147,19 +175,19 @@ class DecoderConfig:
 
     @property
     def act_fn(self) -> str:
-        return "silu" if self.act == "silu" else "gelu_pytorch_tanh"
+        return {"silu": "silu", "gelu_tanh": "gelu_pytorch_tanh", "gelu": "gelu", "relu": "relu"}[self.act]
 
     @property
     def normalization_type(self) -> str:
-        return "RMS"
+        return "RMS" if self.norm == "rms" else "LN"
 
     @property
     def uses_rms_norm(self) -> bool:
-        return True
+        return self.norm == "rms"
 
     @property
     def final_rms(self) -> bool:
-        return True
+        return self.norm == "rms" and self.final_norm
 
     @property
     def eps(self) -> float:
@@ -167,7 +195,7 @@ class DecoderConfig:
 
     @property
     def gated_mlp(self) -> bool:
-        return True
+        return self.mlp == "gated"
 
     @property
     def attn_only(self) -> bool:
@@ -176,7 +204,7 @@ class DecoderConfig:
 
     @property
     def positional_embedding_type(self) -> str:
-        return {"rope": "rotary", "alibi": "alibi", "none": "none"}[self.positional]
+        return {"rope": "rotary", "alibi": "alibi", "learned": "standard", "none": "none"}[self.positional]
 
     @property
     def rotary_base(self) -> float | None:
@@ -191,7 +219,9 @@ class DecoderConfig:
 
     @property
     def rotary_adjacent_pairs(self) -> bool:
-        return False  # rotate_half layout: dimension i pairs with i + rotary_dim / 2
+        """True for GPT-J's interleaved layout (2i with 2i + 1); rotate_half pairs dimension i with i + rotary_dim / 2."""
+        params = self.rope.get(FULL) or next(iter(self.rope.values()), None)
+        return bool(params is not None and params.interleaved)
 
     @property
     def use_local_attn(self) -> bool:
@@ -219,7 +249,7 @@ class DecoderConfig:
 
     @property
     def parallel_attn_mlp(self) -> bool:
-        return False
+        return self.parallel
 
     @property
     def layer_norm_folding(self) -> bool:
@@ -239,7 +269,9 @@ class DecoderConfig:
 
     @property
     def original_architecture(self) -> str:
-        names = self.hf_config.get("architectures") or [ARCHITECTURES[self.model_type]]
+        from .families import family_of
+
+        names = self.hf_config.get("architectures") or [family_of(self.model_type).architecture]
         return names[0]
 
     @property
@@ -272,7 +304,9 @@ class DecoderConfig:
         (TransformerLens's choice per architecture). Settable, as in TransformerLens."""
         if self.live.prepend_bos is not None:
             return self.live.prepend_bos
-        return self.model_type not in NO_BOS_FAMILIES and self.bos_token_id is not None
+        from .families import family_of
+
+        return family_of(self.model_type).prepend_bos and self.bos_token_id is not None
 
     @default_prepend_bos.setter
     def default_prepend_bos(self, value: bool) -> None:

@@ -42,7 +42,7 @@ from . import tokens as tokenizing
 from .config import DecoderConfig
 from .errors import InputError
 from .rope import RopeParams, apply_rope, rope_cos_sin
-from .tl_weights import AttentionWeights, DecoderWeights, Embed, MLPWeights, Unembed
+from .tl_weights import AttentionWeights, DecoderWeights, Embed, MLPWeights, PosEmbed, Unembed
 
 RETURN_TYPES = ("logits", "loss", "both", None)
 
@@ -148,9 +148,9 @@ class Positions:
     def cos_sin(self, params: RopeParams, head_dim: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         key = (params, head_dim, dtype)
         if key not in self._cos_sin:
-            # dynamic NTK rescales from the current total length, like transformers' dynamic_rope_update
-            # (only it needs the length on the host: a device sync on GPUs, impossible on `meta`)
-            seq_len = int(self.positions.max().item()) + 1 if params.rope_type == "dynamic" else None
+            # dynamic NTK rescales and LongRoPE picks its factors from the current total length, like transformers'
+            # dynamic_rope_update (only they need the length on the host: a device sync on GPUs, impossible on `meta`)
+            seq_len = int(self.positions.max().item()) + 1 if params.rope_type in ("dynamic", "longrope") else None
             self._cos_sin[key] = rope_cos_sin(params, head_dim, self.positions, seq_len=seq_len, dtype=dtype)
         return self._cos_sin[key]
 
@@ -242,6 +242,71 @@ class RMSNorm(nn.Module):
         return self._apply_gain(parts.to(wide) / scale[..., None, :], parts.dtype)  # [batch, pos, n, d]
 
 
+class LayerNorm(nn.Module):
+    """LayerNorm (GPT-2, GPT-NeoX, OPT, BLOOM, ...): (x - mean) / sqrt(var + eps) * w + b, computed like RMSNorm above
+    (at least float32, float64 for float64 models). hook_scale [..., 1] is TransformerLens' sqrt(var + eps) of the
+    centred input; a hook that changes it is used, as TransformerLens divides by it."""
+
+    def __init__(self, d: int, eps: float, bias: bool = True):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(d))
+        self.bias = nn.Parameter(torch.zeros(d)) if bias else None
+        self.hook_scale = HookPoint()  # [batch, pos, 1]
+        self.hook_normalized = HookPoint()  # [batch, pos, d]
+
+    @property
+    def gain(self) -> torch.Tensor:
+        return self.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))
+        centred = xf - xf.mean(-1, keepdim=True)  # [..., d]
+        scale = (centred.pow(2).mean(-1, keepdim=True) + self.eps).sqrt()  # [..., 1]
+        if hooked(self.hook_scale):
+            scale = self.hook_scale(scale.clone())
+        return self.hook_normalized(self._apply_gain(centred / scale, x.dtype))
+
+    def _apply_gain(self, normed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        out = normed.to(dtype) * self.weight
+        return out if self.bias is None else out + self.bias
+
+    def split(self, parts: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+        raise ValueError("per-head shares of a LayerNorm'd output are not defined (it centres, and adds a bias)")
+
+
+class NoNorm(nn.Module):
+    """Where a family has no norm (OPT-350m's final one): the input unchanged, with the hook names analyses read."""
+
+    def __init__(self, d: int):
+        super().__init__()
+        self.d = d
+        self.hook_normalized = HookPoint()  # [batch, pos, d]
+
+    @property
+    def gain(self) -> torch.Tensor:
+        return torch.ones(())  # a 0-d CPU tensor multiplies tensors on any device
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.hook_normalized(x)
+
+
+def make_norm(cfg: DecoderConfig, d: int | None = None) -> nn.Module:
+    """The family's norm over `d` features (default d_model)."""
+    d = cfg.d_model if d is None else d
+    if cfg.norm == "layer":
+        return LayerNorm(d, cfg.norm_eps, cfg.norm_bias)
+    return RMSNorm(d, cfg.norm_eps, cfg.norm_offset)
+
+
+ACTIVATIONS = {
+    "silu": F.silu,
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu": F.gelu,
+    "relu": F.relu,
+}
+
+
 class Attention(AttentionWeights, nn.Module):
     """Grouped-query attention with RoPE or ALiBi, optional q/k norms, sliding window and logit soft-capping.
 
@@ -264,9 +329,10 @@ class Attention(AttentionWeights, nn.Module):
         self.k_proj = nn.Linear(cfg.d_model, kvh * d, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(cfg.d_model, kvh * d, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(h * d, cfg.d_model, bias=cfg.o_bias)
-        if cfg.qk_norm:
-            self.q_norm = RMSNorm(d, cfg.norm_eps, cfg.norm_offset)
-            self.k_norm = RMSNorm(d, cfg.norm_eps, cfg.norm_offset)
+        if cfg.qk_norm == "head":  # per head, over d_head (Gemma 3, Qwen3)
+            self.q_norm, self.k_norm = make_norm(cfg, d), make_norm(cfg, d)
+        elif cfg.qk_norm == "full":  # over the whole projection, before it splits into heads (OLMo 2)
+            self.q_norm, self.k_norm = make_norm(cfg, h * d), make_norm(cfg, kvh * d)
         self.default_rope: RopeParams | None = cfg.rope_of(layer)
         self.default_window: int | None = cfg.window_of(layer)
         self.rope, self.window, self.logit_scale = self.default_rope, self.default_window, 1.0
@@ -303,12 +369,12 @@ class Attention(AttentionWeights, nn.Module):
         queries and k_in / v_in [batch, pos, kv_head, d_model] the keys / values, one input per head. `out_norm` is the
         block's post-attention norm (Gemma 3), applied here so per-head results can carry it."""
         b, p = x.shape[:2]
-        q = self.hook_q(self._maybe_norm("q_norm", self._project(self.q_proj, x, self.n_heads)))  # [batch, pos, head, d_head]
-        k = self.hook_k(self._maybe_norm("k_norm", self._project(self.k_proj, x if k_in is None else k_in, self.n_kv_heads)))  # [batch, pos, kv_head, d_head]
+        q = self.hook_q(self._project(self.q_proj, x, self.n_heads, "q_norm"))  # [batch, pos, head, d_head]
+        k = self.hook_k(self._project(self.k_proj, x if k_in is None else k_in, self.n_kv_heads, "k_norm"))  # [batch, pos, kv_head, d_head]
         v = self.hook_v(self._project(self.v_proj, x if v_in is None else v_in, self.n_kv_heads))  # [batch, pos, kv_head, d_head]
         if self.rope is not None:
             cos, sin = pos.cos_sin(self.rope, self.d_head, q.dtype)  # [batch, pos, rotary_dim]
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            q, k = apply_rope(q, cos, sin, self.rope.interleaved), apply_rope(k, cos, sin, self.rope.interleaved)
         q, k = self.hook_rot_q(q), self.hook_rot_k(k)
 
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [batch, head, pos, d_head]
@@ -325,12 +391,20 @@ class Attention(AttentionWeights, nn.Module):
         out = self.o_proj(z.reshape(b, p, self.n_heads * self.d_head))  # [batch, pos, d_model]
         return out if out_norm is None else out_norm(out)
 
-    def _project(self, linear: nn.Linear, x: torch.Tensor, n: int) -> torch.Tensor:
-        """-> [batch, pos, n, d_head]. Per-head inputs [batch, pos, n, d_model] (split-qkv) meet only their head's rows."""
+    def _project(self, linear: nn.Linear, x: torch.Tensor, n: int, norm: str | None = None) -> torch.Tensor:
+        """-> [batch, pos, n, d_head], through the q/k norm `norm` when the family has one. Per-head inputs
+        [batch, pos, n, d_model] (split-qkv) meet only their head's rows."""
         if x.dim() == 3:
-            return linear(x).view(x.shape[0], x.shape[1], n, self.d_head)
-        out = torch.einsum("bpnm,ndm->bpnd", x, linear.weight.view(n, self.d_head, -1))
-        return out if linear.bias is None else out + linear.bias.view(n, self.d_head)
+            out = linear(x)  # [batch, pos, n * d_head]
+        else:
+            out = torch.einsum("bpnm,ndm->bpnd", x, linear.weight.view(n, self.d_head, -1)).flatten(-2)
+            out = out if linear.bias is None else out + linear.bias
+        if norm is not None and self.qk_norm == "full":
+            out = getattr(self, norm)(out)
+        out = out.view(*out.shape[:-1], n, self.d_head)
+        if norm is not None and self.qk_norm == "head":
+            out = getattr(self, norm)(out)
+        return out
 
     def _sum_of_results(self, z: torch.Tensor, out_norm: RMSNorm | None) -> torch.Tensor:
         """Attention output as the sum of hook_result [batch, pos, head, d_model], each head's write to the residual
@@ -353,9 +427,6 @@ class Attention(AttentionWeights, nn.Module):
             raise ValueError(f"{self.hook_z.name.rsplit('.', 1)[0]}: the attention output is RMS-normalised (ln1_post), so z @ W_O is "
                              "not a head's contribution; run with model.set_use_attn_result(True) to cache exact hook_result")
         return 1.0
-
-    def _maybe_norm(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        return getattr(self, name)(x) if self.qk_norm else x
 
     def _alibi_bias(self, pos: Positions, dtype: torch.dtype) -> torch.Tensor:
         """[1, head, q_pos, k_pos]: slope_h * (j - i), added to the scores.
@@ -399,26 +470,44 @@ class Attention(AttentionWeights, nn.Module):
 
 
 class MLP(MLPWeights, nn.Module):
-    """Gated MLP: down(act(gate(x)) * up(x)); SwiGLU (silu) or GeGLU (tanh gelu)."""
+    """Gated MLP down(act(gate(x)) * up(x)) (SwiGLU, GeGLU), or plain down(act(up(x))) (GPT-2, GPT-NeoX, OPT, BLOOM)."""
 
     def __init__(self, cfg: DecoderConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.d_model, cfg.d_mlp, bias=cfg.mlp_bias)
+        self.gated = cfg.mlp == "gated"
+        if self.gated:
+            self.gate_proj = nn.Linear(cfg.d_model, cfg.d_mlp, bias=cfg.mlp_bias)
         self.up_proj = nn.Linear(cfg.d_model, cfg.d_mlp, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(cfg.d_mlp, cfg.d_model, bias=cfg.mlp_bias)
-        self.act = F.silu if cfg.act == "silu" else (lambda x: F.gelu(x, approximate="tanh"))
-        self.hook_pre = HookPoint()  # [batch, pos, d_mlp], gate projection
-        self.hook_pre_linear = HookPoint()  # [batch, pos, d_mlp], up projection
-        self.hook_post = HookPoint()  # [batch, pos, d_mlp], act(gate) * up
+        self.act = ACTIVATIONS[cfg.act]
+        self.hook_pre = HookPoint()  # [batch, pos, d_mlp], gate projection (plain: up projection, before act)
+        self.hook_pre_linear = HookPoint()  # [batch, pos, d_mlp], up projection (gated only)
+        self.hook_post = HookPoint()  # [batch, pos, d_mlp], act(gate) * up (plain: act(up))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.gated:
+            return self.down_proj(self.hook_post(self.act(self.hook_pre(self.up_proj(x)))))
         gate = self.hook_pre(self.gate_proj(x))  # [batch, pos, d_mlp]
         up = self.hook_pre_linear(self.up_proj(x))  # [batch, pos, d_mlp]
         return self.down_proj(self.hook_post(self.act(gate) * up))
 
 
+def make_mlp(cfg: DecoderConfig, layer: int) -> nn.Module:
+    """The MLP half of block `layer` (the place where a mixture-of-experts layer kind plugs in)."""
+    return MLP(cfg)
+
+
 class Block(nn.Module):
-    """Pre-norm block: h = x + attn(ln1(x)); out = h + mlp(ln2(h)). Gemma 3 also normalises each output (ln1_post, ln2_post).
+    """One decoder block; the family's layout is data (cfg fields), never a branch on the family's name:
+
+        pre-norm (Llama):           h = x + attn(ln1(x));            out = h + mlp(ln2(h))
+        + post_norms (Gemma 2/3):   h = x + ln1_post(attn(ln1(x)));   out = h + ln2_post(mlp(ln2(h)))
+        post_norms only (OLMo 2):   h = x + ln1_post(attn(x));        out = h + ln2_post(mlp(h))
+        residual_norm (OPT-350m):   h = ln1(x + attn(x));             out = ln2(h + mlp(h))
+        parallel (GPT-NeoX, GPT-J): h = x + attn(ln1(x));             out = h + mlp(ln2(x))  (shared_norm: mlp(ln1(x)))
+    Granite's residual_scale multiplies each half's output before the add (hook_attn_out / hook_mlp_out see the scaled
+    output, so the stream stays the sum of what the hooks show). In a parallel block hook_resid_mid is x + attn(...),
+    the stream the MLP output is added to (the MLP itself reads x).
 
     `attn` or `mlp` is None for a block listed in `cfg.removed_attn` / `removed_mlp` (sub-block surgery): that half then
     adds nothing to the residual stream.
@@ -426,14 +515,19 @@ class Block(nn.Module):
 
     def __init__(self, cfg: DecoderConfig, layer: int):
         super().__init__()
-        self.ln1 = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.norm_offset)
+        self.parallel, self.shared_norm, self.residual_norm = cfg.parallel, cfg.shared_norm, cfg.residual_norm
+        self.pre_norms = cfg.pre_norms and not cfg.residual_norm  # norms on the halves' inputs
+        if cfg.pre_norms or cfg.residual_norm:
+            self.ln1 = make_norm(cfg)
         self.attn: Attention | None = Attention(cfg, layer) if cfg.has_attn(layer) else None
-        self.ln2 = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.norm_offset)
-        self.mlp: MLP | None = MLP(cfg) if cfg.has_mlp(layer) else None
+        if (cfg.pre_norms or cfg.residual_norm) and not cfg.shared_norm:
+            self.ln2 = make_norm(cfg)
+        self.mlp: nn.Module | None = make_mlp(cfg, layer) if cfg.has_mlp(layer) else None
         if cfg.post_norms:
-            self.ln1_post = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.norm_offset)
-            self.ln2_post = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.norm_offset)
+            self.ln1_post = make_norm(cfg)
+            self.ln2_post = make_norm(cfg)
         self.post_norms = cfg.post_norms
+        self.residual_scale = cfg.residual_scale
         self.use_split_qkv_input = False  # TransformerLens switches, kept in step with cfg by Decoder.forward
         self.use_attn_in = False
         self.hook_resid_pre = HookPoint()  # [batch, pos, d_model]
@@ -443,27 +537,42 @@ class Block(nn.Module):
         self.hook_v_input = HookPoint()  # [batch, pos, kv_head, d_model], with use_split_qkv_input only
         self.hook_attn_out = HookPoint()  # [batch, pos, d_model]
         self.hook_resid_mid = HookPoint()  # [batch, pos, d_model]
-        self.hook_mlp_in = HookPoint()  # [batch, pos, d_model], resid_mid (a copy when hooked)
+        self.hook_mlp_in = HookPoint()  # [batch, pos, d_model], the MLP's input stream (a copy when hooked)
         self.hook_mlp_out = HookPoint()  # [batch, pos, d_model]
         self.hook_resid_post = HookPoint()  # [batch, pos, d_model]
 
+    def _norm_in(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """A half's input: through its pre-norm (ln1 / ln2; ln1 for both in a shared-norm block), or as is."""
+        if not self.pre_norms:
+            return x
+        return getattr(self, "ln1" if self.shared_norm else name)(x)
+
+    def _scaled(self, out: torch.Tensor) -> torch.Tensor:
+        return out if self.residual_scale is None else out * self.residual_scale
+
     def forward(self, x: torch.Tensor, pos: Positions, cache: KVCache | None = None) -> torch.Tensor:
         x = self.hook_resid_pre(x)  # [batch, pos, d_model]
+        block_in = x
         if self.attn is not None:
             out_norm = self.ln1_post if self.post_norms else None
             if self.use_split_qkv_input or self.use_attn_in:
                 q_in, k_in, v_in = self._per_head_inputs(x)
                 attn_out = self.attn(q_in, pos, cache, k_in=k_in, v_in=v_in, out_norm=out_norm)
             else:
-                attn_out = self.attn(self.ln1(x), pos, cache, out_norm=out_norm)
-            x = x + self.hook_attn_out(attn_out)
+                attn_out = self.attn(self._norm_in("ln1", x), pos, cache, out_norm=out_norm)
+            x = x + self.hook_attn_out(self._scaled(attn_out))
+            if self.residual_norm:
+                x = self.ln1(x)
         x = self.hook_resid_mid(x)
         if self.mlp is not None:
-            mlp_in = self.hook_mlp_in(x.clone()) if hooked(self.hook_mlp_in) else x  # a copy: editing it spares resid_mid
-            mlp_out = self.mlp(self.ln2(mlp_in))
+            stream = block_in if self.parallel else x
+            mlp_in = self.hook_mlp_in(stream.clone()) if hooked(self.hook_mlp_in) else stream  # a copy spares the stream
+            mlp_out = self.mlp(self._norm_in("ln2", mlp_in))
             if self.post_norms:
                 mlp_out = self.ln2_post(mlp_out)
-            x = x + self.hook_mlp_out(mlp_out)
+            x = x + self.hook_mlp_out(self._scaled(mlp_out))
+            if self.residual_norm:
+                x = self.ln2(x)
         return self.hook_resid_post(x)
 
     def _per_head_inputs(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -473,21 +582,21 @@ class Block(nn.Module):
         if self.use_attn_in:
             attn_in = self.hook_attn_in(repeat_heads(x, h))  # [batch, pos, head, d_model]; h == kvh (checked)
             if not self.use_split_qkv_input:
-                normed = self.ln1(attn_in)
+                normed = self._norm_in("ln1", attn_in)
                 return normed, normed, normed
             q_in, k_in, v_in = attn_in, attn_in.clone(), attn_in.clone()
         else:
             q_in, k_in, v_in = repeat_heads(x, h), repeat_heads(x, kvh), repeat_heads(x, kvh)
         q_in, k_in, v_in = self.hook_q_input(q_in), self.hook_k_input(k_in), self.hook_v_input(v_in)
-        return self.ln1(q_in), self.ln1(k_in), self.ln1(v_in)
+        return self._norm_in("ln1", q_in), self._norm_in("ln1", k_in), self._norm_in("ln1", v_in)
 
     @property
     def residual_contribution_scale(self) -> float:
         """Read by TransformerLens' ActivationCache when it splits an MLP output into neurons as post * W_out."""
-        if self.post_norms:
-            raise ValueError("the MLP output is RMS-normalised (ln2_post), so post * W_out is not a neuron's contribution; "
-                             "use decompose_resid / get_full_resid_decomposition(expand_neurons=False)")
-        return 1.0
+        if self.post_norms or self.residual_norm:
+            raise ValueError("the MLP output is normalised (ln2_post, or a post-LN block), so post * W_out is not a "
+                             "neuron's contribution; use decompose_resid / get_full_resid_decomposition(expand_neurons=False)")
+        return 1.0 if self.residual_scale is None else self.residual_scale
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -506,12 +615,21 @@ class Decoder(DecoderWeights, HookedRootModule):
         self.layer_origin: list[int] = list(range(cfg.n_layers))  # original index of each block (changes on removal)
         self.n_layers_original = cfg.n_layers  # layer count before any removal
         self.offload = None  # a BlockStore when the blocks stay on disk (load_model(..., offload=True))
-        self.embed = Embed(cfg.d_vocab, cfg.d_model)
+        self.embed = Embed(cfg.d_vocab, cfg.d_embedding)
+        if cfg.d_embed is not None:  # OPT-350m: narrow embeddings projected into the stream
+            self.embed_proj = nn.Linear(cfg.d_embed, cfg.d_model, bias=False)
+        if cfg.positional == "learned":
+            self.pos_embed = PosEmbed(cfg.max_position_embeddings + cfg.pos_offset, cfg.d_model, cfg.pos_offset)
+        if cfg.embed_norm:  # BLOOM normalises the embeddings before the first block
+            self.ln_embed = make_norm(cfg)
         self.hook_tokens = HookPoint()  # [batch, pos]; fires only with cfg.use_hook_tokens
         self.hook_embed = HookPoint()  # [batch, pos, d_model]
+        self.hook_pos_embed = HookPoint()  # [batch, pos, d_model], learned positions only
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
-        self.ln_final = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.norm_offset)
-        self.unembed = Unembed(cfg.d_model, cfg.d_vocab, norm_head=cfg.norm_head, softcap=cfg.final_softcap)
+        self.ln_final = make_norm(cfg) if cfg.final_norm else NoNorm(cfg.d_model)
+        self.unembed = Unembed(cfg.d_embedding, cfg.d_vocab, norm_head=cfg.norm_head, softcap=cfg.final_softcap,
+                               bias=cfg.unembed_bias, divisor=cfg.logit_divisor,
+                               d_model=cfg.d_model if cfg.d_embed is not None else None)
         self.cfg = cfg
         self.tokenizer = tokenizer
         self.tie_weights()
@@ -594,9 +712,11 @@ class Decoder(DecoderWeights, HookedRootModule):
             if self.cfg.use_hook_tokens:
                 ids = self.hook_tokens(ids)
             x = self.hook_embed(self._embed(ids))  # [batch, pos, d_model]
+            pos = self._positions(x.shape[:2], x.device, attention_mask, position_ids, kv_cache)
+            x = self._add_positions(x, pos)
         else:
             x, ids = self._resid_input(input, start_at_layer), tokens  # [batch, pos, d_model]
-        pos = self._positions(x.shape[:2], x.device, attention_mask, position_ids, kv_cache)
+            pos = self._positions(x.shape[:2], x.device, attention_mask, position_ids, kv_cache)
         with self._blocks(start_at_layer, stop_at_layer) as blocks:
             for block in blocks:
                 x = block(x, pos, kv_cache)
@@ -627,10 +747,20 @@ class Decoder(DecoderWeights, HookedRootModule):
             yield blocks
 
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
-        x = self.embed(ids)  # [batch, pos, d_model]
+        x = self.embed(ids)  # [batch, pos, d_embedding]
+        if self.cfg.d_embed is not None:
+            x = self.embed_proj(x)  # [batch, pos, d_model]
         if self.cfg.embed_scale is not None:
             # rounded straight to the model dtype, like transformers' buffer (bf16: sqrt(3072) -> 55.5; fp64: exact)
             x = x * torch.tensor(self.cfg.embed_scale, dtype=x.dtype)
+        return x
+
+    def _add_positions(self, x: torch.Tensor, pos: Positions) -> torch.Tensor:
+        """The stream entering block 0: token embedding (+ learned position embedding), then BLOOM's embedding norm."""
+        if self.cfg.positional == "learned":
+            x = x + self.hook_pos_embed(self.pos_embed(pos.positions))  # [batch, pos, d_model]
+        if self.cfg.embed_norm:
+            x = self.ln_embed(x)
         return x
 
     def _input_ids(self, input, attention_mask, prepend_bos, padding_side, past) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -871,6 +1001,7 @@ class Decoder(DecoderWeights, HookedRootModule):
             layer_types=[self.cfg.layer_types[i] for i in keep],
             removed_attn=tuple(new_index[i] for i in self.cfg.removed_attn if i in new_index),
             removed_mlp=tuple(new_index[i] for i in self.cfg.removed_mlp if i in new_index),
+            no_rope=tuple(new_index[i] for i in self.cfg.no_rope if i in new_index),
         )
         self.blocks = nn.ModuleList(self.blocks[i] for i in keep)
         self.blocks.training = self.training  # a new container starts in training mode; TL's patching checks it
@@ -922,8 +1053,14 @@ class Decoder(DecoderWeights, HookedRootModule):
         """Replace the RoPE setting of some layers (all by default): a full RopeParams, or field changes applied to each
         layer's current one (e.g. `set_rope(theta=5e5)`, `set_rope(rope_type="linear", factor=4)`)."""
         if self.cfg.positional != "rope":
-            raise InputError(f"this model uses {self.cfg.positional!r} positions, not RoPE")
-        for attn in self._attention(layers):
+            raise InputError(f"set_rope: this {self.cfg.model_type} model uses {self.cfg.positional!r} positions, not RoPE")
+        attns = self._attention(layers)
+        nope = [i for i, b in enumerate(self.blocks) if b.attn in attns and b.attn.default_rope is None]
+        if nope and layers is not None:
+            raise InputError(f"set_rope: layers {nope} apply no rotary position (NoPE layers of this model)")
+        for attn in attns:
+            if attn.default_rope is None:
+                continue  # a NoPE layer stays without positions
             attn.rope = params if params is not None else attn.rope.replace(**changes)  # RopeParams validates itself
 
     def set_window(self, window: int | None, *, layers=None) -> None:

@@ -32,11 +32,11 @@ import torch
 from residscope.common.atomic import atomic_dir, check_output_dir
 
 from .checkpoint import local_to_hf
+from .families import family_of
 from .hf_config import SUBLAYER_KEY  # the loader reads what this module writes
 from .errors import InputError
 
 PRUNING_FILE = "residscope_pruning.json"
-_LAYER_TYPED = ("qwen2", "gemma3_text")  # transformers configs that derive layer_types from the layer count
 
 
 def versions() -> dict[str, str]:
@@ -54,11 +54,14 @@ def hf_config_of(model) -> dict:
     cfg = model.cfg
     if not cfg.hf_config:
         raise InputError("model.cfg.hf_config is empty: this model has no source config.json to export")
+    family = family_of(cfg.model_type)
     out = dict(cfg.hf_config)
-    out["num_hidden_layers"] = cfg.n_layers
-    if "layer_types" in out or cfg.model_type in _LAYER_TYPED:
+    out[family.keys["num_hidden_layers"]] = cfg.n_layers
+    if "layer_types" in out:
         # explicit per-layer types: derived patterns (max_window_layers, sliding_window_pattern) would shift after removal
         out["layer_types"] = list(cfg.layer_types)
+    if family.export_config is not None:
+        out = family.export_config(out, cfg)
     dtype = str(model.dtype).removeprefix("torch.")
     out["dtype"] = dtype
     if "torch_dtype" in out:

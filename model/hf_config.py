@@ -1,6 +1,7 @@
-"""Normalise transformers `config.json` dicts (llama, mistral, qwen2, gemma3_text, baichuan) into the keyword arguments
-of a DecoderConfig (`decoder_kwargs`; `DecoderConfig.from_hf` calls it). One function per family says what that family
-adds to the fields all of them share. This module knows nothing of DecoderConfig: config.py imports it, not the reverse.
+"""Normalise transformers `config.json` dicts into the keyword arguments of a DecoderConfig (`decoder_kwargs`;
+`DecoderConfig.from_hf` calls it): the fields every family shares, and the readers (RoPE, positive numbers,
+activations) the family files in `families/` use for what each family adds. This module knows nothing of
+DecoderConfig: config.py imports it, not the reverse.
 
 Options that would change the computation and that residscope does not implement are refused with a message naming the
 key, never approximated.
@@ -18,7 +19,6 @@ FULL = "full_attention"  # transformers' layer_types
 SLIDING = "sliding_attention"
 SUBLAYER_KEY = "residscope_removed_sublayers"  # config.json key of a sub-block-pruned checkpoint (residscope's own)
 
-SUPPORTED = ("llama", "mistral", "qwen2", "gemma3_text", "baichuan")
 POSITIONAL_KEY = "residscope_position_embedding"
 
 # Keys whose non-default value changes the forward pass and that we do not implement: key -> allowed values.
@@ -30,22 +30,33 @@ _REFUSED = {
 }
 
 
-def _rope_params(cfg: dict, source: str, max_pos: int | None, *, block: dict | None = None) -> RopeParams:
-    """RoPE settings from the new `rope_parameters` dict and/or the legacy `rope_theta` + `rope_scaling` keys."""
+def rope_params(cfg: dict, source: str, max_pos: int | None, *, block: dict | None = None,
+                partial: float | None = None, interleaved: bool = False) -> RopeParams:
+    """RoPE settings from the new `rope_parameters` dict and/or the legacy `rope_theta` + `rope_scaling` keys.
+
+    `partial`: the fraction of each head the family rotates (GPT-NeoX's rotary_pct, Phi-3's partial_rotary_factor),
+    given by families whose transformers code honours it; elsewhere a partial_rotary_factor key is refused, since
+    transformers rotates the whole head there and ignores it. `interleaved`: GPT-J's rotate-every-two layout."""
     if block is None:
         block = {**(cfg.get("rope_parameters") or {}), **(cfg.get("rope_scaling") or {})}
     params = dict(block)
     if params.get("rope_theta") is None:
         params["rope_theta"] = cfg["rope_theta"] if cfg.get("rope_theta") is not None else 10000.0
     _check_rope_numbers(params, source)
-    partial = params.get("partial_rotary_factor", cfg.get("partial_rotary_factor"))
-    if partial not in (None, 1, 1.0):
-        # transformers' RoPE for these architectures rotates the whole head and ignores this key: refuse rather
-        # than pick one of two readings of the checkpoint
-        raise ConfigError(f"{source}: unsupported option partial_rotary_factor={partial!r}")
-    params.pop("partial_rotary_factor", None)
+    if partial is None:
+        stated = params.get("partial_rotary_factor", cfg.get("partial_rotary_factor"))
+        if stated not in (None, 1, 1.0):
+            # transformers' RoPE for these architectures rotates the whole head and ignores this key: refuse rather
+            # than pick one of two readings of the checkpoint
+            raise ConfigError(f"{source}: unsupported option partial_rotary_factor={stated!r}")
+        partial = 1.0
+    elif not (isinstance(partial, (int, float)) and 0 < partial <= 1):
+        raise ConfigError(f"{source}: partial rotary fraction must be in (0, 1], got {partial!r}")
+    params["partial_rotary_factor"] = float(partial)
+    if params.get("rope_type", params.get("type")) == "longrope":
+        params.setdefault("original_max_position_embeddings", cfg.get("original_max_position_embeddings"))
     try:
-        return RopeParams.from_hf(params, max_position_embeddings=max_pos)
+        return RopeParams.from_hf(params, max_position_embeddings=max_pos).replace(interleaved=interleaved)
     except (ValueError, TypeError) as e:
         raise ConfigError(f"{source}: rope_parameters: {e}") from None
 
@@ -68,7 +79,7 @@ def _check_rope_numbers(params: dict, source: str) -> None:
         raise ConfigError(f"{source}: low_freq_factor and high_freq_factor must differ (llama3 divides by their difference)")
 
 
-def _positive_int(cfg: dict, key: str, source: str, default: int | None = None, *, required: bool = False) -> int | None:
+def positive_int(cfg: dict, key: str, source: str, default: int | None = None, *, required: bool = False) -> int | None:
     """An integer config key that sizes the model (a count or a length): a JSON integer >= 1, else a one-line error."""
     value = cfg.get(key)
     if value is None:
@@ -80,7 +91,7 @@ def _positive_int(cfg: dict, key: str, source: str, default: int | None = None, 
     return value
 
 
-def _positive_float(cfg: dict, key: str, source: str, default: float | None) -> float | None:
+def positive_float(cfg: dict, key: str, source: str, default: float | None) -> float | None:
     value = cfg.get(key)
     if value is None:
         return default
@@ -95,13 +106,20 @@ def _check_refused(cfg: dict, source: str) -> None:
             raise ConfigError(f"{source}: unsupported option {key}={cfg[key]!r}")
 
 
-def _activation(cfg: dict, source: str) -> str:
-    act = cfg.get("hidden_activation") or cfg.get("hidden_act") or "silu"
-    if act in ("silu", "swish"):
-        return "silu"
-    if act in ("gelu_pytorch_tanh", "gelu_tanh"):
-        return "gelu_tanh"
-    raise ConfigError(f"{source}: unsupported hidden_act {act!r}")
+# transformers' activation names -> what the MLP computes ("gelu_tanh": the tanh approximation, which gelu_new,
+# gelu_fast and BLOOM's gelu all compute; "gelu": the exact erf form)
+ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh",
+               "gelu_new": "gelu_tanh", "gelu_fast": "gelu_tanh", "bloom_gelu": "gelu_tanh", "gelu": "gelu",
+               "relu": "relu"}
+
+
+def activation(cfg: dict, source: str, key: str | None = None, default: str = "silu") -> str:
+    """The MLP activation named by `key` (default: hidden_activation, else hidden_act), refused when unknown."""
+    act = cfg.get(key) if key else (cfg.get("hidden_activation") or cfg.get("hidden_act"))
+    act = act or default
+    if act not in ACTIVATIONS:
+        raise ConfigError(f"{source}: unsupported {key or 'hidden_act'} {act!r} (supported: {', '.join(ACTIVATIONS)})")
+    return ACTIVATIONS[act]
 
 
 def _removed_sublayers(cfg: dict, source: str, n_layers: int) -> dict[str, tuple[int, ...]]:
@@ -120,47 +138,55 @@ def _removed_sublayers(cfg: dict, source: str, n_layers: int) -> dict[str, tuple
 
 
 def decoder_kwargs(cfg: dict[str, Any], *, source: str = "config.json", position_embedding: str | None = None) -> dict:
-    """The DecoderConfig keyword arguments of a transformers config dict: the fields every family reads alike, then
-    the family's own (one function each below). `source` names the file in error messages."""
+    """The DecoderConfig keyword arguments of a transformers config dict: the fields every family reads alike
+    (`common_fields`), then the family's own (`residscope.model.families`, one file per model_type). `source` names
+    the file in error messages."""
+    from .families import FAMILIES
+
     if not isinstance(cfg, dict):
         raise ConfigError(f"{source}: expected a JSON object of config keys, got a {type(cfg).__name__}")
     model_type = cfg.get("model_type")
-    if model_type not in SUPPORTED:
-        raise ConfigError(f"{source}: unsupported model_type {model_type!r} (supported: {', '.join(SUPPORTED)})")
+    family = FAMILIES.get(model_type) if isinstance(model_type, str) else None
+    if family is None:
+        raise ConfigError(f"{source}: unsupported model_type {model_type!r} (supported: {', '.join(sorted(FAMILIES))})")
     _check_refused(cfg, source)
     if position_embedding is not None and model_type != "baichuan":
         raise ConfigError(f"position_embedding override is only for baichuan configs, not {model_type!r}")
     try:
-        common = _common(cfg, source, model_type)
+        common = common_fields(cfg, source, family)
         if model_type == "baichuan":
-            return _baichuan(cfg, common, source, position_embedding)
-        return FAMILIES[model_type](cfg, common, source)
+            return family.read_config(cfg, common, source, position_embedding=position_embedding)
+        return family.read_config(cfg, common, source)
     except (TypeError, KeyError) as e:
         raise ConfigError(f"{source}: {e}") from None
 
 
-def _common(cfg: dict, source: str, model_type: str) -> dict:
-    d_model = _positive_int(cfg, "hidden_size", source, required=True)
-    n_heads = _positive_int(cfg, "num_attention_heads", source, required=True)
-    n_layers = _positive_int(cfg, "num_hidden_layers", source, required=True)
-    d_head = _positive_int(cfg, "head_dim", source, d_model // n_heads)
+def common_fields(cfg: dict, source: str, family) -> dict:
+    """The DecoderConfig fields every family has, read from the config keys the family names (`family.keys`)."""
+    keys = family.keys
+    d_model = positive_int(cfg, keys["hidden_size"], source, required=True)
+    n_heads = positive_int(cfg, keys["num_attention_heads"], source, required=True)
+    n_layers = positive_int(cfg, keys["num_hidden_layers"], source, required=True)
+    d_head = positive_int(cfg, keys["head_dim"], source, d_model // n_heads) if keys.get("head_dim") else d_model // n_heads
     if d_head == 0:
         raise ConfigError(f"{source}: hidden_size {d_model} < num_attention_heads {n_heads} and no head_dim")
     for key in ("sliding_window", "model_max_length", "sliding_window_pattern"):
-        _positive_int(cfg, key, source)
+        positive_int(cfg, key, source)
+    d_mlp_key = keys.get("intermediate_size")
     return dict(
-        model_type=model_type,
+        model_type=family.model_type,
         n_layers=n_layers,
         d_model=d_model,
         n_heads=n_heads,
-        n_kv_heads=_positive_int(cfg, "num_key_value_heads", source, n_heads),
+        n_kv_heads=positive_int(cfg, keys["num_key_value_heads"], source, n_heads) if keys.get("num_key_value_heads") else n_heads,
         d_head=d_head,
-        d_mlp=_positive_int(cfg, "intermediate_size", source, required=True),
-        d_vocab=_positive_int(cfg, "vocab_size", source, required=True),
-        norm_eps=_positive_float(cfg, "rms_norm_eps", source, 1e-6),
-        act=_activation(cfg, source),
-        tie_embeddings=bool(cfg.get("tie_word_embeddings", model_type in ("gemma3_text",))),
-        max_position_embeddings=_positive_int(cfg, "max_position_embeddings", source),
+        # families whose config may leave the MLP width out (GPT-2's n_inner: None = 4 x hidden) set it themselves
+        d_mlp=positive_int(cfg, d_mlp_key, source, 4 * d_model) if d_mlp_key else 4 * d_model,
+        d_vocab=positive_int(cfg, keys["vocab_size"], source, required=True),
+        norm_eps=positive_float(cfg, keys["norm_eps"], source, 1e-6 if keys["norm_eps"] == "rms_norm_eps" else 1e-5),
+        act=activation(cfg, source),
+        tie_embeddings=bool(cfg.get("tie_word_embeddings", family.tie_default)),
+        max_position_embeddings=positive_int(cfg, keys["max_position_embeddings"], source) if keys.get("max_position_embeddings") else None,
         bos_token_id=cfg.get("bos_token_id"),
         eos_token_id=cfg.get("eos_token_id"),
         pad_token_id=cfg.get("pad_token_id"),
@@ -169,9 +195,10 @@ def _common(cfg: dict, source: str, model_type: str) -> dict:
     )
 
 
-def _llama(cfg: dict, common: dict, source: str, *, window: int | None = None) -> dict:
-    """Llama: RoPE on every layer, optional biases. residscope's own `residscope_position_embedding` key ("none" for
-    NoPE, "alibi") marks the zoo models trained here; transformers ignores it, so those run correctly only in residscope."""
+def llama_layout(cfg: dict, common: dict, source: str, *, window: int | None = None) -> dict:
+    """Llama's choices, which most families start from: RoPE on every layer, optional attention / MLP biases.
+    residscope's own `residscope_position_embedding` key ("none" for NoPE, "alibi") marks the zoo models trained here;
+    transformers ignores it, so those run correctly only in residscope."""
     positional = cfg.get(POSITIONAL_KEY, "rope")
     if positional not in ("rope", "alibi", "none"):
         raise ConfigError(f"{source}: {POSITIONAL_KEY} must be 'rope', 'alibi' or 'none', got {positional!r}")
@@ -179,79 +206,5 @@ def _llama(cfg: dict, common: dict, source: str, *, window: int | None = None) -
     max_pos = common["max_position_embeddings"]
     bias = bool(cfg.get("attention_bias", False))
     return dict(common, qkv_bias=bias, o_bias=bias, mlp_bias=bool(cfg.get("mlp_bias", False)), positional=positional,
-                rope={t: _rope_params(cfg, source, max_pos) for t in set(layer_types)} if positional == "rope" else {},
+                rope={t: rope_params(cfg, source, max_pos) for t in set(layer_types)} if positional == "rope" else {},
                 layer_types=list(layer_types), sliding_window=window)
-
-
-def _mistral(cfg: dict, common: dict, source: str) -> dict:
-    """Mistral: Llama with `sliding_window` on every layer (None: full attention)."""
-    return _llama(cfg, common, source, window=cfg.get("sliding_window"))
-
-
-def _qwen2(cfg: dict, common: dict, source: str) -> dict:
-    """Qwen2: q/k/v biases; with `use_sliding_window`, layers from `max_window_layers` on slide."""
-    n_layers = common["n_layers"]
-    window = cfg.get("sliding_window") if cfg.get("use_sliding_window") else None
-    layer_types = cfg.get("layer_types") or [
-        SLIDING if window is not None and i >= cfg.get("max_window_layers", n_layers) else FULL for i in range(n_layers)
-    ]
-    if window is None:
-        layer_types = [FULL] * n_layers
-    return dict(common, qkv_bias=True, o_bias=False, layer_types=list(layer_types), sliding_window=window,
-                rope={t: _rope_params(cfg, source, common["max_position_embeddings"]) for t in set(layer_types)})
-
-
-def _gemma3_text(cfg: dict, common: dict, source: str) -> dict:
-    """Gemma 3: (1 + w) RMSNorms, scaled embeddings, q/k norms, post-norms; local (sliding) layers with their own RoPE
-    base between global ones."""
-    n_layers = common["n_layers"]
-    pattern = cfg.get("sliding_window_pattern", 6)
-    layer_types = cfg.get("layer_types") or [SLIDING if (i + 1) % pattern else FULL for i in range(n_layers)]
-    max_pos = common["max_position_embeddings"]
-    rp = cfg.get("rope_parameters") or {}
-    if FULL in rp or SLIDING in rp:  # transformers 5 format: one block per layer type
-        full_block = dict(rp.get(FULL) or {})
-        local_block = dict(rp.get(SLIDING) or {})
-    else:  # legacy: rope_theta (+ rope_scaling) for global layers, rope_local_base_freq for local layers
-        full_block = dict(cfg.get("rope_scaling") or {})
-        full_block.setdefault("rope_theta", cfg.get("rope_theta", 1_000_000.0))
-        local_block = {"rope_type": "default", "rope_theta": _positive_float(cfg, "rope_local_base_freq", source, 10_000.0)}
-    full_block.setdefault("rope_theta", cfg.get("rope_theta", 1_000_000.0))
-    local_block.setdefault("rope_theta", _positive_float(cfg, "rope_local_base_freq", source, 10_000.0))
-    bias = bool(cfg.get("attention_bias", False))
-    return dict(
-        common,
-        qkv_bias=bias, o_bias=bias,
-        norm_offset=1.0,
-        embed_scale=math.sqrt(common["d_model"]),
-        qk_norm=True,
-        post_norms=True,
-        rope={
-            FULL: _rope_params(cfg, source, max_pos, block=full_block),
-            SLIDING: _rope_params(cfg, source, max_pos, block=local_block),
-        },
-        layer_types=list(layer_types),
-        sliding_window=cfg.get("sliding_window"),
-        attn_scale=_positive_float(cfg, "query_pre_attn_scalar", source, 256.0) ** -0.5,  # Gemma3TextConfig's default
-        # Gemma 3 replaced Gemma 2's attention soft-capping by q/k norms: transformers keeps the config key but never
-        # applies it (only the final one), so neither do we.
-        attn_softcap=None,
-        final_softcap=_positive_float(cfg, "final_logit_softcapping", source, None),
-    )
-
-
-def _baichuan(cfg: dict, common: dict, source: str, position_embedding: str | None = None) -> dict:
-    """Baichuan 2: RoPE when the config has max_position_embeddings (7B), ALiBi when it has only model_max_length (13B)."""
-    if position_embedding is None:
-        position_embedding = "rope" if cfg.get("max_position_embeddings") is not None else "alibi"
-    if position_embedding not in ("rope", "alibi"):
-        raise ConfigError(f"position_embedding must be 'rope' or 'alibi', got {position_embedding!r}")
-    if common["n_kv_heads"] != common["n_heads"]:
-        raise ConfigError(f"{source}: baichuan has no grouped-query attention (num_key_value_heads)")
-    max_pos = cfg.get("max_position_embeddings") or cfg.get("model_max_length")
-    common = {**common, "max_position_embeddings": max_pos, "tie_embeddings": bool(cfg.get("tie_word_embeddings", False))}
-    rope = {FULL: _rope_params(cfg, source, max_pos)} if position_embedding == "rope" else {}
-    return dict(common, norm_head=True, positional=position_embedding, rope=rope)
-
-
-FAMILIES = {"llama": _llama, "mistral": _mistral, "qwen2": _qwen2, "gemma3_text": _gemma3_text, "baichuan": _baichuan}

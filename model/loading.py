@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import hf_to_local, local_names
+from .checkpoint import local_names, needs_split, split_tensor
 from .config import DecoderConfig
 from .decoder import Decoder
 from .errors import CheckpointError, InputError
@@ -187,6 +187,14 @@ def _load_weights(model: Decoder, folder: Path, *, allow_pickle: bool, allow_non
                 raise CheckpointError(f"{path}: tensor {key!r} has no place in this config ({name})")
         return [(name, params[name]) for name in names]
 
+    def split_parts(path: Path, key: str, tensor: torch.Tensor, pairs) -> list[torch.Tensor]:
+        shapes = [target.shape for _, target in pairs]
+        try:
+            return split_tensor(key, tensor, cfg, shapes)
+        except RuntimeError:  # the fused tensor's size does not divide into the parameters
+            raise CheckpointError(f"{path}: tensor {key!r} of shape {tuple(tensor.shape)} does not split into "
+                                  f"{[tuple(s) for s in shapes]}") from None
+
     def place(path: Path, key: str, shape: tuple, name: str, target: torch.Tensor, copy) -> None:
         if name == "unembed.weight" and cfg.tie_embeddings:
             return  # tied: the embedding is the unembedding
@@ -201,19 +209,23 @@ def _load_weights(model: Decoder, folder: Path, *, allow_pickle: bool, allow_non
     for path in weight_files(folder, allow_pickle):
         if path.suffix == ".bin":
             for key, tensor in torch.load(path, map_location="cpu", weights_only=True, mmap=True).items():
-                for (name, target), (_, part) in zip(targets(path, key), hf_to_local(key, tensor, cfg)):
-                    check_float_weight(path, key, tensor.dtype)
+                pairs = targets(path, key)
+                if not pairs:
+                    continue
+                check_float_weight(path, key, tensor.dtype)
+                parts = split_parts(path, key, tensor, pairs)
+                for (name, target), part in zip(pairs, parts):
                     place(path, key, part.shape, name, target, lambda t, part=part: t.copy_(part))
             continue
         for f, entry in iter_entries(path):
             pairs = targets(path, entry.name)
             if pairs:
                 check_float_weight(path, entry.name, entry.dtype)
-            if len(pairs) == 1:  # the common case: bytes go straight into the parameter
+            if len(pairs) == 1 and not needs_split(entry.name, cfg):  # the common case: bytes go straight in
                 name, target = pairs[0]
                 place(path, entry.name, entry.shape, name, target, lambda t: read_into(f, entry, t, path))
-            elif pairs:  # a fused tensor: split its rows evenly, in order
-                parts = read_tensor(f, entry, path).chunk(len(pairs), dim=0)
+            elif pairs:  # a fused or transposed tensor: read whole, split into the parameters' shapes
+                parts = split_parts(path, entry.name, read_tensor(f, entry, path), pairs)
                 for (name, target), part in zip(pairs, parts):
                     place(path, entry.name, part.shape, name, target, lambda t, part=part: t.copy_(part))
     missing = [n for n in params if n not in filled and not (n == "unembed.weight" and cfg.tie_embeddings)]

@@ -18,6 +18,7 @@ A plain call (`model(ids)`, `run_with_cache`, `generate`) on an offloaded model 
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -28,7 +29,7 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
-from .checkpoint import local_names
+from .checkpoint import local_names, needs_split, split_tensor
 from .config import DecoderConfig
 from .decoder import Decoder
 from .errors import CheckpointError, InputError
@@ -37,12 +38,17 @@ from .safetensors_io import Entry, read_header, read_into, read_tensor
 
 @dataclass(frozen=True)
 class TensorRef:
-    """Where one local parameter lies: an entry of a safetensors file, or part `part` of `parts` rows of a fused one."""
+    """Where one local parameter lies: an entry of a safetensors file, or part `part` of a fused or transposed one
+    whose parts are the block's parameters `siblings` (split by `checkpoint.split_tensor`)."""
 
     path: Path
     entry: Entry
     part: int = 0
-    parts: int = 1
+    siblings: tuple[str, ...] = ()  # non-empty: the tensor must be read whole and split
+
+    @property
+    def parts(self) -> int:
+        return max(1, len(self.siblings))
 
 
 @dataclass
@@ -67,6 +73,7 @@ class BlockStore:
     allow_nonfinite: bool = False  # else a streamed tensor holding NaN / Inf stops the forward with one line
     streaming: bool = False  # a forward is running through the blocks (calls cannot nest)
     stats: StreamStats = field(default_factory=StreamStats)
+    cfg: DecoderConfig | None = None  # how fused tensors split (the family's weight map)
     _free: dict = field(default_factory=dict, repr=False)  # shape -> tensors of released blocks, reused by reads
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -83,7 +90,7 @@ class BlockStore:
                 if ref is None:
                     raise CheckpointError(f"layer {layer}: no tensor for blocks.{layer}.{name} in the checkpoint")
                 f = files.get(ref.path) or files.setdefault(ref.path, open(ref.path, "rb"))
-                out[name] = self._read(f, ref, shapes[name])
+                out[name] = self._read(f, ref, shapes[name], shapes)
                 self.stats.read_bytes += ref.entry.nbytes // ref.parts
         finally:
             for f in files.values():
@@ -91,10 +98,11 @@ class BlockStore:
         self.stats.read_seconds += time.perf_counter() - start
         return out
 
-    def _read(self, f, ref: TensorRef, shape: torch.Size) -> torch.Tensor:
+    def _read(self, f, ref: TensorRef, shape: torch.Size, shapes: dict[str, torch.Size]) -> torch.Tensor:
         target = self._take(tuple(shape))
-        if ref.parts > 1:  # a fused tensor (Baichuan's W_pack): read it whole, keep our rows
-            part = read_tensor(f, ref.entry, ref.path).chunk(ref.parts, dim=0)[ref.part]
+        if ref.siblings:  # a fused or transposed tensor (Baichuan's W_pack, GPT-2's Conv1D): read it whole, keep ours
+            whole = read_tensor(f, ref.entry, ref.path)
+            part = split_tensor(ref.entry.name, whole, self.cfg, [shapes[n] for n in ref.siblings])[ref.part]
             if tuple(part.shape) != tuple(shape):
                 raise CheckpointError(f"{ref.path}: tensor {ref.entry.name!r} part has shape {tuple(part.shape)}, "
                                       f"expected {tuple(shape)}")
@@ -137,8 +145,9 @@ def load_offloaded(model: Decoder, folder: Path, files: list[Path], device: torc
                               "is pickled (convert it to safetensors, or load it without offload)")
     cfg = model.cfg
     model.to(dtype=dtype)
-    for module in (model.embed, model.ln_final, model.unembed):
-        module.to_empty(device=device)
+    for name, module in model.named_children():
+        if name != "blocks":  # embeddings, final norm, unembedding (and a family's projections) stay resident
+            module.to_empty(device=device)
     model.tie_weights()
     resident = {n: p for n, p in model.named_parameters(remove_duplicate=False) if not n.startswith("blocks.")}
     filled: set[str] = set()
@@ -149,10 +158,15 @@ def load_offloaded(model: Decoder, folder: Path, files: list[Path], device: torc
                 names = _names(path, entry.name, cfg)
                 if names:
                     check_float_weight(path, entry.name, entry.dtype)  # from the header: streamed blocks too
+                split = needs_split(entry.name, cfg)
+                siblings = tuple(n.split(".", 2)[2] for n in names) if split and names[0].startswith("blocks.") else ()
+                if split and not siblings and names:
+                    raise CheckpointError(f"{path}: tensor {entry.name!r} is fused or transposed outside the blocks; "
+                                          "offload=True does not read such resident tensors")
                 for part, name in enumerate(names):
                     if name.startswith("blocks."):
                         layer, inner = name.split(".", 2)[1:]
-                        layers.setdefault(int(layer), {})[inner] = TensorRef(path, entry, part, len(names))
+                        layers.setdefault(int(layer), {})[inner] = TensorRef(path, entry, part, siblings)
                     elif name == "unembed.weight" and cfg.tie_embeddings:
                         continue
                     elif name in resident:
@@ -166,7 +180,7 @@ def load_offloaded(model: Decoder, folder: Path, files: list[Path], device: torc
     if missing:
         raise CheckpointError(f"{folder}: missing tensor for {missing[0]}")
     _check_blocks(model, layers, folder)
-    model.offload = BlockStore(layers, files, device, dtype, allow_nonfinite=allow_nonfinite)
+    model.offload = BlockStore(layers, files, device, dtype, allow_nonfinite=allow_nonfinite, cfg=cfg)
     return model
 
 
@@ -185,9 +199,13 @@ def _check_blocks(model: Decoder, layers: dict[int, dict[str, TensorRef]], folde
             ref = refs.get(name)
             if ref is None:
                 raise CheckpointError(f"{folder}: missing tensor for blocks.{i}.{name}")
-            shape = list(ref.entry.shape)
-            shape[0] //= ref.parts
-            if tuple(shape) != tuple(p.shape):
+            if ref.siblings:
+                expected = sum(dict(block.named_parameters())[n].numel() for n in ref.siblings)
+                if math.prod(ref.entry.shape) != expected:
+                    raise CheckpointError(f"{ref.path}: tensor {ref.entry.name!r} has shape {ref.entry.shape}, "
+                                          f"expected {expected} elements for {list(ref.siblings)}")
+                continue
+            if tuple(ref.entry.shape) != tuple(p.shape):
                 raise CheckpointError(f"{ref.path}: tensor {ref.entry.name!r} has shape {ref.entry.shape}, "
                                       f"expected {tuple(p.shape)}")
 

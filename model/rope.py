@@ -14,7 +14,7 @@ import torch
 
 from .errors import InputError
 
-ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
+ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3", "longrope")
 
 
 @dataclass(frozen=True)
@@ -35,6 +35,9 @@ class RopeParams:
     mscale: float | None = None  # yarn (DeepSeek variant)
     mscale_all_dim: float | None = None
     truncate: bool = True  # yarn
+    short_factor: tuple[float, ...] | None = None  # longrope: per-frequency divisors up to original_max_position_embeddings
+    long_factor: tuple[float, ...] | None = None  # longrope: beyond it
+    interleaved: bool = False  # GPT-J's layout: dimension 2i pairs with 2i + 1 (rotate_every_two), not i with i + d/2
 
     def __post_init__(self):
         if self.rope_type not in ROPE_TYPES:
@@ -48,6 +51,15 @@ class RopeParams:
             raise InputError(f"rope_type {self.rope_type!r} needs original_max_position_embeddings")
         if self.rope_type == "dynamic" and self.max_position_embeddings is None:
             raise InputError("rope_type 'dynamic' needs max_position_embeddings")
+        if self.rope_type == "longrope":
+            if self.original_max_position_embeddings is None or self.short_factor is None or self.long_factor is None:
+                raise InputError("rope_type 'longrope' needs short_factor, long_factor and original_max_position_embeddings")
+            for name in ("short_factor", "long_factor"):
+                values = getattr(self, name)
+                if not all(isinstance(v, (int, float)) and math.isfinite(v) and v > 0 for v in values):
+                    raise InputError(f"{name}: longrope factors must be finite positive numbers")
+        if not 0 < self.partial_rotary_factor <= 1:
+            raise InputError(f"partial_rotary_factor must be in (0, 1], got {self.partial_rotary_factor}")
 
     def replace(self, **changes) -> "RopeParams":
         return dataclasses.replace(self, **changes)
@@ -58,7 +70,7 @@ class RopeParams:
         known = {
             "rope_type", "type", "rope_theta", "factor", "partial_rotary_factor", "original_max_position_embeddings",
             "low_freq_factor", "high_freq_factor", "beta_fast", "beta_slow", "attention_factor", "mscale",
-            "mscale_all_dim", "truncate",
+            "mscale_all_dim", "truncate", "short_factor", "long_factor",
         }
         unknown = set(params) - known
         if unknown:
@@ -75,6 +87,12 @@ class RopeParams:
             kw["original_max_position_embeddings"] = int(params["original_max_position_embeddings"])
         if "truncate" in params:
             kw["truncate"] = bool(params["truncate"])
+        for key in ("short_factor", "long_factor"):
+            if params.get(key) is not None:
+                kw[key] = tuple(float(v) for v in params[key])
+        if rope_type == "longrope" and params.get("factor") is None and max_position_embeddings and kw.get("original_max_position_embeddings"):
+            # transformers: the ratio of the two lengths sets the attention factor when no factor is given
+            kw["factor"] = max_position_embeddings / kw["original_max_position_embeddings"]
         if rope_type == "yarn" and params.get("factor") is None:
             # transformers: factor defaults to max_position_embeddings / original_max_position_embeddings
             kw["factor"] = max_position_embeddings / kw["original_max_position_embeddings"]
@@ -87,8 +105,12 @@ class RopeParams:
             out["partial_rotary_factor"] = self.partial_rotary_factor
         if self.rope_type != "default":
             out["factor"] = self.factor
-        if self.rope_type in ("yarn", "llama3"):
+        if self.rope_type in ("yarn", "llama3", "longrope"):
             out["original_max_position_embeddings"] = self.original_max_position_embeddings
+        if self.rope_type == "longrope":
+            out.update(short_factor=list(self.short_factor), long_factor=list(self.long_factor))
+            if self.attention_factor is not None:
+                out["attention_factor"] = self.attention_factor
         if self.rope_type == "llama3":
             out.update(low_freq_factor=self.low_freq_factor, high_freq_factor=self.high_freq_factor)
         if self.rope_type == "yarn":
@@ -128,7 +150,24 @@ def inv_freq(params: RopeParams, head_dim: int, seq_len: int | None = None, dtyp
         return _llama3_inv_freq(params, dim, dtype), 1.0
     if params.rope_type == "yarn":
         return _yarn_inv_freq(params, dim, dtype)
+    if params.rope_type == "longrope":
+        return _longrope_inv_freq(params, dim, seq_len, dtype)
     raise AssertionError(params.rope_type)
+
+
+def _longrope_inv_freq(p: RopeParams, dim: int, seq_len: int | None, dtype: torch.dtype) -> tuple[torch.Tensor, float]:
+    """Phi-3's LongRoPE: the long factors once the sequence exceeds the original window, the short ones before (chosen
+    per forward from the current length, like transformers' longrope_frequency_update); attention factor
+    sqrt(1 + ln(factor) / ln(original window))."""
+    orig = p.original_max_position_embeddings
+    attention_factor = p.attention_factor
+    if attention_factor is None:
+        attention_factor = 1.0 if p.factor <= 1.0 else math.sqrt(1 + math.log(p.factor) / math.log(orig))
+    ext = p.long_factor if seq_len is not None and seq_len > orig else p.short_factor
+    if len(ext) != dim // 2:
+        raise InputError(f"longrope factors have {len(ext)} entries, the rotated dimensions need {dim // 2}")
+    shape = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
+    return (1.0 / (torch.tensor(ext, dtype=torch.float32) * p.theta**shape)).to(dtype), attention_factor
 
 
 def _llama3_inv_freq(p: RopeParams, dim: int, dtype: torch.dtype) -> torch.Tensor:
@@ -178,7 +217,10 @@ def rope_cos_sin(params: RopeParams, head_dim: int, positions: torch.Tensor, seq
     freq, scaling = inv_freq(params, head_dim, seq_len=seq_len)
     freq = freq.to(positions.device)
     angles = positions[..., None].float() * freq  # [batch, pos, rotary_dim / 2]
-    emb = torch.cat((angles, angles), dim=-1)  # [batch, pos, rotary_dim]
+    if params.interleaved:
+        emb = angles.repeat_interleave(2, dim=-1)  # [batch, pos, rotary_dim]: (θ0, θ0, θ1, θ1, ...)
+    else:
+        emb = torch.cat((angles, angles), dim=-1)  # [batch, pos, rotary_dim]: (θ0, θ1, ..., θ0, θ1, ...)
     return (emb.cos() * scaling).to(dtype), (emb.sin() * scaling).to(dtype)
 
 
@@ -188,11 +230,19 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x [batch, pos, head, d_head] by cos/sin [batch, pos, rotary_dim]; dims past rotary_dim pass through."""
+def rotate_every_two(x: torch.Tensor) -> torch.Tensor:
+    """(x0, x1, x2, x3, ...) -> (-x1, x0, -x3, x2, ...) over the last dim: GPT-J's interleaved RoPE layout."""
+    x1, x2 = x[..., ::2], x[..., 1::2]
+    return torch.stack((-x2, x1), dim=-1).flatten(-2)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool = False) -> torch.Tensor:
+    """Rotate x [batch, pos, head, d_head] by cos/sin [batch, pos, rotary_dim]; dims past rotary_dim pass through
+    (partial rotary: GPT-NeoX, GPT-J, Phi-3). `interleaved`: cos/sin come from an interleaved RopeParams."""
     cos, sin = cos[:, :, None, :], sin[:, :, None, :]  # broadcast over heads
+    rotate = rotate_every_two if interleaved else rotate_half
     rot = cos.shape[-1]
     if rot == x.shape[-1]:
-        return x * cos + rotate_half(x) * sin
+        return x * cos + rotate(x) * sin
     x_rot, x_pass = x[..., :rot], x[..., rot:]
-    return torch.cat((x_rot * cos + rotate_half(x_rot) * sin, x_pass), dim=-1)
+    return torch.cat((x_rot * cos + rotate(x_rot) * sin, x_pass), dim=-1)

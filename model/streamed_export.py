@@ -10,17 +10,15 @@ Tensors are converted to the model's dtype, so the result equals `save_pretraine
 from __future__ import annotations
 
 import json
-import re
 import struct
 from pathlib import Path
 
 import torch
 
-from .checkpoint import local_names
+from .checkpoint import local_names, weight_map
 from .safetensors_io import DTYPES, read_header, read_tensor
 
 _SAFETENSORS_DTYPE = {v: k for k, v in DTYPES.items()}
-_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 
 
 def renamed_key(key: str, new_index: dict[int, int], model) -> str | None:
@@ -28,13 +26,14 @@ def renamed_key(key: str, new_index: dict[int, int], model) -> str | None:
     names = local_names(key, model.cfg)
     if not names or (names == ["unembed.weight"] and model.cfg.tie_embeddings):
         return None  # ignorable buffers; a tied unembedding is the embedding
-    m = _LAYER.match(key)
-    if m is None:
+    wmap = weight_map(model.cfg)
+    found = wmap.layer_of(key)
+    if found is None:
         return key
-    layer = int(m.group(1))
+    layer, suffix = found
     if layer not in new_index:
         return None
-    return f"model.layers.{new_index[layer]}.{key[m.end():]}"
+    return wmap.layer_key(new_index[layer], suffix)
 
 
 def write_kept_tensors(model, folder: Path) -> list[Path]:

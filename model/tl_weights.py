@@ -135,30 +135,69 @@ class Embed(nn.Embedding):
         return self.weight
 
 
-class Unembed(nn.Module):
-    """logits = ln_final(x) @ W_U, with Baichuan 2's NormHead (unit rows) and final soft-capping when configured.
+class PosEmbed(nn.Embedding):
+    """Learned absolute positions (GPT-2, OPT): position p reads row p + offset (OPT keeps 2 unused rows in front).
+    `W_pos` [n_ctx, d_model] is TransformerLens' name for the rows positions read (a view)."""
 
-    Holds the lm_head matrix as `weight` [d_vocab, d_model] (the checkpoint layout); `W_U` [d_model, d_vocab] is what the
-    logits are computed with: a view of `weight`, or for NormHead the row-normalised copy (exact, but edit `weight`).
+    def __init__(self, n_rows: int, d_model: int, offset: int = 0):
+        super().__init__(n_rows, d_model)
+        self.offset = offset
+
+    @property
+    def W_pos(self) -> torch.Tensor:  # [n_ctx, d_model]
+        return self.weight[self.offset:]
+
+    def forward(self, positions: torch.Tensor) -> torch.Tensor:
+        """positions [batch, pos] -> [batch, pos, d_model]."""
+        if positions.numel() and not positions.is_meta and int(positions.max()) + self.offset >= self.num_embeddings:
+            from .errors import InputError
+
+            raise InputError(f"position {int(positions.max())} is past this model's {self.num_embeddings - self.offset} "
+                             "learned positions (max_position_embeddings)")
+        return super().forward(positions + self.offset)
+
+
+class Unembed(nn.Module):
+    """logits = ln_final(x) @ W_U (+ b_U), with Baichuan 2's NormHead (unit rows), OPT-350m's projection out of the
+    stream (`proj`), GPT-J's lm_head bias, Granite's logit divisor and final soft-capping, when configured.
+
+    Holds the lm_head matrix as `weight` [d_vocab, d_embedding] (the checkpoint layout); `W_U` [d_model, d_vocab] is what
+    the logits are computed with: a view of `weight`, or (NormHead, projection, divisor) the exact product (edit
+    `weight`).
     """
 
-    def __init__(self, d_model: int, d_vocab: int, *, norm_head: bool = False, softcap: float | None = None):
+    def __init__(self, d_embedding: int, d_vocab: int, *, norm_head: bool = False, softcap: float | None = None,
+                 bias: bool = False, divisor: float | None = None, d_model: int | None = None):
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(d_vocab, d_model))
+        self.weight = nn.Parameter(torch.empty(d_vocab, d_embedding))
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))  # nn.Linear's initialisation, for models built untrained
-        self.norm_head, self.softcap = norm_head, softcap
+        self.bias = nn.Parameter(torch.zeros(d_vocab)) if bias else None
+        self.proj = nn.Linear(d_model, d_embedding, bias=False) if d_model is not None else None
+        self.norm_head, self.softcap, self.divisor = norm_head, softcap, divisor
+
+    def _matrix(self) -> torch.Tensor:  # [d_vocab, d_embedding]
+        return F.normalize(self.weight, dim=-1) if self.norm_head else self.weight
 
     @property
     def W_U(self) -> torch.Tensor:  # [d_model, d_vocab]
-        return (F.normalize(self.weight, dim=-1) if self.norm_head else self.weight).T
+        w = self._matrix().T  # [d_embedding, d_vocab]
+        if self.proj is not None:
+            w = self.proj.weight.T @ w  # [d_model, d_vocab]
+        return w if self.divisor is None else w / self.divisor
 
     @property
-    def b_U(self) -> torch.Tensor:  # [d_vocab]; no supported family has an unembedding bias
-        return torch.zeros(self.weight.shape[0], dtype=self.weight.dtype, device=self.weight.device)
+    def b_U(self) -> torch.Tensor:  # [d_vocab]
+        if self.bias is None:
+            return torch.zeros(self.weight.shape[0], dtype=self.weight.dtype, device=self.weight.device)
+        return self.bias if self.divisor is None else self.bias / self.divisor
 
     def forward(self, normed: torch.Tensor) -> torch.Tensor:
         """[batch, pos, d_model] (after ln_final) -> logits [batch, pos, d_vocab]."""
-        logits = F.linear(normed, F.normalize(self.weight, dim=-1) if self.norm_head else self.weight)
+        if self.proj is not None:
+            normed = self.proj(normed)  # [batch, pos, d_embedding]
+        logits = F.linear(normed, self._matrix(), self.bias)
+        if self.divisor is not None:
+            logits = logits / self.divisor
         if self.softcap is not None:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits
@@ -192,6 +231,12 @@ class DecoderWeights:
     @property
     def W_E(self) -> torch.Tensor:  # [d_vocab, d_model]; Gemma multiplies the looked-up rows by cfg.embed_scale
         return self.embed.weight
+
+    @property
+    def W_pos(self) -> torch.Tensor:  # [n_ctx, d_model]; learned positions only (GPT-2, OPT)
+        if "pos_embed" not in self._modules:
+            raise AttributeError(f"W_pos: this model's positions are {self.cfg.positional!r}, not learned")
+        return self.pos_embed.W_pos
 
     @property
     def W_U(self) -> torch.Tensor:  # [d_model, d_vocab]

@@ -324,14 +324,14 @@ def test_errors_name_the_file_or_key(tmp_path):
     folder = _broken(tmp_path / "c", mutate_state=lambda s: s.__setitem__("model.extra.weight", torch.ones(3)))
     with pytest.raises(CheckpointError, match="unexpected tensor 'model.extra.weight'"):
         load_model(folder)
-    folder = _broken(tmp_path / "d", mutate_config=lambda c: c.__setitem__("model_type", "gpt2"))
-    with pytest.raises(ConfigError, match=r"config\.json: unsupported model_type 'gpt2'"):
+    folder = _broken(tmp_path / "d", mutate_config=lambda c: c.__setitem__("model_type", "mamba"))
+    with pytest.raises(ConfigError, match=r"config\.json: unsupported model_type 'mamba'"):
         load_model(folder)
-    folder = _broken(tmp_path / "e", mutate_config=lambda c: c.__setitem__("rope_scaling", {"rope_type": "longrope", "factor": 2.0}))
-    with pytest.raises(ConfigError, match="unsupported rope_type 'longrope'"):
+    folder = _broken(tmp_path / "e", mutate_config=lambda c: c.__setitem__("rope_scaling", {"rope_type": "mrope", "factor": 2.0}))
+    with pytest.raises(ConfigError, match="unsupported rope_type 'mrope'"):
         load_model(folder)
-    folder = _broken(tmp_path / "f", mutate_config=lambda c: c.__setitem__("hidden_act", "relu"))
-    with pytest.raises(ConfigError, match="unsupported hidden_act 'relu'"):
+    folder = _broken(tmp_path / "f", mutate_config=lambda c: c.__setitem__("hidden_act", "mish"))
+    with pytest.raises(ConfigError, match="unsupported hidden_act 'mish'"):
         load_model(folder)
     folder = _broken(tmp_path / "g", mutate_config=lambda c: c.pop("hidden_size"))
     with pytest.raises(ConfigError, match="missing key 'hidden_size'"):

@@ -1,0 +1,49 @@
+"""GPT-2 (and its many fine-tunes): learned absolute positions (wpe), LayerNorm with bias, Conv1D weights stored
+[in, out] (q, k, v fused along the output), a plain GELU MLP (gelu_new), tied lm_head. Trained with `<|endoftext|>` as
+BOS and no BOS added by its tokenizer: TransformerLens prepends it by default, and so do we."""
+
+from __future__ import annotations
+
+from ..errors import ConfigError
+from ..hf_config import activation
+from .base import Family, Packed, WeightMap
+
+KEYS = {"hidden_size": "n_embd", "num_hidden_layers": "n_layer", "num_attention_heads": "n_head",
+        "intermediate_size": "n_inner", "vocab_size": "vocab_size", "norm_eps": "layer_norm_epsilon",
+        "max_position_embeddings": "n_positions"}
+
+
+def read_config(cfg: dict, common: dict, source: str) -> dict:
+    if cfg.get("scale_attn_by_inverse_layer_idx"):
+        raise ConfigError(f"{source}: unsupported option scale_attn_by_inverse_layer_idx=True")
+    if cfg.get("add_cross_attention"):
+        raise ConfigError(f"{source}: unsupported option add_cross_attention=True (an encoder-decoder GPT-2)")
+    return dict(common, act=activation(cfg, source, "activation_function", "gelu_new"), mlp="plain", norm="layer",
+                qkv_bias=True, o_bias=True, mlp_bias=True, positional="learned", rope={},
+                # scale_attn_weights=False: scores are not divided by sqrt(d_head)
+                attn_scale=None if cfg.get("scale_attn_weights", True) else 1.0)
+
+
+def weights(cfg) -> WeightMap:
+    conv = lambda name: Packed((name,), transpose=True)  # noqa: E731 - Conv1D: [in, out]
+    qkv = ("attn.q_proj", "attn.k_proj", "attn.v_proj")
+    return WeightMap(
+        layer_prefix="transformer.h.{i}.",
+        top={"transformer.wte.weight": "embed.weight", "transformer.wpe.weight": "pos_embed.weight",
+             "transformer.ln_f.weight": "ln_final.weight", "transformer.ln_f.bias": "ln_final.bias",
+             "lm_head.weight": "unembed.weight"},
+        block={
+            "ln_1.weight": "ln1.weight", "ln_1.bias": "ln1.bias", "ln_2.weight": "ln2.weight", "ln_2.bias": "ln2.bias",
+            "attn.c_attn.weight": Packed(tuple(f"{n}.weight" for n in qkv), transpose=True),
+            "attn.c_attn.bias": Packed(tuple(f"{n}.bias" for n in qkv)),
+            "attn.c_proj.weight": conv("attn.o_proj.weight"), "attn.c_proj.bias": "attn.o_proj.bias",
+            "mlp.c_fc.weight": conv("mlp.up_proj.weight"), "mlp.c_fc.bias": "mlp.up_proj.bias",
+            "mlp.c_proj.weight": conv("mlp.down_proj.weight"), "mlp.c_proj.bias": "mlp.down_proj.bias",
+        },
+        # causal-mask buffers of older checkpoints
+        ignored=(r"\.attn\.bias$", r"\.attn\.masked_bias$"),
+    )
+
+
+FAMILY = Family(model_type="gpt2", architecture="GPT2LMHeadModel", read_config=read_config, weights=weights,
+                keys=KEYS, tie_default=True, gguf_arch="gpt2")
