@@ -5,7 +5,8 @@ Text to measure on (`corpus`), perplexity (`perplexity`), the logit lens (`logit
 sinks (`positional`, the whole study in `positional_study`), RoPE base / context-length bounds (`rope_bound`), context
 extension and its evaluations (`extension`, with the passkey prompts in `passkey`), and the zoo trainer that builds the
 models those experiments run on (`zoo_train`). Figures live apart, in the `*_plots` modules.
-May import `residscope.common` and `residscope.model`; never `surgery`, `probes` or `apps`.
+May import `residscope.common`, `residscope.model` and `residscope.runtime` (the batch loop, data parallelism); never
+`surgery`, `probes`, `studies` or `apps`.
 
 The names most notebooks need are re-exported here:
 

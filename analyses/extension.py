@@ -324,8 +324,8 @@ def sliding_window_perplexity(model, tokens: torch.Tensor, length: int, *, strid
     Under torch.distributed each rank scores its share of the window batches and the float64 sums are all-reduced."""
     import torch.nn.functional as F
 
-    from .distributed import LOCAL, all_reduce_sums, is_main, shard
-    from .runner import forward_batches
+    from residscope.runtime.distributed import LOCAL, all_reduce_sums, is_main, shard
+    from residscope.runtime.runner import forward_batches
 
     body = length - (bos is not None)
     stride = stride if stride is not None else max(1, body // 2)
@@ -403,7 +403,7 @@ def passkey_accuracy(model, lengths: Sequence[int], depths: Sequence[float] = (0
     Under torch.distributed each rank decodes its share of the prompts and the answers are gathered on every rank."""
     if model.tokenizer is None:
         raise InputError("passkey retrieval needs the model's tokenizer")
-    from .distributed import gather_items, is_main, shard
+    from residscope.runtime.distributed import gather_items, is_main, shard
 
     keys = passkey_keys(n_keys, seed)
     use_cache = ext.cache_safe if ext is not None else True

@@ -61,8 +61,8 @@ def perplexity(model, batches: Iterable[Batch], *, progress: bool = True, desc: 
     Under torch.distributed (`group`, or the default group when initialised) each rank scores its share of the batches
     and the float64 sums are all-reduced: every rank returns the whole corpus's result.
     """
-    from .distributed import all_reduce_sums
-    from .runner import forward_batches
+    from residscope.runtime.distributed import all_reduce_sums
+    from residscope.runtime.runner import forward_batches
 
     total_nll, n_tokens = 0.0, 0
     for run in forward_batches(model, batches, group=group, progress=progress, desc=desc):

@@ -176,8 +176,8 @@ def decompose_positions(model, batches: Iterable[torch.Tensor], *, progress: boo
     Under torch.distributed (`group`, or the default group when initialised) each rank takes its share of the batches
     and the float64 sums are all-reduced; every rank returns the whole decomposition.
     """
-    from .distributed import agree, all_reduce_sum
-    from .runner import forward_batches
+    from residscope.runtime.distributed import agree, all_reduce_sum
+    from residscope.runtime.runner import forward_batches
 
     cfg = model.cfg
     names = resid_hook_names(cfg.n_layers)
@@ -360,8 +360,8 @@ def attention_statistics(model, batches: Iterable[torch.Tensor], *, first_k: int
     so the statistics describe the intervened model. Under torch.distributed the sums are all-reduced (see
     `decompose_positions`).
     """
-    from .distributed import agree, all_reduce_sum
-    from .runner import forward_batches
+    from residscope.runtime.distributed import agree, all_reduce_sum
+    from residscope.runtime.runner import forward_batches
 
     cfg = model.cfg
     acc = _AttentionAccumulator(cfg.n_layers, cfg.n_heads, first_k)

@@ -32,7 +32,7 @@ from typing import Callable, get_type_hints
 
 import typer
 
-from residscope.analyses.distributed import is_main  # noqa: F401 - re-exported for the commands
+from residscope.runtime.distributed import is_main  # noqa: F401 - re-exported for the commands
 from residscope.common.errors import InputError
 
 

@@ -9,7 +9,7 @@ a list of batches layer-major:
 
 Block i+1 is read by a background thread while block i computes, so the time is about max(read, compute) and at most two
 blocks are in memory. Hook names and the tensors they see are those of the in-memory forward (same modules, same
-`Positions`), which is why analyses need no streamed variant: they call `analyses.runner.forward_batches`. Activations of
+`Positions`), which is why analyses need no streamed variant: they call `runtime.runner.forward_batches`. Activations of
 all batches stay on the compute device, or in CPU memory with `model.offload.activations = "cpu"`.
 
 A plain call (`model(ids)`, `run_with_cache`, `generate`) on an offloaded model streams too, one batch through

@@ -20,9 +20,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from residscope.analyses.distributed import LOCAL
+from residscope.runtime.distributed import LOCAL
 from residscope.analyses.positional import resid_hook_name
-from residscope.analyses.runner import forward_batches
+from residscope.runtime.runner import forward_batches
 from residscope.model.errors import InputError
 
 TASKS = ("regression", "classification")

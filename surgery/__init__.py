@@ -2,8 +2,8 @@
 
 ShortGPT Block Influence and the other layer scores (`influence`), layer and sub-layer removal (`removal`), the
 comparison of removal choices by held-out perplexity (`compare`), export as a standard checkpoint (`export`), and
-their figures (`plots`). May import `residscope.common`, `residscope.model` and `residscope.analyses` (perplexity,
-corpus); never `residscope.apps`.
+their figures (`plots`). May import `residscope.common`, `residscope.model`, `residscope.runtime` (batch loop, data
+parallelism) and `residscope.analyses` (perplexity, corpus); never `studies` or `apps`.
 """
 
 from .compare import RemovalComparison, RemovalRow, compare_removals, removal_for

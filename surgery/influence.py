@@ -32,8 +32,8 @@ from dataclasses import asdict, dataclass
 from typing import Iterable, Sequence
 
 import torch
-from residscope.analyses.distributed import all_reduce_sum, all_reduce_sums
-from residscope.analyses.runner import forward_batches
+from residscope.runtime.distributed import all_reduce_sum, all_reduce_sums
+from residscope.runtime.runner import forward_batches
 from residscope.common.batches import Batch
 from residscope.model.errors import InputError
 

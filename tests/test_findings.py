@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from residscope.analyses import findings
+from residscope.studies import findings
 
 
 @pytest.fixture(autouse=True)

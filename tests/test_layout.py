@@ -1,4 +1,4 @@
-"""Imports run one way: common <- model <- analyses <- probes / surgery <- apps (README "Layout")."""
+"""Imports run one way: common <- model <- runtime <- analyses <- probes / surgery <- studies <- apps (README "Layout")."""
 
 from __future__ import annotations
 
@@ -11,14 +11,13 @@ ROOT = Path(__file__).resolve().parents[1]
 MAY_IMPORT = {
     "common": set(),
     "model": {"common"},
-    "analyses": {"common", "model"},
-    "probes": {"common", "model", "analyses"},
-    "surgery": {"common", "model", "analyses"},
-    "apps": {"common", "model", "analyses", "probes", "surgery"},
+    "runtime": {"common", "model"},
+    "analyses": {"common", "model", "runtime"},
+    "probes": {"common", "model", "runtime", "analyses"},
+    "surgery": {"common", "model", "runtime", "analyses"},
+    "studies": {"common", "model", "runtime", "analyses", "probes", "surgery"},
+    "apps": {"common", "model", "runtime", "analyses", "probes", "surgery", "studies"},
 }
-# Scripts at the top of the flow that live in a library folder by request (issue 16 puts the findings script in
-# analyses/): they may import what apps may, and no other module may import them.
-SCRIPTS = {"residscope.analyses.findings": MAY_IMPORT["apps"]}
 
 
 def imported_modules(path: Path, package: str) -> set[str]:
@@ -42,7 +41,6 @@ def test_imports_point_one_way(package):
     for path in (ROOT / package).glob("*.py"):
         module = f"residscope.{package}.{path.stem}"
         imports = imported_modules(path, package)
-        allowed = SCRIPTS.get(module, MAY_IMPORT[package]) | {package}
+        allowed = MAY_IMPORT[package] | {package}
         wrong |= {f"{module} imports {name}" for name in imports if name.split(".")[1] not in allowed}
-        wrong |= {f"{module} imports the script {name}" for name in imports & set(SCRIPTS)}
     assert not wrong, sorted(wrong)

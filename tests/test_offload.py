@@ -16,7 +16,7 @@ import transformers
 from conftest import byte_tokenizer, randomize_norms
 from residscope.analyses.perplexity import perplexity
 from residscope.analyses.positional import attention_statistics, decompose_positions
-from residscope.analyses.runner import forward_batches
+from residscope.runtime.runner import forward_batches
 from residscope.model import load_model
 from residscope.model.errors import CheckpointError
 from residscope.surgery import block_influence_result

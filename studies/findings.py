@@ -1,10 +1,10 @@
 """The measurements behind docs/findings.md: the three papers' claims tested on real models, one question per command.
 
-    python -m residscope.analyses.findings rope-table  --out docs/findings       # Q5: base lower bounds vs the paper
-    python -m residscope.analyses.findings shortgpt    --out docs/findings       # Q4: layer removal by each metric
-    python -m residscope.analyses.findings positional  --out docs/findings       # Q2 + Q3: positional vectors and sinks by
+    python -m residscope.studies.findings rope-table  --out docs/findings       # Q5: base lower bounds vs the paper
+    python -m residscope.studies.findings shortgpt    --out docs/findings       # Q4: layer removal by each metric
+    python -m residscope.studies.findings positional  --out docs/findings       # Q2 + Q3: positional vectors and sinks by
                                                                                  # layer kind, then removed (one decomposition)
-    python -m residscope.analyses.findings rope-retrieval --out docs/findings   # Q1: RoPE bound vs passkey and perplexity
+    python -m residscope.studies.findings rope-retrieval --out docs/findings   # Q1: RoPE bound vs passkey and perplexity
 
 Each command writes `<question>.json` (every number the write-up quotes, with the corpus split and the git commit it was
 measured on) and one figure, `<question>.png` when plotly can write images (kaleido installed), else `<question>.html`.
@@ -88,7 +88,7 @@ def _load(name: str):
 # ---------------------------------------------------------------------------------------------------------------------
 def min_rope_sum(base: float, head_dim: int, length: int) -> tuple[float, int]:
     """(min of B(m) over every integer m in [0, length], the m where it occurs), float64, computed directly."""
-    from .rope_bound import rope_sum
+    from residscope.analyses.rope_bound import rope_sum
 
     b = rope_sum(torch.arange(length + 1), base, head_dim)  # [length + 1]
     i = int(torch.argmin(b))
@@ -98,7 +98,7 @@ def min_rope_sum(base: float, head_dim: int, length: int) -> tuple[float, int]:
 def rope_table(head_dim: int = 128, lengths: Sequence[int] | None = None, *, grid_step: float = 1e-3) -> dict:
     """Our verified lower bound of the base for each length next to the paper's published value, each checked against
     the criterion itself: min B(m) over [0, L] and where it occurs (a published value fails when that min is < 0)."""
-    from .rope_bound import paper_table
+    from residscope.analyses.rope_bound import paper_table
 
     rows = []
     for r in paper_table(head_dim, list(lengths) if lengths else None, grid_step=grid_step):
@@ -150,8 +150,8 @@ def rope_table_figure(res: dict):
 def text_batches(model, split: str, *, seq_len: int, samples: int, batch_size: int = 4, seed: int = 0) -> tuple[list[torch.Tensor], str]:
     """Seeded chunks [batch, seq_len] of the built-in corpus split, each led by BOS when the tokenizer adds one (Gemma
     does; SmolLM2 does not), and a description of the source."""
-    from .corpus import batched, builtin_text, token_chunks, tokenize
-    from .extension import bos_token_id
+    from residscope.analyses.corpus import batched, builtin_text, token_chunks, tokenize
+    from residscope.analyses.extension import bos_token_id
 
     bos = bos_token_id(model)
     chunks = token_chunks(tokenize(model.tokenizer, builtin_text(split)), seq_len, samples, seed=seed, bos_token_id=bos)
@@ -172,7 +172,7 @@ def shortgpt(model, *, fraction: float = 0.25, seq_len: int = 256, samples: int 
     from residscope.surgery import block_influence_result, remove_layers, removal_order
     from residscope.surgery.removal import remove_sublayers
 
-    from .perplexity import perplexity
+    from residscope.analyses.perplexity import perplexity
 
     n_layers = model.cfg.n_layers
     n = max(1, int(fraction * n_layers))
@@ -281,7 +281,7 @@ def positional_study(model, *, seq_len: int = 256, samples: int = 16, attn_sampl
     (default: 1 and n_layers // 4), at all positions and at the first `first_k` only."""
     from residscope.probes.linear import collect_activations, position_probe
 
-    from .positional import attention_statistics, decompose_positions, describe_positions, removal_study
+    from residscope.analyses.positional import attention_statistics, decompose_positions, describe_positions, removal_study
 
     cfg = model.cfg
     t = Timer()
@@ -415,8 +415,8 @@ def rope_retrieval(model, *, bases: Sequence[float], plan: Sequence[tuple[str, i
     lets a caller save partial results; cells already in `done` (earlier results) are kept, not rerun; a cell whose
     estimated time would pass `deadline` (a time.time()) is skipped and listed, and so is passkey at a length for a
     base that retrieved no key at a shorter length."""
-    from .extension import bos_token_id, evaluation_tokens, passkey_accuracy, sliding_window_perplexity, sliding_windows
-    from .rope_bound import context_bound
+    from residscope.analyses.extension import bos_token_id, evaluation_tokens, passkey_accuracy, sliding_window_perplexity, sliding_windows
+    from residscope.analyses.rope_bound import context_bound
 
     head_dim = model.cfg.d_head
     tokens = evaluation_tokens(model, eval_tokens)  # [n]: the whole held-out split unless eval_tokens
@@ -533,7 +533,7 @@ def _ints(s: str) -> list[int]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m residscope.analyses.findings", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m residscope.studies.findings", description=__doc__.split("\n\n")[0])
     p.add_argument("question", choices=QUESTIONS)
     p.add_argument("--out", type=Path, default=Path("docs/findings"), help="folder for <question>.json and its figure")
     p.add_argument("--models", default=None, help="comma-separated models (default per question)")
