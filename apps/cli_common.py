@@ -42,6 +42,15 @@ def model_name(model: Optional[str]) -> str:
 ALLOW_NONFINITE_ENV = "RESIDSCOPE_ALLOW_NONFINITE"  # set by `residscope --allow-nonfinite <command>`
 
 
+def inputs_of(model: Optional[str], *files) -> list:
+    """What a command reads from disk: the model's folder or file (an alias's files too) and the given files (None
+    skipped). Every output check gets these (`check_output_dir(..., inputs=...)`): no output may be, contain or lie
+    inside an input."""
+    from residscope.model.registry import source_paths
+
+    return [*source_paths(model_name(model)), *(f for f in files if f is not None)]
+
+
 def load(model: Optional[str], device: str = "cpu", dtype: str = "float32", offload: bool = False):
     import os
 

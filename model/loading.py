@@ -120,6 +120,7 @@ def load_model(
             _load_weights(model, folder, allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite)
         except PermissionError as e:
             raise CheckpointError(f"{e.filename or folder}: permission denied") from None
+    model.source_folder = folder  # the resolved folder (an alias's or a GGUF's too): exports refuse to write over it
     model.eval()
     # assigning the tokenizer (even None) re-syncs what the config reports: device, dtype, BOS behaviour, model name
     model.tokenizer = load_tokenizer_from(folder) if load_tokenizer else None
