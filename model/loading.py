@@ -6,7 +6,6 @@ stays near the model's own size. Pickled `.bin` checkpoints are refused unless `
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
@@ -128,26 +127,10 @@ def load_model(
 
 
 def weight_files(folder: Path, allow_pickle: bool) -> list[Path]:
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
-        files = [folder / name for name in sorted(set(weight_map.values()))]
-        for f in files:
-            if not f.is_file():
-                raise CheckpointError(f"{f}: shard listed in {index.name} is missing")
-        return files
-    single = folder / "model.safetensors"
-    if single.is_file():
-        return [single]
-    pickles = sorted(folder.glob("*.bin"))
-    if pickles:
-        if not allow_pickle:
-            raise CheckpointError(f"{pickles[0]}: pickled checkpoint refused (it can run code); pass allow_pickle=True to load it")
-        return pickles
-    raise CheckpointError(f"{folder}: no model.safetensors, model.safetensors.index.json or *.bin weights")
+    """The checkpoint's weight files, index and headers checked against each other (`shards.weight_files`)."""
+    from .shards import weight_files as checked_weight_files
+
+    return checked_weight_files(folder, allow_pickle)
 
 
 def check_float_weight(path: Path, key: str, dtype: torch.dtype) -> None:
