@@ -72,7 +72,9 @@ class Range:
 
 
 def _number(x: float | None) -> str:
-    return str(int(x)) if x is not None and float(x).is_integer() and abs(x) < 1e15 else f"{x:g}"
+    if x is None:
+        return ""
+    return str(int(x)) if float(x).is_integer() and abs(x) < 1e15 else f"{x:g}"
 
 
 MAX_LENGTH = 1 << 15  # passkey / extend --lengths: one forward over 32768 tokens is minutes on a CPU, beyond is hours

@@ -63,6 +63,8 @@ def hf_config_of(model) -> dict:
     out["dtype"] = dtype
     if "torch_dtype" in out:
         out["torch_dtype"] = dtype
+    if bool(out.get("tie_word_embeddings", cfg.model_type == "gemma3_text")) != cfg.tie_embeddings:
+        out["tie_word_embeddings"] = cfg.tie_embeddings  # untied at load (model/tying.py): lm_head is exported
     out.pop(SUBLAYER_KEY, None)
     sub = removed_sublayers(model)
     if sub["attn"] or sub["mlp"]:

@@ -143,6 +143,7 @@ def load_offloaded(model: Decoder, folder: Path, files: list[Path], device: torc
     resident = {n: p for n, p in model.named_parameters(remove_duplicate=False) if not n.startswith("blocks.")}
     filled: set[str] = set()
     layers: dict[int, dict[str, TensorRef]] = {}
+    tied_head = None
     for path in files:
         with open(path, "rb") as f:
             for entry in read_header(f, path):
@@ -153,8 +154,8 @@ def load_offloaded(model: Decoder, folder: Path, files: list[Path], device: torc
                     if name.startswith("blocks."):
                         layer, inner = name.split(".", 2)[1:]
                         layers.setdefault(int(layer), {})[inner] = TensorRef(path, entry, part, len(names))
-                    elif name == "unembed.weight" and cfg.tie_embeddings:
-                        continue
+                    elif name == "unembed.weight" and cfg.tie_embeddings:  # compared with the embedding below
+                        tied_head = (path, read_tensor(f, entry, path))
                     elif name in resident:
                         read_into(f, entry, resident[name], path)
                         if not allow_nonfinite:
@@ -165,6 +166,10 @@ def load_offloaded(model: Decoder, folder: Path, files: list[Path], device: torc
     missing = [n for n in resident if n not in filled and not (n == "unembed.weight" and cfg.tie_embeddings)]
     if missing:
         raise CheckpointError(f"{folder}: missing tensor for {missing[0]}")
+    if tied_head is not None:
+        from .tying import resolve_tied_head
+
+        resolve_tied_head(model, tied_head[1], tied_head[0])
     _check_blocks(model, layers, folder)
     model.offload = BlockStore(layers, files, device, dtype, allow_nonfinite=allow_nonfinite)
     return model
