@@ -12,6 +12,10 @@ blocks are in memory. Hook names and the tensors they see are those of the in-me
 `Positions`), which is why analyses need no streamed variant: they call `analyses.runner.forward_batches`. Activations of
 all batches stay on the compute device, or in CPU memory with `model.offload.activations = "cpu"`.
 
+Offsets taken at load are only true of the file they were taken from: every streamed read first checks the file's
+identity (`shards.FileStamp`: device, inode, size, mtime, header hash) and stops in one line naming the file when it
+changed (re-saved, replaced), rather than read other bytes as weights.
+
 A plain call (`model(ids)`, `run_with_cache`, `generate`) on an offloaded model streams too, one batch through
 `streamed_blocks`: slower (every call reads every block), but the whole TransformerLens surface works.
 """
@@ -33,6 +37,7 @@ from .config import DecoderConfig
 from .decoder import Decoder
 from .errors import CheckpointError, InputError
 from .safetensors_io import Entry, read_header, read_into, read_tensor
+from .shards import FileStamp
 
 
 @dataclass(frozen=True)
@@ -66,6 +71,7 @@ class BlockStore:
     activations: str = "device"  # or "cpu": keep all batches' residual streams in CPU memory between blocks
     allow_nonfinite: bool = False  # else a streamed tensor holding NaN / Inf stops the forward with one line
     streaming: bool = False  # a forward is running through the blocks (calls cannot nest)
+    stamps: dict = field(default_factory=dict)  # path -> shards.FileStamp taken when the offsets were read
     stats: StreamStats = field(default_factory=StreamStats)
     _free: dict = field(default_factory=dict, repr=False)  # shape -> tensors of released blocks, reused by reads
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -82,14 +88,31 @@ class BlockStore:
                 ref = self.layers.get(layer, {}).get(name)
                 if ref is None:
                     raise CheckpointError(f"layer {layer}: no tensor for blocks.{layer}.{name} in the checkpoint")
-                f = files.get(ref.path) or files.setdefault(ref.path, open(ref.path, "rb"))
+                f = files.get(ref.path) or files.setdefault(ref.path, self.open_checked(ref.path))
                 out[name] = self._read(f, ref, shapes[name])
                 self.stats.read_bytes += ref.entry.nbytes // ref.parts
+            for path, f in files.items():  # a rewrite while we read: the bytes may be a mix of old and new
+                self.check_file(path, f)
         finally:
             for f in files.values():
                 f.close()
         self.stats.read_seconds += time.perf_counter() - start
         return out
+
+    def open_checked(self, path: Path):
+        """`path` opened for reading, after checking it is the file whose offsets were taken at load."""
+        f = open(path, "rb")
+        try:
+            self.check_file(path, f)
+        except BaseException:
+            f.close()
+            raise
+        return f
+
+    def check_file(self, path: Path, f) -> None:
+        stamp = self.stamps.get(path)
+        if stamp is not None:
+            stamp.check(f)
 
     def _read(self, f, ref: TensorRef, shape: torch.Size) -> torch.Tensor:
         target = self._take(tuple(shape))
@@ -144,8 +167,10 @@ def load_offloaded(model: Decoder, folder: Path, files: list[Path], device: torc
     filled: set[str] = set()
     layers: dict[int, dict[str, TensorRef]] = {}
     tied_head = None
+    stamps = {}
     for path in files:
         with open(path, "rb") as f:
+            stamps[path] = FileStamp.of_open(f, path)  # what every streamed read checks first
             for entry in read_header(f, path):
                 names = _names(path, entry.name, cfg)
                 if names:
@@ -171,7 +196,7 @@ def load_offloaded(model: Decoder, folder: Path, files: list[Path], device: torc
 
         resolve_tied_head(model, tied_head[1], tied_head[0])
     _check_blocks(model, layers, folder)
-    model.offload = BlockStore(layers, files, device, dtype, allow_nonfinite=allow_nonfinite)
+    model.offload = BlockStore(layers, files, device, dtype, allow_nonfinite=allow_nonfinite, stamps=stamps)
     return model
 
 
