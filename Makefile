@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/residscope demo
+	$(BIN)/residscope demo --force
 
 test: $(STAMP) chromium
 	$(BIN)/python -m pytest -q

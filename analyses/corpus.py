@@ -119,7 +119,9 @@ def load_text(path: str | Path) -> str:
             texts.append(record["text"])
         if not texts:
             raise InputError(f"{path}: no records with a 'text' field")
-        return "\n\n".join(texts)
+        text = "\n\n".join(texts)
+    if not text.strip():
+        raise InputError(f"{path}: holds no text (empty or only whitespace)")
     return text
 
 
@@ -168,7 +170,9 @@ def token_chunks(tokens: torch.Tensor, seq_len: int, samples: int | None = None,
     n_available = tokens.numel() // body
     if samples is None:
         samples = n_available
-    if samples < 1 or samples > n_available:
+    if samples < 1:
+        raise InputError(f"samples must be >= 1, got {samples}")
+    if samples > n_available:
         raise InputError(f"samples={samples} chunks of {seq_len} tokens requested, the text has {n_available} ({tokens.numel()} tokens)")
     gen = torch.Generator().manual_seed(seed)
     order = torch.randperm(n_available, generator=gen)[:samples]

@@ -1,6 +1,6 @@
 """Train the zoo: small decoders that differ only in their positional scheme, for the context-extension experiments.
 
-    python -m residscope.analyses.zoo_train --all --out model/zoo            # every model (about 8 minutes each)
+    python -m residscope.analyses.zoo_train --all --out model/zoo --force    # every model (about 8 minutes each)
     python -m residscope.analyses.zoo_train --name zoo-rope --out DIR --steps 3000 --threads 1
 
 Every model sees the same data in the same order (seeded), uses the same byte-level BPE tokenizer and the same size;
@@ -41,7 +41,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from residscope.common.atomic import atomic_dir
+from residscope.common.atomic import atomic_dir, check_output_dir
+from residscope.common.errors import InputError
 from residscope.model.checkpoint import local_to_hf
 from residscope.model.config import DecoderConfig
 from residscope.model.decoder import Decoder
@@ -300,6 +301,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--name", help=f"one model: {', '.join('zoo-' + n for n in ZOO_NAMES)}")
     parser.add_argument("--all", action="store_true", help="train every zoo model")
     parser.add_argument("--out", required=True, help="output folder (with --all: the parent; each model goes to OUT/<name>)")
+    parser.add_argument("--force", action="store_true", help="replace non-empty output folders (e.g. the shipped zoo)")
     parser.add_argument("--steps", type=int, default=TrainSettings.steps)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = parser.parse_args(argv)
@@ -311,12 +313,18 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     settings = TrainSettings(steps=args.steps)
     specs = [SPECS[n] for n in ZOO_NAMES] if args.all else [spec_for(args.name)]
+    targets = [Path(args.out) / spec.name if args.all else Path(args.out) for spec in specs]
+    try:
+        for target in targets:  # before hours of training
+            check_output_dir(target, "--out", force=args.force)
+    except InputError as e:
+        parser.error(str(e))
     tokenizer = train_tokenizer(tokenizer_text(), specs[0].vocab_size)
     command = "python -m residscope.analyses.zoo_train " + " ".join(sys.argv[1:] if argv is None else argv)
-    for spec in specs:
+    for spec, target in zip(specs, targets):
         model, info = train(spec, tokenizer, settings)
         info["command"] = command
-        folder = save(model, tokenizer, spec, info, Path(args.out) / spec.name if args.all else Path(args.out))
+        folder = save(model, tokenizer, spec, info, target)
         print(f"zoo-{spec.name}: final loss {info['final_loss']}, {info['train_seconds']} s -> {folder}")
 
 

@@ -8,7 +8,7 @@ import sys
 
 import typer
 
-from .cli_common import ALLOW_NONFINITE_ENV
+from .cli_common import ALLOW_NONFINITE_ENV, apply_ranges
 
 app = typer.Typer(
     name="residscope",
@@ -23,6 +23,7 @@ from . import cli_app, cli_demo, cli_extend, cli_models, cli_positional, cli_sur
 
 for _module in (cli_app, cli_demo, cli_extend, cli_models, cli_positional, cli_surgery, cli_rope):
     _module.register(app)
+apply_ranges(app)  # every numeric option checked against its declared range (cli_common.RANGES)
 
 
 @app.callback()

@@ -6,8 +6,11 @@ Light on purpose: every command module imports it at start-up, so torch and the 
 
 from __future__ import annotations
 
+import inspect
+import math
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, TypeVar
+from typing import Callable, Optional, TypeVar, Union, get_args, get_origin
 
 import typer
 
@@ -32,6 +35,134 @@ OFFLOAD = typer.Option(False, "--offload", help="keep the blocks on disk and str
                                                  "than memory; safetensors only)")
 
 
+# ---- the declared range of every numeric option ---------------------------------------------------------------------
+@dataclass(frozen=True)
+class Range:
+    """Allowed values of a numeric option: low..high (None: unbounded), each end closed unless `*_open`; floats must
+    be finite. `why` is said when the high end is a limit on the work (a run that would take hours)."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    why: str = ""
+
+    def describe(self, integer: bool) -> str:
+        kind, low, high = "an integer" if integer else "a finite number", _number(self.low), _number(self.high)
+        if self.low is not None and self.high is not None:
+            return f"{kind} in {'(' if self.low_open else '['}{low}, {high}{')' if self.high_open else ']'}"
+        if self.low is not None:
+            return f"{kind} {'>' if self.low_open else '>='} {low}"
+        if self.high is not None:
+            return f"{kind} {'<' if self.high_open else '<='} {high}"
+        return kind
+
+    def contains(self, value: float) -> bool:
+        if isinstance(value, float) and not math.isfinite(value):
+            return False
+        if self.low is not None and not (value > self.low if self.low_open else value >= self.low):
+            return False
+        return self.high is None or (value < self.high if self.high_open else value <= self.high)
+
+    def check(self, option: str, value, integer: bool):
+        """`value` itself, or InputError naming the option, the range and the value (None: the option was left out)."""
+        if value is not None and not self.contains(value):
+            raise InputError(f"{option} must be {self.describe(integer)}{self.why}, got {value}")
+        return value
+
+
+def _number(x: float | None) -> str:
+    if x is None:
+        return ""
+    return str(int(x)) if float(x).is_integer() and abs(x) < 1e15 else f"{x:g}"
+
+
+MAX_LENGTH = 1 << 15  # passkey / extend --lengths: one forward over 32768 tokens is minutes on a CPU, beyond is hours
+# Every int / float option of every command, by option name ("command --option" overrides it for one command).
+# `apply_ranges` attaches these checks to the commands when the CLI is built; tests/test_bad_inputs.py fails for a
+# numeric option missing here, so a new option cannot skip its range.
+RANGES: dict[str, Range] = {
+    "--seq-len": Range(2, 1 << 17, why=" (longer sequences take hours on a CPU)"),
+    "rope-bound --seq-len": Range(1, 1 << 28),
+    "--samples": Range(1, 1 << 20),
+    "--eval-samples": Range(1, 1 << 20),
+    "--batch-size": Range(1, 4096),
+    "--seed": Range(0, 2**32 - 1),
+    "--nproc": Range(1, 1024),
+    "--keys": Range(1, 1000),
+    "--seeds": Range(1, 1000),
+    "--remove": Range(1),
+    "--first-k": Range(1),
+    "--cos-threshold": Range(0, 1, low_open=True),
+    "--probe-tokens": Range(0, 1 << 24),
+    "--max-tokens": Range(0),
+    "--stride": Range(1),
+    "--window": Range(1),
+    "--factor": Range(1, 1e6),
+    "--ratio": Range(0, low_open=True),
+    "--alpha": Range(0),
+    "--layer": Range(0),
+    "--logit-scale": Range(0, low_open=True),
+    "--remove-fraction": Range(0, 1, low_open=True, high_open=True),
+    "--port": Range(1, 65535),
+    "--max-new-tokens": Range(1, 4096, why=" (one forward per token: longer runs take long enough to look like a hang)"),
+    "--temperature": Range(0),
+    "--top-k": Range(1),
+    "--top-p": Range(0, 1, low_open=True),
+    "--head-dim": Range(2, 1 << 16),
+    "--length": Range(1, 1 << 22, why=" (the exhaustive search grows with the length)"),
+    "--base": Range(1, low_open=True),
+    "--grid-step": Range(1e-5, 1),
+    "--max-m": Range(1, 1 << 28),
+}
+
+
+def _numeric_type(annotation) -> type | None:
+    """int or float for `int`, `float`, `Optional[int]`, ...; None for anything else (bool is not numeric here)."""
+    if get_origin(annotation) is Union:
+        args = [a for a in get_args(annotation) if a is not type(None)]
+        annotation = args[0] if len(args) == 1 else None
+    return annotation if annotation in (int, float) else None
+
+
+def numeric_options(command: Callable) -> list[tuple[str, type, typer.models.OptionInfo]]:
+    """(option name, int or float, its OptionInfo) of every numeric option of a command function."""
+    out = []
+    for name, param in inspect.signature(command).parameters.items():
+        info, kind = param.default, _numeric_type(param.annotation if not isinstance(param.annotation, str)
+                                                   else eval(param.annotation, vars(inspect.getmodule(command))))
+        if kind is None or not isinstance(info, typer.models.OptionInfo):
+            continue
+        decls = [d for d in (info.param_decls or ()) if d.startswith("--")] or [f"--{name.replace('_', '-')}"]
+        if isinstance(info.default, str) or decls[0] in ("--help",):
+            continue
+        out.append((decls[0], kind, info))
+    return out
+
+
+def range_of(command_name: str, option: str) -> Range | None:
+    return RANGES.get(f"{command_name} {option}", RANGES.get(option))
+
+
+def apply_ranges(app: typer.Typer) -> None:
+    """Attach the declared range check to every numeric option of every registered command (click runs it while
+    parsing, before the command starts). Options sharing one OptionInfo across commands get the same check."""
+    for registered in app.registered_commands:
+        command_name = registered.name or registered.callback.__name__.replace("_", "-")
+        for option, kind, info in numeric_options(registered.callback):
+            declared = range_of(command_name, option)
+            if declared is None:
+                continue  # tests/test_bad_inputs.py::test_every_numeric_option_has_a_declared_range catches it
+            info.callback = _range_callback(option, declared, kind is int)
+
+
+def _range_callback(option: str, declared: Range, integer: bool) -> Callable:
+    def check(value):
+        return declared.check(option, value, integer)
+
+    return check
+
+
 def model_name(model: Optional[str]) -> str:
     """The model a command runs on: the one named, else the registry's default."""
     from residscope.model.registry import DEFAULT_MODEL
@@ -40,6 +171,15 @@ def model_name(model: Optional[str]) -> str:
 
 
 ALLOW_NONFINITE_ENV = "RESIDSCOPE_ALLOW_NONFINITE"  # set by `residscope --allow-nonfinite <command>`
+
+
+def inputs_of(model: Optional[str], *files) -> list:
+    """What a command reads from disk: the model's folder or file (an alias's files too) and the given files (None
+    skipped). Every output check gets these (`check_output_dir(..., inputs=...)`): no output may be, contain or lie
+    inside an input."""
+    from residscope.model.registry import source_paths
+
+    return [*source_paths(model_name(model)), *(f for f in files if f is not None)]
 
 
 def load(model: Optional[str], device: str = "cpu", dtype: str = "float32", offload: bool = False):
@@ -78,11 +218,14 @@ def parse_indices(spec: str, option: str, n: int, *, what: str = "layer", note: 
     return values
 
 
-def parse_lengths(spec: str, option: str) -> list[int]:
-    """Comma-separated token lengths, each >= 2, at least one."""
+def parse_lengths(spec: str, option: str, high: int = MAX_LENGTH) -> list[int]:
+    """Comma-separated token lengths, each in 2..`high` (MAX_LENGTH: a documented limit on the work), at least one."""
     values = parse_list(spec, option, int, "integers like 128,256,512")
     if not values or min(values) < 2:
         raise InputError(f"{option}: lengths must be integers >= 2, got {spec!r}")
+    if max(values) > high:
+        raise InputError(f"{option}: length {max(values)} is over the limit of {high} tokens (attention over longer "
+                         "prompts takes hours on a CPU)")
     return values
 
 

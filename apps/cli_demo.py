@@ -16,7 +16,7 @@ import typer
 
 from residscope.model.errors import InputError
 
-from .cli_common import MODEL, load, model_name
+from .cli_common import MODEL, inputs_of, load, model_name
 from .cli_output import json_text
 
 
@@ -24,7 +24,9 @@ def register(app: typer.Typer) -> None:
     @app.command("demo")
     def demo(
         model: Optional[str] = MODEL,
-        out: Path = typer.Option(Path("out/demo"), "--out", help="Folder for the pruned checkpoint and summary.json."),
+        out: Path = typer.Option(Path("out/demo"), "--out", help="Folder for the pruned checkpoint and summary.json "
+                                 "(created; must be empty unless --force)."),
+        force: bool = typer.Option(False, "--force", help="replace a non-empty --out folder (e.g. an earlier demo's)"),
         seq_len: int = typer.Option(256, "--seq-len", help="Tokens per calibration/evaluation chunk."),
         samples: int = typer.Option(16, "--samples", help="Chunks for Block Influence and for perplexity."),
         remove_fraction: float = typer.Option(0.25, "--remove-fraction", help="Fraction of layers to remove."),
@@ -36,14 +38,14 @@ def register(app: typer.Typer) -> None:
         from residscope.analyses.corpus import calibration_batches
         from residscope.analyses.perplexity import heldout_perplexity
         from residscope.analyses.rope_bound import model_bounds
-        from residscope.common.atomic import atomic_write_text, check_output_dir
+        from residscope.common.atomic import atomic_dir, check_output_dir
         from residscope.surgery.export import pruning_record, save_pretrained
         from residscope.surgery.influence import block_influence_result, removal_order
         from residscope.surgery.removal import remove_layers
 
         if not 0 < remove_fraction < 1:
             raise InputError(f"--remove-fraction must be in (0, 1), got {remove_fraction}")
-        check_output_dir(out, "--out", force=True)  # the demo replaces its own output; refuse an unwritable one now
+        out = check_output_dir(out, "--out", force=force, inputs=inputs_of(model))  # before any work
         model = model_name(model)
         summary: dict = {"model": model}
 
@@ -76,14 +78,12 @@ def register(app: typer.Typer) -> None:
         with torch.inference_mode():
             after = heldout_perplexity(pruned, seq_len=seq_len, samples=samples, progress=False)
         summary["perplexity_pruned"] = after.ppl
-        folder = save_pretrained(
-            pruned, out / "pruned", force=True,
-            pruning_info=pruning_record(removed_layers=removed, n_layers_before=cfg.n_layers, influence=influence,
-                                        perplexity={"dense": dense.ppl, "pruned": after.ppl}),
-        )
+        record = pruning_record(removed_layers=removed, n_layers_before=cfg.n_layers, influence=influence,
+                                perplexity={"dense": dense.ppl, "pruned": after.ppl})
+        folder = out / "pruned"
         summary["pruned_checkpoint"] = str(folder)
-        typer.echo(f"[5/6] removed {n_remove}/{cfg.n_layers} layers: perplexity {dense.ppl:.3f} -> {after.ppl:.3f}; "
-                   f"saved to {folder}")
+        typer.echo(f"[5/6] removed {n_remove}/{cfg.n_layers} layers: perplexity {dense.ppl:.3f} -> {after.ppl:.3f} "
+                   f"(checkpoint: {folder})")
 
         if cfg.positional == "rope":
             bounds = model_bounds(cfg)
@@ -92,6 +92,8 @@ def register(app: typer.Typer) -> None:
                 typer.echo(f"[6/6] RoPE ({b.layer_kind}): base {b.base:g}, head dim {b.head_dim}: B(m) >= 0 up to "
                            f"m = {b.bound.bound} tokens, vs max positions {cfg.max_position_embeddings}")
 
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / "summary.json", json_text(summary, default=str))
-        typer.echo(f"summary: {out / 'summary.json'}")
+        summary_json = json_text(summary, default=str)
+        with atomic_dir(out) as tmp:  # the whole folder appears at once (with --force, it replaces the old one whole)
+            save_pretrained(pruned, tmp / "pruned", pruning_info=record)
+            (tmp / "summary.json").write_text(summary_json)
+        typer.echo(f"saved the pruned checkpoint {folder} and the summary {out / 'summary.json'}")

@@ -10,7 +10,8 @@ import typer
 
 from residscope.model.errors import InputError
 
-from .cli_common import DEVICE, DTYPE, MODEL, NPROC, load, model_name, parse_fractions, parse_lengths, write_figure
+from .cli_common import (DEVICE, DTYPE, MODEL, NPROC, inputs_of, load, model_name, parse_fractions, parse_lengths,
+                         write_figure)
 from .cli_output import json_text
 
 
@@ -47,14 +48,15 @@ def _method_kw(window, ratio, alpha, layer, logit_scale) -> dict[str, dict]:
             for m in METHODS}
 
 
-def _checked_options(factor: Optional[float], window: Optional[int], html: Optional[Path]) -> Optional[Path]:
+def _checked_options(factor: Optional[float], window: Optional[int], html: Optional[Path],
+                     model: Optional[str]) -> Optional[Path]:
     """The options both commands check before any work (and before workers start); returns the checked --html path."""
     from residscope.analyses.extension import check_factor, check_window
     from residscope.common.atomic import check_output_file
 
     check_factor(factor)
     check_window(window)
-    return check_output_file(html, "--html") if html is not None else None
+    return check_output_file(html, "--html", inputs=inputs_of(model)) if html is not None else None
 
 
 def _loaded(model: Optional[str], device: str, dtype: str, window: Optional[int]):
@@ -110,7 +112,7 @@ def extend(
 
     if batch_size < 1:
         raise InputError(f"--batch-size must be >= 1, got {batch_size}")
-    html = _checked_options(factor, window, html)
+    html = _checked_options(factor, window, html, model)
     from residscope.apps import workers
 
     n_batches = _window_batches(model, lengths, window, max_tokens, stride, batch_size)
@@ -162,7 +164,7 @@ def passkey(
     if keys < 1:
         raise InputError(f"--keys must be >= 1, got {keys}")
     dps = parse_fractions(depths, "--depths")
-    html = _checked_options(factor, window, html)
+    html = _checked_options(factor, window, html, model)
     from residscope.apps import workers
 
     n_prompts = keys * len(dps) * (len(parse_lengths(lengths, "--lengths")) if lengths else 4)  # 4 default lengths

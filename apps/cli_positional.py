@@ -11,7 +11,7 @@ import typer
 
 from residscope.model.errors import InputError
 
-from .cli_common import DEVICE, DTYPE, MODEL, NPROC, OFFLOAD, load, model_name, n_batches, parse_indices
+from .cli_common import DEVICE, DTYPE, MODEL, NPROC, OFFLOAD, inputs_of, load, model_name, n_batches, parse_indices
 from .cli_output import json_text
 
 
@@ -67,7 +67,7 @@ def positional(
         raise InputError(f"--first-k must be in 1..--seq-len ({seq_len}), got {first_k}")
     if not 0 < cos_threshold <= 1:
         raise InputError(f"--cos-threshold must be in (0, 1], got {cos_threshold}")
-    out = check_output_dir(out, "--out", force=force)  # before the slow part
+    out = check_output_dir(out, "--out", force=force, inputs=inputs_of(model, text))  # before the slow part
     if workers.launched(positional, locals(), nproc=nproc, n_batches=n_batches(samples, batch_size)):
         return
     device = workers.join(device, n_batches=n_batches(samples, batch_size))

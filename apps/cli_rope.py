@@ -57,7 +57,9 @@ def rope_bound(
     rb.check_max_m(max_m)
     rb.check_search([length] if length is not None else [], grid_step, 1e-6)
     if html:
-        check_output_file(html, "--html")
+        from .cli_common import inputs_of
+
+        check_output_file(html, "--html", inputs=inputs_of(model) if model else ())
     progress = not as_json
 
     rows, fig_head_dim = None, head_dim

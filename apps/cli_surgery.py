@@ -10,8 +10,8 @@ import typer
 
 from residscope.model.errors import InputError
 
-from .cli_common import (BATCH, DATASET, DEVICE, DTYPE, JSON, MODEL, NPROC, OFFLOAD, SEED, SEQ_LEN, TEXT, echo_err, load,
-                         model_name, n_batches, parse_list, write_figure)
+from .cli_common import (BATCH, DATASET, DEVICE, DTYPE, JSON, MODEL, NPROC, OFFLOAD, SEED, SEQ_LEN, TEXT, echo_err,
+                         inputs_of, load, model_name, n_batches, parse_list, write_figure)
 from .cli_output import json_text
 
 
@@ -37,7 +37,7 @@ def _comparison_table(cmp) -> str:
 
 
 def _check_prune_options(metric: str, remove: Optional[int], layers: Optional[str], compare: bool, out: Optional[Path],
-                         force: bool, seeds: int) -> None:
+                         force: bool, seeds: int, inputs: list) -> None:
     """Everything that can be refused before the model loads."""
     from residscope.common.atomic import check_output_dir
     from residscope.surgery import BASELINES, METRICS
@@ -46,12 +46,14 @@ def _check_prune_options(metric: str, remove: Optional[int], layers: Optional[st
         raise InputError(f"--metric must be one of {', '.join(METRICS + BASELINES)}; got {metric!r}")
     if (remove is None) == (layers is None):
         raise InputError("give either --remove N or --layers 3,5,... (exactly one)")
+    if layers is not None and not parse_list(layers, "--layers", int, "layer indices like 3,5,7"):
+        raise InputError(f"--layers: no layer given ({layers!r}); name the layers to remove, e.g. 3,5,7")
     if compare and remove is None:
         raise InputError("--compare needs --remove N")
     if out is None and not compare:
         raise InputError("--out is required (the folder for the pruned checkpoint)")
     if out is not None:
-        check_output_dir(out, "--out", force=force)  # fail before the slow part
+        check_output_dir(out, "--out", force=force, inputs=inputs)  # fail before the slow part
     if seeds < 1:
         raise InputError(f"--seeds must be >= 1, got {seeds}")
 
@@ -93,7 +95,7 @@ def bi(
 
     check_metric(metric)
     if html is not None:
-        html = check_output_file(html, "--html")  # before the slow part
+        html = check_output_file(html, "--html", inputs=inputs_of(model, text))  # before the slow part
     if workers.launched(bi, locals(), nproc=nproc, n_batches=n_batches(samples, batch_size)):
         return
     device = workers.join(device, n_batches=n_batches(samples, batch_size))
@@ -174,7 +176,7 @@ def prune(
     from residscope.surgery.compare import compare_removals, heldout_scorer, removal_for
     from residscope.surgery.removal import check_layers
 
-    _check_prune_options(metric, remove, layers, compare, out, force, seeds)
+    _check_prune_options(metric, remove, layers, compare, out, force, seeds, inputs_of(model, text))
     m = load(model, device, dtype, offload)
     n_layers = m.cfg.n_layers
     explicit = check_layers(parse_list(layers, "--layers", int, "layer indices like 3,5,7"), n_layers, arg="--layers") \

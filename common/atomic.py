@@ -15,7 +15,7 @@ import re
 import secrets
 import shutil
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 from .errors import InputError
 
@@ -138,23 +138,51 @@ def _check_parent_creatable(path: Path, what: str) -> None:
     _check_can_create_in(existing, what)
 
 
-def check_output_dir(path: str | os.PathLike, what: str = "out", *, force: bool = False) -> Path:
-    """Refuse `path` as an output folder unless it can be created or replaced: not a file, empty unless `force`, and
-    its folder writable. `what` names the argument in the message (e.g. "--out"). Returns the path, user-expanded."""
+def _real(path: str | os.PathLike) -> Path:
+    """Absolute, symlinks resolved (for comparing an output with inputs: `a/../b`, `~/x` and links name one place)."""
+    return Path(os.path.realpath(Path(path).expanduser()))
+
+
+def check_not_input(path: str | os.PathLike, what: str, inputs: Iterable[str | os.PathLike | None] = ()) -> None:
+    """Refuse an output `path` that is one of `inputs`, contains one (replacing it deletes the input) or lies inside an
+    input folder (writing there changes the input): the checkpoint being read, the --text file, ... `None` items are
+    skipped, so callers can pass optional inputs as they are."""
+    out = _real(path)
+    for item in inputs:
+        if item is None:
+            continue
+        source = _real(item)
+        if out == source:
+            raise InputError(f"{what}: {path} is the input {item} itself; write the output somewhere else")
+        if source.is_relative_to(out):
+            raise InputError(f"{what}: {path} contains the input {item}; write the output somewhere else")
+        if out.is_relative_to(source) and source.is_dir():
+            raise InputError(f"{what}: {path} is inside the input folder {item}; write the output somewhere else")
+
+
+def check_output_dir(path: str | os.PathLike, what: str = "out", *, force: bool = False,
+                     inputs: Iterable[str | os.PathLike | None] = ()) -> Path:
+    """THE check of an output folder, before any work: not a file, not one of `inputs` (nor containing or inside one,
+    even with `force`), empty unless `force` (which replaces it whole), its folder writable. `what` names the argument
+    in the message (e.g. "--out"). Returns the path, user-expanded."""
     path = Path(path).expanduser()
     if path.exists() and not path.is_dir():
         raise InputError(f"{what}: {path} exists and is not a folder")
+    check_not_input(path, what, inputs)
     if path.is_dir() and any(path.iterdir()) and not force:
         raise InputError(f"{what}: {path} exists and is not empty (use --force / force=True to replace it)")
     _check_parent_creatable(path, what)
     return path
 
 
-def check_output_file(path: str | os.PathLike, what: str = "path") -> Path:
-    """Refuse `path` as an output file unless it can be written by temp-then-rename: not a folder, its folder
-    writable (or creatable). Returns the path, user-expanded."""
+def check_output_file(path: str | os.PathLike, what: str = "path", *,
+                      inputs: Iterable[str | os.PathLike | None] = ()) -> Path:
+    """THE check of an output file named by the user (e.g. --html): not a folder, not one of `inputs` nor inside an
+    input folder, its folder writable (or creatable). An existing file is replaced (temp, then rename): the user named
+    it. Returns the path, user-expanded."""
     path = Path(path).expanduser()
     if path.is_dir():
         raise InputError(f"{what}: {path} is a folder, not a file")
+    check_not_input(path, what, inputs)
     _check_parent_creatable(path, what)
     return path

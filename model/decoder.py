@@ -88,6 +88,7 @@ def next_token_loss(logits: torch.Tensor, tokens: torch.Tensor, attention_mask: 
                     per_token: bool = False) -> torch.Tensor:
     """Cross-entropy of predicting token t+1 from position t (TransformerLens's lm_cross_entropy_loss), computed in at
     least float32. logits [batch, pos, vocab], tokens / attention_mask [batch, pos] -> scalar, or [batch, pos - 1]."""
+    tokenizing.check_predictable(tokens, attention_mask)
     log_probs = logits[:, :-1].log_softmax(-1, dtype=torch.promote_types(logits.dtype, torch.float32))  # [batch, pos-1, vocab]
     nll = -log_probs.gather(-1, tokens[:, 1:, None].to(logits.device))[..., 0]  # [batch, pos - 1]
     if attention_mask is None:
@@ -706,6 +707,7 @@ class Decoder(DecoderWeights, HookedRootModule):
                 raise TypeError("attention_mask is keyword-only: model(ids, attention_mask=mask)")
             raise InputError(f"return_type must be one of {RETURN_TYPES}, got {return_type!r}")
         past = kv_cache.length if kv_cache is not None else 0
+        tokenizing.check_layer_arg("stop_at_layer", stop_at_layer, len(self.blocks))
         self._apply_switches()
         if start_at_layer is None:
             ids, attention_mask = self._input_ids(input, attention_mask, prepend_bos, padding_side, past)  # [batch, pos]
@@ -858,7 +860,9 @@ class Decoder(DecoderWeights, HookedRootModule):
             key_valid = attention_mask.bool()
             if bool(key_valid.all()):
                 key_valid = None
-        if position_ids is None:
+        if position_ids is not None:
+            position_ids = tokenizing.check_position_ids(position_ids, b, p)  # [batch, pos]
+        else:
             if attention_mask is not None:
                 # count only real tokens, like transformers' generate: position = (number of real tokens before) - 1
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
@@ -1122,6 +1126,8 @@ class Decoder(DecoderWeights, HookedRootModule):
                   truncate: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """(ids [batch, pos], mask [batch, pos]) on the model's device; see `to_tokens`."""
         tok = self._need_tokenizer()
+        if not isinstance(input, (str, list, tuple)):
+            raise InputError(f"input must be a string or a non-empty list of strings, got {type(input).__name__}")
         texts = [input] if isinstance(input, str) else list(input)
         if not texts or not all(isinstance(t, str) for t in texts):
             raise InputError("input must be a string or a non-empty list of strings")
@@ -1147,7 +1153,7 @@ class Decoder(DecoderWeights, HookedRootModule):
     def to_string(self, tokens: torch.Tensor | list | int) -> str | list[str]:
         """Text of ids: [pos], 0-d or a list of ints -> str; [batch, pos] or a list of lists -> list[str]."""
         tok = self._need_tokenizer()
-        ids = torch.as_tensor(tokens)
+        ids = tokenizing.check_decodable(tokens, tok)
         if ids.dim() == 2:
             return tok.batch_decode(ids.tolist(), clean_up_tokenization_spaces=False)
         if ids.dim() > 2:

@@ -66,6 +66,8 @@ def hf_config_of(model) -> dict:
     out["dtype"] = dtype
     if "torch_dtype" in out:
         out["torch_dtype"] = dtype
+    if bool(out.get("tie_word_embeddings", cfg.model_type == "gemma3_text")) != cfg.tie_embeddings:
+        out["tie_word_embeddings"] = cfg.tie_embeddings  # untied at load (model/tying.py): lm_head is exported
     out.pop(SUBLAYER_KEY, None)
     sub = removed_sublayers(model)
     if sub["attn"] or sub["mlp"]:
@@ -84,9 +86,14 @@ def hf_state_dict(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
 
 
-def check_target(out_dir: Path, force: bool) -> None:
-    """Refuse an output folder that is a file, not empty (unless `force`) or not writable, before any work."""
-    check_output_dir(out_dir, "out", force=force)
+def check_target(out_dir: Path, force: bool, model=None) -> None:
+    """Refuse an output folder that is a file, not empty (unless `force`), not writable, or that is, contains or lies
+    inside the checkpoint `model` was loaded from (even with `force`: an offloaded model still reads it), before any
+    work."""
+    from .registry import source_paths
+
+    inputs = [*source_paths(model.source), getattr(model, "source_folder", None)] if model is not None and model.source else []
+    check_output_dir(out_dir, "out", force=force, inputs=inputs)
 
 
 def save_pretrained(model, out_dir: str | os.PathLike, *, pruning_info: dict | None = None, force: bool = False) -> Path:
@@ -98,7 +105,7 @@ def save_pretrained(model, out_dir: str | os.PathLike, *, pruning_info: dict | N
     from safetensors.torch import save_file
 
     out_dir = Path(out_dir).expanduser()
-    check_target(out_dir, force)
+    check_target(out_dir, force, model)
     config = hf_config_of(model)
     origin = list(model.layer_origin)
     record = {

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from .config_checks import check_config_keys
 from .errors import ConfigError
 from .rope import RopeParams
 
@@ -150,6 +151,7 @@ def decoder_kwargs(cfg: dict[str, Any], *, source: str = "config.json", position
     if family is None:
         raise ConfigError(f"{source}: unsupported model_type {model_type!r} (supported: {', '.join(sorted(FAMILIES))})")
     _check_refused(cfg, source)
+    check_config_keys(cfg, source)  # quantization, RoPE blocks, token ids (model/config_checks.py)
     if position_embedding is not None and model_type != "baichuan":
         raise ConfigError(f"position_embedding override is only for baichuan configs, not {model_type!r}")
     try:

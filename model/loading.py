@@ -19,6 +19,7 @@ from .decoder import Decoder
 from .errors import CheckpointError, InputError
 from .registry import resolve_source
 from .safetensors_io import iter_entries, read_into, read_tensor
+from .tying import resolve_tied_head
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +98,8 @@ def load_model(
     folder = resolve_source(source)
     cfg = DecoderConfig.from_json(folder / "config.json", position_embedding=position_embedding)
     check_dtype_on_device(dtype, device)
+    tokenizer = load_tokenizer_from(folder) if load_tokenizer else None  # before the weights: a bad file fails fast
+    check_vocab_size(cfg, tokenizer, folder)
 
     with torch.device("meta"):
         model = Decoder(cfg, source=str(source))
@@ -120,33 +123,18 @@ def load_model(
             _load_weights(model, folder, allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite)
         except PermissionError as e:
             raise CheckpointError(f"{e.filename or folder}: permission denied") from None
+    model.source_folder = folder  # the resolved folder (an alias's or a GGUF's too): exports refuse to write over it
     model.eval()
     # assigning the tokenizer (even None) re-syncs what the config reports: device, dtype, BOS behaviour, model name
-    model.tokenizer = load_tokenizer_from(folder) if load_tokenizer else None
+    model.tokenizer = tokenizer
     return model
 
 
 def weight_files(folder: Path, allow_pickle: bool) -> list[Path]:
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
-        files = [folder / name for name in sorted(set(weight_map.values()))]
-        for f in files:
-            if not f.is_file():
-                raise CheckpointError(f"{f}: shard listed in {index.name} is missing")
-        return files
-    single = folder / "model.safetensors"
-    if single.is_file():
-        return [single]
-    pickles = sorted(folder.glob("*.bin"))
-    if pickles:
-        if not allow_pickle:
-            raise CheckpointError(f"{pickles[0]}: pickled checkpoint refused (it can run code); pass allow_pickle=True to load it")
-        return pickles
-    raise CheckpointError(f"{folder}: no model.safetensors, model.safetensors.index.json or *.bin weights")
+    """The checkpoint's weight files, index and headers checked against each other (`shards.weight_files`)."""
+    from .shards import weight_files as checked_weight_files
+
+    return checked_weight_files(folder, allow_pickle)
 
 
 def check_float_weight(path: Path, key: str, dtype: torch.dtype) -> None:
@@ -176,6 +164,7 @@ def _load_weights(model: Decoder, folder: Path, *, allow_pickle: bool, allow_non
     cfg = model.cfg
     params = dict(model.named_parameters(remove_duplicate=False))
     filled: set[str] = set()
+    tied_head: list[tuple[Path, torch.Tensor]] = []  # a tied model's lm_head in the file, compared once all is in
 
     def targets(path: Path, key: str) -> list[tuple[str, torch.Tensor]]:
         try:
@@ -196,8 +185,11 @@ def _load_weights(model: Decoder, folder: Path, *, allow_pickle: bool, allow_non
                                   f"{[tuple(s) for s in shapes]}") from None
 
     def place(path: Path, key: str, shape: tuple, name: str, target: torch.Tensor, copy) -> None:
-        if name == "unembed.weight" and cfg.tie_embeddings:
-            return  # tied: the embedding is the unembedding
+        if name == "unembed.weight" and cfg.tie_embeddings:  # tied: the embedding is the unembedding, unless...
+            head = torch.empty(tuple(shape), dtype=target.dtype)
+            copy(head)
+            tied_head[:] = [(path, head)]  # ...the file's lm_head differs (model/tying.py)
+            return
         if tuple(shape) != tuple(target.shape):
             raise CheckpointError(f"{path}: tensor {key!r} has shape {tuple(shape)}, expected {tuple(target.shape)}")
         with torch.no_grad():
@@ -231,20 +223,57 @@ def _load_weights(model: Decoder, folder: Path, *, allow_pickle: bool, allow_non
     missing = [n for n in params if n not in filled and not (n == "unembed.weight" and cfg.tie_embeddings)]
     if missing:
         raise CheckpointError(f"{folder}: missing tensor for {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    if tied_head:
+        resolve_tied_head(model, tied_head[0][1], tied_head[0][0])
 
 
 def load_tokenizer_from(folder: Path):
-    """The folder's tokenizer (local files only, no remote code), or None when it has none or it cannot be read."""
-    if not any((folder / f).is_file() for f in _TOKENIZER_FILES):
+    """The folder's tokenizer (local files only, no remote code); None when it has no tokenizer files. Files that exist
+    but cannot be loaded are an error naming the file and why (a model silently without its tokenizer would fail later
+    with "the model has no tokenizer", naming nothing)."""
+    present = [f for f in _TOKENIZER_FILES if (folder / f).is_file()]
+    if not present:
         return None
     from transformers import AutoTokenizer
 
     from .sp_tokenizer import is_baichuan_tokenizer_folder, load_baichuan_tokenizer
 
+    check_tokenizer_json(folder)
     try:
         if is_baichuan_tokenizer_folder(folder):  # its remote-code class, rebuilt here: nothing from the folder runs
             return load_baichuan_tokenizer(folder)
         return AutoTokenizer.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
-    except Exception as e:  # noqa: BLE001 - a checkpoint without a usable tokenizer still loads
-        log.warning("%s: tokenizer not loaded (%s)", folder, str(e).splitlines()[0] if str(e) else type(e).__name__)
-        return None
+    except Exception as e:  # noqa: BLE001 - whatever the tokenizer library raises, the user gets the file and the reason
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        main = [f for f in ("tokenizer.json", "tokenizer.model") if f in present] or present
+        culprit = next((f for f in present if f in str(e)), main[0])
+        raise CheckpointError(f"{folder / culprit}: the tokenizer cannot be loaded ({reason})") from None
+
+
+_TOKENIZER_JSON = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
+
+
+def check_tokenizer_json(folder: Path) -> None:
+    """The tokenizer's JSON files parse (a truncated tokenizer.json otherwise fails deep in the tokenizers library)."""
+    for name in _TOKENIZER_JSON:
+        path = folder / name
+        if not path.is_file():
+            continue
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as e:
+            raise CheckpointError(f"{path}: not UTF-8 text (byte offset {e.start})") from None
+        except json.JSONDecodeError as e:
+            hint = " (truncated?)" if e.pos >= len(path.read_text(encoding="utf-8")) - 1 else ""
+            raise CheckpointError(f"{path}: not valid JSON{hint}: {e.msg} at line {e.lineno} column {e.colno}") from None
+        except PermissionError:
+            raise CheckpointError(f"{path}: permission denied") from None
+        if not isinstance(data, dict):
+            raise CheckpointError(f"{path}: expected a JSON object, got a {type(data).__name__}")
+
+
+def check_vocab_size(cfg: DecoderConfig, tokenizer, folder: Path) -> None:
+    """The tokenizer's ids must index the embedding: config.json's vocab_size may be larger (padded), never smaller."""
+    if tokenizer is not None and len(tokenizer) > cfg.d_vocab:
+        raise CheckpointError(f"{folder / 'config.json'}: vocab_size {cfg.d_vocab} is smaller than the tokenizer's "
+                              f"{len(tokenizer)} tokens (its ids {cfg.d_vocab}..{len(tokenizer) - 1} have no embedding)")

@@ -12,6 +12,10 @@ blocks are in memory. Hook names and the tensors they see are those of the in-me
 `Positions`), which is why analyses need no streamed variant: they call `runtime.runner.forward_batches`. Activations of
 all batches stay on the compute device, or in CPU memory with `model.offload.activations = "cpu"`.
 
+Offsets taken at load are only true of the file they were taken from: every streamed read first checks the file's
+identity (`shards.FileStamp`: device, inode, size, mtime, header hash) and stops in one line naming the file when it
+changed (re-saved, replaced), rather than read other bytes as weights.
+
 A plain call (`model(ids)`, `run_with_cache`, `generate`) on an offloaded model streams too, one batch through
 `streamed_blocks`: slower (every call reads every block), but the whole TransformerLens surface works.
 """
@@ -34,6 +38,7 @@ from .config import DecoderConfig
 from .decoder import Decoder
 from .errors import CheckpointError, InputError
 from .safetensors_io import Entry, read_header, read_into, read_tensor
+from .shards import FileStamp
 
 
 @dataclass(frozen=True)
@@ -72,6 +77,7 @@ class BlockStore:
     activations: str = "device"  # or "cpu": keep all batches' residual streams in CPU memory between blocks
     allow_nonfinite: bool = False  # else a streamed tensor holding NaN / Inf stops the forward with one line
     streaming: bool = False  # a forward is running through the blocks (calls cannot nest)
+    stamps: dict = field(default_factory=dict)  # path -> shards.FileStamp taken when the offsets were read
     stats: StreamStats = field(default_factory=StreamStats)
     cfg: DecoderConfig | None = None  # how fused tensors split (the family's weight map)
     _free: dict = field(default_factory=dict, repr=False)  # shape -> tensors of released blocks, reused by reads
@@ -89,14 +95,31 @@ class BlockStore:
                 ref = self.layers.get(layer, {}).get(name)
                 if ref is None:
                     raise CheckpointError(f"layer {layer}: no tensor for blocks.{layer}.{name} in the checkpoint")
-                f = files.get(ref.path) or files.setdefault(ref.path, open(ref.path, "rb"))
+                f = files.get(ref.path) or files.setdefault(ref.path, self.open_checked(ref.path))
                 out[name] = self._read(f, ref, shapes[name], shapes)
                 self.stats.read_bytes += ref.entry.nbytes // ref.parts
+            for path, f in files.items():  # a rewrite while we read: the bytes may be a mix of old and new
+                self.check_file(path, f)
         finally:
             for f in files.values():
                 f.close()
         self.stats.read_seconds += time.perf_counter() - start
         return out
+
+    def open_checked(self, path: Path):
+        """`path` opened for reading, after checking it is the file whose offsets were taken at load."""
+        f = open(path, "rb")
+        try:
+            self.check_file(path, f)
+        except BaseException:
+            f.close()
+            raise
+        return f
+
+    def check_file(self, path: Path, f) -> None:
+        stamp = self.stamps.get(path)
+        if stamp is not None:
+            stamp.check(f)
 
     def _read(self, f, ref: TensorRef, shape: torch.Size, shapes: dict[str, torch.Size]) -> torch.Tensor:
         target = self._take(tuple(shape))
@@ -152,8 +175,11 @@ def load_offloaded(model: Decoder, folder: Path, files: list[Path], device: torc
     resident = {n: p for n, p in model.named_parameters(remove_duplicate=False) if not n.startswith("blocks.")}
     filled: set[str] = set()
     layers: dict[int, dict[str, TensorRef]] = {}
+    tied_head = None
+    stamps = {}
     for path in files:
         with open(path, "rb") as f:
+            stamps[path] = FileStamp.of_open(f, path)  # what every streamed read checks first
             for entry in read_header(f, path):
                 names = _names(path, entry.name, cfg)
                 if names:
@@ -167,8 +193,8 @@ def load_offloaded(model: Decoder, folder: Path, files: list[Path], device: torc
                     if name.startswith("blocks."):
                         layer, inner = name.split(".", 2)[1:]
                         layers.setdefault(int(layer), {})[inner] = TensorRef(path, entry, part, siblings)
-                    elif name == "unembed.weight" and cfg.tie_embeddings:
-                        continue
+                    elif name == "unembed.weight" and cfg.tie_embeddings:  # compared with the embedding below
+                        tied_head = (path, read_tensor(f, entry, path))
                     elif name in resident:
                         read_into(f, entry, resident[name], path)
                         if not allow_nonfinite:
@@ -179,8 +205,12 @@ def load_offloaded(model: Decoder, folder: Path, files: list[Path], device: torc
     missing = [n for n in resident if n not in filled and not (n == "unembed.weight" and cfg.tie_embeddings)]
     if missing:
         raise CheckpointError(f"{folder}: missing tensor for {missing[0]}")
+    if tied_head is not None:
+        from .tying import resolve_tied_head
+
+        resolve_tied_head(model, tied_head[1], tied_head[0])
     _check_blocks(model, layers, folder)
-    model.offload = BlockStore(layers, files, device, dtype, allow_nonfinite=allow_nonfinite, cfg=cfg)
+    model.offload = BlockStore(layers, files, device, dtype, allow_nonfinite=allow_nonfinite, stamps=stamps, cfg=cfg)
     return model
 
 

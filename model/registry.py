@@ -278,6 +278,19 @@ def resolve_source(source: str | os.PathLike) -> Path:
     return resolve_alias(text)
 
 
+def source_paths(source: str | os.PathLike) -> list[Path]:
+    """The files or folders on disk that `source` reads (the folder, the GGUF file, an alias's installed files), found
+    cheaply without converting anything; [] for a name that is none of these. Outputs are checked against them
+    (`residscope.common.atomic.check_not_input`), so no command writes over the model it reads."""
+    path = Path(os.fspath(source)).expanduser()
+    if path.exists():
+        return [path]
+    _register_zoo_on_disk()
+    entry = _REGISTRY.get(os.fspath(source)) if isinstance(source, str) else None
+    found = entry.find() if entry is not None else None
+    return [found] if found is not None else []
+
+
 def check_source(source: str | os.PathLike) -> None:
     """Refuse what `resolve_source` would refuse, without converting or assembling anything (cheap), in the same order:
     a folder without config.json (or unreadable), a file that is not GGUF, then an unknown or uninstalled alias."""

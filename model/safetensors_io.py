@@ -45,9 +45,11 @@ def read_header(f: BinaryIO, path: Path) -> list[Entry]:
     if header_len > min(_MAX_HEADER, size - 8):
         raise CheckpointError(f"{path}: not a safetensors file (header length {header_len} exceeds the file)")
     try:
-        header = json.loads(f.read(header_len))
+        header = json.loads(f.read(header_len), object_pairs_hook=_unique_names(path))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
     data_start = 8 + header_len
     entries = []
     for name, info in header.items():
@@ -61,12 +63,43 @@ def read_header(f: BinaryIO, path: Path) -> list[Entry]:
             raise CheckpointError(f"{path}: tensor {name!r} has a malformed header entry") from None
         numel = 1
         for d in shape:
+            if d < 0:
+                raise CheckpointError(f"{path}: tensor {name!r} has a negative dimension in shape {shape}")
             numel *= d
         nbytes = numel * torch.empty((), dtype=dtype).element_size()
         if end - begin != nbytes or end + data_start > size or begin < 0:
             raise CheckpointError(f"{path}: tensor {name!r} data is truncated or inconsistent with its shape {shape}")
         entries.append(Entry(name, dtype, shape, data_start + begin, nbytes))
-    return sorted(entries, key=lambda e: e.start)  # sequential reads
+    entries.sort(key=lambda e: (e.start, e.nbytes))  # sequential reads
+    _check_layout(entries, data_start, size, path)
+    return entries
+
+
+def _unique_names(path: Path):
+    def hook(pairs):
+        names = [k for k, _ in pairs]
+        if len(set(names)) != len(names):
+            dup = next(k for k in names if names.count(k) > 1)
+            raise CheckpointError(f"{path}: tensor {dup!r} appears twice in the safetensors header")
+        return dict(pairs)
+
+    return hook
+
+
+def _check_layout(entries: list[Entry], data_start: int, size: int, path: Path) -> None:
+    """What the safetensors library refuses: tensors' byte ranges must tile the data section exactly, in order, with
+    no overlap (two tensors would share bytes), no gap and nothing after the last one."""
+    end = data_start
+    for e in entries:
+        if e.start < end:
+            raise CheckpointError(f"{path}: tensor {e.name!r} overlaps the bytes of another tensor (invalid data_offsets)")
+        if e.start > end:
+            raise CheckpointError(f"{path}: {e.start - end} bytes before tensor {e.name!r} belong to no tensor "
+                                  "(invalid data_offsets)")
+        end = e.start + e.nbytes
+    if end != size:
+        raise CheckpointError(f"{path}: {size - end} bytes after the last tensor belong to no tensor (the file is not "
+                              "what its header describes)")
 
 
 def _fill(f: BinaryIO, entry: Entry, target: torch.Tensor, path: Path) -> None:

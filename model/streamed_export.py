@@ -43,7 +43,7 @@ def write_kept_tensors(model, folder: Path) -> list[Path]:
     new_index = {orig: i for i, orig in enumerate(model.layer_origin)}
     plans = []
     for path in store.files:
-        with open(path, "rb") as f:
+        with store.open_checked(path) as f:  # the file the model was loaded from, unchanged
             entries = [(e, renamed_key(e.name, new_index, model)) for e in read_header(f, path)]
         entries = [(e, k) for e, k in entries if k is not None]
         if entries:
@@ -52,7 +52,7 @@ def write_kept_tensors(model, folder: Path) -> list[Path]:
              [f"model-{i + 1:05d}-of-{len(plans):05d}.safetensors" for i in range(len(plans))])
     weight_map, written = {}, []
     for (path, entries), name in zip(plans, names):
-        _write_shard(path, entries, folder / name, model.dtype)
+        _write_shard(store, path, entries, folder / name, model.dtype)
         weight_map.update({key: name for _, key in entries})
         written.append(folder / name)
     if len(plans) > 1:
@@ -61,7 +61,7 @@ def write_kept_tensors(model, folder: Path) -> list[Path]:
     return written
 
 
-def _write_shard(source: Path, entries: list, target: Path, dtype: torch.dtype) -> None:
+def _write_shard(store, source: Path, entries: list, target: Path, dtype: torch.dtype) -> None:
     item = torch.empty((), dtype=dtype).element_size()
     header, offset = {"__metadata__": {"format": "pt"}}, 0
     for entry, key in entries:
@@ -70,9 +70,10 @@ def _write_shard(source: Path, entries: list, target: Path, dtype: torch.dtype) 
         offset += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
-    with open(source, "rb") as src, open(target, "wb") as out:
+    with store.open_checked(source) as src, open(target, "wb") as out:
         out.write(struct.pack("<Q", len(raw)))
         out.write(raw)
         for entry, _ in entries:  # one tensor in memory at a time
             tensor = read_tensor(src, entry, source).to(dtype).contiguous()
             out.write(tensor.reshape(-1).view(torch.uint8).numpy())
+        store.check_file(source, src)  # unchanged while we copied

@@ -108,3 +108,54 @@ def check_ids(ids: torch.Tensor, d_vocab: int, pad_id: int | None) -> int:
         bad = lo if lo < 0 else hi
         raise InputError(f"input holds token id {bad}, outside the vocabulary [0, {d_vocab - 1}]")
     return pad_rows_
+
+
+# ---- argument checks of Decoder's entry points (one line each, naming the argument) ----------------------------------
+def check_predictable(tokens: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
+    """A next-token loss needs a token to predict: at least 2 positions, and with a mask at least one pair of real
+    tokens (else the mean is 0/0 = NaN)."""
+    if tokens.dim() != 2 or tokens.shape[1] < 2:
+        raise InputError(f"loss: nothing to predict in tokens of shape {tuple(tokens.shape)} (a next-token loss needs "
+                         "at least 2 positions)")
+    if attention_mask is not None and attention_mask.shape == tokens.shape:
+        real = attention_mask.bool()
+        if not bool((real[:, :-1] & real[:, 1:]).any()):
+            raise InputError("loss: nothing to predict (attention_mask leaves no two consecutive real tokens)")
+
+
+def check_layer_arg(name: str, value, n_layers: int) -> None:
+    """start_at_layer / stop_at_layer: an int in -n_layers..n_layers (negative counts from the end, as slices do)."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or not -n_layers <= value <= n_layers:
+        raise InputError(f"{name}={value!r} out of range for {n_layers} layers (an integer in {-n_layers}..{n_layers})")
+
+
+def check_position_ids(position_ids, batch: int, pos: int) -> torch.Tensor:
+    """position_ids [batch, pos], [1, pos] or [pos] of integers -> [batch, pos]."""
+    if not isinstance(position_ids, torch.Tensor) or position_ids.is_floating_point() or position_ids.is_complex() \
+            or position_ids.dtype == torch.bool:
+        what = position_ids.dtype if isinstance(position_ids, torch.Tensor) else type(position_ids).__name__
+        raise InputError(f"position_ids must be an integer tensor [batch, pos], got {what}")
+    shape = tuple(position_ids.shape)
+    if shape not in ((batch, pos), (1, pos), (pos,)):
+        also = f" (or {(1, pos)})" if batch != 1 else ""
+        raise InputError(f"position_ids has shape {shape}, expected {(batch, pos)}{also} for input [batch={batch}, "
+                         f"pos={pos}]")
+    return position_ids.reshape(-1, pos).expand(batch, pos)
+
+
+def check_decodable(tokens, tokenizer) -> torch.Tensor:
+    """Ids as a tensor, refused when one is outside the tokenizer's vocabulary (`decode` would drop it silently)."""
+    try:
+        ids = torch.as_tensor(tokens)
+    except (TypeError, ValueError, RuntimeError):
+        raise InputError(f"to_string takes token ids (an int, a list or a tensor), got {type(tokens).__name__}") from None
+    if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+        raise InputError(f"to_string takes integer token ids, got dtype {ids.dtype}")
+    if ids.numel():
+        lo, hi, n = int(ids.min()), int(ids.max()), len(tokenizer)
+        if lo < 0 or hi >= n:
+            raise InputError(f"to_string: token id {lo if lo < 0 else hi} is outside the tokenizer's vocabulary "
+                             f"[0, {n - 1}]")
+    return ids

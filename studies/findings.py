@@ -1,11 +1,12 @@
 """The measurements behind docs/findings.md: the three papers' claims tested on real models, one question per command.
 
-    python -m residscope.studies.findings rope-table  --out docs/findings       # Q5: base lower bounds vs the paper
-    python -m residscope.studies.findings shortgpt    --out docs/findings       # Q4: layer removal by each metric
-    python -m residscope.studies.findings positional  --out docs/findings       # Q2 + Q3: positional vectors and sinks by
-                                                                                 # layer kind, then removed (one decomposition)
-    python -m residscope.studies.findings rope-retrieval --out docs/findings   # Q1: RoPE bound vs passkey and perplexity
+    python -m residscope.studies.findings rope-table  --out docs/findings --force   # Q5: base lower bounds vs the paper
+    python -m residscope.studies.findings shortgpt    --out docs/findings --force   # Q4: layer removal by each metric
+    python -m residscope.studies.findings positional  --out docs/findings --force   # Q2 + Q3: positional vectors and sinks by
+                                                                                         # layer kind, then removed (one decomposition)
+    python -m residscope.studies.findings rope-retrieval --out docs/findings --force   # Q1: RoPE bound vs passkey and perplexity
 
+`--force` replaces the question's earlier results in --out (without it they are refused; `--resume` extends them).
 Each command writes `<question>.json` (every number the write-up quotes, with the corpus split and the git commit it was
 measured on) and one figure, `<question>.png` when plotly can write images (kaleido installed), else `<question>.html`.
 Everything is computed by library functions (analyses/, surgery/); this module only chooses the settings, collects the
@@ -30,6 +31,8 @@ from residscope.common.atomic import atomic_write, atomic_write_text
 from residscope.model.errors import InputError
 
 QUESTIONS = ("rope-table", "shortgpt", "positional", "rope-retrieval")
+RESULT_NAMES = {"rope-table": ("rope-table",), "shortgpt": ("shortgpt",), "positional": ("positional", "pv-removal"),
+                "rope-retrieval": ("rope-retrieval",)}  # <name>.json and its figure, per question
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -550,12 +553,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--plan", default=None, help="rope-retrieval: cell order like ppl:1024,spl:1024,pk:1024 (one-window "
                    "perplexity, sliding-window perplexity, passkey; default: all three at each length, shortest first)")
     p.add_argument("--resume", action="store_true", help="keep the results of an earlier run in --out (models / cells done)")
+    p.add_argument("--force", action="store_true", help="replace this question's earlier results in --out")
     p.add_argument("--keys", type=int, default=4, help="rope-retrieval: passkeys per length and depth")
     p.add_argument("--eval-tokens", type=int, default=None, help="rope-retrieval: read only the first N tokens of the "
                    "evaluation split (default: all of it)")
     p.add_argument("--deadline", default=None, help="rope-retrieval: HH:MM (UTC) after which no new cell starts")
     args = p.parse_args(argv)
     out = args.out
+    check_result_files(out, args.question, replace=args.force or args.resume)
     out.mkdir(parents=True, exist_ok=True)
     git_commit()
     t = Timer()
@@ -615,6 +620,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def check_result_files(out: Path, question: str, *, replace: bool) -> None:
+    """Before any work: --out is a writable folder and holds no earlier results of this question unless `replace`
+    (--force, or --resume which extends them); other questions' files in the same folder are left alone."""
+    from residscope.common.atomic import check_output_file
+
+    for name in RESULT_NAMES[question]:
+        for path in (out / f"{name}.json", out / f"{name}.png", out / f"{name}.html"):
+            check_output_file(path, "--out")
+            if path.exists() and not replace:
+                raise InputError(f"--out: {path} holds earlier results (use --force to replace them, --resume to extend them)")
+
+
 def _deadline(hhmm: str) -> float:
     import datetime as dt
 
@@ -627,4 +644,7 @@ def _deadline(hhmm: str) -> float:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    try:
+        raise SystemExit(main())
+    except InputError as e:  # a user's mistake: one line, exit 2, as the residscope CLI does
+        raise SystemExit(f"findings: error: {str(e).splitlines()[0]}") from None

@@ -221,14 +221,14 @@ def test_json_writer_refuses_nan_naming_the_field():
     (["extend", "--model", "zoo-rope", "--method", "pi", "--factor", "inf"], "factor"),
     (["extend", "--model", "zoo-rope", "--method", "pi", "--factor", "nan"], "factor"),
     (["extend", "--model", "zoo-window", "--method", "window", "--factor", "inf"], "factor"),
-    (["extend", "--model", "zoo-window", "--method", "window", "--logit-scale", "0"], "logit_scale"),
-    (["extend", "--model", "zoo-window", "--method", "window", "--logit-scale", "nan"], "logit_scale"),
-    (["extend", "--model", "zoo-rope", "--max-tokens", "-500"], "max_tokens"),
-    (["extend", "--model", "zoo-rope", "--window", "0"], "window must be a positive integer"),
+    (["extend", "--model", "zoo-window", "--method", "window", "--logit-scale", "0"], "--logit-scale"),
+    (["extend", "--model", "zoo-window", "--method", "window", "--logit-scale", "nan"], "--logit-scale"),
+    (["extend", "--model", "zoo-rope", "--max-tokens", "-500"], "--max-tokens must be an integer >= 0"),
+    (["extend", "--model", "zoo-rope", "--window", "0"], "--window must be an integer >= 1"),
     (["passkey", "--model", "zoo-rope", "--factor", "inf"], "factor"),
-    (["rope-bound", "--length", "1024", "--grid-step", "inf"], "grid_step"),
-    (["rope-bound", "--length", "1024", "--grid-step", "0"], "grid_step"),
-    (["rope-bound", "--base", "10000", "--max-m", str(10**12)], "max_m"),
+    (["rope-bound", "--length", "1024", "--grid-step", "inf"], "--grid-step"),
+    (["rope-bound", "--length", "1024", "--grid-step", "0"], "--grid-step"),
+    (["rope-bound", "--base", "10000", "--max-m", str(10**12)], "--max-m"),
     (["rope-bound", "--base", "inf"], "--base"),
 ])
 def test_absurd_numbers_are_one_line_errors(argv, culprit, capsys):
@@ -361,8 +361,8 @@ def test_explorer_logs_bad_input_in_one_line_and_bugs_with_traceback(caplog):
 
 # ---- hangs ------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("argv, culprit", [
-    (["rope-bound", "--length", str(10**12)], "length must be an integer in 1..4,194,304"),
-    (["rope-bound", "--length", "1024", "--grid-step", "1e-12"], "grid_step must be in [1e-05, 1]"),
+    (["rope-bound", "--length", str(10**12)], "--length must be an integer in [1, 4194304]"),
+    (["rope-bound", "--length", "1024", "--grid-step", "1e-12"], "--grid-step must be a finite number in [1e-05, 1]"),
     (["generate", "hello", "--model", "zoo-rope", "--max-new-tokens", str(10**12)], "--max-new-tokens"),
 ])
 def test_hopeless_sizes_are_refused_at_once(argv, culprit, capsys):
@@ -428,3 +428,128 @@ def test_library_raises_input_error_for_user_mistakes(tmp_path):
     assert check_output_dir(tmp_path / "new" / "deeper", "--out") == tmp_path / "new" / "deeper"
     assert not (tmp_path / "new").exists()  # checking creates nothing
     assert sorted(p.name for p in tmp_path.iterdir()) == ["full"]
+
+
+# ---- issue 24: outputs never overwrite a user's files or the input ---------------------------------------------------
+def test_demo_refuses_a_non_empty_out_and_leaves_the_users_files(tmp_path, capsys):
+    out = tmp_path / "mine"
+    (out / "pruned").mkdir(parents=True)
+    (out / "summary.json").write_text('{"mine": 1}')
+    (out / "pruned" / "notes.txt").write_text("my notes")
+    before = snapshot(out)
+    assert_one_line_error(cli(["demo", "--model", "zoo-rope", "--out", out], capsys), "--out", "not empty", "--force")
+    assert snapshot(out) == before
+
+
+@pytest.mark.parametrize("out, culprit", [("{model}", "is the input"), ("{model}/sub", "inside the input folder"),
+                                          ("{tmp}", "contains the input")])
+def test_prune_never_writes_over_the_checkpoint_it_reads_even_with_force(tmp_path, out, culprit, capsys):
+    model = copy_zoo(tmp_path)
+    before = snapshot(model)
+    target = out.format(model=model, tmp=tmp_path)
+    assert_one_line_error(cli(["prune", "--model", model, "--layers", "1", "--out", target, "--force"], capsys),
+                          "--out", culprit)
+    assert snapshot(model) == before
+
+
+def test_html_output_inside_the_model_folder_or_over_the_text_file_is_refused(tmp_path, capsys):
+    model = copy_zoo(tmp_path)
+    text = tmp_path / "corpus.txt"
+    text.write_text("some text " * 500)
+    assert_one_line_error(cli(["bi", "--model", model, "--html", model / "bi.html", *FAST], capsys), "--html", "inside")
+    assert_one_line_error(cli(["bi", "--model", model, "--text", text, "--html", text, *FAST], capsys), "--html",
+                          "is the input")
+
+
+def test_output_checks_follow_symlinks(tmp_path, capsys):
+    model = copy_zoo(tmp_path)
+    (tmp_path / "link").symlink_to(model)
+    assert_one_line_error(cli(["positional", "--model", model, "--out", tmp_path / "link", "--force", *FAST], capsys),
+                          "is the input")
+
+
+def test_findings_refuses_to_replace_earlier_results_without_force(tmp_path):
+    from residscope.studies import findings
+
+    (tmp_path / "rope-table.json").write_text('{"mine": 1}')
+    with pytest.raises(InputError, match=r"rope-table.json holds earlier results \(use --force"):
+        findings.main(["rope-table", "--out", str(tmp_path), "--lengths-table", "1024", "--head-dim", "16"])
+    assert (tmp_path / "rope-table.json").read_text() == '{"mine": 1}'
+
+
+def test_save_pretrained_refuses_the_models_own_folder(tmp_path):
+    from residscope.model import load_model
+
+    model_dir = copy_zoo(tmp_path)
+    model = load_model(model_dir)
+    with pytest.raises(InputError, match="is the input"):
+        model.save_pretrained(model_dir, force=True)
+
+
+# ---- issue 24: every numeric option has a declared range -------------------------------------------------------------
+def test_every_numeric_option_has_a_declared_range():
+    """The structural check: a new command or option of type int / float must declare its range in
+    apps/cli_common.RANGES, which every command's options are checked against when the CLI is built."""
+    from residscope.apps.cli import app
+    from residscope.apps.cli_common import numeric_options, range_of
+
+    missing = [f"{r.name} {option}" for r in app.registered_commands for option, _, _ in numeric_options(r.callback)
+               if range_of(r.name, option) is None]
+    assert not missing, f"declare a range in apps/cli_common.RANGES for: {missing}"
+
+
+@pytest.mark.parametrize("argv, culprit", [
+    (["ppl", "--model", "zoo-rope", "--samples", "0"], "--samples must be an integer in [1, "),
+    (["ppl", "--model", "zoo-rope", "--seq-len", "1"], "--seq-len must be an integer in [2, "),
+    (["bi", "--model", "zoo-rope", "--batch-size", "0"], "--batch-size"),
+    (["positional", "--model", "zoo-rope", "--probe-tokens", "-5", "--out", "x"], "--probe-tokens"),
+    (["positional", "--model", "zoo-rope", "--cos-threshold", "0", "--out", "x"], "--cos-threshold must be a finite number in (0, 1]"),
+    (["demo", "--remove-fraction", "nan"], "--remove-fraction"),
+    (["generate", "hi", "--model", "zoo-rope", "--top-p", "1.5", "--sample"], "--top-p"),
+    (["passkey", "--model", "zoo-rope", "--lengths", "1000000"], "over the limit of 32768"),
+    (["extend", "--model", "zoo-rope", "--lengths", "128,40000"], "over the limit of 32768"),
+    (["prune", "--model", "zoo-rope", "--layers", "", "--out", "x"], "--layers: no layer given"),
+    (["prune", "--model", "zoo-rope", "--layers", " , ", "--out", "x"], "--layers: no layer given"),
+    (["app", "--port", "0"], "--port"),
+])
+def test_numeric_options_outside_their_range_are_refused_before_any_work(argv, culprit, capsys):
+    assert_one_line_error(cli(argv, capsys), culprit)
+
+
+def test_whitespace_only_text_is_refused(tmp_path, capsys):
+    text = tmp_path / "blank.txt"
+    text.write_text(" \n\t\n  " * 300)
+    assert_one_line_error(cli(["ppl", "--model", "zoo-rope", "--text", text, *FAST], capsys), str(text), "no text")
+
+
+# ---- issue 24: Decoder API arguments ---------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def zoo_rope():
+    from residscope.model import load_model
+
+    return load_model("zoo-rope")
+
+
+@pytest.mark.parametrize("call, culprit", [
+    (lambda m, ids: m(ids[:, :1], return_type="loss"), "nothing to predict"),
+    (lambda m, ids: m(ids, return_type="loss", attention_mask=torch.zeros_like(ids)), "nothing to predict"),
+    (lambda m, ids: m(ids, stop_at_layer=5), "stop_at_layer=5 out of range for 4 layers"),
+    (lambda m, ids: m(ids, stop_at_layer=-5), "stop_at_layer=-5"),
+    (lambda m, ids: m(ids, position_ids=torch.arange(3)), "position_ids has shape (3,)"),
+    (lambda m, ids: m(ids, position_ids=torch.zeros(ids.shape)), "position_ids must be an integer tensor"),
+    (lambda m, ids: m.to_tokens(None), "got NoneType"),
+    (lambda m, ids: m.to_string([1, 2, 99999]), "token id 99999 is outside the tokenizer's vocabulary [0, 2047]"),
+    (lambda m, ids: m.to_string(torch.tensor([-1])), "token id -1"),
+])
+def test_decoder_api_refuses_in_one_line(zoo_rope, call, culprit):
+    ids = zoo_rope.to_tokens("The quick brown fox")
+    with pytest.raises(InputError) as e:
+        call(zoo_rope, ids)
+    assert culprit in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+def test_valid_position_ids_and_negative_stop_at_layer_still_work(zoo_rope):
+    ids = zoo_rope.to_tokens("The quick brown fox")
+    pos = torch.arange(ids.shape[1])
+    torch.testing.assert_close(zoo_rope(ids, position_ids=pos), zoo_rope(ids))
+    torch.testing.assert_close(zoo_rope(ids, stop_at_layer=-1), zoo_rope(ids, stop_at_layer=3))

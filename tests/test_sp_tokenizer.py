@@ -17,6 +17,8 @@ import pickle
 from pathlib import Path
 
 import pytest
+
+from residscope.model.errors import CheckpointError
 import sentencepiece as spm
 import torch
 from pydoc_data.topics import topics
@@ -260,11 +262,11 @@ def test_which_folders_get_the_adapter(tmp_path, proto, caplog):
     no_model = write_folder(tmp_path / "no_model", proto, cfg)
     (no_model / "tokenizer.model").unlink()
     assert not is_baichuan_tokenizer_folder(no_model)
-    # a broken tokenizer.model: the checkpoint still loads, without a tokenizer, and the log names the folder
+    # a broken tokenizer.model: one line naming the file and why (not a model silently without its tokenizer)
     broken = write_folder(tmp_path / "broken", b"not a sentencepiece model", cfg)
-    with caplog.at_level(logging.WARNING, logger="residscope.model.loading"):
-        assert load_tokenizer_from(broken) is None
-    assert str(broken) in caplog.text and "tokenizer not loaded" in caplog.text
+    with pytest.raises(CheckpointError, match=r"broken/tokenizer\.model: the tokenizer cannot be loaded") as e:
+        load_tokenizer_from(broken)
+    assert "\n" not in str(e.value)
     assert_no_remote_code(only_auto_map, only_model_type, other, no_model, broken)
 
 
