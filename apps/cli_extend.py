@@ -1,5 +1,5 @@
 """`residscope extend` (sliding-window perplexity against length per extension method) and `residscope passkey`
-(passkey retrieval against length and depth). Methods: none, pi, ntk, dynamic-ntk, yarn, pv-replace, window."""
+(passkey retrieval against length and depth). Methods: none, pi, ntk, dynamic-ntk, yarn, dca, pv-replace, window."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from .cli_output import json_text
 
 
 # options both commands take, with the same meaning
-METHOD = typer.Option(None, "--method", help="none, pi, ntk, dynamic-ntk, yarn, pv-replace or window")
+METHOD = typer.Option(None, "--method", help="none, pi, ntk, dynamic-ntk, yarn, dca, pv-replace or window")
 COMPARE = typer.Option(False, "--compare", help="every method that applies to the model (or --methods): one table, one figure")
 METHODS = typer.Option(None, "--methods", help="with --compare: comma-separated methods")
 FACTOR = typer.Option(None, "--factor", help="extension factor s (default: longest length / trained window)")

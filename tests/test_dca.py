@@ -177,3 +177,15 @@ def test_config_turns_it_on(tmp_path, ids):
     (folder / "config.json").write_text(json.dumps(data))
     with pytest.raises(InputError, match="dual_chunk_attention_config"):
         load_model(folder, load_tokenizer=False)
+
+
+def test_extension_method(tiny, ids):
+    from residscope.analyses.extension import METHODS, apply_method
+
+    assert "dca" in METHODS
+    before = tiny(ids)
+    with apply_method(tiny, "dca", 2.0, window=16) as ext:
+        assert ext.settings["chunk_size"] == 12 and ext.settings["local_size"] == 2
+        assert tiny.dual_chunk_settings() == [DualChunk(12, 2)] * 2
+        torch.testing.assert_close(tiny(ids[:, :10]), before[:, :10], rtol=1e-12, atol=1e-12)  # inside one chunk
+    assert tiny.dual_chunk_settings() == [None, None]
