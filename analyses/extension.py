@@ -307,15 +307,17 @@ class LengthPerplexity:
         return asdict(self)
 
 
-def evaluation_tokens(model, max_tokens: int | None = None) -> torch.Tensor:
-    """Token ids [n] of the built-in evaluation split (held out from calibration and from zoo training)."""
-    from .corpus import builtin_text, tokenize
+def evaluation_tokens(model, max_tokens: int | None = None, text: str | None = None) -> torch.Tensor:
+    """Token ids [n] of the built-in evaluation split (held out from calibration and from zoo training), or of `text`:
+    a file or a named built-in corpus such as `builtin:plays/evaluation` (long documents, for 16k-32k windows)."""
+    from .corpus import builtin_text, corpus_text, tokenize
 
     if max_tokens is not None and (int(max_tokens) != max_tokens or max_tokens < 2):
         raise InputError(f"max_tokens must be an integer >= 2, or None for the whole split, got {max_tokens}")
     if model.tokenizer is None:
         raise InputError("the model has no tokenizer; pass token ids to sliding_window_perplexity instead")
-    tokens = tokenize(model.tokenizer, builtin_text("evaluation"))
+    source = builtin_text("evaluation") if text is None else corpus_text(text, split="evaluation")[0]
+    tokens = tokenize(model.tokenizer, source)
     return tokens[:max_tokens] if max_tokens is not None else tokens
 
 
@@ -379,14 +381,14 @@ def sliding_window_perplexity(model, tokens: torch.Tensor, length: int, *, strid
 def extension_perplexity(model, methods: Sequence[str], lengths: Sequence[int], *, factor: float | None = None,
                          window: int | None = None, max_tokens: int | None = 8192, stride: int | None = None,
                          batch_size: int = 4, progress: bool = True,
-                         method_kw: dict[str, dict] | None = None) -> list[LengthPerplexity]:
+                         method_kw: dict[str, dict] | None = None, text: str | None = None) -> list[LengthPerplexity]:
     """Sliding-window perplexity of each method at each length. factor None: max(lengths) / trained window (at least 1),
     one setting for all lengths, as when a model is extended once to a target length. method_kw: extra keyword
     arguments of `apply_method` per method name."""
     check_factor(factor)
     if batch_size < 1:
         raise InputError(f"batch_size must be >= 1, got {batch_size}")
-    tokens = evaluation_tokens(model, max_tokens)
+    tokens = evaluation_tokens(model, max_tokens, text)
     bos = bos_token_id(model)
     rows = []
     for method in methods:

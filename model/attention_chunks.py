@@ -4,8 +4,9 @@ does not fit in memory (SmolLM2 at 16k tokens: 9 heads x 16k x 16k float32 = 9.7
 - `hook_attn_scores` / `hook_pattern` take the whole pattern, so they are refused once q_pos x k_pos exceeds
   PATTERN_LIMIT^2 (8,192 x 8,192: 2.4 GB per layer for SmolLM2's 9 heads), with a message pointing here.
 - `chunked_patterns(model, {layer: fn})` instead hands each attention layer's pattern to `fn(block, first_row)` one
-  query chunk at a time: block [batch, head, rows, k_pos] holds complete rows (softmax over all keys), first_row is the
-  query index of its first row. The layer's output is computed from the same blocks (block @ v), so nothing larger
+  query chunk at a time: block [batch, head, rows, keys] holds complete rows (softmax over all keys; the keys after the
+  block's last query, masked for all its rows, are left out, so keys = first_row + rows), first_row is the query index
+  of its first row. The layer's output is computed from the same blocks (block @ v), so nothing larger
   than one block exists; everything the explicit path does (causal and sliding-window masks, padding, ALiBi, soft-capping,
   logit scale, Dual Chunk Attention) happens per block. `analyses/long_context.py` reduces blocks to statistics.
 - A soft-capped layer (which cannot use SDPA) takes this path by itself at long lengths, with no callback.
@@ -62,8 +63,8 @@ def chunked_patterns(model, fns: dict[int, PatternFn], rows: int = DEFAULT_ROWS)
 
 
 def block_scores(attn, q: torch.Tensor, q_far, k: torch.Tensor, pos, scale: float, rows: slice) -> torch.Tensor:
-    """Masked scores [batch, head, rows, k_pos] of query rows `rows`, exactly as the explicit path computes them.
-    k: [batch, head, k_pos, d_head] (key heads already repeated)."""
+    """Masked scores [batch, head, rows, keys] of query rows `rows` against the first `keys` keys, exactly as the
+    explicit path computes them. k: [batch, head, keys, d_head] (key heads already repeated)."""
     from . import dca
     from .decoder import alibi_slopes, attention_allowed
 
@@ -75,7 +76,7 @@ def block_scores(attn, q: torch.Tensor, q_far, k: torch.Tensor, pos, scale: floa
         scores = torch.tanh(scores / attn.softcap) * attn.softcap
     device = q.device
     q_idx = torch.arange(pos.past + rows.start, pos.past + rows.stop, device=device)
-    k_idx = torch.arange(pos.k_len, device=device)
+    k_idx = torch.arange(k.shape[-2], device=device)
     if attn.positional == "alibi":
         compute = torch.promote_types(scores.dtype, torch.float32)
         rel = (k_idx[None, :] - q_idx[:, None]).to(compute)  # [rows, k]
@@ -83,7 +84,7 @@ def block_scores(attn, q: torch.Tensor, q_far, k: torch.Tensor, pos, scale: floa
         scores = scores + (slopes[:, None, None] * rel).to(scores.dtype)[None]
     allowed = attention_allowed(q_idx, k_idx, attn.window)[None, None]  # [1, 1, rows, k]
     if pos.key_valid is not None:
-        allowed = allowed & pos.key_valid[:, None, None, :]
+        allowed = allowed & pos.key_valid[:, None, None, :k.shape[-2]]
         allowed = allowed | (q_idx[:, None] == k_idx[None, :])[None, None]  # a padding query sees itself
     return scores.masked_fill(~allowed, float("-inf"))
 
@@ -99,10 +100,10 @@ def chunked_explicit(attn, q: torch.Tensor, q_far, k: torch.Tensor, v: torch.Ten
     softmax_dtype = torch.promote_types(q.dtype, torch.float32)
     for start in range(0, q.shape[-2], n_rows):
         rows = slice(start, min(start + n_rows, q.shape[-2]))
-        pattern = F.softmax(block_scores(attn, q, q_far, k, pos, scale, rows), dim=-1, dtype=softmax_dtype).to(q.dtype)
+        last = pos.past + rows.stop  # keys after the block's last query are masked for every row: left out
+        scores = block_scores(attn, q, q_far, k[..., :last, :], pos, scale, rows)  # [batch, head, rows, last]
+        pattern = F.softmax(scores, dim=-1, dtype=softmax_dtype).to(q.dtype)
         if fn is not None:
             fn(pattern, pos.past + start)
-        # keys after the block's last query have zero weight: skip them in the product
-        last = pos.past + rows.stop
-        out[..., rows, :] = pattern[..., :last] @ v[..., :last, :]
+        out[..., rows, :] = pattern @ v[..., :last, :]
     return out
