@@ -190,12 +190,19 @@ class _OnDevice:
 def long_context_batches(model, seq_len: int, samples: int = 1, *, text: str = "builtin:plays/evaluation",
                          seed: int = 0) -> tuple[list[torch.Tensor], str]:
     """`samples` chunks [1, seq_len] of a long-document text (default the plays' evaluation split), BOS first when the
-    tokenizer adds one, one per batch; and a description of the source."""
+    tokenizer adds one, one per batch, drawn in a seeded order from the first 64 x seq_len x samples characters (the
+    whole text when those hold fewer than 4 x seq_len x samples tokens); and a description of the source."""
     from .corpus import corpus_text, token_chunks, tokenize
     from .extension import bos_token_id
 
     if model.tokenizer is None:
         raise InputError("the model has no tokenizer; pass token-id batches to long_context_statistics")
     body, source = corpus_text(text, split="evaluation")
-    chunks = token_chunks(tokenize(model.tokenizer, body), seq_len, samples, seed=seed, bos_token_id=bos_token_id(model))
+    # tokenise a prefix with room for 4x the chunks needed (tokenising all 1.5 MB of plays is slow for a short run),
+    # the whole text when that is not enough; the chunks are then drawn in a seeded order from what was tokenised
+    n_chars = 4 * 16 * seq_len * samples
+    tokens = tokenize(model.tokenizer, body[:n_chars])
+    if tokens.numel() < 4 * seq_len * samples and n_chars < len(body):
+        tokens = tokenize(model.tokenizer, body)
+    chunks = token_chunks(tokens, seq_len, samples, seed=seed, bos_token_id=bos_token_id(model))
     return list(chunks.split(1)), f"{source} ({samples}x{seq_len} tokens, seed {seed})"

