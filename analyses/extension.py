@@ -13,6 +13,9 @@ Every method is a reversible setting of a loaded model:
     dynamic-ntk  NTK scaling recomputed from the current length L: s_eff = s * L / W - (s - 1) once L > W (transformers'
                  formula: the identity within the window at any factor, but at factor 1 still s_eff = L / W beyond it)
     yarn         YaRN: NTK-by-parts ramp (beta_fast 32, beta_slow 1) and cos/sin scaled by 0.1 ln s + 1
+    dca          Dual Chunk Attention (model/dca.py) on every full-attention RoPE layer, with ChunkLlama's defaults
+                 chunk_size = 3W/4, local_size = W/8 (`chunk_size=` / `local_size=` override); no attention
+                 temperature; independent of s (the positions it uses never exceed chunk_size)
     pv-replace   positional-vector replacement (Dong et al.): at residual layer l, h <- h - p_orig[t] + alpha * p_interp[t]
                  with p_interp the in-window positional vectors stretched by ratio r (default s); NoPE and any other model
     window       attention-window extension (Dong et al.): window W -> s W and attention logits multiplied by lambda
@@ -44,7 +47,7 @@ from residscope.model.errors import InputError
 from .passkey import passkey_keys, passkey_prompt
 from .perplexity import perplexity_of
 
-METHODS = ("none", "pi", "ntk", "dynamic-ntk", "yarn", "pv-replace", "window")
+METHODS = ("none", "pi", "ntk", "dynamic-ntk", "yarn", "dca", "pv-replace", "window")
 ROPE_METHODS = ("pi", "ntk", "dynamic-ntk", "yarn")
 
 
@@ -184,6 +187,8 @@ def apply_method(
     decomposition=None,
     original=None,
     samples: int = 512,
+    chunk_size: int | None = None,
+    local_size: int | None = None,
     progress: bool = False,
 ) -> Iterator[Extension]:
     """Context manager: `model` extended by `method` at `factor` inside the block, restored on exit.
@@ -209,6 +214,8 @@ def apply_method(
     with model.positional_overrides():
         if method in ROPE_METHODS:
             ext.settings = _scale_rope(model, method, factor, trained_window(model, window))
+        elif method == "dca":
+            ext.settings = _dual_chunk(model, trained_window(model, window), chunk_size, local_size)
         elif method == "window":
             ext.settings = _extend_windows(model, factor, window, logit_scale)
         elif method == "pv-replace":
@@ -231,6 +238,22 @@ def _scale_rope(model, method: str, factor: float, trained: int) -> dict:
             model.set_rope(rope_setting(rope, method, factor, trained, model.cfg.d_head), layers=layer)
     first = next(rope for rope in model.rope_settings() if rope is not None)
     return {"window": trained, **first.to_hf()}
+
+
+def _dual_chunk(model, trained: int, chunk_size: int | None, local_size: int | None) -> dict:
+    """Dual Chunk Attention on every full-attention RoPE layer (sliding-window layers keep their window)."""
+    from residscope.model.dca import default_dual_chunk
+
+    if model.cfg.positional != "rope":
+        raise InputError(f"method 'dca' remaps RoPE positions, but this model uses {model.cfg.positional!r} positions")
+    default = default_dual_chunk(trained)
+    chunk = int(chunk_size) if chunk_size is not None else default.chunk_size
+    local = int(local_size) if local_size is not None else max(1, chunk * default.local_size // default.chunk_size)
+    layers = [i for i, (r, w) in enumerate(zip(model.rope_settings(), model.windows())) if r is not None and w is None]
+    if not layers:
+        raise InputError("method 'dca': the model has no full-attention RoPE layer")
+    model.set_dual_chunk_attention(chunk, local, layers=layers)
+    return {"window": trained, "chunk_size": chunk, "local_size": local, "layers": layers}
 
 
 def _extend_windows(model, factor: float, window: int | None, logit_scale: float | None) -> dict:
@@ -284,15 +307,17 @@ class LengthPerplexity:
         return asdict(self)
 
 
-def evaluation_tokens(model, max_tokens: int | None = None) -> torch.Tensor:
-    """Token ids [n] of the built-in evaluation split (held out from calibration and from zoo training)."""
-    from .corpus import builtin_text, tokenize
+def evaluation_tokens(model, max_tokens: int | None = None, text: str | None = None) -> torch.Tensor:
+    """Token ids [n] of the built-in evaluation split (held out from calibration and from zoo training), or of `text`:
+    a file or a named built-in corpus such as `builtin:plays/evaluation` (long documents, for 16k-32k windows)."""
+    from .corpus import builtin_text, corpus_text, tokenize
 
     if max_tokens is not None and (int(max_tokens) != max_tokens or max_tokens < 2):
         raise InputError(f"max_tokens must be an integer >= 2, or None for the whole split, got {max_tokens}")
     if model.tokenizer is None:
         raise InputError("the model has no tokenizer; pass token ids to sliding_window_perplexity instead")
-    tokens = tokenize(model.tokenizer, builtin_text("evaluation"))
+    source = builtin_text("evaluation") if text is None else corpus_text(text, split="evaluation")[0]
+    tokens = tokenize(model.tokenizer, source)
     return tokens[:max_tokens] if max_tokens is not None else tokens
 
 
@@ -356,14 +381,14 @@ def sliding_window_perplexity(model, tokens: torch.Tensor, length: int, *, strid
 def extension_perplexity(model, methods: Sequence[str], lengths: Sequence[int], *, factor: float | None = None,
                          window: int | None = None, max_tokens: int | None = 8192, stride: int | None = None,
                          batch_size: int = 4, progress: bool = True,
-                         method_kw: dict[str, dict] | None = None) -> list[LengthPerplexity]:
+                         method_kw: dict[str, dict] | None = None, text: str | None = None) -> list[LengthPerplexity]:
     """Sliding-window perplexity of each method at each length. factor None: max(lengths) / trained window (at least 1),
     one setting for all lengths, as when a model is extended once to a target length. method_kw: extra keyword
     arguments of `apply_method` per method name."""
     check_factor(factor)
     if batch_size < 1:
         raise InputError(f"batch_size must be >= 1, got {batch_size}")
-    tokens = evaluation_tokens(model, max_tokens)
+    tokens = evaluation_tokens(model, max_tokens, text)
     bos = bos_token_id(model)
     rows = []
     for method in methods:
@@ -491,6 +516,8 @@ def applicable_methods(model) -> list[str]:
     ropes = [r for r in model.rope_settings() if r is not None]
     if model.cfg.positional == "rope" and ropes and all(r.rope_type == "default" for r in ropes):
         methods += list(ROPE_METHODS)
+    if model.cfg.positional == "rope" and ropes:
+        methods.append("dca")
     methods.append("pv-replace")
     if any(w is not None for w in model.windows()):
         methods.append("window")

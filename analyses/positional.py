@@ -314,41 +314,40 @@ class AttentionStatistics:
 
 
 class _AttentionAccumulator:
+    """Float64 sums per block and head, fed one block of query rows at a time (`model.attention_chunks`): attention on
+    the first k keys summed over queries q >= k, and attention at each distance summed over queries. Divided by the
+    number of queries that count (T - k, T - d) once the length T is known (`finish`)."""
+
     def __init__(self, n_layers: int, n_heads: int, first_k: int):
         self.first_k = first_k
         self.n_layers, self.n_heads = n_layers, n_heads
         self.sink: torch.Tensor | None = None  # [layer, head] float64 sums
-        self.dist: torch.Tensor | None = None  # [layer, head, distance] float64 sums
+        self.dist: torch.Tensor | None = None  # [layer, head, distance] float64 sums (grows to the longest key range)
         self.n_samples = 0
-        self._index: dict = {}
-
-    def _distance_index(self, t: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """Key index [q, distance] = q - distance (clamped) and its validity mask [q, distance]."""
-        if t not in self._index:
-            q = torch.arange(t, device=device)[:, None]
-            d = torch.arange(t, device=device)[None, :]
-            self._index[t] = ((q - d).clamp(min=0), d <= q)
-        return self._index[t]
 
     def hook(self, layer: int) -> Callable:
-        def accumulate(pattern: torch.Tensor, hook) -> None:
-            b, h, tq, tk = pattern.shape  # [batch, head, q_pos, k_pos]
-            if tq != tk:
-                raise InputError("attention statistics need full-sequence forwards (no KV cache)")
+        def accumulate(block: torch.Tensor, first_row: int) -> None:
+            b, h, rows, keys = block.shape  # [batch, head, rows, keys]; row r is query first_row + r, keys 0..keys-1
             if self.sink is None:
                 self.sink = torch.zeros(self.n_layers, h, dtype=torch.float64)
-                self.dist = torch.zeros(self.n_layers, h, tq, dtype=torch.float64)
-            if self.dist.shape[-1] != tq:
-                raise InputError(f"all batches must have the same sequence length: got {tq} after {self.dist.shape[-1]}")
-            p = pattern.detach().double()  # [batch, head, q_pos, k_pos]
-            k = min(self.first_k, tq)
-            sink = p[:, :, k:, :k].sum(-1)  # [batch, head, q_pos - k]
-            self.sink[layer] += sink.mean(-1).sum(0).cpu() if tq > k else 0.0
-            idx, valid = self._distance_index(tq, p.device)
-            by_d = p.gather(-1, idx.expand(b, h, tq, tq)) * valid  # [batch, head, q_pos, distance]
-            self.dist[layer] += (by_d.sum((0, 2)) / valid.sum(0)).cpu()
+                self.dist = torch.zeros(self.n_layers, h, keys, dtype=torch.float64)
+            if keys > self.dist.shape[-1]:
+                self.dist = torch.nn.functional.pad(self.dist, (0, keys - self.dist.shape[-1]))
+            p = block.detach().double()
+            q = torch.arange(first_row, first_row + rows, device=p.device)[:, None]  # [rows, 1]
+            counted = (q[:, 0] >= self.first_k).double()  # [rows]
+            k = min(self.first_k, keys)
+            self.sink[layer] += (p[..., :k].sum(-1) * counted).sum((0, 2)).cpu()
+            d = torch.arange(keys, device=p.device)[None, :]  # [1, distance]
+            by_d = p.gather(-1, (q - d).clamp(min=0).expand(b, h, rows, keys)) * (d <= q)  # [batch, head, rows, distance]
+            self.dist[layer, :, :keys] += by_d.sum((0, 2)).cpu()
 
         return accumulate
+
+    def finish(self, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sink [layer, head], by distance [layer, head, distance]) per sample, still summed over samples."""
+        per_distance = seq_len - torch.arange(seq_len, dtype=torch.float64)  # queries at each distance, per sample
+        return self.sink / max(seq_len - self.first_k, 1), self.dist / per_distance
 
 
 @torch.no_grad()
@@ -356,19 +355,24 @@ def attention_statistics(model, batches: Iterable[torch.Tensor], *, first_k: int
                          progress: bool = True, group=None) -> AttentionStatistics:
     """Sink mass and attention against distance for every block and head, over token-id batches of one length.
 
-    Patterns are reduced inside their hooks and never stored. `fwd_hooks` (e.g. `removal_hooks(...)`) run at the same time,
-    so the statistics describe the intervened model. Under torch.distributed the sums are all-reduced (see
-    `decompose_positions`).
+    Patterns are reduced a block of query rows at a time (`model.attention_chunks.chunked_patterns`) and never held
+    whole, so this runs at any length. `fwd_hooks` (e.g. `removal_hooks(...)`) run at the same time, so the statistics
+    describe the intervened model. Under torch.distributed the sums are all-reduced (see `decompose_positions`).
     """
+    from residscope.model.attention_chunks import chunked_patterns
     from residscope.runtime.distributed import agree, all_reduce_sum
     from residscope.runtime.runner import forward_batches
 
     cfg = model.cfg
     acc = _AttentionAccumulator(cfg.n_layers, cfg.n_heads, first_k)
-    hooks = [(f"blocks.{i}.attn.hook_pattern", acc.hook(i)) for i in model.attention_layers()]
-    for run in forward_batches(model, batches, hooks=list(fwd_hooks) + hooks, stop_at_layer=cfg.n_layers, group=group,
-                               progress=progress, desc="attention"):
-        acc.n_samples += run.ids.shape[0]
+    lengths = set()
+    with chunked_patterns(model, {i: acc.hook(i) for i in model.attention_layers()}):
+        for run in forward_batches(model, batches, hooks=list(fwd_hooks), stop_at_layer=cfg.n_layers, group=group,
+                                   progress=progress, desc="attention"):
+            acc.n_samples += run.ids.shape[0]
+            lengths.add(run.ids.shape[1])
+    if len(lengths) > 1:
+        raise InputError(f"all batches must have the same sequence length: got {sorted(lengths)}")
     shape = agree(tuple(acc.dist.shape) if acc.dist is not None else None, group, what="attention statistics shape")
     n = int(all_reduce_sum(torch.tensor(float(acc.n_samples)), group))
     if n == 0:
@@ -377,7 +381,8 @@ def attention_statistics(model, batches: Iterable[torch.Tensor], *, first_k: int
         raise InputError("attention statistics: the model has no attention layers")
     if acc.dist is None:  # a rank without batches contributes zeros
         acc.sink, acc.dist = torch.zeros(shape[:2], dtype=torch.float64), torch.zeros(shape, dtype=torch.float64)
-    sink, dist = all_reduce_sum(acc.sink, group), all_reduce_sum(acc.dist, group)
+    sink, dist = acc.finish(shape[-1])
+    sink, dist = all_reduce_sum(sink, group), all_reduce_sum(dist, group)
     return AttentionStatistics(sink_mass=(sink / n).numpy(), by_distance=(dist / n).numpy(), first_k=first_k,
                                n_samples=n)
 

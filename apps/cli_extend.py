@@ -1,5 +1,5 @@
 """`residscope extend` (sliding-window perplexity against length per extension method) and `residscope passkey`
-(passkey retrieval against length and depth). Methods: none, pi, ntk, dynamic-ntk, yarn, pv-replace, window."""
+(passkey retrieval against length and depth). Methods: none, pi, ntk, dynamic-ntk, yarn, dca, pv-replace, window."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from .cli_output import json_text
 
 
 # options both commands take, with the same meaning
-METHOD = typer.Option(None, "--method", help="none, pi, ntk, dynamic-ntk, yarn, pv-replace or window")
+METHOD = typer.Option(None, "--method", help="none, pi, ntk, dynamic-ntk, yarn, dca, pv-replace or window")
 COMPARE = typer.Option(False, "--compare", help="every method that applies to the model (or --methods): one table, one figure")
 METHODS = typer.Option(None, "--methods", help="with --compare: comma-separated methods")
 FACTOR = typer.Option(None, "--factor", help="extension factor s (default: longest length / trained window)")
@@ -98,6 +98,8 @@ def extend(
     layer: Optional[int] = LAYER,
     logit_scale: Optional[float] = LOGIT_SCALE,
     max_tokens: int = typer.Option(8192, "--max-tokens", help="evaluation-split tokens read (0 = all)"),
+    text: Optional[str] = typer.Option(None, "--text", help="evaluation text: a .txt/.jsonl file or a built-in corpus "
+                                       "(builtin:plays/evaluation: Shakespeare's plays, long documents for 16k-32k)"),
     stride: Optional[int] = typer.Option(None, "--stride", help="window stride (default: half the length)"),
     batch_size: int = typer.Option(4, "--batch-size"),
     html: Optional[Path] = typer.Option(None, "--html", help="write the plotly figure (perplexity against length) here"),
@@ -122,7 +124,7 @@ def extend(
     m, model, w = _loaded(model, device, dtype, window)
     rows = extension_perplexity(m, _methods(m, method, methods, compare), _lengths(lengths, w), factor=factor, window=window,
                                 max_tokens=max_tokens or None, stride=stride, batch_size=batch_size, progress=not as_json,
-                                method_kw=_method_kw(window, ratio, alpha, layer, logit_scale))
+                                method_kw=_method_kw(window, ratio, alpha, layer, logit_scale), text=text)
     if not workers.is_main():  # rank 0 alone reports
         return
     if html is not None:

@@ -99,5 +99,65 @@ def positional(
     typer.echo(summary_json if as_json else _table(summary, study.decomposition.n_resid_layers, out))
 
 
+
+
+def long_context(
+    model: Optional[str] = MODEL,
+    seq_len: int = typer.Option(16384, "--seq-len", help="tokens per sequence (16k-32k is what this command is for)"),
+    samples: int = typer.Option(1, "--samples", help="sequences (one forward each)"),
+    text: str = typer.Option("builtin:plays/evaluation", "--text",
+                             help="long-document text: builtin:plays/<split>, builtin:pydoc/<split> or a .txt/.jsonl file"),
+    first_k: int = typer.Option(4, "--first-k", help="initial tokens counted as sinks"),
+    rows: int = typer.Option(256, "--rows", help="query rows per attention block (memory: batch x heads x rows x seq-len)"),
+    positional_layers: str = typer.Option("", "--positional-layers",
+                                          help="residual layers (0 = embeddings) whose positional vectors to accumulate "
+                                               "(float64 [layers, seq-len, d_model]); empty for none"),
+    method: Optional[str] = typer.Option(None, "--method", help="context-extension method applied during the run "
+                                         "(none, pi, ntk, dynamic-ntk, yarn, dca, window; factor = seq-len / window)"),
+    seed: int = typer.Option(0, "--seed", help="seed of the chunk order"),
+    html: Optional[Path] = typer.Option(None, "--html", help="write the plotly figure here"),
+    as_json: bool = typer.Option(False, "--json", help="print the full statistics as JSON"),
+    dtype: str = DTYPE,
+    device: str = DEVICE,
+) -> None:
+    """Attention statistics (sink mass, first-k attention, entropy, attended distance) of every layer and head and the
+    per-position loss at long lengths, by query chunks: no attention pattern or logits tensor is ever held whole."""
+    from residscope.analyses.extension import apply_method, extension_settings
+    from residscope.analyses.long_context import long_context_batches, long_context_statistics
+    from residscope.analyses.long_context_plots import statistics_figure
+    from residscope.common.atomic import check_output_file
+
+    from .cli_common import write_figure
+
+    if seq_len < 2 or samples < 1:
+        raise InputError(f"--seq-len must be >= 2 and --samples >= 1, got {seq_len} and {samples}")
+    if not 1 <= first_k < seq_len:
+        raise InputError(f"--first-k must be in 1..--seq-len - 1 ({seq_len - 1}), got {first_k}")
+    html = check_output_file(html, "--html") if html is not None else None
+    m = load(model, device, dtype)
+    pv_layers = parse_indices(positional_layers, "--positional-layers", m.cfg.n_layers + 1,
+                              note=" (0 = embeddings)") if positional_layers.strip() else []
+    batches, source = long_context_batches(m, seq_len, samples, text=text, seed=seed)
+    name = method or "none"
+    f, kw = extension_settings(m, name, [seq_len]) if method else (1.0, {})
+    with apply_method(m, name, f, **kw):
+        stats = long_context_statistics(m, batches, first_k=first_k, rows=rows, positional_layers=pv_layers,
+                                        source=source, progress=not as_json)
+    if html is not None:
+        write_figure(statistics_figure(stats, title=f"{model_name(model)}: attention and loss at {seq_len:,} tokens "
+                                                    f"({name})"), html)
+    if as_json:
+        print(json_text({"model": model_name(model), "method": name, **stats.to_dict()}, indent=1))
+        return
+    print(f"{model_name(model)} at {seq_len:,} tokens ({source}, method {name}): loss {stats.loss:.4f}")
+    print(f"{'block':>5}  {'sink':>6}  {'entropy':>7}  {'distance':>9}")
+    for i, layer in enumerate(stats.layers):
+        print(f"{layer:>5}  {stats.sink_mass[i].mean():>6.3f}  {stats.entropy[i].mean():>7.3f}  "
+              f"{stats.mean_distance[i].mean():>9.1f}")
+    if html is not None:
+        print(f"figure: {html}")
+
+
 def register(app: typer.Typer) -> None:
     app.command("positional")(positional)
+    app.command("long-context")(long_context)

@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from transformer_lens import ActivationCache, HookedRootModule
 from transformer_lens.hook_points import HookPoint
 
-from . import export
+from . import attention_chunks, dca, export
 from . import tokens as tokenizing
 from .config import DecoderConfig
 from .errors import InputError
@@ -336,7 +336,10 @@ class Attention(AttentionWeights, nn.Module):
             self.q_norm, self.k_norm = make_norm(cfg, h * d), make_norm(cfg, kvh * d)
         self.default_rope: RopeParams | None = cfg.rope_of(layer)
         self.default_window: int | None = cfg.window_of(layer)
+        self.default_dca: dca.DualChunk | None = dca.config_dual_chunk(cfg, layer)
         self.rope, self.window, self.logit_scale = self.default_rope, self.default_window, 1.0
+        self.dca = self.default_dca  # Dual Chunk Attention (model/dca.py), a run-time setting like rope
+        self.pattern_chunks = None  # (callback(pattern block, first row), rows per block): see model/attention_chunks.py
         self.output_normed = cfg.post_norms  # Gemma 3: the block RMS-normalises this module's output (ln1_post)
         self.use_attn_result = False  # TransformerLens switch, kept in step with cfg by Decoder.forward
 
@@ -352,9 +355,13 @@ class Attention(AttentionWeights, nn.Module):
 
     def reset_positional(self) -> None:
         self.rope, self.window, self.logit_scale = self.default_rope, self.default_window, 1.0
+        self.dca = self.default_dca
 
     def wants_pattern(self) -> bool:
-        return hooked(self.hook_attn_scores) or hooked(self.hook_pattern) or self.softcap is not None
+        return self.wants_pattern_hook() or self.softcap is not None
+
+    def wants_pattern_hook(self) -> bool:
+        return hooked(self.hook_attn_scores) or hooked(self.hook_pattern)
 
     def forward(
         self,
@@ -373,17 +380,29 @@ class Attention(AttentionWeights, nn.Module):
         q = self.hook_q(self._project(self.q_proj, x, self.n_heads, "q_norm"))  # [batch, pos, head, d_head]
         k = self.hook_k(self._project(self.k_proj, x if k_in is None else k_in, self.n_kv_heads, "k_norm"))  # [batch, pos, kv_head, d_head]
         v = self.hook_v(self._project(self.v_proj, x if v_in is None else v_in, self.n_kv_heads))  # [batch, pos, kv_head, d_head]
-        if self.rope is not None:
+        q_far = None  # DCA: the queries rotated for keys of the previous chunk and further back
+        if self.rope is not None and self.dca is not None:
+            q, k, q_far = dca.rotate(q, k, pos.past, self.rope, self.dca, self.d_head)  # hook_rot_q: the intra queries
+        elif self.rope is not None:
             cos, sin = pos.cos_sin(self.rope, self.d_head, q.dtype)  # [batch, pos, rotary_dim]
             q, k = apply_rope(q, cos, sin, self.rope.interleaved), apply_rope(k, cos, sin, self.rope.interleaved)
         q, k = self.hook_rot_q(q), self.hook_rot_k(k)
 
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [batch, head, pos, d_head]
+        if q_far is not None:
+            q, k, q_far = dca.tempered(q, k, tuple(x.transpose(1, 2) for x in q_far), self.dca, pos)
         if cache is not None:
             k, v = cache.update(self, k, v)  # [batch, kv_head, past + pos, d_head]
         scale = self.scale * self.logit_scale
-        if self.wants_pattern():
-            z = self._explicit(q, k, v, pos, scale)
+        if self.pattern_chunks is not None or (self.softcap is not None and not self.wants_pattern_hook()
+                                               and attention_chunks.too_long(pos.q_len, pos.k_len)):
+            z = attention_chunks.chunked_explicit(self, q, q_far, k, v, pos, scale)
+        elif self.wants_pattern():
+            attention_chunks.check_pattern_size(self, pos.q_len, pos.k_len)
+            z = self._explicit(q, k, v, pos, scale, q_far)
+        elif q_far is not None:
+            k, v = repeat_kv(k, self.n_rep), repeat_kv(v, self.n_rep)
+            z = dca.chunked_attention(q, q_far, k, v, self.dca, pos.past, scale)
         else:
             z = self._sdpa(q, k, v, pos, scale)
         z = self.hook_z(z.transpose(1, 2))  # [batch, pos, head, d_head]
@@ -454,9 +473,12 @@ class Attention(AttentionWeights, nn.Module):
         k, v = repeat_kv(k, self.n_rep), repeat_kv(v, self.n_rep)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
-    def _explicit(self, q, k, v, pos: Positions, scale: float) -> torch.Tensor:
+    def _explicit(self, q, k, v, pos: Positions, scale: float, q_far=None) -> torch.Tensor:
         k, v = repeat_kv(k, self.n_rep), repeat_kv(v, self.n_rep)  # [batch, head, k_pos, d_head]
-        scores = (q @ k.transpose(-1, -2)) * scale  # [batch, head, q_pos, k_pos]
+        if q_far is not None:  # DCA: each key scored by the query of its part (intra, previous chunk, further back)
+            scores = dca.dca_scores(q, q_far, k, self.dca, pos.past, scale)  # [batch, head, q_pos, k_pos]
+        else:
+            scores = (q @ k.transpose(-1, -2)) * scale  # [batch, head, q_pos, k_pos]
         if self.softcap is not None:
             scores = torch.tanh(scores / self.softcap) * self.softcap
         if self.positional == "alibi":
@@ -1081,9 +1103,37 @@ class Decoder(DecoderWeights, HookedRootModule):
         for attn in self._attention(layers):
             attn.logit_scale = float(scale)
 
+    def dual_chunk_settings(self) -> list[dca.DualChunk | None]:
+        """Current Dual Chunk Attention setting per block (None: off, or no attention)."""
+        return [b.attn.dca if b.attn is not None else None for b in self.blocks]
+
+    def set_dual_chunk_attention(self, chunk_size: int | None, local_size: int | None = None,
+                                 original_max_position_embeddings: int | None = None, *, layers=None) -> None:
+        """Dual Chunk Attention (model/dca.py) on some layers (all by default): keys at j % (chunk_size - local_size),
+        queries at three positions by how far back the key's chunk lies; with `original_max_position_embeddings`,
+        Qwen2.5-1M's attention temperature past that length. Combines with any `set_rope` scaling (DCA + YaRN);
+        `chunk_size=None` turns it off. Restored by `positional_overrides()` / `reset_positional()`."""
+        if chunk_size is None:
+            setting = None
+        else:
+            if local_size is None:
+                raise InputError("local_size: Dual Chunk Attention needs local_size (e.g. chunk_size // 6)")
+            setting = dca.DualChunk(chunk_size, local_size, original_max_position_embeddings)
+        if setting is not None and self.cfg.positional != "rope":
+            raise InputError(f"Dual Chunk Attention remaps RoPE positions, but this model uses {self.cfg.positional!r} "
+                             "positions")
+        chosen = self._attention(layers)
+        for attn in chosen:
+            if setting is not None and attn.window is not None:
+                raise InputError(f"layers: {attn.hook_z.name.rsplit('.', 2)[0]} uses a sliding window ({attn.window}); "
+                                 "Dual Chunk Attention applies to full-attention layers")
+        for attn in chosen:
+            attn.dca = setting
+
     def positional_state(self) -> list[dict]:
         return [
-            dict(rope=b.attn.rope, window=b.attn.window, logit_scale=b.attn.logit_scale) if b.attn is not None else {}
+            dict(rope=b.attn.rope, window=b.attn.window, logit_scale=b.attn.logit_scale, dca=b.attn.dca)
+            if b.attn is not None else {}
             for b in self.blocks
         ]
 
@@ -1091,9 +1141,10 @@ class Decoder(DecoderWeights, HookedRootModule):
         for block, s in zip(self.blocks, state, strict=True):
             if block.attn is not None:
                 block.attn.rope, block.attn.window, block.attn.logit_scale = s["rope"], s["window"], s["logit_scale"]
+                block.attn.dca = s.get("dca", block.attn.default_dca)
 
     def reset_positional(self) -> None:
-        """Back to the configured RoPE, windows and logit scale of every layer."""
+        """Back to the configured RoPE, windows, logit scale and Dual Chunk Attention of every layer."""
         for attn in self._attention(None):
             attn.reset_positional()
 

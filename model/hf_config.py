@@ -107,6 +107,22 @@ def _check_refused(cfg: dict, source: str) -> None:
             raise ConfigError(f"{source}: unsupported option {key}={cfg[key]!r}")
 
 
+def _check_dual_chunk(cfg: dict, source: str) -> None:
+    """`dual_chunk_attention_config` (Qwen2.5-1M) turns on Dual Chunk Attention at load (model/dca.py reads it from the
+    config's hf_config); a malformed block is refused here, naming the key."""
+    block = cfg.get("dual_chunk_attention_config")
+    if block is None:
+        return
+    from .dca import DualChunk
+
+    try:
+        DualChunk.from_hf(block)
+    except ValueError as e:
+        raise ConfigError(f"{source}: dual_chunk_attention_config: {e}") from None
+    if cfg.get(POSITIONAL_KEY, "rope") != "rope":
+        raise ConfigError(f"{source}: dual_chunk_attention_config needs RoPE positions")
+
+
 # transformers' activation names -> what the MLP computes ("gelu_tanh": the tanh approximation, which gelu_new,
 # gelu_fast and BLOOM's gelu all compute; "gelu": the exact erf form)
 ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh",
@@ -152,6 +168,7 @@ def decoder_kwargs(cfg: dict[str, Any], *, source: str = "config.json", position
         raise ConfigError(f"{source}: unsupported model_type {model_type!r} (supported: {', '.join(sorted(FAMILIES))})")
     _check_refused(cfg, source)
     check_config_keys(cfg, source)  # quantization, RoPE blocks, token ids (model/config_checks.py)
+    _check_dual_chunk(cfg, source)
     if position_embedding is not None and model_type != "baichuan":
         raise ConfigError(f"position_embedding override is only for baichuan configs, not {model_type!r}")
     try:

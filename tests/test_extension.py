@@ -188,7 +188,7 @@ def test_errors_name_the_method_and_model():
         with ext.apply_method(nope, "none", 0.5):
             pass
     assert ext.applicable_methods(nope) == ["none", "pv-replace"]
-    assert ext.applicable_methods(_model("rope")) == ["none", "pi", "ntk", "dynamic-ntk", "yarn", "pv-replace"]
+    assert ext.applicable_methods(_model("rope")) == ["none", "pi", "ntk", "dynamic-ntk", "yarn", "dca", "pv-replace"]
 
 
 def test_settings_are_restored_when_the_block_raises():
