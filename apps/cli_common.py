@@ -10,7 +10,7 @@ import inspect
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, TypeVar, Union, get_args, get_origin
+from typing import Callable, Optional, TypeVar, Union, get_args, get_origin, get_type_hints
 
 import typer
 
@@ -100,7 +100,7 @@ RANGES: dict[str, Range] = {
     "--window": Range(1),
     "--factor": Range(1, 1e6),
     "--ratio": Range(0, low_open=True),
-    "--alpha": Range(0),
+    "--alpha": Range(),  # any finite scale (negative flips the vectors)
     "--layer": Range(0),
     "--logit-scale": Range(0, low_open=True),
     "--remove-fraction": Range(0, 1, low_open=True, high_open=True),
@@ -127,10 +127,9 @@ def _numeric_type(annotation) -> type | None:
 
 def numeric_options(command: Callable) -> list[tuple[str, type, typer.models.OptionInfo]]:
     """(option name, int or float, its OptionInfo) of every numeric option of a command function."""
-    out = []
+    out, hints = [], get_type_hints(command)
     for name, param in inspect.signature(command).parameters.items():
-        info, kind = param.default, _numeric_type(param.annotation if not isinstance(param.annotation, str)
-                                                   else eval(param.annotation, vars(inspect.getmodule(command))))
+        info, kind = param.default, _numeric_type(hints.get(name))
         if kind is None or not isinstance(info, typer.models.OptionInfo):
             continue
         decls = [d for d in (info.param_decls or ()) if d.startswith("--")] or [f"--{name.replace('_', '-')}"]

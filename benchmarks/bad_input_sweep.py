@@ -1,12 +1,16 @@
-"""Bad-input sweep (issue 14, CLI side): the real `residscope` console script, one subprocess per case, on the zoo models.
+"""Bad-input sweep (issues 14 and 24, CLI side): the real `residscope` console script, one subprocess per case, on the
+zoo models.
 
-    python benchmarks/bad_input_sweep.py          # prints CLEAN/FAIL per case and "N clean of M tried"
+    python benchmarks/bad_input_sweep.py          # prints CLEAN/FAIL per case, a table per class, "N clean of M tried"
 
 A case is clean when the exit code is the promised one (2 for bad input, with exactly one `residscope: error:` line on
 stderr naming the culprit; 0 with exactly one warning line for a legitimate but unusual run; 130 after Ctrl-C) and the
 user's files are untouched. Unlike tests/test_bad_inputs.py (in process, monkeypatched where needed), this runs the
 installed command end to end, SIGKILLs a real prune and interrupts a real rope-bound. Unwritable folders use
-`chattr +i` when run as root (root ignores permission bits). ~15 minutes on a busy 2-core machine, mostly start-up.
+`chattr +i` when run as root (root ignores permission bits). ~35 minutes on a busy 2-core machine, mostly start-up.
+
+Each case belongs to a class (the root causes of issue 24); the closing table counts clean cases per class, the table
+the README's "Bad input" section shows. A new option, format or file kind adds its cases to the class it belongs to.
 """
 
 from __future__ import annotations
@@ -25,7 +29,8 @@ RESIDSCOPE = str(Path(sys.executable).with_name("residscope"))
 ZOO = Path(__file__).resolve().parent.parent / "model" / "zoo"
 ENV = dict(os.environ, OMP_NUM_THREADS="1")
 FAST = ["--seq-len", "32", "--samples", "2", "--batch-size", "2"]
-results: list[tuple[str, bool]] = []
+results: list[tuple[str, str, bool]] = []  # (class, label, clean)
+CLASS = ["files at risk"]  # the class the next cases belong to (set by each group)
 
 
 def stderr_lines(stderr: str) -> list[str]:
@@ -35,14 +40,15 @@ def stderr_lines(stderr: str) -> list[str]:
 
 
 def report(label: str, ok: bool, detail: str) -> None:
-    results.append((label, ok))
+    results.append((CLASS[0], label, ok))
     print(f"{'CLEAN' if ok else 'FAIL '} {label:<52} | {detail[:150]}", flush=True)
 
 
 def case(label: str, argv: list, *, code: int = 2, culprit: str | None = None, warning: str | None = None,
-         check=None) -> None:
+         check=None, env: dict | None = None) -> None:
     """Run `residscope argv`; clean when the exit code is `code` and stderr is what the contract promises."""
-    p = subprocess.run([RESIDSCOPE, *map(str, argv)], capture_output=True, text=True, env=ENV, timeout=900)
+    p = subprocess.run([RESIDSCOPE, *map(str, argv)], capture_output=True, text=True, env={**ENV, **(env or {})},
+                       timeout=900)
     lines = stderr_lines(p.stderr)
     ok = p.returncode == code
     if code == 2:
@@ -73,6 +79,7 @@ def lock(folder: Path, locked: bool) -> None:
 
 
 def files_at_risk(work: Path) -> None:
+    CLASS[0] = "files at risk (issue 14)"
     out = work / "results"
     out.mkdir()
     (out / "summary.json").write_text('{"mine": 1}')
@@ -114,6 +121,7 @@ def files_at_risk(work: Path) -> None:
 def silent_wrong_results(work: Path) -> None:
     from safetensors.torch import load_file, save_file
 
+    CLASS[0] = "silent wrong results (issue 14)"
     nan_model = zoo_copy(work, "rope")
     state = load_file(nan_model / "model.safetensors")
     state["model.norm.weight"][3] = float("nan")
@@ -123,11 +131,11 @@ def silent_wrong_results(work: Path) -> None:
     case("ppl --json on a model with a NaN weight", [*ppl, "--json"], check=lambda p: "NaN" not in p.stdout)
     for argv, culprit in [(["--model", "zoo-rope", "--method", "pi", "--factor", "inf"], "factor"),
                           (["--model", "zoo-window", "--method", "window", "--factor", "inf"], "factor"),
-                          (["--model", "zoo-window", "--method", "window", "--logit-scale", "0"], "logit_scale"),
-                          (["--model", "zoo-rope", "--max-tokens", "-500"], "max_tokens"),
-                          (["--model", "zoo-rope", "--window", "0"], "window must be")]:
+                          (["--model", "zoo-window", "--method", "window", "--logit-scale", "0"], "--logit-scale"),
+                          (["--model", "zoo-rope", "--max-tokens", "-500"], "--max-tokens"),
+                          (["--model", "zoo-rope", "--window", "0"], "--window")]:
         case("extend " + " ".join(argv[2:]), ["extend", *argv], culprit=culprit)
-    case("rope-bound --grid-step inf", ["rope-bound", "--length", "1024", "--grid-step", "inf"], culprit="grid_step")
+    case("rope-bound --grid-step inf", ["rope-bound", "--length", "1024", "--grid-step", "inf"], culprit="--grid-step")
     case("rope-bound --model with max_position_embeddings 0",
          ["rope-bound", "--model", zoo_copy(work, "rope", max_position_embeddings=0)], culprit="max_position_embeddings")
     case("ppl --seq-len 200 > 128 positions: one warning",
@@ -138,6 +146,7 @@ def silent_wrong_results(work: Path) -> None:
 
 
 def tracebacks_and_messages(work: Path) -> None:
+    CLASS[0] = "tracebacks and messages (issue 14)"
     latin1 = work / "latin1.txt"
     latin1.write_bytes(b"hello world caf\xe9 " * 50)
     case("non-UTF-8 --text", ["ppl", "--model", "zoo-rope", "--text", latin1, *FAST], culprit="offset 15")
@@ -147,9 +156,10 @@ def tracebacks_and_messages(work: Path) -> None:
     case("app --model does-not-exist", ["app", "--model", "does-not-exist"], culprit="does-not-exist")
 
 
-def hangs() -> None:
+def hangs(work: Path) -> None:
+    CLASS[0] = "hangs (issue 14)"
     case("rope-bound --length 1e12", ["rope-bound", "--length", 10**12], culprit="length")
-    case("rope-bound --grid-step 1e-12", ["rope-bound", "--length", "1024", "--grid-step", "1e-12"], culprit="grid_step")
+    case("rope-bound --grid-step 1e-12", ["rope-bound", "--length", "1024", "--grid-step", "1e-12"], culprit="--grid-step")
     case("generate --max-new-tokens 1e12", ["generate", "hi", "--model", "zoo-rope", "--max-new-tokens", 10**12],
          culprit="--max-new-tokens")
     p = subprocess.Popen([RESIDSCOPE, "rope-bound", "--table"], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -162,18 +172,210 @@ def hangs() -> None:
            and "Traceback" not in err, f"exit {p.returncode} | {last}")
 
 
+# ---- issue 24: one group per root cause ------------------------------------------------------------------------------
+def snapshot(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(folder.rglob("*"))
+            if p.is_file()}
+
+
+def output_safety(work: Path) -> None:
+    CLASS[0] = "1. output safety"
+    mine = work / "mine"
+    (mine / "pruned").mkdir(parents=True)
+    (mine / "summary.json").write_text('{"mine": 1}')
+    (mine / "pruned" / "notes.txt").write_text("my notes")
+    before = snapshot(mine)
+    case("demo --out a folder holding the user's files", ["demo", "--model", "zoo-rope", "--out", mine],
+         culprit="not empty", check=lambda p: snapshot(mine) == before)
+    model = zoo_copy(work, "rope")
+    kept = snapshot(model)
+    for label, out in [("is", model), ("inside", model / "sub"), ("containing", work)]:
+        case(f"prune --force --out {label} the checkpoint it reads",
+             ["prune", "--model", model, "--layers", "1", "--out", out, "--force", *FAST, "--eval-samples", "2"],
+             culprit="--out", check=lambda p: snapshot(model) == kept)
+    case("bi --html inside the model folder", ["bi", "--model", model, "--html", model / "bi.html", *FAST],
+         culprit="inside the input folder")
+    text = work / "corpus.txt"
+    text.write_text("some words of text " * 400)
+    case("positional --out over its own --text file",
+         ["positional", "--model", "zoo-rope", "--text", text, "--out", text, "--force", *FAST], culprit="--out")
+
+
+def tied_checkpoints(work: Path) -> None:
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    CLASS[0] = "2. tied checkpoints"
+    tied = zoo_copy(work, "rope")
+    state = load_file(tied / "model.safetensors")
+    torch.manual_seed(1)
+    state["lm_head.weight"] = torch.randn_like(state["model.embed_tokens.weight"]) * 0.02
+    save_file(state, str(tied / "model.safetensors"), metadata={"format": "pt"})
+    case("tied config, lm_head.weight differs: untied like transformers, one warning",
+         ["ppl", "--model", tied, "--seq-len", "32", "--samples", "2"], code=0, warning="differs from the embedding")
+
+
+def lying_files(work: Path) -> None:
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    CLASS[0] = "3. checkpoint files that lie"
+
+    def sharded() -> tuple[Path, dict]:
+        folder = zoo_copy(work, "rope")
+        state = load_file(folder / "model.safetensors")
+        names = sorted(state)
+        weight_map = {}
+        for i, part in enumerate((names[: len(names) // 2], names[len(names) // 2:])):
+            file = f"model-0000{i + 1}-of-00002.safetensors"
+            save_file({n: state[n] for n in part}, str(folder / file), metadata={"format": "pt"})
+            weight_map.update({n: file for n in part})
+        (folder / "model.safetensors").unlink()
+        return folder, weight_map
+
+    def index(folder: Path, weight_map) -> Path:
+        (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+        return folder
+
+    folder, weight_map = sharded()
+    case("index weight_map is a list", ["ppl", "--model", index(folder, list(weight_map)), *FAST], culprit="weight_map")
+    folder, weight_map = sharded()
+    case("index weight_map holds null",
+         ["ppl", "--model", index(folder, {**weight_map, next(iter(weight_map)): None}), *FAST], culprit="weight_map[")
+    folder, weight_map = sharded()
+    first = folder / "model-00001-of-00002.safetensors"
+    state = load_file(first)
+    other = next(n for n, f in weight_map.items() if f != first.name)
+    state[other] = torch.zeros_like(load_file(folder / weight_map[other])[other])
+    save_file(state, str(first), metadata={"format": "pt"})
+    case("a tensor in two shard files", ["ppl", "--model", index(folder, weight_map), *FAST], culprit="one shard only")
+
+    overlap = zoo_copy(work, "rope")
+    raw = (overlap / "model.safetensors").read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    names = sorted((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][0])
+    q = "model.layers.1.self_attn.q_proj.weight"  # its range moved onto its neighbour's; the file keeps its size
+    begin, (lo, hi) = header[names[names.index(q) - 1]]["data_offsets"][0], header[q]["data_offsets"]
+    header[q]["data_offsets"] = [begin, begin + hi - lo]
+    text_header = json.dumps(header).encode()
+    text_header += b" " * (-len(text_header) % 8)
+    (overlap / "model.safetensors").write_bytes(len(text_header).to_bytes(8, "little") + text_header + raw[8 + n:])
+    case("safetensors header with overlapping byte ranges", ["ppl", "--model", overlap, *FAST], culprit="overlaps")
+    case("quantization_config in config.json",
+         ["ppl", "--model", zoo_copy(work, "rope", quantization_config={"quant_method": "gptq", "bits": 4}), *FAST],
+         culprit="quantization_config")
+    case("config vocab_size smaller than the tokenizer's",
+         ["ppl", "--model", zoo_copy(work, "rope", vocab_size=1000), *FAST], culprit="vocab_size 1000")
+
+
+def tokenizer_failures(work: Path) -> None:
+    CLASS[0] = "4. config and tokenizer failures"
+    case("linear rope_scaling without factor",
+         ["ppl", "--model", zoo_copy(work, "rope", rope_scaling={"rope_type": "linear"}), *FAST], culprit="'factor'")
+    case("string eos_token_id", ["ppl", "--model", zoo_copy(work, "rope", eos_token_id="2"), *FAST],
+         culprit="eos_token_id")
+    truncated = zoo_copy(work, "rope")
+    (truncated / "tokenizer.json").write_text((truncated / "tokenizer.json").read_text()[:3000])
+    case("truncated tokenizer.json", ["ppl", "--model", truncated, *FAST], culprit="tokenizer.json: not valid JSON")
+
+
+OFFLOAD_SCRIPT = """
+import sys, torch
+from safetensors.torch import load_file, save_file
+from residscope.model import load_model
+folder = sys.argv[1]
+model = load_model(folder, offload=True)
+state = load_file(folder + "/model.safetensors")
+def resave(x, hook):
+    save_file(dict(reversed(list(state.items()))), folder + "/model.safetensors", metadata={"format": "pt"})
+    return x
+model.run_with_hooks(torch.tensor([[1, 2, 3]]), fwd_hooks=[("blocks.1.hook_resid_pre", resave)])
+"""
+
+
+def offload_identity(work: Path) -> None:
+    CLASS[0] = "5. offload file identity"
+    folder = zoo_copy(work, "rope")
+    p = subprocess.run([sys.executable, "-c", OFFLOAD_SCRIPT, str(folder)], capture_output=True, text=True, env=ENV,
+                       timeout=600)
+    last = (stderr_lines(p.stderr) or [""])[-1]
+    report("offloaded model, file re-saved from a hook mid-forward", p.returncode == 1 and "CheckpointError" in last
+           and "changed since the model was loaded" in last, f"exit {p.returncode} | {last}")
+
+
+def nproc_paths(work: Path) -> None:
+    from residscope.apps.workers import free_port
+
+    CLASS[0] = "6. --nproc error paths"
+    two = ["--nproc", "2", "--seq-len", "16", "--samples", "4", "--batch-size", "1"]
+    case("ppl --nproc 2 --text missing.txt: the worker's one line",
+         ["ppl", "--model", "zoo-rope", *two, "--text", work / "missing.txt"], culprit="missing.txt")
+    case("bi --nproc 2 --seq-len 1", ["bi", "--model", "zoo-rope", *two, "--seq-len", "1"], culprit="--seq-len")
+    case("stray WORLD_SIZE in the environment", ["ppl", "--model", "zoo-rope", *FAST], culprit="WORLD_SIZE=2",
+         env={"WORLD_SIZE": "2"})
+    t0 = time.time()
+    case("stray WORLD_SIZE/RANK/MASTER_ADDR, no peer: short timeout", ["ppl", "--model", "zoo-rope", *two[2:]],
+         culprit="could not join", env={"WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                                        "MASTER_PORT": str(free_port()), "RESIDSCOPE_JOIN_TIMEOUT": "10"},
+         check=lambda p: time.time() - t0 < 120)
+    interrupt("Ctrl-C during ppl --nproc 2", ["ppl", "--model", "zoo-rope", "--nproc", "2", "--seq-len", "128",
+                                              "--samples", "64", "--batch-size", "1"], after=40)
+
+
+def limits(work: Path) -> None:
+    CLASS[0] = "7. limits and argument checks"
+    case("passkey --lengths 1000000", ["passkey", "--model", "zoo-rope", "--lengths", "1000000"], culprit="limit of 32768")
+    case("ppl --samples 0", ["ppl", "--model", "zoo-rope", "--samples", "0"], culprit="--samples")
+    case("positional --probe-tokens -5", ["positional", "--model", "zoo-rope", "--probe-tokens", "-5", "--out", work / "p"],
+         culprit="--probe-tokens")
+    blank = work / "blank.txt"
+    blank.write_text(" \n\t " * 500)
+    case("whitespace-only --text", ["ppl", "--model", "zoo-rope", "--text", blank, *FAST], culprit="no text")
+    case("prune --layers ''", ["prune", "--model", "zoo-rope", "--layers", "", "--out", work / "pl"], culprit="--layers")
+    interrupt("Ctrl-C during passkey --lengths 32768", ["passkey", "--model", "zoo-rope", "--lengths", "32768", "--keys",
+                                                        "1", "--depths", "0.5"], after=40)
+
+
+def interrupt(label: str, argv: list, *, after: float) -> None:
+    """SIGINT to the whole process group after `after` seconds, as a terminal's Ctrl-C does; clean when the command
+    says "interrupted" and exits with 130 within a minute, without a traceback."""
+    p = subprocess.Popen([RESIDSCOPE, *map(str, argv)], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, start_new_session=True)
+    time.sleep(after)
+    t0 = time.time()
+    os.killpg(p.pid, signal.SIGINT)
+    _, err = p.communicate(timeout=300)
+    last = (stderr_lines(err) or [""])[-1]
+    report(label, p.returncode == 130 and last == "residscope: interrupted" and "Traceback" not in err
+           and time.time() - t0 < 60, f"exit {p.returncode} after {time.time() - t0:.0f} s | {last}")
+
+
+def table() -> str:
+    """Clean cases per class, as the README shows it."""
+    classes = list(dict.fromkeys(c for c, _, _ in results))
+    rows = ["| class | clean | tried |", "|---|---|---|"]
+    for c in classes:
+        mine = [ok for k, _, ok in results if k == c]
+        rows.append(f"| {c} | {sum(mine)} | {len(mine)} |")
+    return "\n".join(rows)
+
+
 def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="residscope-sweep-"))
+    groups = [files_at_risk, silent_wrong_results, tracebacks_and_messages, hangs, output_safety,
+              tied_checkpoints, lying_files, tokenizer_failures, offload_identity, nproc_paths, limits]
+    only = sys.argv[1:]  # e.g. `python benchmarks/bad_input_sweep.py output_safety limits`: some groups only
     try:
-        files_at_risk(work)
-        silent_wrong_results(work)
-        tracebacks_and_messages(work)
-        hangs()
+        for group in groups:
+            if not only or group.__name__ in only:
+                group(work)
     finally:
         if (work / "locked").exists():
             lock(work / "locked", False)
         shutil.rmtree(work, ignore_errors=True)
-    print(f"\n{sum(ok for _, ok in results)} clean of {len(results)} tried")
+    print("\n" + table())
+    print(f"\n{sum(ok for _, _, ok in results)} clean of {len(results)} tried")
 
 
 if __name__ == "__main__":

@@ -1221,7 +1221,7 @@ class Decoder(DecoderWeights, HookedRootModule):
         if isinstance(input, str):
             ids = self.to_tokens(input, prepend_bos=prepend_bos, padding_side=padding_side)[0]
         else:
-            ids = torch.as_tensor(input).squeeze()
+            ids = tokenizing.check_decodable(input, tok).squeeze()
             if ids.dim() > 1:
                 raise InputError(f"to_str_tokens takes one sequence of ids, got shape {tuple(ids.shape)}")
         return tok.batch_decode([[t] for t in ids.reshape(-1).tolist()], clean_up_tokenization_spaces=False)

@@ -265,7 +265,7 @@ def check_tokenizer_json(folder: Path) -> None:
             raise CheckpointError(f"{path}: not UTF-8 text (byte offset {e.start})") from None
         except json.JSONDecodeError as e:
             hint = " (truncated?)" if e.pos >= len(path.read_text(encoding="utf-8")) - 1 else ""
-            raise CheckpointError(f"{path}: not valid JSON{hint}: {e.msg} at line {e.lineno} column {e.colno}") from None
+            raise CheckpointError(f"{path}: not valid JSON{hint}: {e.msg} (line {e.lineno}, column {e.colno})") from None
         except PermissionError:
             raise CheckpointError(f"{path}: permission denied") from None
         if not isinstance(data, dict):

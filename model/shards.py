@@ -97,16 +97,17 @@ def check_shards(files: list[Path], weight_map: dict[str, str] | None = None, in
                 raise CheckpointError(f"{path}: tensor {entry.name!r} is also in {where[entry.name].name} (a tensor "
                                       "must be in one shard only)")
             where[entry.name] = path
-            if weight_map is not None:
-                listed = weight_map.get(entry.name)
-                if listed is None:
-                    raise CheckpointError(f"{path}: tensor {entry.name!r} is not listed in {index.name}")
-                if listed != path.name:
-                    raise CheckpointError(f"{index}: weight_map puts {entry.name!r} in {listed}, but it is in {path.name}")
-    if weight_map is not None:
-        for name, shard in weight_map.items():
-            if name not in where:
-                raise CheckpointError(f"{index}: tensor {name!r} is listed in {shard}, which does not hold it")
+    if weight_map is None:
+        return
+    for name, path in where.items():
+        listed = weight_map.get(name)
+        if listed is None:
+            raise CheckpointError(f"{path}: tensor {name!r} is not listed in {index.name}")
+        if listed != path.name:
+            raise CheckpointError(f"{index}: weight_map puts {name!r} in {listed}, but it is in {path.name}")
+    for name, shard in weight_map.items():
+        if name not in where:
+            raise CheckpointError(f"{index}: tensor {name!r} is listed in {shard}, which does not hold it")
 
 
 # ---- file identity --------------------------------------------------------------------------------------------------

@@ -150,12 +150,12 @@ def check_decodable(tokens, tokenizer) -> torch.Tensor:
     try:
         ids = torch.as_tensor(tokens)
     except (TypeError, ValueError, RuntimeError):
-        raise InputError(f"to_string takes token ids (an int, a list or a tensor), got {type(tokens).__name__}") from None
+        raise InputError(f"token ids must be an int, a list or a tensor, got {type(tokens).__name__}") from None
     if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
-        raise InputError(f"to_string takes integer token ids, got dtype {ids.dtype}")
+        raise InputError(f"token ids must be integers, got dtype {ids.dtype}")
     if ids.numel():
         lo, hi, n = int(ids.min()), int(ids.max()), len(tokenizer)
         if lo < 0 or hi >= n:
-            raise InputError(f"to_string: token id {lo if lo < 0 else hi} is outside the tokenizer's vocabulary "
+            raise InputError(f"token id {lo if lo < 0 else hi} is outside the tokenizer's vocabulary "
                              f"[0, {n - 1}]")
     return ids

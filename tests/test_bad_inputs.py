@@ -540,6 +540,7 @@ def zoo_rope():
     (lambda m, ids: m.to_tokens(None), "got NoneType"),
     (lambda m, ids: m.to_string([1, 2, 99999]), "token id 99999 is outside the tokenizer's vocabulary [0, 2047]"),
     (lambda m, ids: m.to_string(torch.tensor([-1])), "token id -1"),
+    (lambda m, ids: m.to_str_tokens(torch.tensor([5, 4096])), "token id 4096 is outside"),
 ])
 def test_decoder_api_refuses_in_one_line(zoo_rope, call, culprit):
     ids = zoo_rope.to_tokens("The quick brown fox")

@@ -388,3 +388,227 @@ def test_cli_refuses_broken_checkpoints_with_exit_2_and_one_line(zoo_copy, fault
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("residscope: error: ") and culprit in err
+
+
+# ---- issue 24: shard indexes and safetensors headers that lie --------------------------------------------------------
+def shard(folder: Path) -> dict[str, str]:
+    """Split model.safetensors into two shards with an index (the layout of any large Hugging Face checkpoint)."""
+    tensors = load_file(folder / WEIGHTS)
+    names = sorted(tensors)
+    half = len(names) // 2
+    weight_map = {}
+    for i, part in enumerate((names[:half], names[half:])):
+        file = f"model-0000{i + 1}-of-00002.safetensors"
+        save_file({n: tensors[n] for n in part}, folder / file, metadata={"format": "pt"})
+        weight_map.update({n: file for n in part})
+    (folder / WEIGHTS).unlink()
+    write_index(folder, weight_map)
+    return weight_map
+
+
+def write_index(folder: Path, weight_map, *, raw: str | None = None) -> None:
+    text = raw if raw is not None else json.dumps({"metadata": {}, "weight_map": weight_map})
+    (folder / "model.safetensors.index.json").write_text(text)
+
+
+def test_a_sharded_checkpoint_loads_as_the_single_file(zoo_copy):
+    reference = load_model(zoo_copy)
+    shard(zoo_copy)
+    ids = torch.tensor([[1, 2, 3, 4]])
+    torch.testing.assert_close(load_model(zoo_copy)(ids), reference(ids), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("weight_map, culprit", [
+    ([], "weight_map must be a non-empty object"),
+    ({}, "weight_map must be a non-empty object"),
+    ({Q_PROJ: None}, f"weight_map[{Q_PROJ!r}] must be a shard file name"),
+    ({Q_PROJ: 3}, "must be a shard file name"),
+    ({Q_PROJ: "../elsewhere.safetensors"}, "must be a shard file name in this folder"),
+])
+def test_malformed_weight_map_is_one_line(zoo_copy, weight_map, culprit):
+    shard(zoo_copy)
+    write_index(zoo_copy, weight_map)
+    with pytest.raises(CheckpointError) as e:
+        load_model(zoo_copy)
+    assert culprit in one_line(e) and "model.safetensors.index.json" in one_line(e)
+
+
+def test_a_tensor_listed_twice_in_the_index_is_refused(zoo_copy):
+    weight_map = shard(zoo_copy)
+    body = json.dumps({"weight_map": weight_map})
+    other = "model-00001-of-00002.safetensors" if weight_map[Q_PROJ].startswith("model-00002") else "model-00002-of-00002.safetensors"
+    write_index(zoo_copy, None, raw=body[:-2] + f', "{Q_PROJ}": "{other}"' + "}}")
+    with pytest.raises(CheckpointError, match=f"key {Q_PROJ!r} appears twice"):
+        load_model(zoo_copy)
+
+
+def test_a_tensor_in_two_shard_files_is_refused(zoo_copy):
+    weight_map = shard(zoo_copy)
+    first = zoo_copy / "model-00001-of-00002.safetensors"
+    tensors = load_file(first)
+    elsewhere = next(n for n, f in weight_map.items() if f != first.name)
+    tensors[elsewhere] = torch.zeros_like(load_file(zoo_copy / weight_map[elsewhere])[elsewhere])
+    save_file(tensors, first, metadata={"format": "pt"})
+    with pytest.raises(CheckpointError) as e:
+        load_model(zoo_copy, offload=True)  # both loading paths read the file list through model/shards.py
+    assert repr(elsewhere) in one_line(e) and "one shard only" in one_line(e)
+
+
+def test_an_index_that_misplaces_a_tensor_is_refused(zoo_copy):
+    weight_map = shard(zoo_copy)
+    weight_map[Q_PROJ] = next(f for f in set(weight_map.values()) if f != weight_map[Q_PROJ])
+    write_index(zoo_copy, weight_map)
+    with pytest.raises(CheckpointError, match=f"weight_map puts {Q_PROJ!r} in"):
+        load_model(zoo_copy)
+
+
+def rewrite_header(path: Path, edit) -> None:
+    raw = path.read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8:8 + n])
+    data = edit(header, raw[8 + n:])
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    path.write_bytes(struct.pack("<Q", len(text)) + text + data)
+
+
+@pytest.mark.parametrize("fault, culprit", [
+    ("overlap", "overlaps the bytes of another tensor"),
+    ("trailing", "bytes after the last tensor belong to no tensor"),
+])
+def test_safetensors_byte_ranges_must_tile_the_file_like_the_library_says(zoo_copy, fault, culprit):
+    from safetensors import SafetensorError
+
+    def overlap(header, data):  # Q_PROJ's range moved onto its neighbour's: the file keeps its size
+        names = sorted((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][0])
+        i = names.index(Q_PROJ)
+        begin = header[names[i - 1]]["data_offsets"][0]
+        size = header[Q_PROJ]["data_offsets"][1] - header[Q_PROJ]["data_offsets"][0]
+        header[Q_PROJ]["data_offsets"] = [begin, begin + size]
+        return data
+
+    rewrite_header(zoo_copy / WEIGHTS, overlap if fault == "overlap" else lambda h, d: d + b"\0" * 16)
+    with pytest.raises(SafetensorError):  # the reference reader refuses it too
+        load_file(zoo_copy / WEIGHTS)
+    with pytest.raises(CheckpointError) as e:
+        load_model(zoo_copy)
+    assert culprit in one_line(e) and str(zoo_copy / WEIGHTS) in one_line(e)
+
+
+def test_absurd_header_length_is_refused(zoo_copy):
+    path = zoo_copy / WEIGHTS
+    raw = path.read_bytes()
+    path.write_bytes(struct.pack("<Q", 2**62) + raw[8:])
+    with pytest.raises(CheckpointError, match="header length .* exceeds the file"):
+        load_model(zoo_copy)
+
+
+# ---- issue 24: config keys read before the tokenizer and the weights -------------------------------------------------
+@pytest.mark.parametrize("changes, culprit", [
+    ({"quantization_config": {"quant_method": "gptq", "bits": 4}}, "quantization_config (quant_method 'gptq') is not implemented"),
+    ({"rope_scaling": {"rope_type": "linear"}}, "rope_scaling: rope_type 'linear' needs 'factor'"),
+    ({"rope_scaling": {"type": "dynamic"}}, "rope_type 'dynamic' needs 'factor'"),
+    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "needs 'low_freq_factor'"),
+    ({"eos_token_id": "2"}, "eos_token_id must be an integer id >= 0 or a list of them"),
+    ({"eos_token_id": [1, "2"]}, "eos_token_id"),
+    ({"bos_token_id": 1.5}, "bos_token_id must be an integer id >= 0"),
+    ({"pad_token_id": -1}, "pad_token_id"),
+    ({"vocab_size": 1000}, "vocab_size 1000 is smaller than the tokenizer's 2048 tokens"),
+])
+def test_config_keys_transformers_would_catch_are_named(zoo_copy, changes, culprit):
+    edit_config(zoo_copy, **changes)
+    with pytest.raises(ConfigError if "vocab_size" not in changes else CheckpointError) as e:
+        load_model(zoo_copy)
+    assert culprit in one_line(e) and str(zoo_copy / "config.json") in one_line(e)
+
+
+@pytest.mark.parametrize("name, damage, culprit", [
+    ("tokenizer.json", lambda text: text[:3000], "not valid JSON (truncated?)"),
+    ("tokenizer_config.json", lambda text: "[1, 2]", "expected a JSON object"),
+    ("tokenizer.json", lambda text: json.dumps({"version": "1.0", "model": {"type": "Banana"}}), "the tokenizer cannot be loaded"),
+])
+def test_tokenizer_files_that_fail_are_named_with_the_reason(zoo_copy, name, damage, culprit):
+    path = zoo_copy / name
+    path.write_text(damage(path.read_text()))
+    with pytest.raises(CheckpointError) as e:
+        load_model(zoo_copy)
+    assert culprit in one_line(e) and str(zoo_copy) in one_line(e)
+    load_model(zoo_copy, load_tokenizer=False)  # the weights still load on request
+
+
+def test_cli_names_the_tokenizer_file(zoo_copy, capsys):
+    from test_bad_inputs import assert_one_line_error, cli
+
+    path = zoo_copy / "tokenizer.json"
+    path.write_text(path.read_text()[:3000])
+    assert_one_line_error(cli(["ppl", "--model", zoo_copy, "--seq-len", "16", "--samples", "2"], capsys),
+                          str(path), "truncated")
+
+
+# ---- issue 24: a tied config whose file holds a different lm_head ----------------------------------------------------
+@pytest.fixture
+def tied_but_different(tmp_path) -> Path:
+    from tiny_llama import make_tiny_checkpoint
+
+    folder = make_tiny_checkpoint(tmp_path / "tied", n_layers=2)
+    torch.manual_seed(1)
+    edit_tensors(folder, lambda t: t.__setitem__("lm_head.weight", torch.randn_like(t["model.embed_tokens.weight"])))
+    return folder
+
+
+@pytest.mark.parametrize("offload", [False, True])
+def test_tied_config_with_a_different_lm_head_loads_untied_like_transformers(tied_but_different, offload):
+    import transformers
+
+    from residscope.model.tying import TiedHeadWarning
+
+    with pytest.warns(TiedHeadWarning, match="tie_word_embeddings=true but lm_head.weight differs"):
+        model = load_model(tied_but_different, offload=offload)
+    reference = transformers.AutoModelForCausalLM.from_pretrained(tied_but_different).eval()
+    ids = torch.tensor([[1, 5, 9, 200, 3]])
+    with torch.no_grad():  # float32 rounding only: a tied lm_head would differ by about 25
+        torch.testing.assert_close(model(ids), reference(ids).logits, rtol=1e-5, atol=1e-5)
+    assert not model.cfg.tie_embeddings
+
+
+def test_an_untied_export_writes_lm_head_and_says_untied(tied_but_different, tmp_path, recwarn):
+    model = load_model(tied_but_different)
+    out = model.save_pretrained(tmp_path / "out")
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
+    assert "lm_head.weight" in load_file(out / WEIGHTS)
+    again = load_model(out)
+    ids = torch.tensor([[1, 5, 9]])
+    torch.testing.assert_close(again(ids), model(ids))
+
+
+def test_tied_config_with_an_equal_lm_head_stays_tied(tmp_path):
+    from tiny_llama import make_tiny_checkpoint
+
+    folder = make_tiny_checkpoint(tmp_path / "tied", n_layers=1)
+    edit_tensors(folder, lambda t: t.__setitem__("lm_head.weight", t["model.embed_tokens.weight"].clone()))
+    model = load_model(folder)
+    assert model.cfg.tie_embeddings and model.unembed.weight is model.embed.weight
+
+
+# ---- issue 24: offload reads at offsets taken at load: only from the same file ---------------------------------------
+def test_offload_stops_when_the_file_changed_since_load(zoo_copy):
+    model = load_model(zoo_copy, offload=True)
+    ids = torch.tensor([[1, 2, 3, 4]])
+    model(ids)
+    tensors = load_file(zoo_copy / WEIGHTS)
+    save_file(dict(reversed(list(tensors.items()))), zoo_copy / WEIGHTS, metadata={"format": "pt"})  # same weights
+    with pytest.raises(CheckpointError) as e:
+        model(ids)
+    assert str(zoo_copy / WEIGHTS) in one_line(e) and "changed since the model was loaded" in one_line(e)
+
+
+def test_offload_stops_when_a_hook_rewrites_the_file_mid_forward(zoo_copy):
+    model = load_model(zoo_copy, offload=True)
+    tensors = load_file(zoo_copy / WEIGHTS)
+
+    def rewrite(x, hook):
+        save_file(tensors, zoo_copy / WEIGHTS, metadata={"format": "pt"})
+        return x
+
+    with pytest.raises(CheckpointError, match="changed since the model was loaded"):
+        model.run_with_hooks(torch.tensor([[1, 2, 3]]), fwd_hooks=[("blocks.1.hook_resid_pre", rewrite)])
