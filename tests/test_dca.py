@@ -189,3 +189,18 @@ def test_extension_method(tiny, ids):
         assert tiny.dual_chunk_settings() == [DualChunk(12, 2)] * 2
         torch.testing.assert_close(tiny(ids[:, :10]), before[:, :10], rtol=1e-12, atol=1e-12)  # inside one chunk
     assert tiny.dual_chunk_settings() == [None, None]
+
+
+def test_window_and_padding_refused(tiny, ids):
+    with tiny.positional_overrides():
+        tiny.set_dual_chunk_attention(12, 4)
+        with pytest.raises(InputError, match="window"):
+            tiny.set_window(8)
+        mask = torch.ones_like(ids)
+        mask[0, :3] = 0
+        with pytest.raises(InputError, match="attention_mask"):
+            tiny(ids, attention_mask=mask)
+    with tiny.positional_overrides():
+        tiny.set_window(8)
+        with pytest.raises(InputError, match="layers.*sliding window"):
+            tiny.set_dual_chunk_attention(12, 4)
