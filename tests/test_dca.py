@@ -204,3 +204,22 @@ def test_window_and_padding_refused(tiny, ids):
         tiny.set_window(8)
         with pytest.raises(InputError, match="layers.*sliding window"):
             tiny.set_dual_chunk_attention(12, 4)
+
+
+@pytest.mark.parametrize("offset", [None, 0, 3])
+def test_attend_with_lse_fused_and_explicit_agree(offset):
+    from residscope.model.dca import _explicit_with_lse, attend_with_lse
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, n, 8, generator=g, dtype=torch.float64) for n in (5, 8 if offset else 5, 8 if offset else 5))
+    out, lse = attend_with_lse(q, k, v, 0.3, causal_offset=offset)
+    scores = (q @ k.transpose(-1, -2)) * 0.3
+    if offset is not None:
+        allowed = torch.arange(k.shape[-2])[None, :] <= torch.arange(5)[:, None] + offset
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    torch.testing.assert_close(lse, scores.logsumexp(-1))
+    torch.testing.assert_close(out, scores.softmax(-1) @ v)
+    mask = None if offset is None else torch.zeros(scores.shape[-2:], dtype=q.dtype).masked_fill(~allowed, float("-inf"))
+    out2, lse2 = _explicit_with_lse(q, k, v, 0.3, mask, block=3)
+    torch.testing.assert_close(out2, out)
+    torch.testing.assert_close(lse2, lse)
