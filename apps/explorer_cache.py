@@ -134,6 +134,19 @@ def corpus_attention(source: str, samples: int, seq_len: int, first_k: int):
         return attention_statistics(lm, batches, first_k=first_k, progress=False), description
 
 
+@st.cache_data(max_entries=4, show_spinner=False)
+def long_context(source: str, seq_len: int, samples: int, text: str, first_k: int, method: str):
+    """LongContextStatistics on long-document chunks (default the plays' evaluation split), with an extension method."""
+    from residscope.analyses.extension import apply_method, extension_settings
+    from residscope.analyses.long_context import long_context_batches, long_context_statistics
+
+    lm = model(source)
+    batches, description = long_context_batches(lm, seq_len, samples, text=text)
+    f, kw = extension_settings(lm, method, [seq_len]) if method != "none" else (1.0, {})
+    with model_lock(source), apply_method(lm, method, f, **kw):
+        return long_context_statistics(lm, batches, first_k=first_k, source=description, progress=False)
+
+
 # ---- page 3: residual norms and positional vectors ---------------------------------------------------------------
 @st.cache_data(max_entries=8, show_spinner=False)
 def positional(source: str, samples: int, seq_len: int, first_k: int, cos_threshold: float):

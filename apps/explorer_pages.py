@@ -134,6 +134,32 @@ def page_attention(source: str) -> None:
         with right:
             show(positional_plots.attention_by_distance(corpus_stats), key="distance")
 
+    st.subheader("At long lengths (16k-32k), by query chunks")
+    st.caption("Sink mass, attention entropy, attended distance and per-position loss in one forward per sample; the "
+               "pattern is reduced a block of query rows at a time and never held whole (whole patterns are refused "
+               "past 8,192 tokens). Text: Shakespeare's plays (builtin:plays/evaluation). SmolLM2 at 16k takes minutes.")
+    c1, c2, c3 = st.columns(3)
+    lc_len = c1.number_input("Tokens", 256, 65536, 4096, step=1024, key="lc_len")
+    lc_samples = c2.number_input("Samples", 1, 16, 1, key="lc_samples")
+    methods = ["none", *[m for m in cache.extension_methods(source) if m not in ("none", "pv-replace")]]
+    lc_method = c3.selectbox("Extension method", methods, key="lc_method")
+    if st.button("Compute long-context statistics", key="lc_button"):
+        st.session_state["lc"] = (int(lc_len), int(lc_samples), lc_method, int(first_k))
+    if st.session_state.get("lc"):
+        from residscope.analyses import long_context_plots
+
+        lc_len_, lc_samples_, lc_method_, first_k_ = st.session_state["lc"]
+        with computing(f"Attention statistics at {lc_len_:,} tokens ({lc_method_})..."):
+            lc = cache.long_context(source, lc_len_, lc_samples_, "builtin:plays/evaluation", first_k_, lc_method_)
+        m1, m2, m3 = st.columns(3)
+        m1.metric("Loss (mean over positions)", f"{lc.loss:.3f}")
+        m2.metric("Sink mass (mean of blocks and heads)", f"{lc.sink_mass.mean():.3f}")
+        m3.metric("Mean attended distance (tokens)", f"{lc.mean_distance.mean():,.0f}")
+        st.caption(lc.source)
+        show(long_context_plots.statistics_figure(lc), key="lc_stats")
+        which = st.radio("Against query position", ["sink", "entropy", "distance"], horizontal=True, key="lc_which")
+        show(long_context_plots.by_position_figure(lc, which), key="lc_by_position")
+
 
 # ---- 3. residual stream norms and positional vectors --------------------------------------------------------------
 def page_residual(source: str) -> None:

@@ -167,16 +167,17 @@ def attend_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: fl
     causal_offset o: query t sees keys j <= t + o (None: every key). On CPU this is the fused flash kernel behind
     SDPA, which returns its log-sum-exp; elsewhere an explicit computation by key blocks (same result)."""
     nq, nk = q.shape[-2], k.shape[-2]
-    mask = None
-    if causal_offset is not None and causal_offset + nq - 1 >= nk:
+    if causal_offset is not None and causal_offset >= nk - 1:
         causal_offset = None  # every key visible to every query
-    if causal_offset is not None:
+    fused = q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+    square = causal_offset == 0 and nq == nk  # plain causal: the kernel's is_causal, no mask tensor
+    mask = None
+    if causal_offset is not None and not (square and fused):
         allowed = torch.arange(nk, device=q.device)[None, :] <= torch.arange(nq, device=q.device)[:, None] + causal_offset
         mask = torch.zeros(nq, nk, dtype=q.dtype, device=q.device).masked_fill(~allowed, float("-inf"))  # [q, k]
-    if q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, attn_mask=mask,
-                                                                              scale=scale)
-        return out, lse
+    if fused:
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, square, attn_mask=mask,
+                                                                          scale=scale)
     return _explicit_with_lse(q, k, v, scale, mask)
 
 
@@ -184,7 +185,8 @@ def _explicit_with_lse(q, k, v, scale, mask, block: int = 4096) -> tuple[torch.T
     """attend_with_lse by key blocks of `block` keys, merged by their log-sum-exp (memory q x block per head)."""
     parts = []
     for s in range(0, k.shape[-2], block):
-        scores = (q @ k[..., s:s + block, :].transpose(-1, -2)).float() * scale  # [batch, head, q, block]
+        scores = q @ k[..., s:s + block, :].transpose(-1, -2)  # [batch, head, q, block]
+        scores = scores.to(torch.promote_types(scores.dtype, torch.float32)) * scale
         if mask is not None:
             scores = scores + mask[:, s:s + block]
         lse = scores.logsumexp(-1)  # [batch, head, q]

@@ -19,7 +19,10 @@ TransformerLens' opt-in hooks fire only after their switch (`model.set_use_attn_
     blocks.{i}.hook_attn_in                         [batch, pos, head, d_model]  (use_attn_in; not with GQA)
     hook_tokens                                     [batch, pos]  (use_hook_tokens)
 Attention runs through SDPA unless a hook is attached to `hook_attn_scores` or `hook_pattern` (or the layer needs
-logit soft-capping); then an explicit path computes the same result and exposes scores and pattern.
+logit soft-capping); then an explicit path computes the same result and exposes scores and pattern. Whole patterns are
+refused beyond 8,192 x 8,192 positions; `model.attention_chunks.chunked_patterns` hands them out by blocks of query rows.
+With Dual Chunk Attention (`set_dual_chunk_attention`, model/dca.py) hook_rot_q holds the intra-chunk queries and
+hook_rot_k the keys at j % chunk_len; hook_attn_scores / hook_pattern hold the merged scores and pattern.
 """
 
 from __future__ import annotations
@@ -1093,7 +1096,11 @@ class Decoder(DecoderWeights, HookedRootModule):
         """Sliding attention window W (query i sees keys i-W < j <= i) for some layers; None = full causal attention."""
         if window is not None and (isinstance(window, bool) or int(window) != window or window < 1):
             raise InputError(f"window must be a whole number >= 1 or None, got {window!r}")
-        for attn in self._attention(layers):
+        chosen = self._attention(layers)
+        if window is not None and any(attn.dca is not None for attn in chosen):
+            raise InputError("window: these layers use Dual Chunk Attention, which does not combine with a sliding window "
+                             "(set_dual_chunk_attention(None) first)")
+        for attn in chosen:
             attn.window = None if window is None else int(window)
 
     def set_attn_logit_scale(self, scale: float, *, layers=None) -> None:

