@@ -25,25 +25,49 @@ def _influence(m, metric: str, shortgpt_compat: bool, seq_len: int, samples: int
     return block_influence_result(m, batches, metric, shortgpt_compat=shortgpt_compat, source=source)
 
 
-def _comparison_table(cmp) -> str:
+def _comparison_table(cmp, *, stability: bool) -> str:
     dense = cmp.dense
     lines = [f"held-out perplexity after removing {cmp.n_remove} of {cmp.n_layers} layers (dense {dense.ppl:.3f}; {dense.source})",
-             f"{'method':<22} {'perplexity':>12} {'x dense':>8}  removed layers"]
+             f"{'method':<22} {'perplexity':>12} {'x dense':>8}" + (f" {'overlap':>8} {'rank corr':>9}" if stability else "")
+             + "  removed layers" + ("  |  on the second slice" if stability else "")]
     for r in cmp.rows:
         spread = f" ± {r.ppl_std:.2f}" if r.ppl_std is not None else ""
-        removed = ",".join(map(str, r.removed)) if r.removed is not None else "(seeded)"
-        lines.append(f"{r.method:<22} {r.ppl:>12.3f} {r.ppl / dense.ppl:>8.2f}  {removed}{spread}")
+        removed = _order_text(r.removed) if r.removed is not None else "(seeded)"
+        line = f"{r.method:<22} {r.ppl:>12.3f} {r.ppl / dense.ppl:>8.2f}"
+        if stability:
+            over = f"{r.overlap:.2f}" if r.overlap is not None else "-"
+            rho = f"{r.rank_correlation:.2f}" if r.rank_correlation is not None else "-"
+            line += f" {over:>8} {rho:>9}"
+        line += f"  {removed}{spread}"
+        if stability and r.removed_b is not None:
+            line += f"  |  {_order_text(r.removed_b)}"
+        lines.append(line)
     return "\n".join(lines)
+
+
+def _order_text(order) -> str:
+    return ",".join(f"{x[0]}.{x[1]}" if isinstance(x, (list, tuple)) else str(x) for x in order)
+
+
+def _parse_criteria(spec: Optional[str]) -> list[str]:
+    from residscope.surgery.criteria import CRITERIA
+
+    if spec is None:
+        return list(CRITERIA)
+    names = parse_list(spec, "--criteria", str, f"criteria like bi,sleb,reverse (from {', '.join(CRITERIA)})")
+    unknown = [n for n in names if n not in CRITERIA]
+    if unknown:
+        raise InputError(f"--criteria: unknown {unknown[0]!r} (choose from {', '.join(CRITERIA)})")
+    return names
 
 
 def _check_prune_options(metric: str, remove: Optional[int], layers: Optional[str], compare: bool, out: Optional[Path],
                          force: bool, seeds: int, inputs: list) -> None:
     """Everything that can be refused before the model loads."""
     from residscope.common.atomic import check_output_dir
-    from residscope.surgery import BASELINES, METRICS
+    from residscope.surgery.criteria import check_criterion
 
-    if metric not in METRICS + BASELINES:
-        raise InputError(f"--metric must be one of {', '.join(METRICS + BASELINES)}; got {metric!r}")
+    check_criterion(metric, "--metric")
     if (remove is None) == (layers is None):
         raise InputError("give either --remove N or --layers 3,5,... (exactly one)")
     if layers is not None and not parse_list(layers, "--layers", int, "layer indices like 3,5,7"):
@@ -149,13 +173,16 @@ def prune(
     model: Optional[str] = MODEL,
     remove: Optional[int] = typer.Option(None, "--remove", help="number of layers to remove, chosen by --metric"),
     layers: Optional[str] = typer.Option(None, "--layers", help="explicit layers to remove, e.g. 3,5,7"),
-    metric: str = typer.Option("bi", "--metric", help="bi, angular, relative-magnitude, attn-bi, mlp-bi, or a baseline: "
-                               "sequential, reverse, random"),
+    metric: str = typer.Option("bi", "--metric", help="bi, angular, relative-magnitude, attn-bi, mlp-bi, angular-block, "
+                               "ppl, taylor, sleb, blockprune, or a baseline: sequential, reverse, random"),
     shortgpt_compat: bool = typer.Option(False, "--shortgpt-compat"),
     out: Optional[Path] = typer.Option(None, "--out", help="folder for the pruned checkpoint"),
     force: bool = typer.Option(False, "--force", help="replace a non-empty --out folder"),
     compare: bool = typer.Option(False, "--compare", help="table of held-out perplexity after removing --remove layers "
-                                 "by every metric and baseline"),
+                                 "by every criterion (--criteria), and how each choice moves on a second, disjoint "
+                                 "calibration slice of the same size"),
+    criteria: Optional[str] = typer.Option(None, "--criteria", help="criteria --compare runs, e.g. bi,angular-block,"
+                                           "reverse (default: all)"),
     seeds: int = typer.Option(5, "--seeds", help="random-baseline seeds averaged by --compare"),
     seq_len: int = SEQ_LEN,
     samples: int = typer.Option(32, "--samples", help="calibration sequences"),
@@ -167,57 +194,92 @@ def prune(
     as_json: bool = JSON,
     dtype: str = DTYPE,
     device: str = DEVICE,
+    nproc: int = NPROC,
     offload: bool = OFFLOAD,
 ) -> None:
-    """Remove layers (lowest score first, or explicit ones), report held-out perplexity before and after, and save a
+    """Remove layers (chosen by a criterion, or explicit ones), report held-out perplexity before and after, and save a
     standard transformers checkpoint."""
+    import torch
+
     from residscope.analyses.corpus import calibration_batches
-    from residscope.surgery import METRICS, influence_results, pruning_record, remove_layers, save_pretrained
-    from residscope.surgery.compare import compare_removals, heldout_scorer, removal_for
+    from residscope.apps import workers
+    from residscope.surgery import pruning_record, save_pretrained
+    from residscope.surgery.compare import apply_removal, compare_removals, heldout_scorer
+    from residscope.surgery.criteria import BASELINES, check_count, selection
     from residscope.surgery.removal import check_layers
 
     _check_prune_options(metric, remove, layers, compare, out, force, seeds, inputs_of(model, text))
+    chosen_criteria = _parse_criteria(criteria) if compare else []
+    work = n_batches(min(samples, eval_samples), batch_size)
+    if workers.launched(prune, locals(), nproc=nproc, n_batches=work):
+        return
+    device = workers.join(device, n_batches=work)
     m = load(model, device, dtype, offload)
     n_layers = m.cfg.n_layers
     explicit = check_layers(parse_list(layers, "--layers", int, "layer indices like 3,5,7"), n_layers, arg="--layers") \
         if layers is not None else None
-    if explicit is None and not 0 < remove < n_layers:
-        raise InputError(f"--remove must be between 1 and {n_layers - 1} for this {n_layers}-layer model; got {remove}")
+    if explicit is None:
+        check_count(m, remove, metric, "--remove")
     # token batches are built once: every candidate model is scored on the same held-out and calibration tokens
     eval_batches, eval_source = calibration_batches(m, seq_len=seq_len, samples=eval_samples, batch_size=batch_size,
                                                     seed=seed, split="evaluation")
-    evaluate = heldout_scorer(eval_batches, eval_source, progress=True)
+    evaluate = heldout_scorer(eval_batches, eval_source, progress=workers.is_main())
     dense = evaluate(m)
     report: dict = {"model": model_name(model), "n_layers": n_layers, "dense": dense.to_dict()}
-    metrics = list(METRICS) if compare else [metric] if metric in METRICS and explicit is None else []
-    influences = {}
-    if metrics:
-        calib, calib_source = calibration_batches(m, seq_len=seq_len, samples=samples, batch_size=batch_size, seed=seed,
-                                                  text_file=text, dataset=dataset)
-        influences = influence_results(m, calib, metrics, shortgpt_compat=shortgpt_compat, source=calib_source)
+    calib = calib_source = None
+    if explicit is None and (compare or metric not in BASELINES):
+        # --compare draws twice the samples: the first half is what a plain run calibrates on (the same seeded
+        # chunks), the second half a disjoint slice for the stability columns
+        total = samples * (2 if compare else 1)
+        both, calib_source = calibration_batches(m, seq_len=seq_len, samples=total, batch_size=batch_size, seed=seed,
+                                                 text_file=text, dataset=dataset)
+        chunks = torch.cat(both)  # [total, seq_len]
+        calib = list(chunks[:samples].split(batch_size))
+        calib_b = list(chunks[samples:].split(batch_size)) if compare else None
     if compare:
-        cmp = compare_removals(m, remove, eval_batches, influences=influences, seeds=seeds, dense=dense,
-                               eval_source=eval_source, progress=True)
-        report["compare"] = {"removed": remove, "rows": cmp.to_dict()["rows"]}
-        if not as_json:
-            typer.echo(_comparison_table(cmp))
+        source_a = f"{calib_source}, chunks 1-{samples}"
+        source_b = f"{calib_source}, chunks {samples + 1}-{2 * samples}"
+        cmp = compare_removals(m, remove, eval_batches, calibration_batches=calib, stability_batches=calib_b,
+                               methods=chosen_criteria, seeds=seeds, dense=dense, eval_source=eval_source,
+                               calibration_source=source_a, stability_source=source_b, shortgpt_compat=shortgpt_compat,
+                               progress=workers.is_main())
+        report["compare"] = {"removed": remove, "calibration": source_a, "second_slice": source_b,
+                             "rows": cmp.to_dict()["rows"]}
+        if workers.is_main() and not as_json:
+            typer.echo(_comparison_table(cmp, stability=True))
         if out is None:
-            if as_json:
+            if workers.is_main() and as_json:
                 typer.echo(json_text(report, indent=2))
             return
 
-    order = explicit if explicit is not None else removal_for(metric, remove, n_layers=n_layers, influences=influences, seed=seed)
-    used_metric = "explicit" if explicit is not None else metric
-    pruned = remove_layers(m, order)
+    if explicit is not None:
+        order, chosen, used_metric = explicit, None, "explicit"
+    else:
+        chosen = selection(m, calib, remove, metric, seed=seed, shortgpt_compat=shortgpt_compat, source=calib_source,
+                           progress=workers.is_main())
+        order, used_metric = chosen.order, metric
+    pruned = apply_removal(m, order)
     after = evaluate(pruned)
-    record = pruning_record(removed_layers=order, n_layers_before=n_layers, metric=used_metric, influence=influences.get(metric)
-                            if explicit is None else None, perplexity={"before": dense.to_dict(), "after": after.to_dict()})
+    if not workers.is_main():  # rank 0 alone writes and reports
+        return
+    extra = {}
+    if chosen is not None and chosen.criterion not in BASELINES:
+        extra = {"calibration": calib_source, "n_tokens": chosen.n_tokens}
+    order_json = [list(x) if isinstance(x, tuple) else x for x in order]
+    record = pruning_record(removed_layers=[x for x in order if not isinstance(x, tuple)], n_layers_before=n_layers,
+                            metric=used_metric, scores=chosen.scores if chosen is not None and chosen.scores else None,
+                            perplexity={"before": dense.to_dict(), "after": after.to_dict()}, **extra)
+    if chosen is not None and chosen.steps:
+        record["steps"] = chosen.steps  # the greedy searches' per-step perplexities
+    if chosen is not None and chosen.criterion == "blockprune":
+        record["removed_halves"] = order_json
     folder = save_pretrained(pruned, out, pruning_info=record, force=force)
-    report.update(removed_layers=order, metric=used_metric, after=after.to_dict(), out=str(folder))
+    report.update(removed_layers=order_json, metric=used_metric, after=after.to_dict(), out=str(folder))
     if as_json:
         typer.echo(json_text(report, indent=2))
     else:
-        typer.echo(f"removed {len(order)} of {n_layers} layers by {used_metric}: {', '.join(map(str, order))}")
+        what = "attention/MLP halves" if chosen is not None and chosen.criterion == "blockprune" else "layers"
+        typer.echo(f"removed {len(order)} {what} of {n_layers} layers by {used_metric}: {_order_text(order)}")
         typer.echo(f"held-out perplexity: {dense.ppl:.4f} -> {after.ppl:.4f} (x{after.ppl / dense.ppl:.2f}; {after.source})")
         typer.echo(f"saved {folder} (loads with transformers.AutoModelForCausalLM.from_pretrained)")
 

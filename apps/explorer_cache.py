@@ -232,6 +232,44 @@ def generation(source: str, removed: tuple[int, ...], prompt: str, new_tokens: i
         return lm.to_string(lm.generate(ids, max_new_tokens=new_tokens)[0, ids.shape[1]:])
 
 
+@st.cache_data(max_entries=4, show_spinner=False)
+def compare_criteria(source: str, criteria: tuple[str, ...], n_remove: int, samples: int, seq_len: int,
+                     eval_samples: int):
+    """`compare_removals` over `criteria` on the first `samples` calibration chunks, their stability on the next
+    `samples` (a disjoint slice), held-out perplexity on the evaluation split (what `prune --compare` prints)."""
+    from residscope.analyses.corpus import calibration_batches
+    from residscope.surgery.compare import compare_removals
+
+    lm = model(source)
+    both, description = calibration_batches(lm, seq_len=seq_len, samples=2 * samples, batch_size=4)
+    chunks = torch.cat(both)  # [2 * samples, seq_len]
+    evals, eval_source = calibration_batches(lm, seq_len=seq_len, samples=eval_samples, batch_size=4, split="evaluation")
+    with model_lock(source):
+        return compare_removals(lm, n_remove, evals, calibration_batches=list(chunks[:samples].split(4)),
+                                stability_batches=list(chunks[samples:].split(4)), methods=criteria, seeds=1,
+                                eval_source=eval_source, calibration_source=f"{description}, first half",
+                                stability_source=f"{description}, second half")
+
+
+def healing_curve(path: str) -> dict:
+    """A `residscope heal` result (its --curve-json, or residscope_healing.json in the healed folder)."""
+    import json
+    from pathlib import Path
+
+    file = Path(path.strip()).expanduser()
+    if file.is_dir():
+        file = file / "residscope_healing.json"
+    if not file.is_file():
+        raise InputError(f"{file}: no such file (a --curve-json file or a healed checkpoint folder)")
+    try:
+        result = json.loads(file.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise InputError(f"{file}: not JSON ({e})") from None
+    if not isinstance(result, dict) or not isinstance(result.get("curve"), list):
+        raise InputError(f"{file}: no healing curve in it (expected the JSON `residscope heal` writes)")
+    return result
+
+
 def export_pruned(source: str, removed: tuple[int, ...], folder: str, influence_result=None, perplexity=None):
     """Write the pruned model as a transformers checkpoint; refuses a non-empty folder (save_pretrained's check)."""
     from residscope.surgery.export import pruning_record, save_pretrained

@@ -297,7 +297,7 @@ def page_pruning(source: str) -> None:
     from residscope.surgery.influence import removal_order
     from residscope.surgery.plots import comparison_figure, influence_figure
 
-    st.header("Block Influence and layer pruning (ShortGPT)")
+    st.header("Layer pruning: Block Influence (ShortGPT) and the criteria since")
     lm = cache.model(source)
     n_layers = lm.cfg.n_layers
     c1, c2, c3 = st.columns(3)
@@ -316,10 +316,17 @@ def page_pruning(source: str) -> None:
     removed = st.session_state.get("bi_pruned")
     if not removed:
         st.info("Pick layers, then prune: generations and held-out perplexity before and after appear here.")
-        return
-    if max(removed) >= n_layers:  # a pruning left over from another model
+    elif max(removed) >= n_layers:  # a pruning left over from another model
         st.session_state.pop("bi_pruned")
         st.rerun()
+    else:
+        _pruned_section(source, result, removed, n_layers, seq_len)
+    _criteria_section(source, n_layers, n_remove, samples, seq_len)
+    _healing_section()
+
+
+def _pruned_section(source: str, result, removed: tuple[int, ...], n_layers: int, seq_len: int) -> None:
+    from residscope.surgery.plots import comparison_figure
 
     c1, c2 = st.columns(2)
     eval_samples = int(c1.number_input("Held-out samples", 1, 256, 8, key="bi_eval_samples"))
@@ -351,6 +358,60 @@ def page_pruning(source: str) -> None:
             path = cache.export_pruned(source, removed, folder, result,
                                        {"dense": dense_ppl.ppl, "pruned": pruned_ppl.ppl})
         st.success(f"Saved to {path} (config.json, model.safetensors, tokenizer, residscope_pruning.json)")
+
+
+def _criteria_section(source: str, n_layers: int, n_remove: int, samples: int, seq_len: int) -> None:
+    from residscope.surgery.criteria import BASELINES, CRITERIA
+    from residscope.surgery.plots import comparison_figure
+
+    st.subheader("Compare the criteria, and how much each choice moves")
+    st.caption("Every criterion chooses on the same calibration tokens; each chooses again on a second, disjoint slice "
+               "of the same size: overlap = share of the chosen blocks both slices pick; rank corr = Spearman "
+               "correlation of the per-layer scores (criteria that score every layer). sleb and blockprune run one "
+               "forward per candidate step and are slow on large models.")
+    picks = st.multiselect("Criteria", [c for c in CRITERIA if c != "random"],
+                           default=["bi", "angular", "angular-block", "ppl", "taylor", "reverse"], key="crit_pick")
+    eval_samples = int(st.number_input("Held-out samples", 1, 256, 4, key="crit_eval_samples"))
+    if not st.button("Run the comparison", key="crit_run", disabled=not picks):
+        return
+    with computing(f"{len(picks)} criteria choosing {n_remove} of {n_layers} blocks on two slices of {samples} x "
+                   f"{seq_len} tokens..."):
+        try:
+            cmp = cache.compare_criteria(source, tuple(picks), n_remove, samples, seq_len, eval_samples)
+        except InputError as e:
+            st.error(str(e))
+            return
+    text = lambda order: ", ".join(f"{x[0]}.{x[1]}" if isinstance(x, (list, tuple)) else str(x) for x in order)  # noqa: E731
+    st.dataframe([{"criterion": r.method, "held-out ppl": round(r.ppl, 3), "x dense": round(r.ppl / cmp.dense.ppl, 2),
+                   "overlap": r.overlap, "rank corr": None if r.rank_correlation is None else round(r.rank_correlation, 3),
+                   "removed": text(r.removed or []), "removed (2nd slice)": text(r.removed_b or []),
+                   "seconds": None if r.seconds is None else round(r.seconds, 1)} for r in cmp.rows],
+                 hide_index=True)
+    show(comparison_figure([{"method": r.method, "ppl": r.ppl} for r in cmp.rows if r.method not in BASELINES
+                            or r.method == "reverse"], dense_ppl=cmp.dense.ppl,
+                           title=f"Held-out perplexity after removing {n_remove} blocks, by criterion"), key="crit_fig")
+
+
+def _healing_section() -> None:
+    st.subheader("Healing curve")
+    st.caption("`residscope heal --model PRUNED --out DIR` fine-tunes a pruned model and records held-out perplexity "
+               "along the way; open its residscope_healing.json (or the healed folder) here.")
+    path = st.text_input("Healing result (JSON file or healed folder)", key="heal_path", placeholder="out/healed")
+    if not path.strip():
+        return
+    try:
+        result = cache.healing_curve(path)
+    except InputError as e:
+        st.error(str(e))
+        return
+    steps = [p["step"] for p in result["curve"]]
+    fig = go.Figure(go.Scatter(x=steps, y=[p["ppl"] for p in result["curve"]], mode="lines+markers",
+                               name="held-out perplexity"))
+    fig.update_layout(title=f"Healing by {result.get('method')}: {result['before']:.3f} → {result['after']:.3f}",
+                      xaxis_title="optimizer step", yaxis_title="held-out perplexity", template="plotly_white")
+    show(fig, key="heal_curve")
+    if result.get("note"):
+        st.info(result["note"])
 
 
 # ---- 6. context extension -----------------------------------------------------------------------------------------

@@ -10,6 +10,13 @@ just before it (model loaded and warmed up), so it counts activations only. Time
 CPU seconds (time.process_time), which a shared, busy machine disturbs far less than wall-clock time.
 
     .venv/bin/python benchmarks/bench_block_influence.py [--depths 8,16,32] [--real]
+
+With --sleb N, SLEB's greedy search for N blocks instead: residscope's (one forked forward per step: every candidate
+shares the stream before its block, `runtime.forks`) against the straightforward implementation (a full forward of a
+pruned copy per candidate, as the reference code does), on the same tokens: the picks must be equal; the table gives
+both CPU times and their ratio.
+
+    .venv/bin/python benchmarks/bench_block_influence.py --sleb 4 [--depths 8,16] [--batch 2 --seq-len 64] [--real]
 """
 
 from __future__ import annotations
@@ -126,6 +133,25 @@ def random_model(folder: str, n_layers: int, d_model: int) -> str:
     return path
 
 
+def sleb_comparison(source: str, remove: int, batch: int, seq_len: int) -> dict:
+    """SLEB fast vs naive on one model: picks, CPU seconds each (one run each, in this process)."""
+    import torch
+
+    from residscope.model import load_model
+    from residscope.surgery.criteria import sleb_order
+
+    model = load_model(source)
+    gen = torch.Generator().manual_seed(0)
+    data = list(torch.randint(0, model.cfg.d_vocab, (batch, seq_len), generator=gen).split(max(1, batch // 2)))
+    out = {}
+    for name, naive in (("fast", False), ("naive", True)):
+        start = time.process_time()
+        chosen = sleb_order(model, data, remove, progress=False, naive=naive)
+        out[name] = {"seconds": time.process_time() - start, "order": chosen.order,
+                     "ppl": [step["ppl"] for step in chosen.steps]}
+    return out
+
+
 def report(name: str, rows: dict[str, dict]) -> None:
     f, b, hf, ref = (rows[m] for m in MODES)
     print(f"{name:<22} {f['seconds']:>8.3f} {b['seconds']:>8.3f} {b['seconds'] / f['seconds']:>8.2f} "
@@ -141,6 +167,7 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--real", action="store_true", help="also SmolLM2-135M (smollm2-135m alias)")
+    p.add_argument("--sleb", type=int, default=None, help="compare SLEB's greedy for this many blocks instead")
     p.add_argument("--child", choices=MODES)
     p.add_argument("--source")
     args = p.parse_args()
@@ -148,6 +175,20 @@ def main() -> None:
         print(json.dumps(child(args.child, args.source, args.batch, args.seq_len, args.repeat)))
         return
 
+    if args.sleb is not None:
+        print(f"SLEB greedy, {args.sleb} blocks, {args.batch}x{args.seq_len} calibration tokens; CPU seconds, one run each")
+        print(f"{'model':<22} {'fast s':>9} {'naive s':>9} {'naive/fast':>10}  same picks  picks")
+        with tempfile.TemporaryDirectory() as tmp:
+            sources = [(f"random llama L={n}", random_model(tmp, int(n), args.d_model)) for n in args.depths.split(",")]
+            if args.real:
+                sources.append(("SmolLM2-135M", "smollm2-135m"))
+            for name, source in sources:
+                r = sleb_comparison(source, args.sleb, args.batch, args.seq_len)
+                fast, naive = r["fast"], r["naive"]
+                print(f"{name:<22} {fast['seconds']:>9.2f} {naive['seconds']:>9.2f} "
+                      f"{naive['seconds'] / fast['seconds']:>10.2f}  {str(fast['order'] == naive['order']):>10}  "
+                      f"{fast['order']}", flush=True)
+        return
     print(f"tokens per run: {args.batch}x{args.seq_len}; CPU seconds, best of {args.repeat}; memory = peak RSS above the loaded model")
     print(f"{'model':<22} {'fwd s':>8} {'bi s':>8} {'bi/fwd':>8} {'ref/hfwd':>9} {'ref/bi':>8}   "
           f"{'fwd MB':>8} {'bi MB':>8} {'hfwd MB':>8} {'ref MB':>8}")

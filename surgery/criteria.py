@@ -329,7 +329,9 @@ def taylor_scores(model, batches: Sequence[Batch], *, group=None, progress: bool
 
 def nll_sum_differentiable(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, int]:
     """(sum of next-token NLL as a tensor with its graph, number of predicted tokens): `token_nll_sum` for backward."""
-    pred = logits[:, :-1].float()  # [batch, pos-1, vocab]
+    pred = logits[:, :-1]  # [batch, pos-1, vocab]
+    if pred.dtype in (torch.float16, torch.bfloat16):
+        pred = pred.float()  # float32 log-softmax at least, as `token_nll_sum`; float64 models keep float64
     nll = F.cross_entropy(pred.reshape(-1, pred.shape[-1]), ids[:, 1:].reshape(-1), reduction="none")
     if mask is not None:
         keep = (mask[:, 1:].bool() & mask[:, :-1].bool()).reshape(-1)

@@ -20,7 +20,7 @@ def pruning_record(*, removed_layers: list[int], n_layers_before: int, metric: s
         record.update(metric=influence.metric, scores=influence.scores.tolist(), shortgpt_compat=influence.shortgpt_compat,
                       calibration=influence.source, calibration_tokens=influence.n_tokens)
     if scores is not None:
-        record["scores"] = [float(s) for s in scores]
+        record["scores"] = [None if s is None else float(s) for s in scores]
     if calibration is not None:
         record["calibration"] = calibration
     if n_tokens is not None:

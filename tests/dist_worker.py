@@ -1,6 +1,7 @@
 """One rank of the data-parallel tests: joins the gloo group from RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT, runs
-Block Influence, perplexity, the positional decomposition,
-attention statistics and sliding-window (extension) perplexity on a checkpoint folder, and rank 0 writes the results.
+Block Influence, the other pruning criteria (one-shot perplexity, SLEB, BlockPruner, angular distance, Taylor),
+perplexity, the positional decomposition, attention statistics and sliding-window (extension) perplexity on a
+checkpoint folder, and rank 0 writes the results.
 
     python dist_worker.py CHECKPOINT OUT.safetensors [fail-rank]
 """
@@ -15,6 +16,7 @@ from residscope.analyses.perplexity import perplexity
 from residscope.analyses.positional import attention_statistics, decompose_positions
 from residscope.model import load_model
 from residscope.surgery import block_influence_result
+from residscope.surgery.criteria import angular_distances, blockprune_order, one_shot_ppl, sleb_order, taylor_scores
 
 
 def batches(vocab: int) -> list[torch.Tensor]:
@@ -33,7 +35,15 @@ def results(model) -> dict[str, torch.Tensor]:
     att = attention_statistics(model, data, progress=False)
     stream = torch.cat([b.reshape(-1) for b in data])  # 240 tokens: 9 windows of 48, 3 batches of 4 / 4 / 1
     _, window_nll, window_tokens, _ = sliding_window_perplexity(model, stream, 48, batch_size=4, progress=False)
-    return {"bi": bi.scores, "bi_n_tokens": torch.tensor(float(bi.n_tokens)), "nll": torch.tensor(ppl.nll),
+    sleb = sleb_order(model, padded, 2, progress=False)
+    blockprune = blockprune_order(model, padded, 1, progress=False)
+    criteria = {"ppl_scores": torch.tensor(one_shot_ppl(model, padded, 1, progress=False).scores),
+                "sleb_order": torch.tensor(sleb.order, dtype=torch.float64),
+                "sleb_ppl": torch.tensor([s["ppl"] for s in sleb.steps]),
+                "blockprune_ppl": torch.tensor([s["ppl"] for s in blockprune.steps]),
+                "angular_block": angular_distances(model, padded, 1, progress=False)[0],
+                "taylor": taylor_scores(model, padded, progress=False)[0]}
+    return {**criteria, "bi": bi.scores, "bi_n_tokens": torch.tensor(float(bi.n_tokens)), "nll": torch.tensor(ppl.nll),
             "ppl_n_tokens": torch.tensor(float(ppl.n_tokens)), "vectors": dec.vectors,
             "second_moment": dec.second_moment, "n_samples": torch.tensor(float(dec.n_samples)),
             "sink_mass": torch.from_numpy(att.sink_mass), "by_distance": torch.from_numpy(att.by_distance),

@@ -209,6 +209,37 @@ def test_pruning_page_prunes_compares_and_exports(tiny, tiny_model, tmp_path):
     assert config["num_hidden_layers"] == 3 and record["removed_layers"] == [1]
 
 
+def test_pruning_page_compares_criteria_and_shows_a_healing_curve(tiny, tiny_model, tmp_path):
+    from residscope.surgery.criteria import select_layers
+
+    at = run_app(tiny, "pruning")
+    at.multiselect(key="crit_pick").set_value(["bi", "ppl", "reverse"]).run()
+    at.number_input(key="bi_samples").set_value(2).run()
+    at.number_input(key="bi_seq_len").set_value(32).run()
+    at.button(key="crit_run").click().run()
+    assert_clean(at)
+    table = at.dataframe[0].value
+    assert list(table["criterion"]) == ["bi", "ppl", "reverse"]
+    n_remove = at.slider(key="bi_n_remove").value
+    from residscope.analyses.corpus import calibration_batches
+
+    first = list(torch.cat(calibration_batches(tiny_model, seq_len=32, samples=4, batch_size=4)[0])[:2].split(4))
+    expected = select_layers(tiny_model, first, n_remove, "ppl", progress=False)
+    assert table["removed"][1] == ", ".join(map(str, expected))
+    assert 0 <= table["overlap"][0] <= 1 and table["overlap"][2] is None or np.isnan(table["overlap"][2])
+    chart_spec(at, "crit_fig")
+
+    result = {"method": "partial", "before": 30.0, "after": 25.0, "note": None,
+              "curve": [{"step": 0, "train_loss": None, "ppl": 30.0}, {"step": 4, "train_loss": 3.1, "ppl": 25.0}]}
+    (tmp_path / "healed").mkdir()
+    (tmp_path / "healed" / "residscope_healing.json").write_text(json.dumps(result))
+    at.text_input(key="heal_path").set_value(str(tmp_path / "healed")).run()
+    assert_clean(at)
+    assert list(array(chart_spec(at, "heal_curve")["data"][0]["y"])) == [30.0, 25.0]
+    at.text_input(key="heal_path").set_value(str(tmp_path / "missing.json")).run()
+    assert len(at.error) == 1 and "no such file" in at.error[0].value
+
+
 def test_extension_page_perplexity_and_passkey(tiny):
     at = run_app(tiny, "extension")
     assert_clean(at)
