@@ -122,6 +122,33 @@ class RulerResult:
 # ---------------------------------------------------------------------------------------------------------------------
 # running
 # ---------------------------------------------------------------------------------------------------------------------
+def greedy_continuation(model, ids: torch.Tensor, max_new_tokens: int, *, use_cache: bool = True) -> torch.Tensor:
+    """The greedy continuation [n_new] of one prompt `ids` [1, pos], stopping after EOS: `model.generate`'s tokens.
+
+    With the KV cache, the prompt is read without its unembedding (`stop_at_layer`) and only the last position is
+    unembedded: `generate` would materialise [pos, vocab] logits, 4.3 GB at 4k tokens for Gemma-3's 262k vocabulary.
+    Without the cache (hooks that index positions), `model.generate(use_cache=False)`."""
+    if not use_cache:
+        out = model.generate(ids, max_new_tokens=max_new_tokens, use_cache=False)  # [1, pos + new]
+        return out[0, ids.shape[1]:]
+    from residscope.model.decoder import KVCache
+
+    eos = model.cfg.eos_token_id
+    eos = set([eos] if isinstance(eos, int) else list(eos or []))
+    cache = KVCache()
+    if ids.shape[1] > 1:
+        model(ids[:, :-1], kv_cache=cache, stop_at_layer=len(model.blocks))  # fills the cache; [1, pos - 1, d_model]
+    step, new = ids[:, -1:], []  # [1, 1]
+    for _ in range(max_new_tokens):
+        logits = model(step, kv_cache=cache)[:, -1]  # [1, vocab]
+        nxt = int(logits.float().argmax(-1))
+        new.append(nxt)
+        if nxt in eos:
+            break
+        step = torch.tensor([[nxt]], dtype=ids.dtype, device=ids.device)
+    return torch.tensor(new, dtype=torch.long)
+
+
 def check_request(tasks: Sequence[str], lengths: Sequence[int], depths: Sequence[float], samples: int) -> list[str]:
     """The checked task names (InputError naming the argument otherwise)."""
     names = [task_spec(t).name for t in tasks]
@@ -195,8 +222,8 @@ def ruler_scores(model, tasks: Sequence[str], lengths: Sequence[int], depths: Se
         p = build_prompt(tok, task, length, depth, index, seed=seed, essay=essay, hint=hints.get((task, length)))
         hints[task, length] = p.haystack_units
         ids = p.ids[None].to(model.device)  # [1, n_tokens]
-        out = model.generate(ids, max_new_tokens=p.max_new_tokens, use_cache=use_cache)  # [1, n_tokens + new]
-        text = tok.decode(out[0, ids.shape[1]:].tolist(), skip_special_tokens=True)
+        new = greedy_continuation(model, ids, p.max_new_tokens, use_cache=use_cache)  # [n_new]
+        text = tok.decode(new.tolist(), skip_special_tokens=True)
         answers[g] = (postprocess_pred(text), int(ids.shape[1]), p.references)
     answers = gather_items(answers, group)
     cells = []
