@@ -81,7 +81,8 @@ def test_essay_needle_sits_at_its_depth_of_the_evaluation_split(tok, essay, dept
     head, tail = p.text.split("\n", 1)[1].rsplit("\nWhat is", 1)[0].split(needle)
     haystack = " ".join(essay[:p.haystack_units])
     assert (head + tail).replace(" ", "") == haystack.replace(" ", "")  # the needle is inserted, nothing else changes
-    assert abs(len(head) / len(haystack) - depth) < 0.05
+    sentences = rt.split_sentences(haystack)  # depth counts sentences, as RULER's insertion does
+    assert len(rt.split_sentences(head)) == round(depth * len(sentences))
 
 
 def test_multi_needle_tasks_hide_every_needle_and_ask_the_right_ones(tok, essay):
@@ -232,6 +233,23 @@ def test_cli_bad_input_is_one_line(tiny, capsys, args, needle):
 # ---------------------------------------------------------------------------------------------------------------------
 # end to end on the tiny model
 # ---------------------------------------------------------------------------------------------------------------------
+def test_greedy_continuation_is_generates_tokens(tiny):
+    """The prompt read without its [pos, vocab] logits, then the cache: the same tokens as model.generate (float64)."""
+    import torch
+
+    from residscope.model import load_model
+
+    model = load_model(str(tiny), dtype="float64")
+    for n in (1, 60):
+        ids = torch.randint(1, 500, (1, n), generator=torch.Generator().manual_seed(n))  # [1, n]
+        expected = model.generate(ids, max_new_tokens=12)[0, n:]
+        assert ruler.greedy_continuation(model, ids, 12).tolist() == expected.tolist()
+        assert ruler.greedy_continuation(model, ids, 12, use_cache=False).tolist() == expected.tolist()
+    model.cfg.eos_token_id = int(expected[5])  # stops after the first EOS it produces, EOS included
+    got = ruler.greedy_continuation(model, ids, 12).tolist()
+    assert got[-1] == int(expected[5]) and got == expected.tolist()[:len(got)] and len(got) <= 6
+
+
 def test_study_scores_every_cell_and_applies_the_method(tiny):
     from residscope.model import load_model
 
