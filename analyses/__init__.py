@@ -3,7 +3,8 @@ dataclasses or tensors.
 
 Text to measure on (`corpus`), perplexity (`perplexity`), the logit lens (`logit_lens`), positional vectors and attention
 sinks (`positional`, the whole study in `positional_study`), RoPE base / context-length bounds (`rope_bound`), context
-extension and its evaluations (`extension`, with the passkey prompts in `passkey`), and the zoo trainer that builds the
+extension and its evaluations (`extension`, with the passkey prompts in `passkey`; RULER's synthetic long-context tasks
+in `ruler`, their prompts in `ruler_tasks`), and the zoo trainer that builds the
 models those experiments run on (`zoo_train`). Figures live apart, in the `*_plots` modules.
 May import `residscope.common`, `residscope.model` and `residscope.runtime` (the batch loop, data parallelism); never
 `surgery`, `probes`, `studies` or `apps`.

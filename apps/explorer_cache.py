@@ -323,3 +323,25 @@ def passkey(source: str, method: str, lengths: tuple[int, ...], depths: tuple[fl
     with model_lock(source):
         return passkey_study(model(source), [method], list(lengths), list(depths), n_keys=n_keys, factor=factor,
                              window=window, method_kw=_method_kw(method, window), progress=False)
+
+
+@st.cache_data(max_entries=16, show_spinner=False)
+def ruler(source: str, tasks: tuple[str, ...], lengths: tuple[int, ...], depths: tuple[float, ...], samples: int, seed: int,
+          method: str, factor: float | None, window: int | None):
+    from residscope.analyses.extension import method_options
+    from residscope.analyses.ruler import ruler_study
+
+    with model_lock(source):
+        return ruler_study(model(source), list(tasks), list(lengths), list(depths), samples=samples, seed=seed,
+                           method=method, factor=factor, window=window, method_kw=method_options(method, window=window),
+                           progress=False)
+
+
+@st.cache_data(max_entries=16, show_spinner=False)
+def ruler_prompt(source: str, task: str, length: int, depth: float, seed: int):
+    """Sample 0 of `task` at `length` (depth ignored by cwe and fwe): what the model reads, and the references."""
+    from residscope.analyses.ruler import essay_haystack
+    from residscope.analyses.ruler_tasks import TASKS, build_prompt
+
+    essay = essay_haystack() if TASKS[task].uses_essay else None
+    return build_prompt(model(source).tokenizer, task, length, depth, 0, seed=seed, essay=essay)

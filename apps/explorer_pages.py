@@ -489,6 +489,51 @@ def page_extension(source: str) -> None:
                        "prompt tokens": r.prompt_tokens, "answers": " ".join(r.answers)} for r in rows], hide_index=True)
 
 
+# ---- 7. long-context tasks (RULER) ----------------------------------------------------------------------------------
+def page_ruler(source: str) -> None:
+    from residscope.analyses.ruler_plots import ruler_figure
+    from residscope.analyses.ruler_tasks import TASKS
+
+    st.header("Long-context tasks (RULER)")
+    st.caption("RULER's synthetic tasks that need no downloaded data: needles in a haystack (noise, the built-in "
+               "evaluation split, or other needles), variable tracking, common- and frequent-words extraction. Greedy "
+               "decoding; score = RULER's string_match_all (percent of the reference strings found in the answer).")
+    w = cache.trained_window(source)
+    tasks = st.multiselect("Tasks", list(TASKS), default=["niah_single_1"], key="ruler_tasks")
+    c1, c2, c3, c4 = st.columns(4)
+    lengths_text = c1.text_input("Lengths (prompt + answer budget)", "1024", key="ruler_lengths")
+    depths_text = c2.text_input("Needle depths", "0.5", key="ruler_depths")
+    samples = int(c3.number_input("Samples per cell", 1, 50, 1, key="ruler_samples"))
+    seed = int(c4.number_input("Seed", 0, 1 << 30, 42, key="ruler_seed"))
+    c1, c2 = st.columns(2)
+    methods = cache.extension_methods(source)
+    method = c1.selectbox("Extension method", methods, key=f"ruler_method_{source}")
+    factor_in = float(c2.number_input("Factor s (0 = longest length / W)", 0.0, 1024.0, 0.0, key="ruler_factor"))
+    st.caption(f"Trained window W = {w:,} tokens; every sample decodes up to 128 tokens (niah), 120 (cwe), 50 (fwe) or "
+               "30 (vt): a few seconds per sample per thousand tokens on a CPU.")
+    if tasks:
+        with st.expander(f"Sample prompt of {tasks[0]}"):
+            lengths_ = _lengths(lengths_text, "lengths")
+            p = cache.ruler_prompt(source, tasks[0], lengths_[0], _depths(depths_text)[0], seed)
+            st.caption(f"{len(p.ids):,} tokens + {p.max_new_tokens} to generate; references: {', '.join(p.references)}")
+            st.text(p.text if len(p.text) < 6000 else p.text[:3000] + "\n[...]\n" + p.text[-3000:])
+    if st.button("Run RULER", key="ruler_button", disabled=not tasks):
+        st.session_state["ruler"] = (tuple(tasks), _lengths(lengths_text, "lengths"), _depths(depths_text), samples, seed,
+                                     method, factor_in if factor_in >= 1 else None)
+    if st.session_state.get("ruler"):
+        tasks_, lengths_, depths_, samples_, seed_, method_, factor_ = st.session_state["ruler"]
+        with computing(f"RULER: {len(tasks_)} tasks at {', '.join(map(str, lengths_))} tokens ({method_})"):
+            result = cache.ruler(source, tasks_, lengths_, depths_, samples_, seed_, method_, factor_, None)
+        by_length = result.length_scores()
+        longest = max(by_length)
+        st.metric(f"Average score at {longest:,} tokens", f"{by_length[longest]:.1f}")
+        show(ruler_figure(result, title=source), key="ruler_fig")
+        st.dataframe([{"task": c.task, "length": c.length, "depth": c.depth, "score": c.score,
+                       "prompt tokens": " ".join(map(str, c.prompt_tokens)),
+                       "references": " | ".join(", ".join(r) for r in c.references),
+                       "predictions": " | ".join(c.predictions)} for c in result.cells], hide_index=True)
+
+
 PAGES = {
     "tokens": ("Prompt & logit lens", page_tokens),
     "attention": ("Attention & sinks", page_attention),
@@ -496,4 +541,5 @@ PAGES = {
     "rope": ("RoPE bound", page_rope),
     "pruning": ("Block Influence & pruning", page_pruning),
     "extension": ("Context extension", page_extension),
+    "ruler": ("Long-context tasks (RULER)", page_ruler),
 }

@@ -27,7 +27,7 @@ import pytest
 
 from tiny_llama import make_tiny_checkpoint
 
-PAGES = ("tokens", "attention", "residual", "rope", "pruning", "extension")
+PAGES = ("tokens", "attention", "residual", "rope", "pruning", "extension", "ruler")
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync", "--hide-scrollbars",

@@ -17,7 +17,7 @@ import torch
 from tiny_llama import make_tiny_checkpoint
 
 APP = Path(__file__).resolve().parents[1] / "apps" / "explorer_app.py"
-PAGES = ("tokens", "attention", "residual", "rope", "pruning", "extension")
+PAGES = ("tokens", "attention", "residual", "rope", "pruning", "extension", "ruler")
 TIMEOUT = 180  # seconds per script run: generous for a busy 2-core machine
 
 
@@ -83,7 +83,7 @@ def test_every_page_renders_without_errors(tiny, page):
     assert_clean(at)
     assert at.header[0].value  # the page drew its title
     assert at.sidebar.radio[0].value == page
-    assert at.get("plotly_chart") or page == "extension"
+    assert at.get("plotly_chart") or page in ("extension", "ruler")  # these two draw after a button
 
 
 def test_prompt_page_numbers_match_the_model(tiny, tiny_model):
@@ -257,6 +257,25 @@ def test_extension_page_perplexity_and_passkey(tiny):
     at.button(key="pk_button").click().run()
     assert_clean(at)
     assert 0 <= float(metrics(at)["Mean accuracy"]) <= 1
+
+
+def test_ruler_page_matches_the_library(tiny, tiny_model):
+    from residscope.analyses.ruler import ruler_study
+
+    at = run_app(tiny, "ruler")
+    assert_clean(at)
+    assert at.multiselect(key="ruler_tasks").value == ["niah_single_1"]
+    assert "yarn" in at.selectbox(key=f"ruler_method_{tiny}").options
+    assert "references:" in at.caption[-1].value or any("references:" in c.value for c in at.caption)
+    at.multiselect(key="ruler_tasks").set_value(["niah_single_1", "fwe"]).run()
+    at.button(key="ruler_button").click().run()
+    assert_clean(at)
+    expected = ruler_study(tiny_model, ["niah_single_1", "fwe"], [1024], [0.5], samples=1, progress=False)
+    assert metrics(at)["Average score at 1,024 tokens"] == f"{expected.length_scores()[1024]:.1f}"
+    table = at.dataframe[0].value
+    assert list(table["task"]) == ["niah_single_1", "fwe"]
+    assert list(table["predictions"]) == [" | ".join(c.predictions) for c in expected.cells]
+    assert at.get("plotly_chart")
 
 
 def test_extension_page_on_a_zoo_model_matches_the_library():
