@@ -128,6 +128,6 @@ def task_items(task: str, n: int, seed: int = 0) -> list[dict]:
 
 def exact_match(prediction: str, target: str) -> bool:
     """The first generated line against the target, whitespace ignored (lm-eval's exact_match with
-    ignore_whitespace, so both harnesses score alike)."""
+    regexes_to_ignore ["\\s+"], so both harnesses score alike)."""
     first = prediction.split("\n", 1)[0]
     return "".join(first.split()) == "".join(target.split())

@@ -76,6 +76,9 @@ def evaluate(
             raise InputError("--cut needs the baseline model itself, not a JSON report")
         base_report = _load_report(Path(baseline))
     m = load(model, device, dtype)
+    from residscope.surgery.cut_lens import restore_layer_origin
+
+    restore_layer_origin(m)  # a pruned checkpoint's blocks keep their original numbers in the report
     report = evaluate_model(m, task_list, n=n, seed=seed, batch_size=batch_size, name=model_name(model), progress=True)
     if baseline is not None and base_report is None:
         base_model = load(baseline, device, dtype)

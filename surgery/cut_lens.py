@@ -45,6 +45,29 @@ class CutComparison:
         return asdict(self)
 
 
+def restore_layer_origin(model) -> bool:
+    """A pruned checkpoint loads as a plain n-layer model; its `residscope_pruning.json` (written by `save_pretrained`)
+    says which original block each one was. Put that back into `model.layer_origin` / `n_layers_original`; returns
+    whether a record was found."""
+    import json
+    from pathlib import Path
+
+    from residscope.model.export import PRUNING_FILE
+
+    record_file = Path(str(model.source or "")) / PRUNING_FILE
+    if not record_file.is_file():
+        return False
+    try:
+        record = json.loads(record_file.read_text())
+        kept, before = [int(i) for i in record["kept_layers"]], int(record["n_layers_before"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise InputError(f"{record_file}: unreadable pruning record ({e})") from None
+    if len(kept) != model.cfg.n_layers or not all(0 <= i < before for i in kept):
+        raise InputError(f"{record_file}: kept_layers {kept} do not fit this {model.cfg.n_layers}-layer model")
+    model.layer_origin, model.n_layers_original = kept, before
+    return True
+
+
 def _by_origin(values: list, origin: list[int], n_layers: int) -> list:
     """Per-block values of a pruned model placed at their original block indices (None elsewhere)."""
     out: list = [None] * n_layers

@@ -177,7 +177,8 @@ def test_offline_tasks_through_lm_eval_simple_evaluate(tiny, tmp_path, monkeypat
     files = write_lm_eval_tasks(tmp_path / "tasks", n=4, seed=0, tasks=("addition", "cloze"))
     assert set(files) == {"residscope_addition", "residscope_cloze"}
     out = lm_eval.simple_evaluate(model=ResidscopeLM(model=tiny, batch_size=4), tasks=list(files),
-                                  task_manager=TaskManager(include_path=str(tmp_path / "tasks")), log_samples=True)
+                                  task_manager=TaskManager(include_path=str(tmp_path / "tasks"), include_defaults=False),
+                                  log_samples=True)
     items = eval_tasks.addition_items(4, seed=0)
     mine = greedy_until(tiny, [it["prompt"] for it in items], until=("\n", tiny.tokenizer.eos_token), max_new_tokens=8)
     samples = sorted(out["samples"]["residscope_addition"], key=lambda s: s["doc_id"])
