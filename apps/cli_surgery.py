@@ -151,7 +151,9 @@ def prune(
                                "sequential, reverse, random"),
     shortgpt_compat: bool = typer.Option(False, "--shortgpt-compat"),
     out: Optional[Path] = typer.Option(None, "--out", help="folder for the pruned checkpoint"),
-    force: bool = typer.Option(False, "--force", help="replace a non-empty --out folder"),
+    force: bool = typer.Option(False, "--force", help="replace a non-empty --out folder (and an existing --gguf file)"),
+    gguf: Optional[Path] = typer.Option(None, "--gguf", help="also write the pruned model as a GGUF file for llama.cpp"),
+    quant: str = typer.Option("f32", "--quant", help="with --gguf: f32, f16, q8_0 or q4_0"),
     compare: bool = typer.Option(False, "--compare", help="table of held-out perplexity after removing --remove layers "
                                  "by every metric and baseline"),
     seeds: int = typer.Option(5, "--seeds", help="random-baseline seeds averaged by --compare"),
@@ -175,6 +177,13 @@ def prune(
     from residscope.surgery.removal import check_layers
 
     _check_prune_options(metric, remove, layers, compare, out, force, seeds)
+    if gguf is not None:
+        from residscope.model.gguf_export import check_gguf_target, check_quant
+
+        check_quant(quant)
+        check_gguf_target(gguf, force=force)  # before the slow part
+        if out is None:
+            raise InputError("--gguf needs --out (the pruned checkpoint is written as a folder too)")
     m = load(model, device, dtype, offload)
     n_layers = m.cfg.n_layers
     explicit = check_layers(parse_list(layers, "--layers", int, "layer indices like 3,5,7"), n_layers, arg="--layers") \
@@ -212,12 +221,18 @@ def prune(
                             if explicit is None else None, perplexity={"before": dense.to_dict(), "after": after.to_dict()})
     folder = save_pretrained(pruned, out, pruning_info=record, force=force)
     report.update(removed_layers=order, metric=used_metric, after=after.to_dict(), out=str(folder))
+    if gguf is not None:
+        from residscope.model.gguf_export import write_gguf
+
+        report["gguf"] = write_gguf(pruned, gguf, quant=quant, force=force).to_dict()
     if as_json:
         typer.echo(json_text(report, indent=2))
     else:
         typer.echo(f"removed {len(order)} of {n_layers} layers by {used_metric}: {', '.join(map(str, order))}")
         typer.echo(f"held-out perplexity: {dense.ppl:.4f} -> {after.ppl:.4f} (x{after.ppl / dense.ppl:.2f}; {after.source})")
         typer.echo(f"saved {folder} (loads with transformers.AutoModelForCausalLM.from_pretrained)")
+        if gguf is not None:
+            typer.echo(f"wrote {gguf} ({quant}, {report['gguf']['n_bytes'] / 2**20:.1f} MiB; runs in llama.cpp)")
 
 
 def register(app: typer.Typer) -> None:
