@@ -183,16 +183,32 @@ def write_lm_eval_tasks(folder: str | os.PathLike, *, n: int = 32, seed: int = 0
 
 
 def run_lm_eval(model, tasks: Sequence[str], *, limit: int | None = None, batch_size: int = 8,
-                include_path: str | os.PathLike | None = None) -> dict:
-    """`lm_eval.simple_evaluate` on an in-memory model; returns {task: {metric: value}} (the harness's "results")."""
+                include_path: str | os.PathLike | None = None, n: int = 32, seed: int = 0) -> dict:
+    """`lm_eval.simple_evaluate` on an in-memory model; returns {task: {metric: value}} (the harness's "results").
+    residscope's own tasks (`residscope_addition`, ...) are written for the run (`n` items, `seed`) when no
+    `include_path` is given."""
+    import tempfile
+
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    own = all(t.startswith(TASK_PREFIX) for t in tasks)  # indexing the harness's thousands of task files takes a while
-    manager = TaskManager(include_path=str(include_path) if include_path is not None else None,
-                          include_defaults=not own)
-    out = lm_eval.simple_evaluate(model=ResidscopeLM(model=model, batch_size=batch_size), tasks=list(tasks),
-                                  limit=limit, task_manager=manager, log_samples=False)
+    tasks = [t.strip() for t in tasks if t.strip()]
+    if not tasks:
+        raise InputError("--lm-eval: no task given")
+    own = [t.removeprefix(TASK_PREFIX) for t in tasks if t.startswith(TASK_PREFIX)]
+    with tempfile.TemporaryDirectory() as scratch:
+        if own and include_path is None:
+            write_lm_eval_tasks(scratch, n=n, seed=seed, tasks=own)
+            include_path = scratch
+        # indexing the harness's thousands of task files takes a while: skipped when only residscope's are asked for
+        manager = TaskManager(include_path=str(include_path) if include_path is not None else None,
+                              include_defaults=len(own) < len(tasks))
+        unknown = [t for t in tasks if t not in manager.all_tasks]
+        if unknown:
+            raise InputError(f"--lm-eval: unknown task {unknown[0]!r} (residscope's: "
+                             f"{', '.join(TASK_PREFIX + t for t in ('addition', 'brackets', 'cloze', 'passkey'))})")
+        out = lm_eval.simple_evaluate(model=ResidscopeLM(model=model, batch_size=batch_size), tasks=tasks,
+                                      limit=limit, task_manager=manager, log_samples=False)
     return {task: {k: v for k, v in metrics.items() if isinstance(v, (int, float, str))}
             for task, metrics in out["results"].items()}
 

@@ -45,7 +45,8 @@ def evaluate(
     cut: bool = typer.Option(False, "--cut", help="with --baseline: also compare per-layer logit-lens agreement and "
                              "sink / positional statistics of both models on the same tokens, by original layer"),
     lm_eval_tasks: Optional[str] = typer.Option(None, "--lm-eval", help="also run these lm-evaluation-harness tasks "
-                                                "(e.g. hellaswag,mmlu; needs lm-eval and its datasets)"),
+                                                "(e.g. hellaswag,mmlu, needs lm-eval and its datasets; or residscope's "
+                                                "own offline ones: residscope_addition,residscope_cloze,...)"),
     limit: Optional[int] = typer.Option(None, "--limit", help="lm-eval: items per task"),
     out: Optional[Path] = typer.Option(None, "--out", help="write the JSON report here (atomically)"),
     force: bool = typer.Option(False, "--force", help="replace an existing --out file"),
@@ -70,6 +71,13 @@ def evaluate(
         out = check_output_file(out, "--out")
         if out.exists() and not force:
             raise InputError(f"--out: {out} exists (pass --force to replace it)")
+    if lm_eval_tasks is not None:
+        from residscope.analyses.evaluation import TASKS
+
+        for t in lm_eval_tasks.split(","):
+            if t.strip().startswith("residscope_") and t.strip().removeprefix("residscope_") not in TASKS:
+                raise InputError(f"--lm-eval: unknown task {t.strip()!r} (residscope's: "
+                                 f"{', '.join('residscope_' + k for k in TASKS)})")
     base_report, base_model = None, None
     if baseline is not None and baseline.endswith(".json") and Path(baseline).is_file():
         if cut:
@@ -96,7 +104,7 @@ def evaluate(
     if lm_eval_tasks:
         from residscope.analyses.lm_eval_model import run_lm_eval
 
-        data["lm_eval"] = run_lm_eval(m, lm_eval_tasks.split(","), limit=limit, batch_size=batch_size)
+        data["lm_eval"] = run_lm_eval(m, lm_eval_tasks.split(","), limit=limit, batch_size=batch_size, n=n, seed=seed)
     if out is not None:
         _write_json(out, data)
         echo_err(f"wrote {out}")

@@ -213,6 +213,11 @@ def test_evaluate_command_json_and_baseline(tiny_dir, tmp_path, capsys):
                           "--cut", "--json"], capsys)
     assert code == 0, err
     assert json.loads(out)["cut"]["removed"] == [2]
+    code, out, err = cli(["evaluate", "--model", tiny_dir, "--tasks", "addition", "--n", "2",
+                          "--lm-eval", "residscope_addition", "--json"], capsys)
+    assert code == 0, err
+    data = json.loads(out)
+    assert data["lm_eval"]["residscope_addition"]["exact_match,none"] == data["results"]["addition"]["accuracy"]
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -220,6 +225,7 @@ def test_evaluate_command_json_and_baseline(tiny_dir, tmp_path, capsys):
     (["--n", "0"], "--n must be >= 1"),
     (["--cut"], "--cut needs --baseline"),
     (["--out", "EXISTING"], "exists (pass --force"),
+    (["--n", "1", "--tasks", "addition", "--lm-eval", "residscope_nope"], "--lm-eval: unknown task 'residscope_nope'"),
 ])
 def test_evaluate_bad_inputs_are_one_line(tiny_dir, tmp_path, capsys, argv, message):
     existing = tmp_path / "r.json"
@@ -241,4 +247,11 @@ def test_export_command(tiny_dir, tmp_path, capsys, monkeypatch):
     code, out, err = cli(["export", "--model", tiny_dir, "--gguf", tmp_path / "n.gguf", "--quant", "q5_k"], capsys)
     assert code == 2 and err == "residscope: error: --quant must be one of f32, f16, q8_0, q4_0; got 'q5_k'\n"
     assert not (tmp_path / "n.gguf").exists()
+    code, out, err = cli(["prune", "--model", tiny_dir, "--layers", "1", "--out", tmp_path / "pruned", "--gguf",
+                          tmp_path / "p.gguf", "--quant", "q4_0", "--seq-len", "16", "--eval-samples", "2"], capsys)
+    assert code == 0, err
+    assert "p.gguf (q4_0" in out and load_model(tmp_path / "p.gguf").cfg.n_layers == 3
+    code, out, err = cli(["prune", "--model", tiny_dir, "--layers", "1", "--out", tmp_path / "pruned2", "--gguf",
+                          tmp_path / "p.gguf"], capsys)
+    assert code == 2 and "--gguf" in err and "exists" in err and not (tmp_path / "pruned2").exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
