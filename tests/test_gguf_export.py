@@ -23,6 +23,21 @@ def tiny(tmp_path_factory):
     return load_model(make_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "ckpt", n_layers=4))
 
 
+@pytest.fixture(scope="module")
+def tiny_dir_untied(tmp_path_factory):
+    """The tiny checkpoint with a separate random lm_head."""
+    from safetensors.torch import load_file, save_file
+
+    folder = make_tiny_checkpoint(tmp_path_factory.mktemp("untied") / "ckpt", n_layers=4)
+    config = json.loads((folder / "config.json").read_text())
+    config["tie_word_embeddings"] = False
+    (folder / "config.json").write_text(json.dumps(config))
+    state = load_file(folder / "model.safetensors")
+    state["lm_head.weight"] = torch.randn_like(state["model.embed_tokens.weight"]) * 0.02
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    return folder
+
+
 @pytest.fixture(autouse=True)
 def _cache(tmp_path, monkeypatch):
     monkeypatch.setenv("RESIDSCOPE_CACHE", str(tmp_path / "cache"))
@@ -107,7 +122,20 @@ def test_quantized_round_trip_equals_the_quantize_dequantize_of_each_weight(tiny
     assert torch.equal(back(ids), fake(ids))
     drift = (back(ids) - tiny(ids)).abs().max().item()
     assert 0 < drift < {"f16": 1e-2, "q8_0": 0.05, "q4_0": 0.5}[quant]  # measured: 2e-4, 6e-3, 7e-2
-    assert out.n_bytes < (tmp_path / f"t-{quant}.gguf").stat().st_size + 1
+    assert out.n_bytes == (tmp_path / f"t-{quant}.gguf").stat().st_size
+
+
+def test_untied_output_matrix(tiny_dir_untied, tmp_path):
+    """A model with its own lm_head: written as output.weight (q8_0 under q4_0), read back exactly."""
+    model = load_model(tiny_dir_untied)
+    assert not model.cfg.tie_embeddings
+    out = write_gguf(model, tmp_path / "u.gguf", quant="q4_0")
+    _, reader = _fields(tmp_path / "u.gguf")
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert types["output.weight"] == "Q8_0" and types["token_embd.weight"] == "Q4_0" and out.n_tensors == 39
+    write_gguf(model, tmp_path / "u32.gguf")
+    ids = _ids(model)
+    assert torch.equal(load_model(tmp_path / "u32.gguf")(ids), model(ids))
 
 
 def test_pruned_and_sub_block_pruned_round_trip(tiny, tmp_path):
