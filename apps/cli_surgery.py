@@ -177,7 +177,9 @@ def prune(
                                "ppl, taylor, sleb, blockprune, or a baseline: sequential, reverse, random"),
     shortgpt_compat: bool = typer.Option(False, "--shortgpt-compat"),
     out: Optional[Path] = typer.Option(None, "--out", help="folder for the pruned checkpoint"),
-    force: bool = typer.Option(False, "--force", help="replace a non-empty --out folder"),
+    force: bool = typer.Option(False, "--force", help="replace a non-empty --out folder (and an existing --gguf file)"),
+    gguf: Optional[Path] = typer.Option(None, "--gguf", help="also write the pruned model as a GGUF file for llama.cpp"),
+    quant: str = typer.Option("f32", "--quant", help="with --gguf: f32, f16, q8_0 or q4_0"),
     compare: bool = typer.Option(False, "--compare", help="table of held-out perplexity after removing --remove layers "
                                  "by every criterion (--criteria), and how each choice moves on a second, disjoint "
                                  "calibration slice of the same size"),
@@ -214,6 +216,13 @@ def prune(
     if workers.launched(prune, locals(), nproc=nproc, n_batches=work):
         return
     device = workers.join(device, n_batches=work)
+    if gguf is not None:
+        from residscope.model.gguf_export import check_gguf_target, check_quant
+
+        check_quant(quant)
+        check_gguf_target(gguf, force=force)  # before the slow part
+        if out is None:
+            raise InputError("--gguf needs --out (the pruned checkpoint is written as a folder too)")
     m = load(model, device, dtype, offload)
     n_layers = m.cfg.n_layers
     explicit = check_layers(parse_list(layers, "--layers", int, "layer indices like 3,5,7"), n_layers, arg="--layers") \
@@ -275,6 +284,10 @@ def prune(
         record["removed_halves"] = order_json
     folder = save_pretrained(pruned, out, pruning_info=record, force=force)
     report.update(removed_layers=order_json, metric=used_metric, after=after.to_dict(), out=str(folder))
+    if gguf is not None:
+        from residscope.model.gguf_export import write_gguf
+
+        report["gguf"] = write_gguf(pruned, gguf, quant=quant, force=force).to_dict()
     if as_json:
         typer.echo(json_text(report, indent=2))
     else:
@@ -282,6 +295,8 @@ def prune(
         typer.echo(f"removed {len(order)} {what} of {n_layers} layers by {used_metric}: {_order_text(order)}")
         typer.echo(f"held-out perplexity: {dense.ppl:.4f} -> {after.ppl:.4f} (x{after.ppl / dense.ppl:.2f}; {after.source})")
         typer.echo(f"saved {folder} (loads with transformers.AutoModelForCausalLM.from_pretrained)")
+        if gguf is not None:
+            typer.echo(f"wrote {gguf} ({quant}, {report['gguf']['n_bytes'] / 2**20:.1f} MiB; runs in llama.cpp)")
 
 
 def register(app: typer.Typer) -> None:

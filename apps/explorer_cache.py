@@ -283,6 +283,35 @@ def export_pruned(source: str, removed: tuple[int, ...], folder: str, influence_
         return save_pretrained(lm, folder, pruning_info=record, force=False)
 
 
+@st.cache_data(max_entries=8, show_spinner=False)
+def evaluation(source: str, removed: tuple[int, ...], tasks: tuple[str, ...], n: int):
+    """`evaluate_model` on the dense or pruned model (same seed, so both see the same items)."""
+    from residscope.analyses.evaluation import evaluate_model
+
+    lm = pruned_model(source, removed) if removed else model(source)
+    with model_lock(source):
+        return evaluate_model(lm, tasks, n=n, seed=0, name="pruned" if removed else "dense")
+
+
+@st.cache_data(max_entries=8, show_spinner=False)
+def cut(source: str, removed: tuple[int, ...], samples: int, seq_len: int):
+    from residscope.surgery.cut_lens import cut_comparison
+
+    with model_lock(source):
+        return cut_comparison(model(source), pruned_model(source, removed), seq_len=seq_len, samples=samples)
+
+
+def export_gguf(source: str, removed: tuple[int, ...], path: str, quant: str):
+    """Write the (pruned) model as GGUF; refuses an existing file (no --force from the app)."""
+    from residscope.model.gguf_export import write_gguf
+
+    if not path.strip():
+        raise InputError("GGUF file: enter a path")
+    lm = pruned_model(source, removed) if removed else model(source)
+    with model_lock(source):
+        return write_gguf(lm, path.strip(), quant=quant)
+
+
 # ---- page 6: context extension ----------------------------------------------------------------------------------
 def extension_methods(source: str) -> list[str]:
     from residscope.analyses.extension import applicable_methods

@@ -358,6 +358,45 @@ def _pruned_section(source: str, result, removed: tuple[int, ...], n_layers: int
             path = cache.export_pruned(source, removed, folder, result,
                                        {"dense": dense_ppl.ppl, "pruned": pruned_ppl.ppl})
         st.success(f"Saved to {path} (config.json, model.safetensors, tokenizer, residscope_pruning.json)")
+    _pruning_gguf(source, removed)
+    _pruning_evaluation(source, removed, seq_len)
+
+
+def _pruning_gguf(source: str, removed: tuple[int, ...]) -> None:
+    from residscope.model.gguf_export import QUANTS
+
+    c1, c2 = st.columns([3, 1])
+    path = c1.text_input("GGUF file (new) for llama.cpp", key="bi_gguf_path", placeholder="out/pruned.gguf")
+    quant = c2.selectbox("Quantization", QUANTS, key="bi_gguf_quant")
+    if st.button("Export as GGUF", key="bi_gguf"):
+        with computing(f"Writing {path} ({quant})..."):
+            written = cache.export_gguf(source, removed, path, quant)
+        st.success(f"Wrote {written.path}: {written.n_layers} layers, {written.n_bytes / 2**20:.1f} MiB "
+                   f"({', '.join(f'{n} {t}' for t, n in sorted(written.tensor_types.items()))})")
+
+
+def _pruning_evaluation(source: str, removed: tuple[int, ...], seq_len: int) -> None:
+    """What the cut breaks beyond perplexity: the offline tasks before/after, and the block-by-block view of the cut."""
+    import pandas as pd
+
+    from residscope.analyses.evaluation import TASKS, compare_reports
+    from residscope.surgery.cut_plots import cut_figure
+
+    st.subheader("What the cut breaks")
+    c1, c2 = st.columns([3, 1])
+    tasks = tuple(c1.multiselect("Tasks", TASKS, default=["addition", "brackets", "cloze"], key="ev_tasks"))
+    n = int(c2.number_input("Items per task", 1, 64, 8, key="ev_n"))
+    if not st.button("Evaluate dense and pruned", key="ev_run", disabled=not tasks):
+        return
+    with computing(f"Running {', '.join(tasks)} on both models and comparing their blocks..."):
+        before = cache.evaluation(source, (), tasks, n)
+        after = cache.evaluation(source, removed, tasks, n)
+        cut = cache.cut(source, removed, 4, min(seq_len, 128))
+    st.dataframe(pd.DataFrame([vars(r) for r in compare_reports(before, after)]), hide_index=True)
+    show(cut_figure(cut), key="cut_figure")
+    st.caption("Blocks at their original index; the pruned model's blocks that sit after a removed span show whether "
+               "they took over its work (their lens agreement with the final prediction) and how the attention sink "
+               "and the first token's massive norm moved.")
 
 
 def _criteria_section(source: str, n_layers: int, n_remove: int, samples: int, seq_len: int) -> None:

@@ -240,6 +240,29 @@ def test_pruning_page_compares_criteria_and_shows_a_healing_curve(tiny, tiny_mod
     assert len(at.error) == 1 and "no such file" in at.error[0].value
 
 
+def test_pruning_page_evaluates_the_cut_and_exports_gguf(tiny, tmp_path, monkeypatch):
+    monkeypatch.setenv("RESIDSCOPE_CACHE", str(tmp_path / "cache"))
+    at = run_app(tiny, "pruning")
+    at.multiselect[0].set_value([2]).run()
+    at.button(key="bi_prune").click().run()
+    at.multiselect(key="ev_tasks").set_value(["addition"]).run()
+    at.number_input(key="ev_n").set_value(2).run()
+    at.button(key="ev_run").click().run()
+    assert_clean(at)
+    table = at.dataframe[0].value
+    assert list(table["task"]) == ["addition"] and table["n"][0] == 2
+    existing = tmp_path / "x.gguf"
+    existing.write_text("mine")
+    at.text_input(key="bi_gguf_path").set_value(str(existing)).run()
+    at.button(key="bi_gguf").click().run()
+    assert len(at.error) == 1 and "exists" in at.error[0].value and existing.read_text() == "mine"
+    at.text_input(key="bi_gguf_path").set_value(str(tmp_path / "p.gguf")).run()
+    at.selectbox(key="bi_gguf_quant").set_value("q8_0").run()
+    at.button(key="bi_gguf").click().run()
+    assert_clean(at)
+    assert "3 layers" in at.success[-1].value and (tmp_path / "p.gguf").is_file()
+
+
 def test_extension_page_perplexity_and_passkey(tiny):
     at = run_app(tiny, "extension")
     assert_clean(at)
