@@ -79,6 +79,7 @@ class DecoderConfig:
     layer_types: list[str] = field(default_factory=list)  # FULL or SLIDING per layer
     sliding_window: int | None = None
     attn_scale: float | None = None  # None: 1/sqrt(d_head)
+    attn_fp32: bool = False  # q·k and softmax in at least float32 (GPT-Neo, GPT-J); half-precision models take the explicit path
     attn_softcap: float | None = None
     final_softcap: float | None = None
     max_position_embeddings: int | None = None

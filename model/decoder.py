@@ -323,6 +323,7 @@ class Attention(AttentionWeights, nn.Module):
         self.scale = cfg.scale
         self.positional = cfg.positional  # "rope", "alibi" or "none"
         self.softcap = cfg.attn_softcap
+        self.fp32_scores = cfg.attn_fp32
         self.qk_norm = cfg.qk_norm
         h, kvh, d = cfg.n_heads, cfg.n_kv_heads, cfg.d_head
         self.q_proj = nn.Linear(cfg.d_model, h * d, bias=cfg.qkv_bias)
@@ -381,7 +382,7 @@ class Attention(AttentionWeights, nn.Module):
         if cache is not None:
             k, v = cache.update(self, k, v)  # [batch, kv_head, past + pos, d_head]
         scale = self.scale * self.logit_scale
-        if self.wants_pattern():
+        if self.wants_pattern() or (self.fp32_scores and q.dtype.itemsize < 4):
             z = self._explicit(q, k, v, pos, scale)
         else:
             z = self._sdpa(q, k, v, pos, scale)
@@ -455,7 +456,11 @@ class Attention(AttentionWeights, nn.Module):
 
     def _explicit(self, q, k, v, pos: Positions, scale: float) -> torch.Tensor:
         k, v = repeat_kv(k, self.n_rep), repeat_kv(v, self.n_rep)  # [batch, head, k_pos, d_head]
-        scores = (q @ k.transpose(-1, -2)) * scale  # [batch, head, q_pos, k_pos]
+        if self.fp32_scores:  # GPT-Neo / GPT-J: q·k in float32 even for half-precision models
+            wide = torch.promote_types(q.dtype, torch.float32)
+            scores = (q.to(wide) @ k.to(wide).transpose(-1, -2)) * scale  # [batch, head, q_pos, k_pos]
+        else:
+            scores = (q @ k.transpose(-1, -2)) * scale  # [batch, head, q_pos, k_pos]
         if self.softcap is not None:
             scores = torch.tanh(scores / self.softcap) * self.softcap
         if self.positional == "alibi":

@@ -100,9 +100,9 @@ def positive_float(cfg: dict, key: str, source: str, default: float | None) -> f
     return float(value)
 
 
-def _check_refused(cfg: dict, source: str) -> None:
+def _check_refused(cfg: dict, source: str, family) -> None:
     for key, allowed in _REFUSED.items():
-        if cfg.get(key) not in allowed:
+        if key not in family.accepts and cfg.get(key) not in allowed:
             raise ConfigError(f"{source}: unsupported option {key}={cfg[key]!r}")
 
 
@@ -149,7 +149,7 @@ def decoder_kwargs(cfg: dict[str, Any], *, source: str = "config.json", position
     family = FAMILIES.get(model_type) if isinstance(model_type, str) else None
     if family is None:
         raise ConfigError(f"{source}: unsupported model_type {model_type!r} (supported: {', '.join(sorted(FAMILIES))})")
-    _check_refused(cfg, source)
+    _check_refused(cfg, source, family)
     if position_embedding is not None and model_type != "baichuan":
         raise ConfigError(f"position_embedding override is only for baichuan configs, not {model_type!r}")
     try:

@@ -29,6 +29,7 @@ def weights(cfg) -> WeightMap:
     qkv = ("attn.q_proj", "attn.k_proj", "attn.v_proj")
     return WeightMap(
         layer_prefix="transformer.h.{i}.",
+        base_prefix="transformer.",
         top={"transformer.wte.weight": "embed.weight", "transformer.wpe.weight": "pos_embed.weight",
              "transformer.ln_f.weight": "ln_final.weight", "transformer.ln_f.bias": "ln_final.bias",
              "lm_head.weight": "unembed.weight"},
