@@ -65,7 +65,7 @@ class DecoderConfig:
     shared_norm: bool = False  # parallel block whose MLP reads ln1's output too (GPT-J: one norm per block)
     final_norm: bool = True  # ln_final before the unembedding (OPT-350m has none)
     embed_scale: float | None = None  # embeddings multiplied by it (Gemma: sqrt(d_model); Granite: embedding_multiplier)
-    embed_norm: bool = False  # a norm right after the embedding (BLOOM's word_embeddings_layernorm)
+    embed_norm: bool = False  # a norm on the token embedding, inside hook_embed (BLOOM's word_embeddings_layernorm)
     d_embed: int | None = None  # embeddings narrower than the stream, projected in and out (OPT's word_embed_proj_dim)
     residual_scale: float | None = None  # attention and MLP outputs multiplied by it before the add (Granite)
     logit_divisor: float | None = None  # logits divided by it (Granite's logits_scaling)
@@ -176,6 +176,14 @@ class DecoderConfig:
 
     @property
     def act_fn(self) -> str:
+        """The activation's name as the checkpoint's config says it (GPT-2: "gelu_new"), as TransformerLens reports it;
+        the canonical name when the config names none (BLOOM)."""
+        from .hf_config import ACTIVATIONS
+
+        for key in ("activation_function", "hidden_act", "hidden_activation"):
+            name = self.hf_config.get(key)
+            if isinstance(name, str) and ACTIVATIONS.get(name) == self.act:
+                return name
         return {"silu": "silu", "gelu_tanh": "gelu_pytorch_tanh", "gelu": "gelu", "relu": "relu"}[self.act]
 
     @property

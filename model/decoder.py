@@ -518,6 +518,10 @@ class Block(nn.Module):
     adds nothing to the residual stream.
     """
 
+    # TransformerLens 4.3's flag (logit_lens, jacobian lens): hook_resid_post is the one [batch, pos, d_model] stream the
+    # next block reads and ln_final -> unembed turns into logits, not a stack of streams combined later
+    hook_out_is_single_residual_stream = True
+
     def __init__(self, cfg: DecoderConfig, layer: int):
         super().__init__()
         self.parallel, self.shared_norm, self.residual_norm = cfg.parallel, cfg.shared_norm, cfg.residual_norm
@@ -758,14 +762,16 @@ class Decoder(DecoderWeights, HookedRootModule):
         if self.cfg.embed_scale is not None:
             # rounded straight to the model dtype, like transformers' buffer (bf16: sqrt(3072) -> 55.5; fp64: exact)
             x = x * torch.tensor(self.cfg.embed_scale, dtype=x.dtype)
+        if self.cfg.embed_norm:
+            # BLOOM's word_embeddings_layernorm, before hook_embed: what hook_embed shows is what enters the stream, so
+            # decompositions (embed + attention and MLP outputs) still sum to the residual stream
+            x = self.ln_embed(x)
         return x
 
     def _add_positions(self, x: torch.Tensor, pos: Positions) -> torch.Tensor:
-        """The stream entering block 0: token embedding (+ learned position embedding), then BLOOM's embedding norm."""
+        """The stream entering block 0: token embedding (+ learned position embedding)."""
         if self.cfg.positional == "learned":
             x = x + self.hook_pos_embed(self.pos_embed(pos.positions))  # [batch, pos, d_model]
-        if self.cfg.embed_norm:
-            x = self.ln_embed(x)
         return x
 
     def _input_ids(self, input, attention_mask, prepend_bos, padding_side, past) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -9,7 +9,7 @@ from ..errors import ConfigError
 from .base import Family, Packed, WeightMap
 
 KEYS = {"hidden_size": "hidden_size", "num_hidden_layers": "n_layer", "num_attention_heads": "n_head",
-        "vocab_size": "vocab_size", "norm_eps": "layer_norm_epsilon"}
+        "vocab_size": "vocab_size", "norm_eps": "layer_norm_epsilon", "max_position_embeddings": "seq_length"}
 
 
 def read_config(cfg: dict, common: dict, source: str) -> dict:
@@ -19,7 +19,9 @@ def read_config(cfg: dict, common: dict, source: str) -> dict:
         # pretraining_tp alone changes nothing; with slow_but_exact the output projections are summed in slices
         raise ConfigError(f"{source}: unsupported option slow_but_exact=True (with pretraining_tp={cfg['pretraining_tp']})")
     return dict(common, act="gelu_tanh", mlp="plain", norm="layer", qkv_bias=True, o_bias=True, mlp_bias=True,
-                d_mlp=4 * common["d_model"], embed_norm=True, positional="alibi", rope={})
+                d_mlp=4 * common["d_model"], embed_norm=True, positional="alibi", rope={},
+                # ALiBi has no table to outgrow: n_ctx is the training length, as TransformerLens reads it (seq_length, else 2048)
+                max_position_embeddings=common["max_position_embeddings"] or 2048)
 
 
 def weights(cfg) -> WeightMap:
