@@ -217,3 +217,111 @@ def test_offloaded_gpt_neox_is_bit_exact(saved):
     tokens = ids()
     with torch.no_grad():
         assert torch.equal(streamed(tokens), plain(tokens))
+
+
+# ---- GGUF: the GPT-lineage architectures transformers' GGUF loader reads (gpt2, bloom; not gptneox) ------------------
+def _write_gguf(path, hf, arch: str, params: dict) -> None:
+    """`hf` as llama.cpp's convert_hf_to_gguf.py writes it: tensor names from gguf.TensorNameMap, GPT-2's Conv1D weights
+    transposed to [out, in], BLOOM's per-head query_key_value regrouped into [q; k; v] rows, a byte-level BPE vocabulary
+    (its size is the model's), lm_head written out as `output`."""
+    import gguf
+    import numpy as np
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    c = hf.config
+    n_head, d = c.num_attention_heads, c.hidden_size
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(c.num_hidden_layers)
+    for key, value in params.items():
+        getattr(w, f"add_{key}")(value)
+    tokens = list(bytes_to_unicode().values()) + ["Ġt", "he", "Ġthe", "<|endoftext|>"]
+    assert len(tokens) == c.vocab_size
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_types([1] * (len(tokens) - 1) + [3])
+    w.add_token_merges(["Ġ t", "h e", "Ġt he"])
+    w.add_bos_token_id(len(tokens) - 1)
+    w.add_eos_token_id(len(tokens) - 1)
+    names = gguf.TensorNameMap(gguf.MODEL_ARCH.GPT2 if arch == "gpt2" else gguf.MODEL_ARCH.BLOOM, c.num_hidden_layers)
+    state = hf.state_dict()
+    if "lm_head.weight" not in state:
+        state["lm_head.weight"] = hf.lm_head.weight
+    for key, tensor in state.items():
+        if key.endswith((".attn.bias", ".attn.masked_bias")):
+            continue
+        base, suffix = key.rsplit(".", 1)
+        name = names.get_name(base) or names.get_name(base.removeprefix("transformer."))
+        data = tensor.detach().float().numpy()
+        if arch == "gpt2" and name.endswith(("attn_qkv", "attn_output", "ffn_up", "ffn_down")) and suffix == "weight":
+            data = data.T
+        if arch == "bloom" and name.endswith("attn_qkv"):
+            per_head = data.reshape(n_head, 3, d // n_head, *data.shape[1:])
+            data = np.concatenate([per_head[:, p].reshape(d, *data.shape[1:]) for p in range(3)])
+        w.add_tensor(f"{name}.{suffix}", np.ascontiguousarray(data))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "bloom"])
+def test_gguf_files_load_equal_to_the_model_written(tmp_path, monkeypatch, arch):
+    from transformers import BloomConfig, BloomForCausalLM, GPT2Config, GPT2LMHeadModel
+
+    from family_zoo import randomize
+
+    monkeypatch.setenv("RESIDSCOPE_CACHE", str(tmp_path / "cache"))
+    torch.manual_seed(0)
+    if arch == "gpt2":  # n_positions as transformers' GGUF reader leaves it (it reads context_length into n_ctx)
+        hf = randomize(GPT2LMHeadModel(GPT2Config(vocab_size=260, n_embd=32, n_layer=2, n_head=4, n_positions=1024)))
+        params = dict(context_length=1024, embedding_length=32, feed_forward_length=128, head_count=4,
+                      layer_norm_eps=1e-5)
+    else:
+        hf = randomize(BloomForCausalLM(BloomConfig(vocab_size=260, hidden_size=48, n_layer=2, n_head=6)))
+        params = dict(context_length=2048, embedding_length=48, feed_forward_length=192, head_count=6,
+                      head_count_kv=6, layer_norm_eps=1e-5)
+    path = tmp_path / f"tiny-{arch}.gguf"
+    _write_gguf(path, hf, arch, params)
+    ours = load_model(path)
+    assert ours.cfg.model_type == arch
+    tokens = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert_close(ours(tokens), hf(tokens).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_gptneox_gguf_is_refused_in_one_line(tmp_path, monkeypatch):
+    """transformers' GGUF loader has no gptneox architecture: the refusal says so instead of guessing a conversion."""
+    import gguf
+
+    from residscope.model.errors import CheckpointError
+
+    monkeypatch.setenv("RESIDSCOPE_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "tiny-gptneox.gguf"
+    w = gguf.GGUFWriter(str(path), "gptneox")
+    w.add_block_count(1)
+    w.add_tensor("token_embd.weight", torch.zeros(4, 8).numpy())
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(CheckpointError, match="transformers cannot read this GGUF file") as e:
+        load_model(path)
+    assert "\n" not in str(e.value)
+
+
+def test_offloaded_pruned_gpt2_exports_to_transformers(saved, tmp_path):
+    """Streamed export (model/streamed_export.py) copies GPT-2's transposed Conv1D and fused c_attn tensors as stored,
+    renumbering the kept layers; transformers reloads the result with the pruned model's logits."""
+    from transformers import AutoModelForCausalLM
+
+    from residscope.surgery import remove_layers
+
+    _, folder = saved("gpt2")
+    streamed = remove_layers(load_model(folder, offload=True), [1])
+    out = streamed.save_pretrained(tmp_path / "pruned")
+    reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    plain = remove_layers(load_model(folder), [1])
+    tokens = ids()
+    with torch.no_grad():
+        assert_close(reloaded(tokens).logits, plain(tokens), atol=1e-4, rtol=1e-4)
