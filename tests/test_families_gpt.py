@@ -86,9 +86,14 @@ def test_pythia_legacy_config_keys():
     assert parsed.rotary_dim == 8 and parsed.rotary_base == 500
 
 
-def test_gpt_neo_attention_types_must_cover_every_layer():
+def test_gpt_neo_layer_kinds_as_transformers_reads_them():
+    """A saved config lists attention_layers, which transformers sets after expanding attention_types: it wins."""
+    cfg = {**_config("gpt_neo"), "attention_types": [[["local"], 3]]}
+    assert DecoderConfig.from_hf(cfg).attn_types == ["global", "local", "local"]
+    del cfg["attention_layers"]
+    assert DecoderConfig.from_hf(cfg).attn_types == ["local"] * 3
     with pytest.raises(ConfigError, match="attention_types"):
-        DecoderConfig.from_hf({**_config("gpt_neo"), "attention_types": [[["global", "local"], 2]]})
+        DecoderConfig.from_hf({**cfg, "attention_types": [[["global", "local"], 2]]})
 
 
 # ---- checkpoints as the hub ships them --------------------------------------------------------------------------------
@@ -325,3 +330,25 @@ def test_offloaded_pruned_gpt2_exports_to_transformers(saved, tmp_path):
     tokens = ids()
     with torch.no_grad():
         assert_close(reloaded(tokens).logits, plain(tokens), atol=1e-4, rtol=1e-4)
+
+
+# ---- options the generic cases leave at their defaults -----------------------------------------------------------------
+@pytest.mark.parametrize("case, options", [
+    ("gpt2", dict(scale_attn_weights=False, reorder_and_upcast_attn=True, activation_function="relu")),
+    ("gpt_neox", dict(attention_bias=False, rotary_emb_base=50.0)),
+    ("gptj", dict(rotary_dim=16)),  # the whole head
+    ("opt", dict(enable_bias=False, _remove_final_layer_norm=True)),
+    ("gpt_neo", dict(attention_types=[[["local"], 3]], attention_layers=["local"] * 3, window_size=3)),
+])
+def test_options_equal_transformers(tmp_path, case, options):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from family_zoo import randomize
+
+    config = AutoConfig.for_model(**{**_config(case), **options})
+    torch.manual_seed(0)
+    hf = randomize(AutoModelForCausalLM.from_config(config))
+    hf.save_pretrained(tmp_path / "ckpt")
+    tokens = ids()
+    with torch.no_grad():
+        assert_close(load_model(tmp_path / "ckpt")(tokens), hf(tokens).logits, atol=1e-4, rtol=1e-4)

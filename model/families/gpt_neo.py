@@ -14,16 +14,21 @@ KEYS = {"hidden_size": "hidden_size", "num_hidden_layers": "num_layers", "num_at
 
 
 def layer_types(cfg: dict, n_layers: int, source: str) -> list[str]:
-    """GPTNeoConfig.expand_attention_types_params: [[["global", "local"], 12]] -> global, local, global, ..."""
-    kinds = []
-    try:
-        for pattern, repeat in cfg.get("attention_types") or [[["global", "local"], 12]]:
-            kinds += list(pattern) * repeat
-    except (TypeError, ValueError):
-        raise ConfigError(f"{source}: attention_types must be a list of [[kinds...], repeat] pairs") from None
-    if len(kinds) != n_layers or not set(kinds) <= {"global", "local"}:
-        raise ConfigError(f"{source}: attention_types names {len(kinds)} layers of kinds {sorted(set(kinds))}, "
-                          f"the model has {n_layers} (global / local)")
+    """The kind of each layer as GPTNeoConfig ends up with it: `attention_layers` when config.json lists it (saved
+    configs do; it is set after, and so wins over, the expansion of attention_types), else
+    expand_attention_types_params: [[["global", "local"], 12]] -> global, local, global, ..."""
+    key = "attention_layers" if cfg.get("attention_layers") is not None else "attention_types"
+    kinds = cfg.get("attention_layers")
+    if kinds is None:
+        kinds = []
+        try:
+            for pattern, repeat in cfg.get("attention_types") or [[["global", "local"], 12]]:
+                kinds += list(pattern) * repeat
+        except (TypeError, ValueError):
+            raise ConfigError(f"{source}: attention_types must be a list of [[kinds...], repeat] pairs") from None
+    if not isinstance(kinds, list) or len(kinds) != n_layers or not set(kinds) <= {"global", "local"}:
+        raise ConfigError(f"{source}: {key} names {len(kinds) if isinstance(kinds, list) else kinds!r} layers of kinds "
+                          f"global / local, the model has {n_layers}")
     return [SLIDING if k == "local" else FULL for k in kinds]
 
 
@@ -53,9 +58,10 @@ def weights(cfg) -> WeightMap:
 
 
 def export_config(out: dict, cfg) -> dict:
-    """attention_types for the kept layers (the pattern would shift after removal)."""
-    out["attention_types"] = [[["local" if t == SLIDING else "global"], 1] for t in cfg.layer_types]
-    out.pop("attention_layers", None)
+    """attention_types and attention_layers of the kept layers (the pattern would shift after removal)."""
+    kinds = ["local" if t == SLIDING else "global" for t in cfg.layer_types]
+    out["attention_types"] = [[[kind], 1] for kind in kinds]
+    out["attention_layers"] = kinds
     return out
 
 
