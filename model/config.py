@@ -57,6 +57,7 @@ class DecoderConfig:
     mlp: str = "gated"  # "gated": down(act(gate(x)) * up(x)) (SwiGLU, GeGLU); "plain": down(act(up(x))) (GPT-2, OPT, ...)
     norm: str = "rms"  # "rms" (RMSNorm) or "layer" (LayerNorm, with a bias when norm_bias)
     norm_bias: bool = True  # LayerNorm only
+    norm_affine: bool = True  # LayerNorm only; False: neither weight nor bias (OPT's layer_norm_elementwise_affine=False)
     norm_offset: float = 0.0  # 1.0 for Gemma's (1 + w) RMSNorm
     pre_norms: bool = True  # ln1 / ln2 before attention / MLP (OLMo 2 has none: only post_norms)
     post_norms: bool = False  # ln1_post / ln2_post on the attention / MLP output before the residual add (Gemma 2/3, OLMo 2)

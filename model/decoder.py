@@ -247,17 +247,18 @@ class LayerNorm(nn.Module):
     (at least float32, float64 for float64 models). hook_scale [..., 1] is TransformerLens' sqrt(var + eps) of the
     centred input; a hook that changes it is used, as TransformerLens divides by it."""
 
-    def __init__(self, d: int, eps: float, bias: bool = True):
+    def __init__(self, d: int, eps: float, bias: bool = True, affine: bool = True):
         super().__init__()
         self.eps = eps
-        self.weight = nn.Parameter(torch.ones(d))
-        self.bias = nn.Parameter(torch.zeros(d)) if bias else None
+        # affine=False: no weight and no bias (OPT's layer_norm_elementwise_affine=False)
+        self.weight = nn.Parameter(torch.ones(d)) if affine else None
+        self.bias = nn.Parameter(torch.zeros(d)) if bias and affine else None
         self.hook_scale = HookPoint()  # [batch, pos, 1]
         self.hook_normalized = HookPoint()  # [batch, pos, d]
 
     @property
     def gain(self) -> torch.Tensor:
-        return self.weight
+        return self.weight if self.weight is not None else torch.ones(())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.to(torch.promote_types(x.dtype, torch.float32))
@@ -268,7 +269,7 @@ class LayerNorm(nn.Module):
         return self.hook_normalized(self._apply_gain(centred / scale, x.dtype))
 
     def _apply_gain(self, normed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        out = normed.to(dtype) * self.weight
+        out = normed.to(dtype) if self.weight is None else normed.to(dtype) * self.weight
         return out if self.bias is None else out + self.bias
 
     def split(self, parts: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
@@ -295,7 +296,7 @@ def make_norm(cfg: DecoderConfig, d: int | None = None) -> nn.Module:
     """The family's norm over `d` features (default d_model)."""
     d = cfg.d_model if d is None else d
     if cfg.norm == "layer":
-        return LayerNorm(d, cfg.norm_eps, cfg.norm_bias)
+        return LayerNorm(d, cfg.norm_eps, cfg.norm_bias, cfg.norm_affine)
     return RMSNorm(d, cfg.norm_eps, cfg.norm_offset)
 
 

@@ -47,7 +47,6 @@ def _config(case) -> dict:
 @pytest.mark.parametrize("case, key, value", [
     ("gpt2", "scale_attn_by_inverse_layer_idx", True),
     ("bloom", "apply_residual_connection_post_layernorm", True),
-    ("opt", "layer_norm_elementwise_affine", False),
 ])
 def test_options_residscope_does_not_compute_are_refused_by_name(case, key, value):
     cfg = {**_config(case), key: value}
@@ -338,6 +337,7 @@ def test_offloaded_pruned_gpt2_exports_to_transformers(saved, tmp_path):
     ("gpt_neox", dict(attention_bias=False, rotary_emb_base=50.0)),
     ("gptj", dict(rotary_dim=16)),  # the whole head
     ("opt", dict(enable_bias=False, _remove_final_layer_norm=True)),
+    ("opt", dict(layer_norm_elementwise_affine=False)),
     ("gpt_neo", dict(attention_types=[[["local"], 3]], attention_layers=["local"] * 3, window_size=3)),
 ])
 def test_options_equal_transformers(tmp_path, case, options):

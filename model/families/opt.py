@@ -5,7 +5,6 @@ ReLU MLP (fc1 / fc2), and for OPT-350m embeddings narrower than the stream (`wor
 
 from __future__ import annotations
 
-from ..errors import ConfigError
 from ..hf_config import activation, positive_int
 from .base import Family, WeightMap
 
@@ -15,15 +14,13 @@ KEYS = {"hidden_size": "hidden_size", "num_hidden_layers": "num_hidden_layers",
 
 
 def read_config(cfg: dict, common: dict, source: str) -> dict:
-    if cfg.get("layer_norm_elementwise_affine", True) is not True:
-        raise ConfigError(f"{source}: unsupported option layer_norm_elementwise_affine={cfg['layer_norm_elementwise_affine']!r}")
     pre_norm = bool(cfg.get("do_layer_norm_before", True))
     d_embed = positive_int(cfg, "word_embed_proj_dim", source, common["d_model"])
     bias = bool(cfg.get("enable_bias", True))
     return dict(common, act=activation(cfg, source, "activation_function", "relu"), mlp="plain", norm="layer",
                 norm_eps=1e-5,  # OPT's nn.LayerNorms use torch's default eps; the config has no key for it
                 qkv_bias=bias, o_bias=bias, mlp_bias=bias, positional="learned", rope={}, pos_offset=2,
-                residual_norm=not pre_norm,
+                residual_norm=not pre_norm, norm_affine=bool(cfg.get("layer_norm_elementwise_affine", True)),
                 final_norm=pre_norm and not cfg.get("_remove_final_layer_norm", False),
                 d_embed=d_embed if d_embed != common["d_model"] else None)
 
