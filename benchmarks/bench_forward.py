@@ -4,6 +4,8 @@
     python benchmarks/bench_forward.py --quick              # smoke run: 1 x 256 tokens, 3 repeats (about a minute)
     python benchmarks/bench_forward.py --model smollm2-135m --json results.json
     python benchmarks/bench_forward.py --profile            # torch.profiler op tables of residscope and transformers
+    python benchmarks/bench_forward.py --family gpt_neox --cases hf,rs --batch 1 --seq-len 512 --no-memory
+                                                            # one model family at a small real checkpoint's shape
 
 On a shared machine (load average above the core count) pass `--threads 1`: OpenMP threads that get descheduled spin at
 barriers, and a 2-thread forward measured 6-17x slower than a 1-thread one under load 18 on 2 cores.
@@ -79,15 +81,50 @@ SMOLLM2_135M_SHAPE = dict(
 # ---------------------------------------------------------------------------------------------------------------------
 def write_random_checkpoint(folder: Path) -> Path:
     """A SmolLM2-135M-shaped Llama with random weights and a tiny word-level tokenizer, saved with save_pretrained."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     LlamaForCausalLM(LlamaConfig(**SMOLLM2_135M_SHAPE)).save_pretrained(folder)
+    write_tokenizer(folder)
+    return folder
+
+
+# --family F: a random-weight checkpoint with the shape of a small real checkpoint of that family (speed does not
+# depend on the weights). GPT-J has no small checkpoint: GPT-2 small's shape with GPT-J's layout.
+FAMILY_SHAPES = {
+    "gpt2": ("openai-community/gpt2", dict(n_embd=768, n_layer=12, n_head=12, n_positions=1024, vocab_size=50257)),
+    "gpt_neox": ("EleutherAI/pythia-160m", dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                                                 intermediate_size=3072, vocab_size=50304, rotary_pct=0.25,
+                                                 max_position_embeddings=2048, use_parallel_residual=True)),
+    "gptj": ("GPT-J layout at GPT-2 small's shape", dict(n_embd=768, n_layer=12, n_head=12, rotary_dim=32,
+                                                         n_positions=2048, vocab_size=50400)),
+    "gpt_neo": ("EleutherAI/gpt-neo-125m", dict(hidden_size=768, num_layers=12, num_heads=12, window_size=256,
+                                                attention_types=[[["global", "local"], 6]], max_position_embeddings=2048,
+                                                vocab_size=50257)),
+    "opt": ("facebook/opt-125m", dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, ffn_dim=3072,
+                                      max_position_embeddings=2048, vocab_size=50272)),
+    "bloom": ("bigscience/bloom-560m", dict(hidden_size=1024, n_layer=24, n_head=16, vocab_size=250880)),
+}
+
+
+def write_family_checkpoint(folder: Path, family_name: str) -> tuple[Path, str]:
+    """A random-weight checkpoint of `family_name` at FAMILY_SHAPES' shape, with the tiny tokenizer; (folder, label)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    label, shape = FAMILY_SHAPES[family_name]
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(AutoConfig.for_model(family_name, **shape)).save_pretrained(folder)
+    write_tokenizer(folder)
+    return folder, f"random-weight {family_name} with {label}'s shape, save_pretrained to a temp folder"
+
+
+def write_tokenizer(folder: Path) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
     tok = Tokenizer(models.WordLevel({"<unk>": 0, "<s>": 1, "</s>": 2}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>").save_pretrained(folder)
-    return folder
 
 
 def load_hf(folder: Path):
@@ -331,6 +368,8 @@ def markdown(result: dict) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="checkpoint folder, GGUF file or alias (default: random SmolLM2-135M-shaped Llama)")
+    p.add_argument("--family", choices=sorted(FAMILY_SHAPES),
+                   help="random-weight checkpoint of this model family at a small real checkpoint's shape (see FAMILY_SHAPES)")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=1024)
     p.add_argument("--warmup", type=int, default=1)
@@ -364,7 +403,11 @@ def main(argv=None) -> int:
         print(msg, file=stream, flush=True)
 
     tmp = tempfile.TemporaryDirectory(prefix="residscope-bench-")
-    if args.model:
+    if args.model and args.family:
+        p.error("--model and --family: pass one")
+    if args.family:
+        folder, checkpoint = write_family_checkpoint(Path(tmp.name) / args.family, args.family)
+    elif args.model:
         from residscope.model.registry import resolve_source
 
         try:

@@ -57,6 +57,7 @@ class DecoderConfig:
     mlp: str = "gated"  # "gated": down(act(gate(x)) * up(x)) (SwiGLU, GeGLU); "plain": down(act(up(x))) (GPT-2, OPT, ...)
     norm: str = "rms"  # "rms" (RMSNorm) or "layer" (LayerNorm, with a bias when norm_bias)
     norm_bias: bool = True  # LayerNorm only
+    norm_affine: bool = True  # LayerNorm only; False: neither weight nor bias (OPT's layer_norm_elementwise_affine=False)
     norm_offset: float = 0.0  # 1.0 for Gemma's (1 + w) RMSNorm
     pre_norms: bool = True  # ln1 / ln2 before attention / MLP (OLMo 2 has none: only post_norms)
     post_norms: bool = False  # ln1_post / ln2_post on the attention / MLP output before the residual add (Gemma 2/3, OLMo 2)
@@ -65,7 +66,7 @@ class DecoderConfig:
     shared_norm: bool = False  # parallel block whose MLP reads ln1's output too (GPT-J: one norm per block)
     final_norm: bool = True  # ln_final before the unembedding (OPT-350m has none)
     embed_scale: float | None = None  # embeddings multiplied by it (Gemma: sqrt(d_model); Granite: embedding_multiplier)
-    embed_norm: bool = False  # a norm right after the embedding (BLOOM's word_embeddings_layernorm)
+    embed_norm: bool = False  # a norm on the token embedding, inside hook_embed (BLOOM's word_embeddings_layernorm)
     d_embed: int | None = None  # embeddings narrower than the stream, projected in and out (OPT's word_embed_proj_dim)
     residual_scale: float | None = None  # attention and MLP outputs multiplied by it before the add (Granite)
     logit_divisor: float | None = None  # logits divided by it (Granite's logits_scaling)
@@ -79,6 +80,7 @@ class DecoderConfig:
     layer_types: list[str] = field(default_factory=list)  # FULL or SLIDING per layer
     sliding_window: int | None = None
     attn_scale: float | None = None  # None: 1/sqrt(d_head)
+    attn_fp32: bool = False  # q·k and softmax in at least float32 (GPT-Neo, GPT-J); half-precision models take the explicit path
     attn_softcap: float | None = None
     final_softcap: float | None = None
     max_position_embeddings: int | None = None
@@ -175,6 +177,14 @@ class DecoderConfig:
 
     @property
     def act_fn(self) -> str:
+        """The activation's name as the checkpoint's config says it (GPT-2: "gelu_new"), as TransformerLens reports it;
+        the canonical name when the config names none (BLOOM)."""
+        from .hf_config import ACTIVATIONS
+
+        for key in ("activation_function", "hidden_act", "hidden_activation"):
+            name = self.hf_config.get(key)
+            if isinstance(name, str) and ACTIVATIONS.get(name) == self.act:
+                return name
         return {"silu": "silu", "gelu_tanh": "gelu_pytorch_tanh", "gelu": "gelu", "relu": "relu"}[self.act]
 
     @property

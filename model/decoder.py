@@ -251,17 +251,18 @@ class LayerNorm(nn.Module):
     (at least float32, float64 for float64 models). hook_scale [..., 1] is TransformerLens' sqrt(var + eps) of the
     centred input; a hook that changes it is used, as TransformerLens divides by it."""
 
-    def __init__(self, d: int, eps: float, bias: bool = True):
+    def __init__(self, d: int, eps: float, bias: bool = True, affine: bool = True):
         super().__init__()
         self.eps = eps
-        self.weight = nn.Parameter(torch.ones(d))
-        self.bias = nn.Parameter(torch.zeros(d)) if bias else None
+        # affine=False: no weight and no bias (OPT's layer_norm_elementwise_affine=False)
+        self.weight = nn.Parameter(torch.ones(d)) if affine else None
+        self.bias = nn.Parameter(torch.zeros(d)) if bias and affine else None
         self.hook_scale = HookPoint()  # [batch, pos, 1]
         self.hook_normalized = HookPoint()  # [batch, pos, d]
 
     @property
     def gain(self) -> torch.Tensor:
-        return self.weight
+        return self.weight if self.weight is not None else torch.ones(())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.to(torch.promote_types(x.dtype, torch.float32))
@@ -272,7 +273,7 @@ class LayerNorm(nn.Module):
         return self.hook_normalized(self._apply_gain(centred / scale, x.dtype))
 
     def _apply_gain(self, normed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        out = normed.to(dtype) * self.weight
+        out = normed.to(dtype) if self.weight is None else normed.to(dtype) * self.weight
         return out if self.bias is None else out + self.bias
 
     def split(self, parts: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
@@ -299,7 +300,7 @@ def make_norm(cfg: DecoderConfig, d: int | None = None) -> nn.Module:
     """The family's norm over `d` features (default d_model)."""
     d = cfg.d_model if d is None else d
     if cfg.norm == "layer":
-        return LayerNorm(d, cfg.norm_eps, cfg.norm_bias)
+        return LayerNorm(d, cfg.norm_eps, cfg.norm_bias, cfg.norm_affine)
     return RMSNorm(d, cfg.norm_eps, cfg.norm_offset)
 
 
@@ -327,6 +328,7 @@ class Attention(AttentionWeights, nn.Module):
         self.scale = cfg.scale
         self.positional = cfg.positional  # "rope", "alibi" or "none"
         self.softcap = cfg.attn_softcap
+        self.fp32_scores = cfg.attn_fp32
         self.qk_norm = cfg.qk_norm
         h, kvh, d = cfg.n_heads, cfg.n_kv_heads, cfg.d_head
         self.q_proj = nn.Linear(cfg.d_model, h * d, bias=cfg.qkv_bias)
@@ -400,7 +402,7 @@ class Attention(AttentionWeights, nn.Module):
         if self.pattern_chunks is not None or (self.softcap is not None and not self.wants_pattern_hook()
                                                and attention_chunks.too_long(pos.q_len, pos.k_len)):
             z = attention_chunks.chunked_explicit(self, q, q_far, k, v, pos, scale)
-        elif self.wants_pattern():
+        elif self.wants_pattern() or (self.fp32_scores and q.dtype.itemsize < 4):
             attention_chunks.check_pattern_size(self, pos.q_len, pos.k_len)
             z = self._explicit(q, k, v, pos, scale, q_far)
         elif q_far is not None:
@@ -480,6 +482,9 @@ class Attention(AttentionWeights, nn.Module):
         k, v = repeat_kv(k, self.n_rep), repeat_kv(v, self.n_rep)  # [batch, head, k_pos, d_head]
         if q_far is not None:  # DCA: each key scored by the query of its part (intra, previous chunk, further back)
             scores = dca.dca_scores(q, q_far, k, self.dca, pos.past, scale)  # [batch, head, q_pos, k_pos]
+        elif self.fp32_scores:  # GPT-Neo / GPT-J: q·k in float32 even for half-precision models
+            wide = torch.promote_types(q.dtype, torch.float32)
+            scores = (q.to(wide) @ k.to(wide).transpose(-1, -2)) * scale  # [batch, head, q_pos, k_pos]
         else:
             scores = (q @ k.transpose(-1, -2)) * scale  # [batch, head, q_pos, k_pos]
         if self.softcap is not None:
@@ -538,6 +543,10 @@ class Block(nn.Module):
     `attn` or `mlp` is None for a block listed in `cfg.removed_attn` / `removed_mlp` (sub-block surgery): that half then
     adds nothing to the residual stream.
     """
+
+    # TransformerLens 4.3's flag (logit_lens, jacobian lens): hook_resid_post is the one [batch, pos, d_model] stream the
+    # next block reads and ln_final -> unembed turns into logits, not a stack of streams combined later
+    hook_out_is_single_residual_stream = True
 
     def __init__(self, cfg: DecoderConfig, layer: int):
         super().__init__()
@@ -780,14 +789,16 @@ class Decoder(DecoderWeights, HookedRootModule):
         if self.cfg.embed_scale is not None:
             # rounded straight to the model dtype, like transformers' buffer (bf16: sqrt(3072) -> 55.5; fp64: exact)
             x = x * torch.tensor(self.cfg.embed_scale, dtype=x.dtype)
+        if self.cfg.embed_norm:
+            # BLOOM's word_embeddings_layernorm, before hook_embed: what hook_embed shows is what enters the stream, so
+            # decompositions (embed + attention and MLP outputs) still sum to the residual stream
+            x = self.ln_embed(x)
         return x
 
     def _add_positions(self, x: torch.Tensor, pos: Positions) -> torch.Tensor:
-        """The stream entering block 0: token embedding (+ learned position embedding), then BLOOM's embedding norm."""
+        """The stream entering block 0: token embedding (+ learned position embedding)."""
         if self.cfg.positional == "learned":
             x = x + self.hook_pos_embed(self.pos_embed(pos.positions))  # [batch, pos, d_model]
-        if self.cfg.embed_norm:
-            x = self.ln_embed(x)
         return x
 
     def _input_ids(self, input, attention_mask, prepend_bos, padding_side, past) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -101,9 +101,9 @@ def positive_float(cfg: dict, key: str, source: str, default: float | None) -> f
     return float(value)
 
 
-def _check_refused(cfg: dict, source: str) -> None:
+def _check_refused(cfg: dict, source: str, family) -> None:
     for key, allowed in _REFUSED.items():
-        if cfg.get(key) not in allowed:
+        if key not in family.accepts and cfg.get(key) not in allowed:
             raise ConfigError(f"{source}: unsupported option {key}={cfg[key]!r}")
 
 
@@ -166,7 +166,7 @@ def decoder_kwargs(cfg: dict[str, Any], *, source: str = "config.json", position
     family = FAMILIES.get(model_type) if isinstance(model_type, str) else None
     if family is None:
         raise ConfigError(f"{source}: unsupported model_type {model_type!r} (supported: {', '.join(sorted(FAMILIES))})")
-    _check_refused(cfg, source)
+    _check_refused(cfg, source, family)
     check_config_keys(cfg, source)  # quantization, RoPE blocks, token ids (model/config_checks.py)
     _check_dual_chunk(cfg, source)
     if position_embedding is not None and model_type != "baichuan":

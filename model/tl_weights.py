@@ -107,8 +107,8 @@ class MLPWeights:
         return self.up_proj.weight.T
 
     @property
-    def W_gate(self) -> torch.Tensor:  # [d_model, d_mlp]
-        return self.gate_proj.weight.T
+    def W_gate(self) -> torch.Tensor | None:  # [d_model, d_mlp]; None for a plain MLP (GPT-2 & co.), as in TransformerLens
+        return self.gate_proj.weight.T if self.gated else None
 
     @property
     def W_out(self) -> torch.Tensor:  # [d_mlp, d_model]
@@ -119,8 +119,8 @@ class MLPWeights:
         return _bias_or_zeros(self.up_proj, self.up_proj.out_features)
 
     @property
-    def b_gate(self) -> torch.Tensor:  # [d_mlp]
-        return _bias_or_zeros(self.gate_proj, self.gate_proj.out_features)
+    def b_gate(self) -> torch.Tensor | None:  # [d_mlp]; None for a plain MLP
+        return _bias_or_zeros(self.gate_proj, self.gate_proj.out_features) if self.gated else None
 
     @property
     def b_out(self) -> torch.Tensor:  # [d_model]
@@ -223,13 +223,31 @@ class DecoderWeights:
     b_V = property(lambda self: self._stack("attn", "b_V"), doc="[layer, head, d_head]")
     b_O = property(lambda self: self._stack("attn", "b_O"), doc="[layer, d_model]")
     W_in = property(lambda self: self._stack("mlp", "W_in"), doc="[layer, d_model, d_mlp]")
-    W_gate = property(lambda self: self._stack("mlp", "W_gate"), doc="[layer, d_model, d_mlp]")
+    W_gate = property(lambda self: self._stack("mlp", "W_gate") if self.cfg.gated_mlp else None,
+                      doc="[layer, d_model, d_mlp]; None for plain MLPs (TransformerLens's TransformerBridge.W_gate)")
     W_out = property(lambda self: self._stack("mlp", "W_out"), doc="[layer, d_mlp, d_model]")
     b_in = property(lambda self: self._stack("mlp", "b_in"), doc="[layer, d_mlp]")
     b_out = property(lambda self: self._stack("mlp", "b_out"), doc="[layer, d_model]")
 
+    def tl_parameters(self) -> dict[str, torch.Tensor]:
+        """TransformerLens's parameter dictionary ("blocks.0.attn.W_Q" [head, d_model, d_head], "blocks.0.ln1.w", "unembed.W_U",
+        ...): TransformerBridge.tl_parameters, built by TransformerLens's own `get_bridge_params` from the W_* views
+        here, so SVDInterpreter and other consumers of that format read it. KV heads are repeated to n_heads; absent
+        biases are zeros; `pos_embed.W_pos` only where positions are learned (ALiBi / no positions: zeros, as there)."""
+        from transformer_lens.model_bridge.get_params_util import get_bridge_params
+
+        return get_bridge_params(self)
+
+    def tl_named_parameters(self):
+        """Iterator of (TransformerLens name, tensor) pairs: `tl_parameters().items()`."""
+        return iter(self.tl_parameters().items())
+
     @property
     def W_E(self) -> torch.Tensor:  # [d_vocab, d_model]; Gemma multiplies the looked-up rows by cfg.embed_scale
+        """The embedding matrix; for OPT-350m's narrow embeddings the exact product with project_in (what each token
+        writes into the stream, like W_U with project_out; edit `embed.weight` itself)."""
+        if "embed_proj" in self._modules:
+            return self.embed.weight @ self.embed_proj.weight.T  # [d_vocab, d_embed] @ [d_embed, d_model]
         return self.embed.weight
 
     @property

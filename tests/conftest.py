@@ -74,3 +74,34 @@ def hf_norms_in_float64(monkeypatch):
 
     monkeypatch.setattr(modeling_llama.LlamaRMSNorm, "forward", llama)
     monkeypatch.setattr(modeling_gemma3.Gemma3RMSNorm, "forward", gemma)
+    _hf_attention_in_float64(monkeypatch)
+
+
+def _hf_attention_in_float64(monkeypatch):
+    """BLOOM's attention softmax (dtype=float32) and GPT-Neo's q·k (q.to(float32)) round a float64 model through float32,
+    where residscope computes in at least float32 (float64 for float64 models); patched the same way as the norms."""
+    import types
+
+    import torch.nn.functional as F
+    from transformers.models.bloom import modeling_bloom
+    from transformers.models.gpt_neo import modeling_gpt_neo
+
+    def softmax(x, dim=None, dtype=None, **kw):
+        return F.softmax(x, dim=dim, dtype=None if dtype is None else torch.promote_types(x.dtype, dtype), **kw)
+
+    monkeypatch.setattr(modeling_bloom, "F", types.SimpleNamespace(**{**vars(F), "softmax": softmax}))
+    original_attn = modeling_gpt_neo.GPTNeoSelfAttention._attn
+
+    def neo_attn(self, query, key, value, attention_mask=None):
+        if query.dtype != torch.float64:
+            return original_attn(self, query, key, value, attention_mask)
+        scores = torch.matmul(query, key.transpose(-1, -2))  # [batch, head, q, k], float64 throughout
+        q_len, k_len = query.size(-2), key.size(-2)
+        causal = self.bias[:, :, k_len - q_len: k_len, :k_len]
+        scores = torch.where(causal, scores, torch.tensor(torch.finfo(scores.dtype).min, dtype=scores.dtype))
+        if attention_mask is not None:
+            scores = scores + attention_mask
+        weights = torch.softmax(scores, dim=-1)
+        return torch.matmul(weights, value), weights
+
+    monkeypatch.setattr(modeling_gpt_neo.GPTNeoSelfAttention, "_attn", neo_attn)

@@ -71,12 +71,15 @@ class Packed:
 class WeightMap:
     """Checkpoint names of one model: `top` maps whole keys, `block` maps suffixes inside `layer_prefix` (with `{i}`),
     each to a residscope name (a suffix inside `blocks.{i}.` for blocks) or a `Packed`. `ignored`: regexes of
-    buffers checkpoints carry that hold nothing the model needs (rotary inv_freq, causal-mask buffers)."""
+    buffers checkpoints carry that hold nothing the model needs (rotary inv_freq, causal-mask buffers). `base_prefix`:
+    transformers' base_model_prefix ("transformer.", "model."); checkpoints saved from the bare model (openai-community/gpt2,
+    facebook/opt-125m, bigscience/bloom-560m) name their tensors without it, and transformers loads both."""
 
     layer_prefix: str
     top: dict[str, str | Packed]
     block: dict[str, str | Packed]
     ignored: tuple[str, ...] = ()
+    base_prefix: str = ""
     _layer_re: re.Pattern = field(init=False, repr=False, compare=False)
     _ignored_re: re.Pattern | None = field(init=False, repr=False, compare=False)
 
@@ -88,6 +91,7 @@ class WeightMap:
         """(layer or None, rule) for a checkpoint key; None for an ignorable buffer. KeyError for an unknown key."""
         if self._ignored_re is not None and self._ignored_re.search(key):
             return None
+        key = self.canonical(key)
         if key in self.top:
             return None, self.top[key]
         m = self._layer_re.match(key)
@@ -95,12 +99,18 @@ class WeightMap:
             return int(m.group(1)), self.block[m.group(2)]
         raise KeyError(key)
 
+    def canonical(self, key: str) -> str:
+        """`key` as this map names it: with the base-model prefix put back when the checkpoint left it out."""
+        if not self.base_prefix or key in self.top or self._layer_re.match(key) or key.startswith(self.base_prefix):
+            return key
+        return self.base_prefix + key
+
     def layer_key(self, layer: int, suffix: str) -> str:
         return self.layer_prefix.replace("{i}", str(layer)) + suffix
 
     def layer_of(self, key: str) -> tuple[int, str] | None:
         """(layer, suffix) of a block tensor's checkpoint key, None for a top-level one."""
-        m = self._layer_re.match(key)
+        m = self._layer_re.match(self.canonical(key))
         return (int(m.group(1)), m.group(2)) if m else None
 
 
@@ -121,3 +131,4 @@ class Family:
     export_config: Callable[[dict, object], dict] | None = None
     tie_default: bool = False  # tie_word_embeddings when config.json does not say
     gguf_arch: str | None = None  # llama.cpp's general.architecture for this family
+    accepts: tuple[str, ...] = ()  # keys of hf_config's generic refusal list this family reads (and refuses) itself

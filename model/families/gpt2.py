@@ -21,7 +21,9 @@ def read_config(cfg: dict, common: dict, source: str) -> dict:
     return dict(common, act=activation(cfg, source, "activation_function", "gelu_new"), mlp="plain", norm="layer",
                 qkv_bias=True, o_bias=True, mlp_bias=True, positional="learned", rope={},
                 # scale_attn_weights=False: scores are not divided by sqrt(d_head)
-                attn_scale=None if cfg.get("scale_attn_weights", True) else 1.0)
+                attn_scale=None if cfg.get("scale_attn_weights", True) else 1.0,
+                # reorder_and_upcast_attn changes only the precision: q·k and softmax in float32 (half-precision models)
+                attn_fp32=bool(cfg.get("reorder_and_upcast_attn", False)))
 
 
 def weights(cfg) -> WeightMap:
@@ -29,6 +31,7 @@ def weights(cfg) -> WeightMap:
     qkv = ("attn.q_proj", "attn.k_proj", "attn.v_proj")
     return WeightMap(
         layer_prefix="transformer.h.{i}.",
+        base_prefix="transformer.",
         top={"transformer.wte.weight": "embed.weight", "transformer.wpe.weight": "pos_embed.weight",
              "transformer.ln_f.weight": "ln_final.weight", "transformer.ln_f.bias": "ln_final.bias",
              "lm_head.weight": "unembed.weight"},
