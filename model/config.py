@@ -326,6 +326,10 @@ class DecoderConfig:
             return cls(**kwargs)
         except (TypeError, KeyError) as e:  # a value of the wrong kind, e.g. layer_types not a list
             raise ConfigError(f"{source}: {e}") from None
+        except ConfigError as e:  # a field check (__post_init__): say which file
+            if str(e).startswith(source):
+                raise
+            raise ConfigError(f"{source}: {e}") from None
 
     @classmethod
     def from_json(cls, path: str | Path, **kw) -> "DecoderConfig":

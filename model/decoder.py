@@ -952,8 +952,13 @@ class Decoder(DecoderWeights, HookedRootModule):
         cache = KVCache() if use_cache else None
         done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)  # [batch]
         mask, step_input, step_mask = attention_mask, ids, attention_mask
+        switches = self._rope_switch_lengths() if use_cache else set()
         for _ in tqdm(range(max_new_tokens), desc="generate", disable=not verbose, leave=False):
             if use_cache:
+                if cache.length and any(cache.length <= s < ids.shape[1] for s in switches):
+                    # the cached keys were rotated with the other LongRoPE factors: recompute the whole sequence once,
+                    # as transformers' Phi-3 generation does
+                    cache, step_input, step_mask = KVCache(), ids, mask
                 logits = self(step_input, attention_mask=step_mask, kv_cache=cache)[:, -1]  # [batch, vocab]
             else:
                 logits = self(ids, attention_mask=mask)[:, -1]  # [batch, vocab]
@@ -972,6 +977,11 @@ class Decoder(DecoderWeights, HookedRootModule):
         masks = mask if mask is not None else [None] * len(ids)
         texts = [self._decode_generated(row, m) for row, m in zip(ids, masks)]
         return texts[0] if isinstance(input, str) else texts
+
+    def _rope_switch_lengths(self) -> set[int]:
+        """Lengths past which a layer's RoPE frequencies change (LongRoPE: its original window)."""
+        return {a.rope.original_max_position_embeddings for a in self._attention(None)
+                if a.rope is not None and a.rope.rope_type == "longrope"}
 
     def _decode_generated(self, row: torch.Tensor, mask: torch.Tensor | None) -> str:
         """One generated row as text: padding dropped, and the BOS in front (if any) left out, as TransformerLens does."""

@@ -61,7 +61,7 @@ CASES = {
                                     "sliding_attention": {"rope_type": "default", "rope_theta": 300.0}},
                    pad_token_id=0, eos_token_id=2),
     "granite": build(GraniteConfig, GraniteForCausalLM, **SMALL, num_hidden_layers=3, embedding_multiplier=3.7,
-                     attention_multiplier=0.11, residual_multiplier=0.37, logits_scaling=2.3, attention_bias=True,
+                     attention_multiplier=0.6, residual_multiplier=0.7, logits_scaling=1.7, attention_bias=True,
                      mlp_bias=True, rope_parameters={"rope_type": "default", "rope_theta": 1000.0}),
     # NoPE layers 1 and 3 (SmolLM3Config's default pattern would be every 4th); they slide, the RoPE layers do not
     "smollm3": build(SmolLM3Config, SmolLM3ForCausalLM, **SMALL, num_hidden_layers=4, no_rope_layers=[1, 0, 1, 0],

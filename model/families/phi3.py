@@ -5,6 +5,7 @@ attention factor sqrt(1 + ln(factor) / ln(original length))), and one `sliding_w
 
 from __future__ import annotations
 
+from ..errors import ConfigError
 from ..hf_config import FULL, SLIDING, positive_float, positive_int, rope_params
 from .base import Family
 from .llama import FUSED_GATE_UP, FUSED_QKV, llama_weights
@@ -24,6 +25,8 @@ def rope_block(cfg: dict) -> dict:
 
 def read_config(cfg: dict, common: dict, source: str) -> dict:
     block = rope_block(cfg)
+    if block["rope_type"] not in ("default", "longrope"):  # Phi3Config.validate_rope refuses the others too
+        raise ConfigError(f"{source}: unsupported rope_type {block['rope_type']!r} for phi3 (default or longrope)")
     partial = block.pop("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))
     window = positive_int(cfg, "sliding_window", source)
     layer_types = [SLIDING if window else FULL] * common["n_layers"]
