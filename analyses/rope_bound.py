@@ -442,8 +442,11 @@ class LayerKindBound:
 @_one_thread
 def model_bounds(cfg, *, seq_len: int | None = None, max_m: int = DEFAULT_MAX_M) -> list[LayerKindBound]:
     """Per layer kind of a `DecoderConfig`: head dim, rotary dim, base, scaling and the context bound of the frequencies
-    the model's RoPE code produces (dynamic NTK at `seq_len`, default: the configured max positions), over the rotated
-    dimensions only (`rotary_dim` of them)."""
+    the model's RoPE code produces (dynamic NTK at `seq_len`, default: the configured max positions).
+
+    The bound is over the rotated pairs only (partial rotary: Phi-3's partial_rotary_factor, GPT-NeoX's rotary_pct):
+    the pairs RoPE leaves alone add the same amount at every distance, which says nothing about how far the rotated
+    frequencies tell distances apart. NoPE layers (SmolLM3) have no RoPE and no bound: they are left out of `layers`."""
     if cfg.positional != "rope":
         raise InputError(f"model uses {cfg.positional!r} position embeddings, not RoPE: no RoPE context bound")
     if cfg.max_position_embeddings is not None and not cfg.max_position_embeddings >= 1:
@@ -455,10 +458,10 @@ def model_bounds(cfg, *, seq_len: int | None = None, max_m: int = DEFAULT_MAX_M)
     out = []
     for kind in dict.fromkeys(cfg.layer_types):
         params: RopeParams = cfg.rope[kind]
-        # the rotated pairs only: on a partial-rotary model (GPT-NeoX's rotary_pct 0.25, GPT-J, Phi-3) the pairs RoPE
-        # leaves alone would add a constant to B(m) and hide where the rotary subspace stops telling distances apart
         theta, _ = rope_inv_freq(params, cfg.d_head, seq_len=seq_len, dtype=torch.float64)  # [rotary_dim // 2]
-        layers = [i for i, t in enumerate(cfg.layer_types) if t == kind]
+        layers = [i for i, t in enumerate(cfg.layer_types) if t == kind and cfg.rope_of(i) is not None]
+        if not layers:
+            continue  # every layer of this kind is a NoPE layer
         window = cfg.window_of(layers[0])
         dyn_len = (max(seq_len or 0, params.max_position_embeddings) if params.rope_type == "dynamic" else None)
         out.append(LayerKindBound(

@@ -135,6 +135,8 @@ def _print_model_bounds(model: str, cfg, kinds, as_json: bool) -> list[float]:
             typer.echo(f"  {k.layer_kind} ({len(k.layers)} layers{window}): head dim {k.head_dim}, rotary dim {k.rotary_dim}, "
                        f"base {k.base:g}, scaling {scaling}: context bound {bound} -> "
                        f"{'covers' if k.covers_max_positions else 'does NOT cover'} the positions it can see")
+        if cfg.no_rope:
+            typer.echo(f"  layers {list(cfg.no_rope)} apply no rotary position (NoPE): no bound")
     return [k.base for k in kinds]
 
 

@@ -217,7 +217,9 @@ def page_rope(source: str) -> None:
     base0 = float(own[0].base) if own else 10000.0
     c1, c2, c3, c4, c5 = st.columns(5)
     base = float(c1.number_input("Base θ", 2.0, 1e12, base0, format="%g", key="rope_base"))
-    head_dim = int(c2.number_input("Head dim", 2, 1024, int(cfg.d_head), step=2, key="rope_head_dim"))
+    # the rotated dims: a partial-rotary head (Phi-3, GPT-NeoX) rotates only the first rotary_dim of its dims
+    rotated = int(own[0].rotary_dim) if own else int(cfg.d_head)
+    head_dim = int(c2.number_input("Rotated dims", 2, 1024, rotated, step=2, key="rope_head_dim"))
     scaling = c3.selectbox("Scaling", list(SCALINGS), key="rope_scaling")
     factor = float(c4.number_input("Factor s", 1.0, 1024.0, 4.0, key="rope_factor", disabled=scaling == "none"))
     window = int(c5.number_input("Trained window", 16, 1 << 22, int(cfg.max_position_embeddings or 4096),
@@ -261,6 +263,10 @@ def page_rope(source: str) -> None:
                        "context bound": fmt(k.bound), "max positions": k.max_position_embeddings,
                        "window": k.sliding_window, "covers what it sees": k.covers_max_positions} for k in own],
                      hide_index=True)
+        ropes = lm.rope_settings()
+        nope = [i for i in lm.attention_layers() if ropes[i] is None]
+        if nope:
+            st.caption(f"Layers {nope} apply no rotary position at all (NoPE): they have no RoPE bound.")
 
     st.subheader("Smallest base for a context length")
     c1, c2 = st.columns(2)

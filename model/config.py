@@ -59,6 +59,7 @@ class DecoderConfig:
     norm_bias: bool = True  # LayerNorm only
     norm_affine: bool = True  # LayerNorm only; False: neither weight nor bias (OPT's layer_norm_elementwise_affine=False)
     norm_offset: float = 0.0  # 1.0 for Gemma's (1 + w) RMSNorm
+    norm_wide_gain: bool = False  # RMSNorm multiplies its weight in float32, then rounds (OLMo 2's (w * x).to(dtype))
     pre_norms: bool = True  # ln1 / ln2 before attention / MLP (OLMo 2 has none: only post_norms)
     post_norms: bool = False  # ln1_post / ln2_post on the attention / MLP output before the residual add (Gemma 2/3, OLMo 2)
     residual_norm: bool = False  # post-LN: x = ln1(x + attn(x)), x = ln2(x + mlp(x)) (OPT-350m's do_layer_norm_before=False)
@@ -66,6 +67,8 @@ class DecoderConfig:
     shared_norm: bool = False  # parallel block whose MLP reads ln1's output too (GPT-J: one norm per block)
     final_norm: bool = True  # ln_final before the unembedding (OPT-350m has none)
     embed_scale: float | None = None  # embeddings multiplied by it (Gemma: sqrt(d_model); Granite: embedding_multiplier)
+    embed_scale_rounded: bool = True  # embed_scale rounded to the model dtype first (Gemma's buffer); False: the exact
+    # number, as Granite multiplies by a Python float (differs in bf16 when the multiplier is not a bf16 number)
     embed_norm: bool = False  # a norm on the token embedding, inside hook_embed (BLOOM's word_embeddings_layernorm)
     d_embed: int | None = None  # embeddings narrower than the stream, projected in and out (OPT's word_embed_proj_dim)
     residual_scale: float | None = None  # attention and MLP outputs multiplied by it before the add (Granite)
@@ -76,6 +79,8 @@ class DecoderConfig:
     positional: str = "rope"  # "rope", "alibi", "learned" (absolute position table, GPT-2 / OPT) or "none"
     rope: dict[str, RopeParams] = field(default_factory=dict)  # per layer type (FULL / SLIDING)
     no_rope: tuple[int, ...] = ()  # layers that apply no rotary position at all (SmolLM3's NoPE layers)
+    rope_wide: bool = False  # q/k rotated with float32 cos/sin, then rounded to the model dtype (OLMo 2/3); else
+    # cos/sin are rounded to the model dtype first (Llama)
     pos_offset: int = 0  # learned positions: position p reads row p + pos_offset (OPT: 2)
     layer_types: list[str] = field(default_factory=list)  # FULL or SLIDING per layer
     sliding_window: int | None = None
@@ -330,6 +335,10 @@ class DecoderConfig:
         try:
             return cls(**kwargs)
         except (TypeError, KeyError) as e:  # a value of the wrong kind, e.g. layer_types not a list
+            raise ConfigError(f"{source}: {e}") from None
+        except ConfigError as e:  # a field check (__post_init__): say which file
+            if str(e).startswith(source):
+                raise
             raise ConfigError(f"{source}: {e}") from None
 
     @classmethod

@@ -206,12 +206,13 @@ class RMSNorm(nn.Module):
 
     hook_scale [..., 1] is TransformerLens' sqrt(mean(x^2) + eps). The input is multiplied by rsqrt (transformers'
     arithmetic, so caching changes no logit); a hook that changes the scale, or a backward hook on it, gets TransformerLens'
-    x / scale.
+    x / scale. `wide_gain`: the weight multiplies in float32 before the rounding to the model dtype (OLMo 2), as
+    Gemma's (1 + w) always does; Llama rounds first.
     """
 
-    def __init__(self, d: int, eps: float, offset: float = 0.0):
+    def __init__(self, d: int, eps: float, offset: float = 0.0, wide_gain: bool = False):
         super().__init__()
-        self.eps, self.offset = eps, offset
+        self.eps, self.offset, self.wide_gain = eps, offset, wide_gain
         self.weight = nn.Parameter(torch.zeros(d) if offset else torch.ones(d))
         self.hook_scale = HookPoint()  # [batch, pos, 1]
         self.hook_normalized = HookPoint()  # [batch, pos, d]
@@ -235,6 +236,8 @@ class RMSNorm(nn.Module):
     def _apply_gain(self, normed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         if self.offset:
             return (normed * (self.offset + self.weight.to(normed.dtype))).to(dtype)
+        if self.wide_gain:
+            return (normed * self.weight.to(normed.dtype)).to(dtype)
         return self.weight * normed.to(dtype)
 
     def split(self, parts: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
@@ -301,7 +304,7 @@ def make_norm(cfg: DecoderConfig, d: int | None = None) -> nn.Module:
     d = cfg.d_model if d is None else d
     if cfg.norm == "layer":
         return LayerNorm(d, cfg.norm_eps, cfg.norm_bias, cfg.norm_affine)
-    return RMSNorm(d, cfg.norm_eps, cfg.norm_offset)
+    return RMSNorm(d, cfg.norm_eps, cfg.norm_offset, cfg.norm_wide_gain)
 
 
 ACTIVATIONS = {
@@ -346,6 +349,8 @@ class Attention(AttentionWeights, nn.Module):
         self.dca = self.default_dca  # Dual Chunk Attention (model/dca.py), a run-time setting like rope
         self.pattern_chunks = None  # (callback(pattern block, first row), rows per block): see model/attention_chunks.py
         self.output_normed = cfg.post_norms  # Gemma 3: the block RMS-normalises this module's output (ln1_post)
+        self.rope_wide = cfg.rope_wide  # OLMo 2/3 rotate with float32 cos/sin and round the result
+        self.residual_scale = cfg.residual_scale  # Granite: applied here, so per-head results (hook_result) carry it
         self.use_attn_result = False  # TransformerLens switch, kept in step with cfg by Decoder.forward
 
         self.hook_q = HookPoint()  # [batch, pos, head, d_head]
@@ -389,8 +394,10 @@ class Attention(AttentionWeights, nn.Module):
         if self.rope is not None and self.dca is not None:
             q, k, q_far = dca.rotate(q, k, pos.past, self.rope, self.dca, self.d_head)  # hook_rot_q: the intra queries
         elif self.rope is not None:
-            cos, sin = pos.cos_sin(self.rope, self.d_head, q.dtype)  # [batch, pos, rotary_dim]
-            q, k = apply_rope(q, cos, sin, self.rope.interleaved), apply_rope(k, cos, sin, self.rope.interleaved)
+            rope_dtype = torch.promote_types(q.dtype, torch.float32) if self.rope_wide else q.dtype
+            cos, sin = pos.cos_sin(self.rope, self.d_head, rope_dtype)  # [batch, pos, rotary_dim]
+            q = apply_rope(q, cos, sin, self.rope.interleaved).to(q.dtype)
+            k = apply_rope(k, cos, sin, self.rope.interleaved).to(k.dtype)
         q, k = self.hook_rot_q(q), self.hook_rot_k(k)
 
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [batch, head, pos, d_head]
@@ -414,7 +421,10 @@ class Attention(AttentionWeights, nn.Module):
         if self.use_attn_result:
             return self._sum_of_results(z, out_norm)
         out = self.o_proj(z.reshape(b, p, self.n_heads * self.d_head))  # [batch, pos, d_model]
-        return out if out_norm is None else out_norm(out)
+        return self._scaled(out if out_norm is None else out_norm(out))
+
+    def _scaled(self, out: torch.Tensor) -> torch.Tensor:
+        return out if self.residual_scale is None else out * self.residual_scale
 
     def _project(self, linear: nn.Linear, x: torch.Tensor, n: int, norm: str | None = None) -> torch.Tensor:
         """-> [batch, pos, n, d_head], through the q/k norm `norm` when the family has one. Per-head inputs
@@ -438,12 +448,13 @@ class Attention(AttentionWeights, nn.Module):
         result = torch.einsum("bphd,hdm->bphm", z, self.W_O)  # [batch, pos, head, d_model]
         bias = self.o_proj.bias
         if out_norm is None:
-            out = self.hook_result(result).sum(-2)
-            return out if bias is None else out + bias
+            out = self.hook_result(self._scaled(result)).sum(-2)  # a head's write, residual multiplier included
+            return out if bias is None else out + self._scaled(bias)
         if bias is not None:
             raise ValueError(f"{self.hook_z.name.rsplit('.', 1)[0]}: o_proj's bias passes through the post-attention norm, so per-head "
                              "results plus b_O cannot sum to the attention output")
-        return out_norm.hook_normalized(self.hook_result(out_norm.split(result, result.sum(-2))).sum(-2))
+        out = out_norm.hook_normalized(self.hook_result(out_norm.split(result, result.sum(-2))).sum(-2))
+        return self._scaled(out)
 
     @property
     def _result_contribution_scale(self) -> float:
@@ -451,7 +462,7 @@ class Attention(AttentionWeights, nn.Module):
         if self.output_normed:
             raise ValueError(f"{self.hook_z.name.rsplit('.', 1)[0]}: the attention output is RMS-normalised (ln1_post), so z @ W_O is "
                              "not a head's contribution; run with model.set_use_attn_result(True) to cache exact hook_result")
-        return 1.0
+        return 1.0 if self.residual_scale is None else self.residual_scale
 
     def _alibi_bias(self, pos: Positions, dtype: torch.dtype) -> torch.Tensor:
         """[1, head, q_pos, k_pos]: slope_h * (j - i), added to the scores.
@@ -537,7 +548,8 @@ class Block(nn.Module):
         residual_norm (OPT-350m):   h = ln1(x + attn(x));             out = ln2(h + mlp(h))
         parallel (GPT-NeoX, GPT-J): h = x + attn(ln1(x));             out = h + mlp(ln2(x))  (shared_norm: mlp(ln1(x)))
     Granite's residual_scale multiplies each half's output before the add (hook_attn_out / hook_mlp_out see the scaled
-    output, so the stream stays the sum of what the hooks show). In a parallel block hook_resid_mid is x + attn(...),
+    output, so the stream stays the sum of what the hooks show; attention applies it itself, so its per-head
+    hook_result carries it too). In a parallel block hook_resid_mid is x + attn(...),
     the stream the MLP output is added to (the MLP itself reads x).
 
     `attn` or `mlp` is None for a block listed in `cfg.removed_attn` / `removed_mlp` (sub-block surgery): that half then
@@ -595,7 +607,7 @@ class Block(nn.Module):
                 attn_out = self.attn(q_in, pos, cache, k_in=k_in, v_in=v_in, out_norm=out_norm)
             else:
                 attn_out = self.attn(self._norm_in("ln1", x), pos, cache, out_norm=out_norm)
-            x = x + self.hook_attn_out(self._scaled(attn_out))
+            x = x + self.hook_attn_out(attn_out)  # Granite's residual multiplier is applied inside attention
             if self.residual_norm:
                 x = self.ln1(x)
         x = self.hook_resid_mid(x)
@@ -787,8 +799,10 @@ class Decoder(DecoderWeights, HookedRootModule):
         if self.cfg.d_embed is not None:
             x = self.embed_proj(x)  # [batch, pos, d_model]
         if self.cfg.embed_scale is not None:
-            # rounded straight to the model dtype, like transformers' buffer (bf16: sqrt(3072) -> 55.5; fp64: exact)
-            x = x * torch.tensor(self.cfg.embed_scale, dtype=x.dtype)
+            # rounded straight to the model dtype, like transformers' buffer (bf16: sqrt(3072) -> 55.5; fp64: exact);
+            # Granite multiplies by the Python number
+            scale = self.cfg.embed_scale
+            x = x * (torch.tensor(scale, dtype=x.dtype) if self.cfg.embed_scale_rounded else scale)
         if self.cfg.embed_norm:
             # BLOOM's word_embeddings_layernorm, before hook_embed: what hook_embed shows is what enters the stream, so
             # decompositions (embed + attention and MLP outputs) still sum to the residual stream
@@ -978,8 +992,13 @@ class Decoder(DecoderWeights, HookedRootModule):
         cache = KVCache() if use_cache else None
         done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)  # [batch]
         mask, step_input, step_mask = attention_mask, ids, attention_mask
+        switches = self._rope_switch_lengths() if use_cache else set()
         for _ in tqdm(range(max_new_tokens), desc="generate", disable=not verbose, leave=False):
             if use_cache:
+                if cache.length and any(cache.length <= s < ids.shape[1] for s in switches):
+                    # the cached keys were rotated with the other LongRoPE factors: recompute the whole sequence once,
+                    # as transformers' Phi-3 generation does
+                    cache, step_input, step_mask = KVCache(), ids, mask
                 logits = self(step_input, attention_mask=step_mask, kv_cache=cache)[:, -1]  # [batch, vocab]
             else:
                 logits = self(ids, attention_mask=mask)[:, -1]  # [batch, vocab]
@@ -998,6 +1017,11 @@ class Decoder(DecoderWeights, HookedRootModule):
         masks = mask if mask is not None else [None] * len(ids)
         texts = [self._decode_generated(row, m) for row, m in zip(ids, masks)]
         return texts[0] if isinstance(input, str) else texts
+
+    def _rope_switch_lengths(self) -> set[int]:
+        """Lengths past which a layer's RoPE frequencies change (LongRoPE: its original window)."""
+        return {a.rope.original_max_position_embeddings for a in self._attention(None)
+                if a.rope is not None and a.rope.rope_type == "longrope"}
 
     def _decode_generated(self, row: torch.Tensor, mask: torch.Tensor | None) -> str:
         """One generated row as text: padding dropped, and the BOS in front (if any) left out, as TransformerLens does."""

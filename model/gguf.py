@@ -228,6 +228,10 @@ def _write_hf_folder(gguf_path: Path, out_dir: Path) -> None:
         config = AutoConfig.from_pretrained(folder, gguf_file=name)
     except (ValueError, KeyError, NotImplementedError) as e:
         raise CheckpointError(f"{gguf_path}: transformers cannot read this GGUF file ({str(e).splitlines()[0]})") from e
+    problem = _unread_by_transformers(gguf_path, config)
+    if problem is not None:
+        raise CheckpointError(f"{gguf_path}: transformers' GGUF reader ignores {problem}; the model it builds would "
+                              "compute something else, so residscope does not load it")
     # The converted model's parameters only exist on the meta device: they give transformers' tensor-name map.
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config)
@@ -258,6 +262,37 @@ def _write_hf_folder(gguf_path: Path, out_dir: Path) -> None:
 
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     tokenizer.save_pretrained(out_dir)
+
+
+def _unread_by_transformers(gguf_path: Path, config) -> str | None:
+    """What the file states that transformers' config reader dropped (None when nothing): LongRoPE factor tensors
+    (llama.cpp's Phi-3.5 / Phi-4 files), or a rotary dimension other than the one the config rotates (partial rotary)."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(gguf_path))  # the shared parse (see _one_gguf_parse)
+    factors = sorted(t.name for t in reader.tensors if t.name.startswith("rope_factors"))
+    if factors:
+        return f"the LongRoPE factors (tensor {factors[0]})"
+    arch = reader.fields["general.architecture"].contents()
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+    def stated(key: str):
+        field = reader.fields.get(f"{arch}.{key}")
+        return None if field is None else field.contents()
+
+    partial = (getattr(config, "rope_parameters", None) or {}).get("partial_rotary_factor", 1.0)
+    rotated = int(head_dim * partial)
+    if stated("rope.dimension_count") not in (None, rotated):
+        return f"{arch}.rope.dimension_count={stated('rope.dimension_count')} (it rotates {rotated} of {head_dim} dims)"
+    for key in ("attn_logit_softcapping", "final_logit_softcapping"):  # Gemma 2: the config keeps its defaults
+        value = stated(key)
+        if value is not None and getattr(config, key, None) != value:
+            return f"{arch}.{key}={value:g} (it uses {getattr(config, key, None)})"
+    if arch == "gemma2":  # llama.cpp scales 27B's scores by (d_model / heads)^-1/2 (46 layers), the others by head_dim's
+        scalar = config.hidden_size // config.num_attention_heads if config.num_hidden_layers == 46 else head_dim
+        if config.query_pre_attn_scalar != scalar:
+            return f"the attention scale llama.cpp derives for this file (query_pre_attn_scalar {scalar}; it uses {config.query_pre_attn_scalar})"
+    return None
 
 
 def remove_stale_temp(parent: Path) -> None:

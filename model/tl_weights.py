@@ -274,7 +274,8 @@ class DecoderWeights:
 
     def accumulated_bias(self, layer: int, mlp_input: bool = False, include_mlp_biases: bool = True) -> torch.Tensor:
         """Sum of the attention output biases (and MLP output biases) written to the residual stream before `layer`
-        [d_model]; with `mlp_input`, also layer `layer`'s attention bias (the input to its MLP)."""
+        [d_model] (times the residual multiplier where there is one: Granite); with `mlp_input`, also layer `layer`'s
+        attention bias (the input to its MLP)."""
         n = len(self.blocks)
         if not 0 <= layer <= n or (mlp_input and layer == n):
             raise ValueError(f"layer must be in [0, {n}{')' if mlp_input else ']'} (mlp_input={mlp_input}), got {layer}")
@@ -288,8 +289,8 @@ class DecoderWeights:
                 if bias is not None and block.post_norms:
                     raise ValueError(f"blocks.{i}: the output bias passes through a post-norm (per-position scale), "
                                      "so it is not a constant residual-stream term")
-                if bias is not None:
-                    total = total + bias
+                if bias is not None:  # Granite's residual multiplier scales what the bias writes, too
+                    total = total + (bias if block.residual_scale is None else bias * block.residual_scale)
         return total
 
     def unembed_directions(self, tokens: torch.Tensor | int | list[int]) -> torch.Tensor:

@@ -72,8 +72,54 @@ def hf_norms_in_float64(monkeypatch):
         normed = rms(x, self.eps)
         return (normed * (1.0 + self.weight.to(normed.dtype))).type_as(x)
 
+    def olmo(self, x):  # OLMo 2 / 3 multiply the weight before the cast
+        return (self.weight * rms(x, self.variance_epsilon)).to(x.dtype)
+
     monkeypatch.setattr(modeling_llama.LlamaRMSNorm, "forward", llama)
     monkeypatch.setattr(modeling_gemma3.Gemma3RMSNorm, "forward", gemma)
+    # the RMSNorm families of tests/family_cases_rms.py
+    from transformers.models.gemma import modeling_gemma
+    from transformers.models.gemma2 import modeling_gemma2
+    from transformers.models.granite import modeling_granite
+    from transformers.models.olmo2 import modeling_olmo2
+    from transformers.models.olmo3 import modeling_olmo3
+    from transformers.models.phi3 import modeling_phi3
+    from transformers.models.qwen3 import modeling_qwen3
+    from transformers.models.smollm3 import modeling_smollm3
+
+    for norm in (modeling_qwen3.Qwen3RMSNorm, modeling_phi3.Phi3RMSNorm, modeling_granite.GraniteRMSNorm,
+                 modeling_smollm3.SmolLM3RMSNorm):
+        monkeypatch.setattr(norm, "forward", llama)
+    for norm in (modeling_gemma.GemmaRMSNorm, modeling_gemma2.Gemma2RMSNorm):
+        monkeypatch.setattr(norm, "forward", gemma)
+    for norm in (modeling_olmo2.Olmo2RMSNorm, modeling_olmo3.Olmo3RMSNorm):
+        monkeypatch.setattr(norm, "forward", olmo)
+
+    # Gemma 2 runs transformers' eager attention (SDPA has no soft-cap), whose softmax rounds through float32 too
+    eager = modeling_gemma2.eager_attention_forward
+
+    def eager_wide_softmax(module, query, key, value, attention_mask, dropout=0.0, scaling=None, softcap=None, **kw):
+        if query.dtype != torch.float64:
+            return eager(module, query, key, value, attention_mask, dropout, scaling, softcap, **kw)
+        key, value = modeling_gemma2.repeat_kv(key, module.num_key_value_groups), modeling_gemma2.repeat_kv(value, module.num_key_value_groups)
+        scores = torch.matmul(query, key.transpose(2, 3)) * (module.head_dim**-0.5 if scaling is None else scaling)
+        if softcap is not None:
+            scores = torch.tanh(scores / softcap) * softcap
+        if attention_mask is not None:
+            scores = scores + attention_mask
+        weights = torch.softmax(scores, dim=-1)
+        return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
+
+    monkeypatch.setattr(modeling_gemma2, "eager_attention_forward", eager_wide_softmax)
+
+    # `.double()` keeps the sqrt(d_model) buffer a float32 built (rounded); from_pretrained(dtype=float64) builds it
+    # exact, as residscope computes it
+    def scaled_embedding(self, ids):
+        scale = self.scalar_embed_scale if self.weight.dtype == torch.float64 else self.embed_scale.to(self.weight.dtype)
+        return torch.nn.Embedding.forward(self, ids) * scale
+
+    for embedding in (modeling_gemma.GemmaTextScaledWordEmbedding, modeling_gemma2.Gemma2TextScaledWordEmbedding):
+        monkeypatch.setattr(embedding, "forward", scaled_embedding)
     _hf_attention_in_float64(monkeypatch)
 
 
