@@ -1,0 +1,33 @@
+"""Family cases for the mixture-of-experts families (model/moe.py): shared experts, sparse steps, dense layers among
+sparse ones, top-k renormalisation on and off. transformers runs its reference ("eager") expert loop, which also runs
+in float64 (its default grouped_mm does not)."""
+
+from __future__ import annotations
+
+from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+from family_zoo import VOCAB, build
+
+SMALL = dict(vocab_size=VOCAB, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+             rope_theta=1000.0)
+
+
+def eager(factory):
+    def make():
+        model = factory()
+        model.set_experts_implementation("eager")
+        return model
+    return make
+
+
+CASES = {
+    # shared expert, every layer sparse but a dense one in the middle, weights not renormalised (Qwen2-57B-A14B's choice)
+    "qwen2_moe": eager(build(Qwen2MoeConfig, Qwen2MoeForCausalLM, **SMALL, num_hidden_layers=4, intermediate_size=96,
+                             moe_intermediate_size=32, shared_expert_intermediate_size=48, num_experts=6,
+                             num_experts_per_tok=2, decoder_sparse_step=1, mlp_only_layers=[1], norm_topk_prob=False)),
+    # every second layer sparse, top-3 of 5 renormalised
+    "qwen2_moe-step2-norm": eager(build(Qwen2MoeConfig, Qwen2MoeForCausalLM, seed=3, **SMALL, num_hidden_layers=4,
+                                        intermediate_size=80, moe_intermediate_size=24,
+                                        shared_expert_intermediate_size=40, num_experts=5, num_experts_per_tok=3,
+                                        decoder_sparse_step=2, norm_topk_prob=True)),
+}
