@@ -31,3 +31,19 @@ CASES = {
                                         shared_expert_intermediate_size=40, num_experts=5, num_experts_per_tok=3,
                                         decoder_sparse_step=2, norm_topk_prob=True)),
 }
+
+from transformers import (MixtralConfig, MixtralForCausalLM, OlmoeConfig, OlmoeForCausalLM,  # noqa: E402
+                          Qwen3MoeConfig, Qwen3MoeForCausalLM)
+
+CASES.update({
+    # per-head q/k norms with an explicit head_dim, a dense layer, renormalised top-2 of 4
+    "qwen3_moe": eager(build(Qwen3MoeConfig, Qwen3MoeForCausalLM, seed=4, **SMALL, head_dim=8, num_hidden_layers=3,
+                             intermediate_size=80, moe_intermediate_size=24, num_experts=4, num_experts_per_tok=2,
+                             mlp_only_layers=[0], norm_topk_prob=True)),
+    # top-2 of 4, float32 routing weights, a sliding window shorter than the test sequences
+    "mixtral": eager(build(MixtralConfig, MixtralForCausalLM, seed=5, **SMALL, num_hidden_layers=3,
+                           intermediate_size=48, num_local_experts=4, num_experts_per_tok=2, sliding_window=12)),
+    # q/k norms over the whole projection, top-3 of 6 not renormalised
+    "olmoe": eager(build(OlmoeConfig, OlmoeForCausalLM, seed=6, **SMALL, num_hidden_layers=3, intermediate_size=40,
+                         num_experts=6, num_experts_per_tok=3, eos_token_id=None, pad_token_id=None)),
+})

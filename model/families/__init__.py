@@ -12,7 +12,7 @@ import importlib
 
 from .base import Family, Packed, WeightMap, local_parts
 
-_MODULES = ("llama", "mistral", "qwen2", "gemma3_text", "baichuan", "gpt2", "qwen2_moe")
+_MODULES = ("llama", "mistral", "qwen2", "gemma3_text", "baichuan", "gpt2", "qwen2_moe", "qwen3_moe", "mixtral", "olmoe")
 
 FAMILIES: dict[str, Family] = {}
 for _name in _MODULES:
