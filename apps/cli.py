@@ -19,9 +19,9 @@ app = typer.Typer(
 )
 
 # One module per feature; each defines register(app).
-from . import cli_app, cli_demo, cli_extend, cli_models, cli_positional, cli_surgery, cli_rope  # noqa: E402
+from . import cli_app, cli_demo, cli_experts, cli_extend, cli_models, cli_positional, cli_surgery, cli_rope  # noqa: E402
 
-for _module in (cli_app, cli_demo, cli_extend, cli_models, cli_positional, cli_surgery, cli_rope):
+for _module in (cli_app, cli_demo, cli_experts, cli_extend, cli_models, cli_positional, cli_surgery, cli_rope):
     _module.register(app)
 
 
