@@ -4,6 +4,7 @@
     python benchmarks/bench_forward.py --quick              # smoke run: 1 x 256 tokens, 3 repeats (about a minute)
     python benchmarks/bench_forward.py --model smollm2-135m --json results.json
     python benchmarks/bench_forward.py --profile            # torch.profiler op tables of residscope and transformers
+    python benchmarks/bench_forward.py --family qwen2_moe --threads 1 --no-memory   # issue 21: MoE forward
 
 On a shared machine (load average above the core count) pass `--threads 1`: OpenMP threads that get descheduled spin at
 barriers, and a 2-thread forward measured 6-17x slower than a 1-thread one under load 18 on 2 cores.
@@ -12,6 +13,12 @@ Checkpoint: by default a Llama with SmolLM2-135M's shape (hidden 576, 30 layers,
 vocab 49152, rope_theta 1e5, tied embeddings) with random weights, written with `save_pretrained` to a temp folder together
 with a tiny word-level tokenizer (TransformerBridge insists on one). Speed does not depend on the weights. `--model` takes a
 folder, GGUF file or alias instead (anything `residscope.model.registry.resolve_source` understands).
+
+`--family qwen2_moe`: a Qwen1.5-MoE-A2.7B-shaped Qwen2-MoE (hidden 2048, 16 heads, 60 experts of 1408, top-4, shared
+expert 5632, norm_topk_prob false) with random weights, shrunk to `--layers` layers (default 1) and a 32000-token vocabulary
+(default) so that two copies fit in memory next to other work; every layer is sparse, so the time is the MoE MLP's and
+attention's. transformers runs its default experts implementation (grouped_mm on CPU when available); the cases default
+to hf,rs.
 
 Cases, all under torch.inference_mode on the same input ids, in one process, timed interleaved (each repeat runs every case
 once, so load from other processes on the machine spreads over all cases), median reported:
@@ -77,13 +84,27 @@ SMOLLM2_135M_SHAPE = dict(
 # ---------------------------------------------------------------------------------------------------------------------
 # checkpoint and models
 # ---------------------------------------------------------------------------------------------------------------------
-def write_random_checkpoint(folder: Path) -> Path:
-    """A SmolLM2-135M-shaped Llama with random weights and a tiny word-level tokenizer, saved with save_pretrained."""
+QWEN15_MOE_A27B_SHAPE = dict(
+    hidden_size=2048, num_attention_heads=16, num_key_value_heads=16, intermediate_size=5632, moe_intermediate_size=1408,
+    shared_expert_intermediate_size=5632, num_experts=60, num_experts_per_tok=4, norm_topk_prob=False,
+    decoder_sparse_step=1, max_position_embeddings=8192, rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=False,
+    bos_token_id=1, eos_token_id=2,
+)
+
+
+def write_random_checkpoint(folder: Path, family: str = "llama", layers: int | None = None,
+                            vocab: int | None = None) -> Path:
+    """A SmolLM2-135M-shaped Llama (or a Qwen1.5-MoE-A2.7B-shaped Qwen2-MoE of `layers` layers) with random weights and a
+    tiny word-level tokenizer, saved with save_pretrained."""
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2MoeConfig, Qwen2MoeForCausalLM
 
     torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(**SMOLLM2_135M_SHAPE)).save_pretrained(folder)
+    if family == "qwen2_moe":
+        cfg = Qwen2MoeConfig(**QWEN15_MOE_A27B_SHAPE, num_hidden_layers=layers or 1, vocab_size=vocab or 32000)
+        Qwen2MoeForCausalLM(cfg).save_pretrained(folder)
+    else:
+        LlamaForCausalLM(LlamaConfig(**SMOLLM2_135M_SHAPE)).save_pretrained(folder)
     tok = Tokenizer(models.WordLevel({"<unk>": 0, "<s>": 1, "</s>": 2}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>").save_pretrained(folder)
@@ -341,6 +362,10 @@ def main(argv=None) -> int:
     p.add_argument("--no-memory", action="store_true", help="skip the per-case peak-memory subprocesses")
     p.add_argument("--profile", action="store_true", help="also print torch.profiler op tables of residscope and transformers")
     p.add_argument("--json", metavar="FILE", help="write the results as JSON to FILE ('-' for stdout, then the log goes to stderr)")
+    p.add_argument("--family", choices=("llama", "qwen2_moe"), default="llama",
+                   help="shape of the random checkpoint: SmolLM2-135M (llama) or Qwen1.5-MoE-A2.7B (qwen2_moe)")
+    p.add_argument("--layers", type=int, help="qwen2_moe: number of layers (default 1)")
+    p.add_argument("--vocab", type=int, help="qwen2_moe: vocabulary size (default 32000)")
     p.add_argument("--case", help=argparse.SUPPRESS)  # internal: memory of one case in this fresh process
     args = p.parse_args(argv)
     if args.quick:
@@ -352,6 +377,8 @@ def main(argv=None) -> int:
         print(json.dumps(measure_case_memory(args.case, Path(args.model), args.batch, args.seq_len)))
         return 0
 
+    if args.family == "qwen2_moe" and args.cases == ",".join(CASES):
+        args.cases = "hf,rs"
     cases = [c.strip() for c in args.cases.split(",") if c.strip()]
     unknown = [c for c in cases if c not in CASES]
     if unknown:
@@ -373,8 +400,13 @@ def main(argv=None) -> int:
             p.error(f"--model {args.model}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
         checkpoint = f"{args.model} ({folder})"
     else:
-        folder = write_random_checkpoint(Path(tmp.name) / "smollm2-135m-shaped")
-        checkpoint = "random-weight Llama with SmolLM2-135M's shape (135M parameters), save_pretrained to a temp folder"
+        if args.family == "qwen2_moe":
+            folder = write_random_checkpoint(Path(tmp.name) / "qwen1.5-moe-shaped", "qwen2_moe", args.layers, args.vocab)
+            checkpoint = (f"random-weight Qwen2-MoE with Qwen1.5-MoE-A2.7B's layer shape (60 experts, top-4, shared expert), "
+                          f"{args.layers or 1} layer(s) instead of 24, vocabulary {args.vocab or 32000}")
+        else:
+            folder = write_random_checkpoint(Path(tmp.name) / "smollm2-135m-shaped")
+            checkpoint = "random-weight Llama with SmolLM2-135M's shape (135M parameters), save_pretrained to a temp folder"
     log(f"checkpoint: {folder}")
 
     result = dict(command="python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),

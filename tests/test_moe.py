@@ -5,6 +5,7 @@ export, and the one-line refusals."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -239,3 +240,106 @@ def test_bad_pruning_requests_are_one_line(qwen, tmp_path):
     dense.save_pretrained(tmp_path / "dense")
     with pytest.raises(InputError, match="dense .*no experts to prune"):
         choose_experts(load_model(tmp_path / "dense"), batches, 2, "frequency")
+
+
+# ---- CLI and explorer on a tiny MoE checkpoint with a real tokenizer ------------------------------------------------
+@pytest.fixture(scope="module")
+def moe_folder(tmp_path_factory):
+    """A random Qwen2-MoE with the tiny BPE tokenizer of tests/tiny_llama.py (the CLI and explorer read text)."""
+    from transformers import AutoTokenizer, Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    from family_zoo import randomize
+    from tiny_llama import make_tiny_checkpoint
+
+    base = make_tiny_checkpoint(tmp_path_factory.mktemp("tok") / "tiny", n_layers=1)
+    tok = AutoTokenizer.from_pretrained(base)
+    torch.manual_seed(0)
+    hf = randomize(Qwen2MoeForCausalLM(Qwen2MoeConfig(
+        vocab_size=len(tok), hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=96, moe_intermediate_size=32, shared_expert_intermediate_size=48, num_experts=6,
+        num_experts_per_tok=2, max_position_embeddings=256, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)))
+    folder = tmp_path_factory.mktemp("moe_cli") / "moe"
+    hf.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def cli(argv, capsys):
+    from residscope.apps.cli import app
+    from residscope.apps.errors import run_cli
+
+    try:
+        run_cli(app, [str(a) for a in argv])
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+FAST = ["--seq-len", "32", "--samples", "4", "--batch-size", "2"]
+
+
+def test_cli_experts_and_prune_experts(moe_folder, tmp_path, capsys):
+    code, out, err = cli(["experts", "--model", moe_folder, *FAST, "--json"], capsys)
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["routing"]["layers"] == [0, 1] and report["routing"]["n_tokens"] == 4 * 32
+    assert len(report["attribution"]["per_expert"]) == 2
+    code, out, err = cli(["experts", "--model", moe_folder, *FAST, "--no-attribution"], capsys)
+    assert code == 0 and "imbalance" in out and "top tokens" in out
+    code, out, err = cli(["prune-experts", "--model", moe_folder, "--keep", "3", "--criterion", "frequency",
+                          "--out", tmp_path / "p", *FAST, "--eval-samples", "2", "--json"], capsys)
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["expert_pruning"]["n_experts_after"] == 3 and report["perplexity"]["after"] > 1
+    assert load_model(tmp_path / "p").cfg.num_experts == 3
+
+
+@pytest.mark.parametrize("argv, culprit", [
+    (["--keep", "7"], "--keep"),
+    (["--keep", "1"], "--keep"),
+    (["--keep", "3", "--criterion", "size"], "--criterion"),
+])
+def test_cli_prune_experts_bad_input_is_one_line(moe_folder, tmp_path, capsys, argv, culprit):
+    out_dir = tmp_path / "never"
+    code, out, err = cli(["prune-experts", "--model", moe_folder, "--out", out_dir, *FAST, *argv], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and culprit in err, err
+    assert not out_dir.exists()
+
+
+def test_cli_prune_experts_refuses_a_dense_model(tmp_path, capsys):
+    from tiny_llama import make_tiny_checkpoint
+
+    dense = make_tiny_checkpoint(tmp_path / "dense", n_layers=1)
+    capsys.readouterr()  # the checkpoint writer's progress bar
+    code, out, err = cli(["prune-experts", "--model", dense, "--keep", "2", "--out", tmp_path / "o", *FAST], capsys)
+    assert code == 2 and "no experts to prune" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+
+
+def test_explorer_experts_page(moe_folder, tmp_path):
+    import os
+
+    from streamlit.testing.v1 import AppTest
+
+    app = Path(__file__).resolve().parents[1] / "apps" / "explorer_app.py"
+    before = os.environ.get("RESIDSCOPE_EXPLORER_MODEL")
+    os.environ["RESIDSCOPE_EXPLORER_MODEL"] = str(moe_folder)
+    try:
+        at = AppTest.from_file(str(app), default_timeout=180)
+        at.query_params["page"] = "experts"
+        at.run()
+        assert not at.exception and not at.error, [e.value for e in at.exception]
+        assert at.header[0].value.startswith("Mixture of experts")
+        assert len(at.get("plotly_chart")) == 4
+        at.number_input(key="moe_samples").set_value(2).run()
+        at.button(key="moe_prune").click().run()
+        assert not at.exception and not at.error
+        labels = {m.label for m in at.metric}
+        assert any(label.startswith("Held-out perplexity") for label in labels)
+    finally:
+        if before is None:
+            os.environ.pop("RESIDSCOPE_EXPLORER_MODEL", None)
+        else:
+            os.environ["RESIDSCOPE_EXPLORER_MODEL"] = before
