@@ -301,7 +301,7 @@ def expert_attribution(model, batches: Iterable[Batch], *, progress: bool = True
     def hooks_for(index: int, ids: torch.Tensor, mask):
         dirs = model.unembed_directions(ids[:, 1:])  # [batch, pos - 1, d_model]
         counted = (mask[:, :-1] & mask[:, 1:]).bool() if mask is not None else None  # [batch, pos - 1]
-        pending[index] = []
+        pending.setdefault(index, [])  # offloaded runs call this once per block and batch
 
         def dot(row: int, col: int):
             def hook(x, hook):

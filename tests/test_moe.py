@@ -343,3 +343,15 @@ def test_explorer_experts_page(moe_folder, tmp_path):
             os.environ.pop("RESIDSCOPE_EXPLORER_MODEL", None)
         else:
             os.environ["RESIDSCOPE_EXPLORER_MODEL"] = before
+
+
+def test_analyses_stream_through_an_offloaded_model(qwen):
+    """Layer-major streaming (load_model(offload=True)) gives the in-memory figures."""
+    _, m, folder = qwen
+    batches = [ids(seed=s) for s in range(2)]
+    off = load_model(folder, offload=True)
+    a, b = routing_statistics(m, batches, progress=False), routing_statistics(off, batches, progress=False)
+    assert_close(a.load, b.load) and assert_close(a.reap, b.reap)
+    assert_close(a.agreement_nmi, b.agreement_nmi)
+    assert_close(expert_attribution(m, batches, progress=False).per_expert,
+                 expert_attribution(off, batches, progress=False).per_expert)
