@@ -70,6 +70,11 @@ class ZooSpec:
     d_mlp: int = 384
     vocab_size: int = 2048
     window: int = TRAIN_WINDOW
+    # mixture of experts (zoo-moe, a Qwen2-MoE): routed experts, top-k, expert width, shared expert width
+    n_experts: int = 0
+    experts_per_tok: int = 2
+    d_expert: int = 64
+    d_shared_expert: int = 128
 
     @property
     def d_head(self) -> int:
@@ -99,6 +104,13 @@ class ZooSpec:
         }
         if self.sliding_window:
             cfg["sliding_window"] = self.sliding_window
+        if self.n_experts:  # Qwen2-MoE: every MLP sparse, with a shared expert; weights not renormalised (as Qwen2-57B)
+            del cfg["residscope_position_embedding"]
+            cfg.update(architectures=["Qwen2MoeForCausalLM"], model_type="qwen2_moe", num_experts=self.n_experts,
+                       num_experts_per_tok=self.experts_per_tok, moe_intermediate_size=self.d_expert,
+                       shared_expert_intermediate_size=self.d_shared_expert, norm_topk_prob=False,
+                       decoder_sparse_step=1, mlp_only_layers=[], qkv_bias=True, use_sliding_window=False,
+                       router_aux_loss_coef=AUX_LOSS)
         return cfg
 
 
@@ -108,7 +120,10 @@ SPECS = {
     "rope-smallbase": ZooSpec("rope-smallbase", "rope", rope_theta=20.0),
     "alibi": ZooSpec("alibi", "alibi"),
     "window": ZooSpec("window", "none", sliding_window=32),
+    # not in ZOO_NAMES (--all keeps training the positional set); registered as zoo-moe from its folder
+    "moe": ZooSpec("moe", "rope", n_experts=8),
 }
+AUX_LOSS = 0.01  # Switch-style load-balancing loss coefficient for zoo-moe
 
 
 @dataclass
@@ -126,7 +141,7 @@ class TrainSettings:
 def spec_for(name: str) -> ZooSpec:
     key = name.removeprefix("zoo-")
     if key not in SPECS:
-        raise ValueError(f"--name: unknown zoo model {name!r} (choose from {', '.join('zoo-' + n for n in ZOO_NAMES)})")
+        raise ValueError(f"--name: unknown zoo model {name!r} (choose from {', '.join('zoo-' + n for n in SPECS)})")
     return SPECS[key]
 
 
@@ -232,6 +247,38 @@ def build_model(spec: ZooSpec, bos_id: int, eos_id: int):
     return model
 
 
+class LoadBalance:
+    """The auxiliary loss of Switch / Qwen2-MoE, E * sum_i f_i P_i averaged over MoE layers (f_i: share of routed
+    slots, no gradient; P_i: mean router probability), collected through the router hooks during a training forward."""
+
+    def __init__(self, layers: list[int], n_experts: int):
+        self.n_experts = n_experts
+        self.logits: list[torch.Tensor] = []
+        self.indices: list[torch.Tensor] = []
+        self.hooks = []
+        for i in layers:
+            self.hooks += [(f"blocks.{i}.mlp.hook_router_logits", lambda x, hook: self.logits.append(x)),
+                           (f"blocks.{i}.mlp.hook_expert_indices", lambda x, hook: self.indices.append(x))]
+
+    def clear(self) -> None:
+        self.logits.clear()
+        self.indices.clear()
+
+    def loss(self) -> torch.Tensor:
+        terms = []
+        for logits, idx in zip(self.logits, self.indices):
+            probs = logits.float().softmax(-1).reshape(-1, self.n_experts).mean(0)  # [E]
+            share = torch.bincount(idx.reshape(-1), minlength=self.n_experts).float() / idx.numel()  # [E]
+            terms.append(self.n_experts * (share * probs).sum())
+        return torch.stack(terms).mean()
+
+
+def load_balance_hooks(model) -> LoadBalance:
+    from residscope.model.moe import moe_layers
+
+    return LoadBalance(moe_layers(model), model.cfg.n_experts)
+
+
 def lr_at(step: int, s: TrainSettings) -> float:
     if step < s.warmup:
         return s.lr * (step + 1) / s.warmup
@@ -245,6 +292,7 @@ def train(spec: ZooSpec, tokenizer, settings: TrainSettings, *, progress: bool =
     data = TrainingData(tokenizer, spec.window, settings.passkey_fraction, settings.seed, settings.repeat_fraction)
     model = build_model(spec, tokenizer.bos_token_id, tokenizer.eos_token_id)
     model.train()
+    balance = load_balance_hooks(model) if spec.n_experts else None
     decay = [p for n, p in model.named_parameters() if p.dim() == 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": settings.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
@@ -255,8 +303,15 @@ def train(spec: ZooSpec, tokenizer, settings: TrainSettings, *, progress: bool =
         for group in opt.param_groups:
             group["lr"] = lr_at(step, settings)
         ids = data.batch(settings.batch_size)  # [batch, window]
-        logits = model(ids)  # [batch, window, vocab]
+        if balance is None:
+            logits = model(ids)  # [batch, window, vocab]
+        else:
+            balance.clear()
+            with model.hooks(fwd_hooks=balance.hooks):
+                logits = model(ids)
         loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+        if balance is not None:
+            loss = loss + AUX_LOSS * balance.loss()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -298,7 +353,7 @@ def save(model, tokenizer, spec: ZooSpec, info: dict, out: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m residscope.analyses.zoo_train", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--name", help=f"one model: {', '.join('zoo-' + n for n in ZOO_NAMES)}")
+    parser.add_argument("--name", help=f"one model: {', '.join('zoo-' + n for n in SPECS)}")
     parser.add_argument("--all", action="store_true", help="train every zoo model")
     parser.add_argument("--out", required=True, help="output folder (with --all: the parent; each model goes to OUT/<name>)")
     parser.add_argument("--force", action="store_true", help="replace non-empty output folders (e.g. the shipped zoo)")

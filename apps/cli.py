@@ -19,11 +19,11 @@ app = typer.Typer(
 )
 
 # One module per feature; each defines register(app).
-from . import (cli_app, cli_demo, cli_evaluate, cli_extend, cli_heal, cli_models, cli_positional, cli_rope,  # noqa: E402
-               cli_ruler, cli_surgery)
+from . import (cli_app, cli_demo, cli_evaluate, cli_experts, cli_extend, cli_heal, cli_models,  # noqa: E402
+               cli_positional, cli_rope, cli_ruler, cli_surgery)
 
-for _module in (cli_app, cli_demo, cli_evaluate, cli_extend, cli_heal, cli_models, cli_positional, cli_ruler, cli_surgery,
-                cli_rope):
+for _module in (cli_app, cli_demo, cli_evaluate, cli_experts, cli_extend, cli_heal, cli_models, cli_positional, cli_ruler,
+                cli_surgery, cli_rope):
     _module.register(app)
 apply_ranges(app)  # every numeric option checked against its declared range (cli_common.RANGES)
 

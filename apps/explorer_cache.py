@@ -312,6 +312,46 @@ def export_gguf(source: str, removed: tuple[int, ...], path: str, quant: str):
         return write_gguf(lm, path.strip(), quant=quant)
 
 
+# ---- page 7: mixture of experts ---------------------------------------------------------------------------------
+def moe_layers(source: str) -> list[int]:
+    from residscope.model.moe import moe_layers as layers
+
+    return layers(model(source))
+
+
+@st.cache_data(max_entries=8, show_spinner=False)
+def routing(source: str, samples: int, seq_len: int):
+    from residscope.analyses.corpus import calibration_batches
+    from residscope.analyses.experts import expert_attribution, routing_statistics
+
+    lm = model(source)
+    batches, description = calibration_batches(lm, seq_len=seq_len, samples=samples, batch_size=4)
+    with model_lock(source):
+        return (routing_statistics(lm, batches, progress=False, source=description),
+                expert_attribution(lm, batches, progress=False))
+
+
+@st.cache_resource(max_entries=1, show_spinner=False)
+def expert_pruned_model(source: str, criterion: str, keep: int, samples: int, seq_len: int):
+    from residscope.analyses.corpus import calibration_batches
+    from residscope.surgery.experts import choose_experts, prune_experts
+
+    lm = model(source)
+    batches, _ = calibration_batches(lm, seq_len=seq_len, samples=samples, batch_size=4)
+    with model_lock(source):
+        choice = choose_experts(lm, batches, keep, criterion, progress=False)
+        return prune_experts(lm, choice.keep), choice
+
+
+@st.cache_data(max_entries=16, show_spinner=False)
+def expert_pruned_ppl(source: str, criterion: str, keep: int, samples: int, seq_len: int, eval_samples: int):
+    from residscope.analyses.perplexity import heldout_perplexity
+
+    lm = expert_pruned_model(source, criterion, keep, samples, seq_len)[0] if keep else model(source)
+    with model_lock(source), torch.inference_mode():
+        return heldout_perplexity(lm, seq_len=seq_len, samples=eval_samples, progress=False)
+
+
 # ---- page 6: context extension ----------------------------------------------------------------------------------
 def extension_methods(source: str) -> list[str]:
     from residscope.analyses.extension import applicable_methods

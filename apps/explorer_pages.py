@@ -577,6 +577,51 @@ def page_ruler(source: str) -> None:
                        "prompt tokens": " ".join(map(str, c.prompt_tokens)),
                        "references": " | ".join(", ".join(r) for r in c.references),
                        "predictions": " | ".join(c.predictions)} for c in result.cells], hide_index=True)
+# ---- 7. mixture of experts ----------------------------------------------------------------------------------------
+def page_experts(source: str) -> None:
+    from residscope.analyses import experts_plots
+
+    st.header("Mixture of experts: routing, attribution and expert pruning")
+    layers = cache.moe_layers(source)
+    if not layers:
+        st.info("This model has no mixture-of-experts layers (try zoo-moe, or a Qwen2-MoE / Qwen3-MoE / Mixtral / OLMoE "
+                "checkpoint).")
+        return
+    lm = cache.model(source)
+    c1, c2 = st.columns(2)
+    samples = int(c1.number_input("Calibration samples", 1, 256, 8, key="moe_samples"))
+    seq_len = int(c2.number_input("Tokens per sample", 8, 2048, 128, step=32, key="moe_seq_len"))
+    with computing(f"Routing {samples} x {seq_len} tokens through {len(layers)} MoE layers..."):
+        stats, attr = cache.routing(source, samples, seq_len)
+    m1, m2, m3 = st.columns(3)
+    m1.metric("Experts", f"{stats.top_k} of {stats.n_experts} per token")
+    m2.metric("Mean load imbalance", f"{float(stats.imbalance.mean()):.3f}")
+    m3.metric("Mean router entropy", f"{float(stats.entropy.mean()):.3f} nats")
+    show(experts_plots.load_heatmap(stats), key="moe_load")
+    show(experts_plots.routing_summary(stats), key="moe_summary")
+    row = st.selectbox("Layer", list(range(len(stats.layers))), format_func=lambda r: str(stats.layers[r]),
+                       key="moe_layer")
+    show(experts_plots.position_heatmap(stats, row), key="moe_position")
+    st.subheader("Top tokens per expert")
+    st.dataframe({"expert": list(range(stats.n_experts)), "load": [round(float(x), 4) for x in stats.load[row]],
+                  "top tokens": [", ".join(f"{cache.token_label(lm.tokenizer, t)} {s:.0%}" for t, s in toks[:6])
+                                 for toks in stats.top_tokens[row]]}, hide_index=True)
+    show(experts_plots.attribution_heatmap(attr), key="moe_attribution")
+
+    st.subheader("Expert pruning")
+    c1, c2, c3 = st.columns(3)
+    criterion = c1.selectbox("Criterion", ("reap", "frequency", "weight", "reconstruction"), key="moe_criterion")
+    keep = int(c2.number_input("Experts kept per layer", stats.top_k, stats.n_experts, max(stats.top_k, stats.n_experts // 2),
+                               key="moe_keep"))
+    eval_samples = int(c3.number_input("Held-out samples", 1, 256, 8, key="moe_eval_samples"))
+    if st.button("Prune experts and measure", key="moe_prune"):
+        with computing(f"Keeping {keep} experts per layer by {criterion} and measuring perplexity..."):
+            dense = cache.expert_pruned_ppl(source, criterion, 0, samples, seq_len, eval_samples)
+            pruned = cache.expert_pruned_ppl(source, criterion, keep, samples, seq_len, eval_samples)
+        p1, p2 = st.columns(2)
+        p1.metric("Held-out perplexity, all experts", f"{dense.ppl:.3f}")
+        p2.metric(f"Held-out perplexity, {keep} kept", f"{pruned.ppl:.3f}", f"{pruned.ppl - dense.ppl:+.3f}",
+                  delta_color="inverse")
 
 
 PAGES = {
@@ -587,4 +632,5 @@ PAGES = {
     "pruning": ("Block Influence & pruning", page_pruning),
     "extension": ("Context extension", page_extension),
     "ruler": ("Long-context tasks (RULER)", page_ruler),
+    "experts": ("Mixture of experts", page_experts),
 }

@@ -6,6 +6,7 @@
     python benchmarks/bench_forward.py --profile            # torch.profiler op tables of residscope and transformers
     python benchmarks/bench_forward.py --family gpt_neox --cases hf,rs --batch 1 --seq-len 512 --no-memory
                                                             # one model family at a small real checkpoint's shape
+    python benchmarks/bench_forward.py --family qwen2_moe --threads 1 --no-memory   # issue 21: MoE forward
 
 On a shared machine (load average above the core count) pass `--threads 1`: OpenMP threads that get descheduled spin at
 barriers, and a 2-thread forward measured 6-17x slower than a 1-thread one under load 18 on 2 cores.
@@ -14,6 +15,12 @@ Checkpoint: by default a Llama with SmolLM2-135M's shape (hidden 576, 30 layers,
 vocab 49152, rope_theta 1e5, tied embeddings) with random weights, written with `save_pretrained` to a temp folder together
 with a tiny word-level tokenizer (TransformerBridge insists on one). Speed does not depend on the weights. `--model` takes a
 folder, GGUF file or alias instead (anything `residscope.model.registry.resolve_source` understands).
+
+`--family qwen2_moe`: a Qwen1.5-MoE-A2.7B-shaped Qwen2-MoE (hidden 2048, 16 heads, 60 experts of 1408, top-4, shared
+expert 5632, norm_topk_prob false) with random weights, shrunk to `--layers` layers (default 1) and a 32000-token vocabulary
+(default) so that two copies fit in memory next to other work; every layer is sparse, so the time is the MoE MLP's and
+attention's. transformers runs its default experts implementation (grouped_mm on CPU when available); the cases default
+to hf,rs.
 
 Cases, all under torch.inference_mode on the same input ids, in one process, timed interleaved (each repeat runs every case
 once, so load from other processes on the machine spreads over all cases), median reported:
@@ -104,14 +111,23 @@ FAMILY_SHAPES = {
     "opt": ("facebook/opt-125m", dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, ffn_dim=3072,
                                       max_position_embeddings=2048, vocab_size=50272)),
     "bloom": ("bigscience/bloom-560m", dict(hidden_size=1024, n_layer=24, n_head=16, vocab_size=250880)),
+    # issue 21: Qwen1.5-MoE-A2.7B's layer shape (60 experts of 1408, top-4, shared expert 5632, norm_topk_prob false),
+    # shrunk to --layers layers (default 1) and a --vocab vocabulary (default 32000) to fit beside transformers' copy
+    "qwen2_moe": ("Qwen/Qwen1.5-MoE-A2.7B (layers and vocabulary shrunk)", dict(
+        hidden_size=2048, num_attention_heads=16, num_key_value_heads=16, intermediate_size=5632,
+        moe_intermediate_size=1408, shared_expert_intermediate_size=5632, num_experts=60, num_experts_per_tok=4,
+        norm_topk_prob=False, decoder_sparse_step=1, max_position_embeddings=8192, rope_theta=1e6, rms_norm_eps=1e-6,
+        tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, num_hidden_layers=1, vocab_size=32000)),
 }
 
 
-def write_family_checkpoint(folder: Path, family_name: str) -> tuple[Path, str]:
-    """A random-weight checkpoint of `family_name` at FAMILY_SHAPES' shape, with the tiny tokenizer; (folder, label)."""
+def write_family_checkpoint(folder: Path, family_name: str, **overrides) -> tuple[Path, str]:
+    """A random-weight checkpoint of `family_name` at FAMILY_SHAPES' shape (with `overrides`), with the tiny tokenizer;
+    (folder, label)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     label, shape = FAMILY_SHAPES[family_name]
+    shape = {**shape, **{k: v for k, v in overrides.items() if v is not None}}
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(AutoConfig.for_model(family_name, **shape)).save_pretrained(folder)
     write_tokenizer(folder)
@@ -380,6 +396,8 @@ def main(argv=None) -> int:
     p.add_argument("--no-memory", action="store_true", help="skip the per-case peak-memory subprocesses")
     p.add_argument("--profile", action="store_true", help="also print torch.profiler op tables of residscope and transformers")
     p.add_argument("--json", metavar="FILE", help="write the results as JSON to FILE ('-' for stdout, then the log goes to stderr)")
+    p.add_argument("--layers", type=int, help="qwen2_moe: number of layers (default 1)")
+    p.add_argument("--vocab", type=int, help="qwen2_moe: vocabulary size (default 32000)")
     p.add_argument("--case", help=argparse.SUPPRESS)  # internal: memory of one case in this fresh process
     args = p.parse_args(argv)
     if args.quick:
@@ -391,6 +409,8 @@ def main(argv=None) -> int:
         print(json.dumps(measure_case_memory(args.case, Path(args.model), args.batch, args.seq_len)))
         return 0
 
+    if args.family == "qwen2_moe" and args.cases == ",".join(CASES):
+        args.cases = "hf,rs"
     cases = [c.strip() for c in args.cases.split(",") if c.strip()]
     unknown = [c for c in cases if c not in CASES]
     if unknown:
@@ -406,7 +426,8 @@ def main(argv=None) -> int:
     if args.model and args.family:
         p.error("--model and --family: pass one")
     if args.family:
-        folder, checkpoint = write_family_checkpoint(Path(tmp.name) / args.family, args.family)
+        moe = dict(num_hidden_layers=args.layers, vocab_size=args.vocab) if args.family == "qwen2_moe" else {}
+        folder, checkpoint = write_family_checkpoint(Path(tmp.name) / args.family, args.family, **moe)
     elif args.model:
         from residscope.model.registry import resolve_source
 

@@ -59,6 +59,8 @@ def local_to_hf(state: dict[str, torch.Tensor], cfg: DecoderConfig) -> dict[str,
     used: set[str] = set()
 
     def emit(key: str, layer: int | None, rule) -> None:
+        if getattr(rule, "load_only", False):
+            return  # an alternative layout the loader accepts (fused experts); export writes the plain names
         names = local_parts(layer, rule)
         if used.intersection(names):
             return  # already written by a fused rule (Baichuan's W_pack over q/k/v_proj)

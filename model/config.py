@@ -92,6 +92,15 @@ class DecoderConfig:
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
+    # ---- mixture of experts (model/moe.py): `sparse_layers` run routed experts instead of the dense MLP ----
+    n_experts: int = 0  # routed experts per sparse layer (0: every MLP is dense)
+    experts_per_tok: int = 0  # top-k experts each token is routed to
+    d_expert: int = 0  # width of one routed expert's MLP (moe_intermediate_size)
+    d_shared_expert: int = 0  # width of the always-on shared expert (0: none); scaled by sigmoid(shared_expert_gate(x))
+    norm_topk_prob: bool = False  # renormalise the k chosen probabilities to sum to 1
+    sparse_layers: tuple[int, ...] = ()  # layers whose MLP is a mixture of experts (current numbering)
+    router_bias: bool = False  # the router linear has a bias (gpt-oss)
+    routing_fp32: bool = False  # routing weights stay float32 until each expert's output is scaled (Mixtral)
     removed_attn: tuple[int, ...] = ()  # blocks built without attention (sub-block surgery), current numbering
     removed_mlp: tuple[int, ...] = ()  # blocks built without an MLP
     hf_config: dict[str, Any] = field(default_factory=dict, repr=False)  # the source config.json, for export
@@ -125,7 +134,11 @@ class DecoderConfig:
             raise ConfigError(f"unsupported position embedding {self.positional!r}")
         if self.positional == "learned" and not self.max_position_embeddings:
             raise ConfigError("learned positions need max_position_embeddings (the table's size)")
-        for name in ("removed_attn", "removed_mlp", "no_rope"):
+        if self.sparse_layers and not (self.n_experts >= 1 and 1 <= self.experts_per_tok <= self.n_experts
+                                       and self.d_expert >= 1):
+            raise ConfigError(f"mixture of experts: need 1 <= experts_per_tok ({self.experts_per_tok}) <= n_experts "
+                              f"({self.n_experts}) and d_expert >= 1 ({self.d_expert})")
+        for name in ("removed_attn", "removed_mlp", "no_rope", "sparse_layers"):
             layers = tuple(getattr(self, name))
             if any(not 0 <= i < self.n_layers for i in layers) or len(set(layers)) != len(layers):
                 raise ConfigError(f"{name} {list(layers)} must name distinct layers in 0..{self.n_layers - 1}")
@@ -271,12 +284,16 @@ class DecoderConfig:
         return False  # residscope never folds norms into weights
 
     @property
-    def num_experts(self) -> None:
-        return None
+    def num_experts(self) -> int | None:
+        return self.n_experts if self.sparse_layers else None
 
     @property
-    def experts_per_token(self) -> None:
-        return None
+    def experts_per_token(self) -> int | None:
+        return self.experts_per_tok if self.sparse_layers else None
+
+    def is_sparse(self, layer: int) -> bool:
+        """True when block `layer`'s MLP is a mixture of experts."""
+        return layer in self.sparse_layers
 
     @property
     def n_devices(self) -> int:

@@ -535,7 +535,11 @@ class MLP(MLPWeights, nn.Module):
 
 
 def make_mlp(cfg: DecoderConfig, layer: int) -> nn.Module:
-    """The MLP half of block `layer` (the place where a mixture-of-experts layer kind plugs in)."""
+    """The MLP half of block `layer`: dense, or a mixture of experts (model/moe.py) for `cfg.sparse_layers`."""
+    if cfg.is_sparse(layer):
+        from .moe import MoE  # moe.py builds its experts from this module's pieces
+
+        return MoE(cfg)
     return MLP(cfg)
 
 
@@ -873,6 +877,13 @@ class Decoder(DecoderWeights, HookedRootModule):
         """hook_tokens [batch, pos] on the input ids."""
         self.cfg.use_hook_tokens = bool(use_hook_tokens)
 
+    def set_use_expert_outputs(self, use_expert_outputs: bool) -> None:
+        """Mixture-of-experts layers: per-expert outputs blocks.{i}.mlp.experts.{e}.hook_out and the shared expert's
+        blocks.{i}.mlp.hook_shared_out [batch, pos, d_model], which sum to the MLP output (model/moe.py)."""
+        for block in self.blocks:
+            if block.mlp is not None and hasattr(block.mlp, "use_expert_outputs"):
+                block.mlp.use_expert_outputs = bool(use_expert_outputs)
+
     def _apply_switches(self) -> None:
         """Copy cfg's switches to the modules (users set them on cfg directly, as in TransformerLens); a few attribute
         reads per block when nothing changed."""
@@ -1066,6 +1077,7 @@ class Decoder(DecoderWeights, HookedRootModule):
             removed_attn=tuple(new_index[i] for i in self.cfg.removed_attn if i in new_index),
             removed_mlp=tuple(new_index[i] for i in self.cfg.removed_mlp if i in new_index),
             no_rope=tuple(new_index[i] for i in self.cfg.no_rope if i in new_index),
+            sparse_layers=tuple(new_index[i] for i in self.cfg.sparse_layers if i in new_index),
         )
         self.blocks = nn.ModuleList(self.blocks[i] for i in keep)
         self.blocks.training = self.training  # a new container starts in training mode; TL's patching checks it

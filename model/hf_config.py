@@ -190,6 +190,8 @@ def common_fields(cfg: dict, source: str, family) -> dict:
     if d_head == 0:
         raise ConfigError(f"{source}: hidden_size {d_model} < num_attention_heads {n_heads} and no head_dim")
     for key in ("sliding_window", "model_max_length", "sliding_window_pattern"):
+        if key == "sliding_window" and cfg.get(key) == 0 and cfg.get("use_sliding_window") is False:
+            continue  # Qwen2-MoE writes sliding_window 0 when sliding is off
         positive_int(cfg, key, source)
     d_mlp_key = keys.get("intermediate_size")
     return dict(

@@ -120,6 +120,23 @@ def hf_norms_in_float64(monkeypatch):
 
     for embedding in (modeling_gemma.GemmaTextScaledWordEmbedding, modeling_gemma2.Gemma2TextScaledWordEmbedding):
         monkeypatch.setattr(embedding, "forward", scaled_embedding)
+    # mixture-of-experts families (family_cases_moe.py): their RMSNorms, and routers whose softmax is float32 in
+    # transformers even for float64 models (residscope's runs in float64 there)
+    import importlib
+
+    def router(self, x):
+        logits = torch.nn.functional.linear(x.reshape(-1, self.hidden_dim), self.weight, getattr(self, "bias", None))
+        probs = logits.softmax(-1, dtype=torch.promote_types(logits.dtype, torch.float32))
+        top, idx = probs.topk(self.top_k, dim=-1)
+        if getattr(self, "norm_topk_prob", True):
+            top = top / top.sum(-1, keepdim=True)
+        return logits, top.to(logits.dtype), idx
+
+    for family, prefix in (("qwen2_moe", "Qwen2Moe"), ("qwen3_moe", "Qwen3Moe"), ("mixtral", "Mixtral"),
+                           ("olmoe", "Olmoe")):
+        module = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
+        monkeypatch.setattr(getattr(module, f"{prefix}RMSNorm"), "forward", llama)
+        monkeypatch.setattr(getattr(module, f"{prefix}TopKRouter"), "forward", router)
     _hf_attention_in_float64(monkeypatch)
 
 

@@ -33,7 +33,7 @@ def build(config_cls, model_cls, seed: int = 0, **kw) -> Callable:
 
 
 CASES: dict[str, Callable] = {}
-for _module in ("family_cases_base", "family_cases_rms", "family_cases_gpt"):
+for _module in ("family_cases_base", "family_cases_rms", "family_cases_gpt", "family_cases_moe"):
     try:
         CASES.update(importlib.import_module(_module).CASES)
     except ModuleNotFoundError as e:
