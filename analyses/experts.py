@@ -15,7 +15,7 @@
   for heads (its output / ln_final's scale . the token's unembedding direction); experts, shared expert and the other
   components sum to the logit.
 
-All batches go through `analyses.runner.forward_batches` (sharded over `--nproc` ranks, streamed when offloaded); sums
+All batches go through `runtime.runner.forward_batches` (sharded over `--nproc` ranks, streamed when offloaded); sums
 are float64 and all-reduced, so every rank returns the corpus's figures.
 """
 
@@ -32,8 +32,8 @@ from residscope.common.batches import Batch
 from residscope.model.errors import InputError
 from residscope.model.moe import moe_layers
 
-from .distributed import all_reduce_sum, gather_items, rank_and_size
-from .runner import forward_batches
+from residscope.runtime.distributed import all_reduce_sum, gather_items, rank_and_size
+from residscope.runtime.runner import forward_batches
 
 GATE_BINS = 10
 

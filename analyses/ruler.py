@@ -201,7 +201,7 @@ def ruler_scores(model, tasks: Sequence[str], lengths: Sequence[int], depths: Se
     """RULER scores of `model` as it is set now (run inside `apply_method` and pass its Extension as `ext`, so hooked
     methods decode without a KV cache). `essay`: words of the essay haystack (default: the built-in evaluation split).
     check=False skips `check_fillable` (the caller did it)."""
-    from .distributed import gather_items, is_main, shard
+    from residscope.runtime.distributed import gather_items, is_main, shard
 
     if model.tokenizer is None:
         raise InputError("RULER tasks need the model's tokenizer")

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from residscope.analyses.experts import RoutingStats, routing_statistics
-from residscope.analyses.runner import forward_batches
+from residscope.runtime.runner import forward_batches
 from residscope.common.batches import Batch
 from residscope.model.errors import InputError
 from residscope.model.moe import MoE, moe_layers
