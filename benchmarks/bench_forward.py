@@ -144,9 +144,15 @@ def write_tokenizer(folder: Path) -> None:
 
 
 def load_hf(folder: Path):
+    """transformers with SDPA attention; architectures without an SDPA path (GPT-Neo, BLOOM) with their only one."""
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="sdpa").eval()
+    try:
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="sdpa").eval()
+    except ValueError as e:
+        if "scaled_dot_product_attention" not in str(e):
+            raise
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
 
 
 def load_rs(folder: Path):
