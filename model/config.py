@@ -265,7 +265,17 @@ class DecoderConfig:
 
     @property
     def use_normalization_before_and_after(self) -> bool:
-        return self.post_norms
+        """Norms on each half's input AND output (Gemma 2/3); OLMo 2 normalises the outputs only."""
+        return self.post_norms and self.pre_norms
+
+    @property
+    def rmsnorm_uses_offset(self) -> bool:
+        """Gemma's (1 + w) RMSNorm (TransformerLens's name)."""
+        return self.norm == "rms" and self.norm_offset != 0
+
+    @property
+    def use_qk_norm(self) -> bool:
+        return self.qk_norm is not None
 
     @property
     def attn_scores_soft_cap(self) -> float:

@@ -5,6 +5,9 @@ config and tokenizer, and `load_gguf_checkpoint` (the `gguf` package's reader an
 per-architecture fixes) for the weights. Those fixes are what make the folder equal to transformers' GGUF loading:
 - llama: llama.cpp permutes the rows of q/k into interleaved-pair RoPE order; transformers undoes the permutation.
 - gemma3: llama.cpp stores every `*norm.weight` as w + 1 (Gemma's RMSNorm multiplies by 1 + w); transformers subtracts 1.
+What a file states and transformers' reader drops (LongRoPE factor tensors, a partial rotary dimension, Gemma 2's
+soft-caps or attention scale other than its defaults) would make a different model: such a file is refused
+(`_unread_by_transformers`), as is an architecture transformers cannot read at all (OLMo 2).
 We write the result in float32 with the names and layout `save_pretrained` would use, so every loader (ours,
 transformers' `from_pretrained(folder)`) reads the same numbers.
 

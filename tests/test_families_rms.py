@@ -267,3 +267,30 @@ def test_prepend_bos_is_transformer_lens_default_for_the_architecture(model_type
                                      architecture=family.architecture)
     adapter = ArchitectureAdapterFactory.select_architecture_adapter(tl_cfg)
     assert family.prepend_bos == adapter.cfg.default_prepend_bos
+
+
+@pytest.mark.parametrize("case", ["gemma2", "olmo2", "qwen3", "phi3-partial-window", "smollm3"])
+def test_transformer_lens_cfg_fields_are_true_for_the_family(case, saved):
+    cfg = load_model(saved(case)[1]).cfg
+    facts = {
+        "gemma2": dict(rmsnorm_uses_offset=True, use_normalization_before_and_after=True, use_qk_norm=False,
+                       attn_scores_soft_cap=3.0, output_logits_soft_cap=2.0, use_local_attn=True, window_size=6),
+        "olmo2": dict(rmsnorm_uses_offset=False, use_normalization_before_and_after=False, use_qk_norm=True),
+        "qwen3": dict(use_qk_norm=True, rotary_dim=24, attn_scores_soft_cap=-1.0),
+        "phi3-partial-window": dict(rotary_dim=8, use_local_attn=True, window_size=7, rotary_adjacent_pairs=False),
+        "smollm3": dict(positional_embedding_type="rotary", use_local_attn=True, window_size=6, rotary_dim=16),
+    }[case]
+    assert {k: getattr(cfg, k) for k in facts} == facts
+    assert cfg.normalization_type == "RMS" and cfg.gated_mlp and cfg.original_architecture == FAMILIES[cfg.model_type].architecture
+
+
+@pytest.mark.slow
+def test_explorer_rope_page_on_nope_and_partial_rotary_models(saved):
+    from test_explorer import assert_clean, run_app
+
+    at = run_app(str(saved("smollm3")[1]), "rope")
+    assert_clean(at)
+    assert any("Layers [1, 3] apply no rotary position" in c.value for c in at.caption)
+    at = run_app(str(saved("phi3-partial-window")[1]), "rope")
+    assert_clean(at)
+    assert at.number_input(key="rope_head_dim").value == 8  # the rotated dims, not the head's 16
