@@ -1258,7 +1258,7 @@ class Decoder(DecoderWeights, HookedRootModule):
     def to_string(self, tokens: torch.Tensor | list | int) -> str | list[str]:
         """Text of ids: [pos], 0-d or a list of ints -> str; [batch, pos] or a list of lists -> list[str]."""
         tok = self._need_tokenizer()
-        ids = tokenizing.check_decodable(tokens, tok)
+        ids = tokenizing.check_decodable(tokens, tok, self.cfg.d_vocab)
         if ids.dim() == 2:
             return tok.batch_decode(ids.tolist(), clean_up_tokenization_spaces=False)
         if ids.dim() > 2:
@@ -1275,7 +1275,7 @@ class Decoder(DecoderWeights, HookedRootModule):
         if isinstance(input, str):
             ids = self.to_tokens(input, prepend_bos=prepend_bos, padding_side=padding_side)[0]
         else:
-            ids = tokenizing.check_decodable(input, tok).squeeze()
+            ids = tokenizing.check_decodable(input, tok, self.cfg.d_vocab).squeeze()
             if ids.dim() > 1:
                 raise InputError(f"to_str_tokens takes one sequence of ids, got shape {tuple(ids.shape)}")
         return tok.batch_decode([[t] for t in ids.reshape(-1).tolist()], clean_up_tokenization_spaces=False)

@@ -145,8 +145,10 @@ def check_position_ids(position_ids, batch: int, pos: int) -> torch.Tensor:
     return position_ids.reshape(-1, pos).expand(batch, pos)
 
 
-def check_decodable(tokens, tokenizer) -> torch.Tensor:
-    """Ids as a tensor, refused when one is outside the tokenizer's vocabulary (`decode` would drop it silently)."""
+def check_decodable(tokens, tokenizer, d_vocab: int = 0) -> torch.Tensor:
+    """Ids as a tensor, refused when one is neither a token of the tokenizer nor a row of the model's `d_vocab`
+    embedding (`decode` would drop it silently). Rows past the tokenizer's end that the model has (a vocabulary padded
+    for speed) can come out of generation and decode to "" as in transformers."""
     try:
         ids = torch.as_tensor(tokens)
     except (TypeError, ValueError, RuntimeError):
@@ -154,8 +156,8 @@ def check_decodable(tokens, tokenizer) -> torch.Tensor:
     if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
         raise InputError(f"token ids must be integers, got dtype {ids.dtype}")
     if ids.numel():
-        lo, hi, n = int(ids.min()), int(ids.max()), len(tokenizer)
+        lo, hi, n = int(ids.min()), int(ids.max()), max(len(tokenizer), d_vocab)
         if lo < 0 or hi >= n:
-            raise InputError(f"token id {lo if lo < 0 else hi} is outside the tokenizer's vocabulary "
+            raise InputError(f"token id {lo if lo < 0 else hi} is outside the vocabulary "
                              f"[0, {n - 1}]")
     return ids
