@@ -212,6 +212,9 @@ def prune(
 
     _check_prune_options(metric, remove, layers, compare, out, force, seeds, inputs_of(model, text))
     chosen_criteria = _parse_criteria(criteria) if compare else []
+    if offload and ((metric == "taylor" and layers is None) or "taylor" in chosen_criteria):
+        raise InputError("criterion taylor needs every block's weights and gradients in memory at once; it cannot "
+                         "stream (--offload): leave out --offload (or taylor from --criteria)")
     work = n_batches(min(samples, eval_samples), batch_size)
     if workers.launched(prune, locals(), nproc=nproc, n_batches=work):
         return

@@ -44,6 +44,7 @@ def main(argv=None) -> int:
     p.add_argument("--method", default="partial")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true")
+    p.add_argument("--no-heal", action="store_true", help="only choose, prune and score before healing")
     args = p.parse_args(argv)
 
     from residscope.analyses.corpus import calibration_batches
@@ -73,7 +74,7 @@ def main(argv=None) -> int:
     print(f"dense held-out perplexity {report['dense']['ppl']:.3f}", flush=True)
     rows = report.setdefault("rows", {})
     for criterion in args.criteria.split(","):
-        if criterion in rows and "after" in rows[criterion]:
+        if criterion in rows and ("after" in rows[criterion] or (args.no_heal and "before" in rows[criterion])):
             continue
         row = rows.setdefault(criterion, {})
         if "order" not in row:
@@ -87,6 +88,12 @@ def main(argv=None) -> int:
         else:
             pruned = remove_layers(model, order)
         row["params"] = sum(p.numel() for p in pruned.parameters())
+        if args.no_heal:
+            row["before"] = perplexity(pruned, evals, progress=False).ppl
+            save()
+            print(f"{criterion:<14} removed {row['order']}  ppl {row['before']:.2f} (select {row['select_seconds']:.0f} s)",
+                  flush=True)
+            continue
         result = heal(pruned, train, evals, method=args.method, last_k=args.last_k, steps=args.steps,
                       grad_accum=args.grad_accum, lr=args.lr, seed=args.seed, eval_every=max(1, args.steps // 2),
                       progress=False)
@@ -105,12 +112,13 @@ def table(report: dict) -> str:
     lines = [f"| criterion | removed | perplexity before healing | after healing | gap closed | select s | heal s |",
              "|---|---|---|---|---|---|---|"]
     for name, r in report["rows"].items():
-        if "after" not in r:
+        if "before" not in r:
             continue
         removed = ", ".join(f"{x[0]}.{x[1]}" if isinstance(x, list) else str(x) for x in r["order"])
         closed = f"{100 * r['recovered']:.0f}%" if r.get("recovered") is not None else "-"
-        lines.append(f"| {name} | {removed} | {r['before']:.2f} | {r['after']:.2f} | {closed} | "
-                     f"{r['select_seconds']:.0f} | {r['heal_seconds']:.0f} |")
+        after = f"{r['after']:.2f}" if "after" in r else "(not healed)"
+        heal_s = f"{r['heal_seconds']:.0f}" if "heal_seconds" in r else "-"
+        lines.append(f"| {name} | {removed} | {r['before']:.2f} | {after} | {closed} | {r['select_seconds']:.0f} | {heal_s} |")
     return f"dense {dense:.2f}\n" + "\n".join(lines)
 
 
