@@ -4,7 +4,9 @@ plain transformers SDPA forward at the same length, in one run.
     python benchmarks/bench_long_context.py                       # 16,384 and 32,768 tokens, builtin:plays/evaluation
     python benchmarks/bench_long_context.py --lengths 16384 --skip-hf
 
-Cases, each in a fresh process (peak RSS = the child's ru_maxrss, loading included), one JSON line each:
+Cases, each in a fresh process (peak RSS = the child's ru_maxrss, loading included; time = the child's process CPU
+seconds over the measured call, all threads, so that other jobs on a shared machine do not enter the ratio; wall
+seconds are printed too), one JSON line each:
     stats   residscope: `long_context_statistics` (sinks, first-k attention, entropy, attended distance for all 30 layers
             x 9 heads, per-position loss) in one forward, patterns by blocks of 256 query rows, logits 1,024 positions
             at a time
@@ -40,9 +42,9 @@ def run_case(case: str, length: int) -> dict:
     if case == "stats":
         from residscope.analyses.long_context import long_context_statistics
 
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         stats = long_context_statistics(model, [ids], first_k=4, progress=False)
-        seconds = time.perf_counter() - t0
+        seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
         extra = dict(loss=stats.loss, sink_mass_mean=float(stats.sink_mass.mean()))
     else:
         from transformers import AutoModelForCausalLM
@@ -53,13 +55,14 @@ def run_case(case: str, length: int) -> dict:
         del model
         hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="sdpa").eval()
         with torch.inference_mode():
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             logits = hf(ids).logits
-            seconds = time.perf_counter() - t0
+            seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
             loss = torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:]).item()
         extra = dict(loss=loss)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return dict(case=case, length=length, seconds=seconds, peak_rss_gib=peak / 2**30, threads=torch.get_num_threads(),
+    return dict(case=case, length=length, seconds=seconds, cpu_seconds=cpu, peak_rss_gib=peak / 2**30,
+                threads=torch.get_num_threads(),
                 **extra)
 
 
@@ -82,13 +85,14 @@ def main() -> None:
                                  capture_output=True, text=True, check=True)
             row = json.loads(out.stdout.strip().splitlines()[-1])
             results.append(row)
-            print(f"{case:>5} @ {length:>6,} tokens: {row['seconds']:8.1f} s, peak RSS {row['peak_rss_gib']:.2f} GiB, "
+            print(f"{case:>5} @ {length:>6,} tokens: {row['cpu_seconds']:8.1f} CPU s ({row['seconds']:.1f} s wall), "
+                  f"peak RSS {row['peak_rss_gib']:.2f} GiB, "
                   f"loss {row['loss']:.3f}", flush=True)
     by = {(r["case"], r["length"]): r for r in results}
     for length in sorted({r["length"] for r in results}):
         if ("hf", length) in by:
-            ratio = by["stats", length]["seconds"] / by["hf", length]["seconds"]
-            print(f"ratio stats / transformers SDPA forward at {length:,} tokens: {ratio:.2f}x")
+            ratio = by["stats", length]["cpu_seconds"] / by["hf", length]["cpu_seconds"]
+            print(f"ratio stats / transformers SDPA forward at {length:,} tokens: {ratio:.2f}x (process CPU seconds)")
     print(json.dumps(results))
 
 

@@ -1174,7 +1174,7 @@ class Decoder(DecoderWeights, HookedRootModule):
                 raise InputError("local_size: Dual Chunk Attention needs local_size (e.g. chunk_size // 6)")
             setting = dca.DualChunk(chunk_size, local_size, original_max_position_embeddings)
         if setting is not None and self.cfg.positional != "rope":
-            raise InputError(f"Dual Chunk Attention remaps RoPE positions, but this model uses {self.cfg.positional!r} "
+            raise InputError(f"chunk_size: Dual Chunk Attention remaps RoPE positions, but this model uses {self.cfg.positional!r} "
                              "positions")
         chosen = self._attention(layers)
         for attn in chosen:
