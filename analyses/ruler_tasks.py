@@ -28,7 +28,7 @@ fwe's vocabulary rule follow RULER's scripts at commit c3f5e3b. Differences, all
 Length: as in RULER, a prompt plus the task's generation budget fits in the requested length (tokens as the model's
 tokenizer counts them, special tokens included). The haystack grows in RULER's units (a noise paragraph, an essay word, a
 distinct cwe word, one fwe word draw, a needle sentence) to the largest size that fits, so a prompt falls short of
-length - budget by less than one unit's tokens (a few to ~25).
+length - budget by less than one unit's tokens (a few to ~50).
 """
 
 from __future__ import annotations

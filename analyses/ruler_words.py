@@ -1,5 +1,5 @@
-"""The fixed word lists of the RULER tasks (`ruler.py`): keys of the needle tasks are adjective-noun pairs
-("quizzical-anchor"), the common-words task draws its words from all three lists.
+"""The fixed word lists of the RULER tasks (`ruler_tasks.py`): keys of the needle tasks are adjective-noun pairs
+("succinct-labor"), the common-words task draws its words from all three lists.
 
 RULER samples these from the `wonderwords` package (nounlist.txt, adjectivelist.txt, verblist.txt). residscope ships a
 fixed subset instead of depending on it, so prompts never change with a package version: from wonderwords 3.0.1 the
