@@ -196,7 +196,8 @@ def _zoo_entry(name: str) -> ModelEntry:
     return ModelEntry(
         alias=f"zoo-{name}",
         architecture="llama",
-        description=f"small {name} decoder trained for the positional-vector experiments",
+        description=("small Qwen2-MoE trained for the routing and expert-pruning analyses" if name == "moe" else
+                     f"small {name} decoder trained for the positional-vector experiments"),
         origin=f"shipped with residscope in {folder}",
         install=f"not built: {folder} has no config.json (build it: python -m residscope.analyses.zoo_train --name zoo-{name} --out {folder})",
         find=find,
