@@ -1,7 +1,7 @@
 """DecoderConfig: one normalised description of every decoder residscope runs.
 
-`DecoderConfig.from_hf(config_dict)` reads a transformers `config.json` (llama, mistral, qwen2, gemma3_text, baichuan)
-and refuses what it cannot reproduce exactly. Derived quantities are properties, never stored twice.
+`DecoderConfig.from_hf(config_dict)` reads a transformers `config.json` of any family in
+`model/families/` and refuses what it cannot reproduce exactly. What a family computes differently is a field here. Derived quantities are properties, never stored twice.
 """
 
 from __future__ import annotations

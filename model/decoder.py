@@ -1,4 +1,5 @@
-"""The hookable decoder: one pre-norm transformer covering Llama 2 / SmolLM2, Mistral, Qwen2, Gemma 3 and Baichuan 2.
+"""The hookable decoder: one transformer for every family in `model/families/`, whose differences are DecoderConfig
+fields (norm kind and placement, block layout, MLP kind, positions, scales), never branches on the family's name.
 
 Hook names follow TransformerLens, so `run_with_cache`, `run_with_hooks` and `ActivationCache` work unchanged:
     hook_embed
