@@ -114,6 +114,19 @@ RANGES: dict[str, Range] = {
     "--base": Range(1, low_open=True),
     "--grid-step": Range(1e-5, 1),
     "--max-m": Range(1, 1 << 28),
+    "evaluate --n": Range(1, 1 << 20),
+    "evaluate --limit": Range(1),
+    "experts --position-buckets": Range(1, 1 << 20),
+    "prune-experts --keep": Range(1),
+    "heal --last-k": Range(0),
+    "heal --lora-rank": Range(1, 1 << 16),
+    "heal --lora-alpha": Range(0, low_open=True),
+    "heal --steps": Range(1, 1 << 24),
+    "heal --grad-accum": Range(1, 1 << 16),
+    "heal --lr": Range(0, 1, low_open=True),
+    "heal --weight-decay": Range(0),
+    "heal --eval-every": Range(1),
+    "long-context --rows": Range(1, 1 << 20),
 }
 
 

@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 
 from residscope.model.checkpoint import local_to_hf
 from residscope.model.config import ConfigError
+from residscope.model.errors import CheckpointError
 from residscope.model.loading import load_model
 
 VOCAB, D_HEAD, D_MLP, LAYERS, SEQ = 128, 8, 80, 3, 20
@@ -279,7 +280,10 @@ def test_remote_code_is_never_run(checkpoints):
         "add_eos_token": False,
     }))
     try:
-        model = load_model(folder)  # with the tokenizer step
+        # the tokenizer step refuses the remote class in one line naming the file; without it the model loads
+        with pytest.raises(CheckpointError, match=r"tokenizer_config\.json: the tokenizer cannot be loaded"):
+            load_model(folder)
+        model = load_model(folder, load_tokenizer=False)
     finally:
         (folder / "tokenizer_config.json").unlink()
     assert not (folder / "REMOTE_CODE_RAN").exists()

@@ -222,7 +222,7 @@ def test_evaluate_command_json_and_baseline(tiny_dir, tmp_path, capsys):
 
 @pytest.mark.parametrize("argv, message", [
     (["--tasks", "addition,bogus"], "--tasks: unknown task 'bogus'"),
-    (["--n", "0"], "--n must be >= 1"),
+    (["--n", "0"], "--n must be an integer in [1, "),
     (["--cut"], "--cut needs --baseline"),
     (["--out", "EXISTING"], "exists (pass --force"),
     (["--n", "1", "--tasks", "addition", "--lm-eval", "residscope_nope"], "--lm-eval: unknown task 'residscope_nope'"),

@@ -20,8 +20,8 @@ from residscope.model.errors import CheckpointError
 
 SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>"]  # Gemma's ids: pad 0, eos 1, bos 2, unk 3
 WORD_PIECES = ["\u2581", "\u2581t", "he", "\u2581the", "\u2581a"] + list("abcdefghijklmnopqrstuvwxyz .,")
-VOCAB = len(SPECIALS) + len(WORD_PIECES)
-SHAPE = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+VOCAB = len(SPECIALS) + len(WORD_PIECES)  # the model has 8 embedding rows more, as real vocabularies are padded
+SHAPE = dict(vocab_size=VOCAB + 8, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, eos_token_id=1, bos_token_id=2)
 
 
