@@ -118,6 +118,47 @@ FAMILY_SHAPES = {
         moe_intermediate_size=1408, shared_expert_intermediate_size=5632, num_experts=60, num_experts_per_tok=4,
         norm_topk_prob=False, decoder_sparse_step=1, max_position_embeddings=8192, rope_theta=1e6, rms_norm_eps=1e-6,
         tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, num_hidden_layers=1, vocab_size=32000)),
+    # issue 20's RMS families at a small real checkpoint's layer shape; depth shrunk where two fp32 copies of the full
+    # model would not fit beside other work (time per layer is what the ratio measures; the unembedding stays full)
+    "qwen3": ("Qwen/Qwen3-0.6B", dict(
+        hidden_size=1024, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8, head_dim=128,
+        intermediate_size=3072, vocab_size=151936, max_position_embeddings=40960, rope_theta=1e6, tie_word_embeddings=True)),
+    "gemma": ("google/gemma-2b (18 -> 6 layers)", dict(
+        hidden_size=2048, num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=1, head_dim=256,
+        intermediate_size=16384, vocab_size=256000, max_position_embeddings=8192)),
+    "gemma2": ("google/gemma-2-2b (26 -> 6 layers)", dict(
+        hidden_size=2304, num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=4, head_dim=256,
+        intermediate_size=9216, vocab_size=256000, sliding_window=4096, query_pre_attn_scalar=256,
+        attn_logit_softcapping=50.0, final_logit_softcapping=30.0)),
+    "phi3": ("microsoft/Phi-3-mini-4k-instruct (32 -> 6 layers)", dict(
+        hidden_size=3072, num_hidden_layers=6, num_attention_heads=32, num_key_value_heads=32,
+        intermediate_size=8192, vocab_size=32064, max_position_embeddings=4096, sliding_window=None)),
+    "olmo2": ("allenai/OLMo-2-0425-1B", dict(
+        hidden_size=2048, num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=16,
+        intermediate_size=8192, vocab_size=100352, max_position_embeddings=4096, rope_theta=5e5)),
+    "olmo3": ("allenai/Olmo-3-1025-7B (32 -> 4 layers: 3 sliding, 1 full)", dict(
+        hidden_size=4096, num_hidden_layers=4, num_attention_heads=32, num_key_value_heads=32,
+        intermediate_size=11008, vocab_size=100278, max_position_embeddings=65536, sliding_window=4096,
+        layer_types=["sliding_attention"] * 3 + ["full_attention"])),
+    "granite": ("ibm-granite/granite-3.0-2b-base (40 -> 10 layers)", dict(
+        hidden_size=2048, num_hidden_layers=10, num_attention_heads=32, num_key_value_heads=8,
+        intermediate_size=8192, vocab_size=49155, max_position_embeddings=4096, embedding_multiplier=12.0,
+        residual_multiplier=0.22, attention_multiplier=0.015625, logits_scaling=8.0, tie_word_embeddings=True)),
+    "smollm3": ("HuggingFaceTB/SmolLM3-3B (36 -> 8 layers, every 4th without RoPE)", dict(
+        hidden_size=2048, num_hidden_layers=8, num_attention_heads=16, num_key_value_heads=4,
+        intermediate_size=11008, vocab_size=128256, max_position_embeddings=65536, rope_theta=5e6,
+        no_rope_layers=[1, 1, 1, 0, 1, 1, 1, 0], tie_word_embeddings=True)),
+    # issue 21's other MoE families, one layer and a 32000-token vocabulary like qwen2_moe
+    "qwen3_moe": ("Qwen/Qwen3-30B-A3B (layers and vocabulary shrunk)", dict(
+        hidden_size=2048, num_hidden_layers=1, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
+        intermediate_size=6144, moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8, norm_topk_prob=True,
+        vocab_size=32000, tie_word_embeddings=False)),
+    "mixtral": ("mistralai/Mixtral-8x7B-v0.1 (layers and vocabulary shrunk)", dict(
+        hidden_size=4096, num_hidden_layers=1, num_attention_heads=32, num_key_value_heads=8,
+        intermediate_size=14336, num_local_experts=8, num_experts_per_tok=2, vocab_size=32000)),
+    "olmoe": ("allenai/OLMoE-1B-7B-0924 (layers and vocabulary shrunk)", dict(
+        hidden_size=2048, num_hidden_layers=1, num_attention_heads=16, num_key_value_heads=16,
+        intermediate_size=1024, num_experts=64, num_experts_per_tok=8, vocab_size=32000)),
 }
 
 
@@ -302,21 +343,25 @@ def sanity_check(models: dict, vocab: int) -> dict:
     return out
 
 
-def time_cases(runs: dict, ids: torch.Tensor, warmup: int, repeats: int, log) -> dict[str, list[float]]:
+def time_cases(runs: dict, ids: torch.Tensor, warmup: int, repeats: int, log) -> tuple[dict, dict]:
+    """Wall and process-CPU seconds per case. With one torch thread the CPU seconds are the forward's own work, which
+    other jobs on a shared machine do not inflate (their wall seconds they do)."""
     times = {case: [] for case in runs}
+    cpu = {case: [] for case in runs}
     for rep in range(warmup + repeats):
         label = f"warm-up {rep + 1}/{warmup}" if rep < warmup else f"repeat {rep - warmup + 1}/{repeats}"
         for case, run in runs.items():
             gc.collect()
             with torch.inference_mode():
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 out = run(ids)
-                dt = time.perf_counter() - t0
+                dt, dc = time.perf_counter() - t0, time.process_time() - c0
             del out
             if rep >= warmup:
                 times[case].append(dt)
-            log(f"  {label}  {case:<13} {dt:8.2f} s")
-    return times
+                cpu[case].append(dc)
+            log(f"  {label}  {case:<13} {dt:8.2f} s  ({dc:.2f} CPU s)")
+    return times, cpu
 
 
 def profile(models: dict, ids: torch.Tensor, log) -> dict:
@@ -354,12 +399,12 @@ def markdown(result: dict) -> str:
         f"torch.inference_mode, {result['warmup']} warm-up + {result['repeats']} repeats, median. "
         f"Checkpoint: {result['checkpoint']}.",
         "",
-        "| case | median time (s) | min-max (s) | vs transformers | vs transformers + hidden states | target | peak extra memory (MiB) |",
-        "|---|---:|---:|---:|---:|---|---:|",
+        "| case | median time (s) | min-max (s) | vs transformers | vs transformers + hidden states | target | median CPU s (vs transformers) | peak extra memory (MiB) |",
+        "|---|---:|---:|---:|---:|---|---:|---:|",
     ]
     for case in CASES:
         if case in result.get("skipped", {}):
-            lines.append(f"| {DESCRIPTIONS[case]} | skipped | | | | | |")
+            lines.append(f"| {DESCRIPTIONS[case]} | skipped | | | | | | |")
             continue
         if case not in med:
             continue
@@ -376,7 +421,9 @@ def markdown(result: dict) -> str:
                 target = f"issue's reference {ref}x"
         m = mem.get(case, {})
         m_txt = f"{m['extra_mib']:.0f}" if "extra_mib" in m else ("n/a" if not m else "error")
-        lines.append(f"| {DESCRIPTIONS[case]} | {med[case]:.2f} | {min(ts):.2f}-{max(ts):.2f} | {r_hf} | {r_hid} | {target} | {m_txt} |")
+        cpu = result.get("median_cpu_s", {})
+        c_txt = (f"{cpu[case]:.2f} ({cpu[case] / cpu['hf']:.2f}x)" if case in cpu and cpu.get("hf") else "")
+        lines.append(f"| {DESCRIPTIONS[case]} | {med[case]:.2f} | {min(ts):.2f}-{max(ts):.2f} | {r_hf} | {r_hid} | {target} | {c_txt} | {m_txt} |")
     lines += ["", f"Command: `{result['command']}`",
               f"Machine: {result['machine']}; load average before / after: {result['load_before']} / {result['load_after']}."]
     for case, why in result.get("skipped", {}).items():
@@ -402,8 +449,8 @@ def main(argv=None) -> int:
     p.add_argument("--no-memory", action="store_true", help="skip the per-case peak-memory subprocesses")
     p.add_argument("--profile", action="store_true", help="also print torch.profiler op tables of residscope and transformers")
     p.add_argument("--json", metavar="FILE", help="write the results as JSON to FILE ('-' for stdout, then the log goes to stderr)")
-    p.add_argument("--layers", type=int, help="qwen2_moe: number of layers (default 1)")
-    p.add_argument("--vocab", type=int, help="qwen2_moe: vocabulary size (default 32000)")
+    p.add_argument("--layers", type=int, help="--family: number of layers (default: FAMILY_SHAPES')")
+    p.add_argument("--vocab", type=int, help="--family: vocabulary size (default: FAMILY_SHAPES')")
     p.add_argument("--case", help=argparse.SUPPRESS)  # internal: memory of one case in this fresh process
     args = p.parse_args(argv)
     if args.quick:
@@ -415,7 +462,7 @@ def main(argv=None) -> int:
         print(json.dumps(measure_case_memory(args.case, Path(args.model), args.batch, args.seq_len)))
         return 0
 
-    if args.family == "qwen2_moe" and args.cases == ",".join(CASES):
+    if args.family and args.cases == ",".join(CASES):
         args.cases = "hf,rs"
     cases = [c.strip() for c in args.cases.split(",") if c.strip()]
     unknown = [c for c in cases if c not in CASES]
@@ -432,8 +479,8 @@ def main(argv=None) -> int:
     if args.model and args.family:
         p.error("--model and --family: pass one")
     if args.family:
-        moe = dict(num_hidden_layers=args.layers, vocab_size=args.vocab) if args.family == "qwen2_moe" else {}
-        folder, checkpoint = write_family_checkpoint(Path(tmp.name) / args.family, args.family, **moe)
+        folder, checkpoint = write_family_checkpoint(Path(tmp.name) / args.family, args.family,
+                                                     num_hidden_layers=args.layers, vocab_size=args.vocab)
     elif args.model:
         from residscope.model.registry import resolve_source
 
@@ -496,11 +543,14 @@ def main(argv=None) -> int:
             "threads: OpenMP oversubscription makes times meaningless; consider --threads 1")
     log(f"timing {', '.join(cases)} on {args.batch} x {args.seq_len} tokens (load average {result['load_before']})")
     runs = {c: runner(c, models[family(c)]) for c in cases}
-    times = time_cases(runs, ids, args.warmup, args.repeats, log)
-    result["times_s"] = times
+    times, cpu = time_cases(runs, ids, args.warmup, args.repeats, log)
+    result["times_s"], result["cpu_s"] = times, cpu
     result["median_s"] = {c: statistics.median(ts) for c, ts in times.items()}
+    result["median_cpu_s"] = {c: statistics.median(ts) for c, ts in cpu.items()}
     result["ratios"] = {f"{c}/{b}": result["median_s"][c] / result["median_s"][b]
                         for c, b, _, _ in RATIOS if c in result["median_s"] and b in result["median_s"]}
+    result["cpu_ratios"] = {f"{c}/{b}": result["median_cpu_s"][c] / result["median_cpu_s"][b]
+                            for c, b, _, _ in RATIOS if c in result["median_cpu_s"] and b in result["median_cpu_s"]}
     result["targets"] = {f"{c}/{b}": ("PASS" if result["ratios"][f"{c}/{b}"] <= t else "FAIL")
                          for c, b, t, _ in RATIOS if t is not None and f"{c}/{b}" in result["ratios"]}
 
