@@ -39,11 +39,11 @@ class LongContextStatistics:
     layers: list[int]
     sink_mass: np.ndarray
     first_k_mass: np.ndarray  # [layer, head, k]
-    entropy: np.ndarray
-    mean_distance: np.ndarray
+    entropy: np.ndarray | None  # None when not among the statistics asked for (also the *_by_position below)
+    mean_distance: np.ndarray | None
     sink_by_position: np.ndarray  # [layer, pos]
-    entropy_by_position: np.ndarray  # [layer, pos]
-    distance_by_position: np.ndarray  # [layer, pos]
+    entropy_by_position: np.ndarray | None  # [layer, pos]
+    distance_by_position: np.ndarray | None  # [layer, pos]
     loss_by_position: np.ndarray  # [pos - 1]
     source: str | None = None
     positional: object | None = field(default=None, repr=False)  # PositionalDecomposition of the chosen layers
@@ -57,8 +57,9 @@ class LongContextStatistics:
         bins = np.array_split(self.loss_by_position, min(16, len(self.loss_by_position)))
         return dict(seq_len=self.seq_len, n_samples=self.n_samples, first_k=self.first_k, layers=self.layers,
                     source=self.source, loss=self.loss,
-                    sink_mass_by_layer=self.sink_mass.mean(-1).tolist(), entropy_by_layer=self.entropy.mean(-1).tolist(),
-                    mean_distance_by_layer=self.mean_distance.mean(-1).tolist(),
+                    sink_mass_by_layer=self.sink_mass.mean(-1).tolist(),
+                    entropy_by_layer=None if self.entropy is None else self.entropy.mean(-1).tolist(),
+                    mean_distance_by_layer=None if self.mean_distance is None else self.mean_distance.mean(-1).tolist(),
                     loss_by_position_bins=[float(b.mean()) for b in bins])
 
     def to_dict(self) -> dict:
@@ -67,7 +68,7 @@ class LongContextStatistics:
 
 
 class _BlockReducer:
-    """Float64 sums of the statistics of one layer's pattern blocks over a forward (see the module docstring)."""
+    """Float64 sums of one layer's per-query statistics (attention_chunks.RowStats) over a forward."""
 
     def __init__(self, n_heads: int, seq_len: int, first_k: int, device):
         self.k, self.t = first_k, seq_len
@@ -75,22 +76,22 @@ class _BlockReducer:
         self.first_k, self.entropy, self.distance = z(n_heads, first_k), z(n_heads), z(n_heads)
         self.sink_pos, self.entropy_pos, self.distance_pos = z(seq_len), z(seq_len), z(seq_len)
 
-    def __call__(self, block: torch.Tensor, first_row: int) -> None:
-        p = block.float() if block.dtype in (torch.float16, torch.bfloat16) else block  # [batch, head, rows, keys]
-        rows, keys = p.shape[-2], p.shape[-1]
-        q_idx = torch.arange(first_row, first_row + rows, device=p.device)
-        k_idx = torch.arange(keys, device=p.device, dtype=p.dtype)
-        entropy = -torch.special.xlogy(p, p).sum(-1)  # [batch, head, rows]
-        distance = q_idx.to(p.dtype) - p @ k_idx  # [batch, head, rows]: sum_j p_j (q - j)
-        sinks = p[..., :self.k]  # [batch, head, rows, k]
-        counted = (q_idx >= self.k).to(p.dtype)  # [rows]: queries past the first k
-        self.first_k += (sinks * counted[:, None]).sum((0, 2)).double()
-        self.entropy += entropy.sum((0, 2)).double()
-        self.distance += distance.sum((0, 2)).double()
+    def __call__(self, stats, first_row: int) -> None:
+        sinks = stats.first_k.double()  # [batch, head, rows, k]
+        rows = sinks.shape[-2]
+        q_idx = torch.arange(first_row, first_row + rows, device=sinks.device)
+        counted = (q_idx >= self.k).double()  # [rows]: queries past the first k
         r = slice(first_row, first_row + rows)
-        self.sink_pos[r] += sinks.sum(-1).mean(1).sum(0).double()
-        self.entropy_pos[r] += entropy.mean(1).sum(0).double()
-        self.distance_pos[r] += distance.mean(1).sum(0).double()
+        self.first_k[:, :sinks.shape[-1]] += (sinks * counted[:, None]).sum((0, 2))
+        self.sink_pos[r] += sinks.sum(-1).mean(1).sum(0)
+        if stats.entropy is not None:
+            entropy = stats.entropy.double()  # [batch, head, rows]
+            self.entropy += entropy.sum((0, 2))
+            self.entropy_pos[r] += entropy.mean(1).sum(0)
+        if stats.mean_key is not None:
+            distance = q_idx.double() - stats.mean_key.double()  # [batch, head, rows]: sum_j p_j (q - j)
+            self.distance += distance.sum((0, 2))
+            self.distance_pos[r] += distance.mean(1).sum(0)
 
 
 def _loss_by_position(model, resid: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -107,20 +108,26 @@ def _loss_by_position(model, resid: torch.Tensor, ids: torch.Tensor) -> torch.Te
 
 @torch.inference_mode()
 def long_context_statistics(model, batches: Iterable[torch.Tensor], *, first_k: int = 4, rows: int = 256,
+                            statistics: Sequence[str] = ("sinks", "distance", "entropy"),
                             positional_layers: Sequence[int] = (), source: str | None = None,
                             progress: bool = True) -> LongContextStatistics:
     """Attention statistics of every attention layer and per-position loss over token-id batches [batch, pos] of one
-    length, in one forward per batch, holding at most one block of `rows` query rows of any pattern and LOSS_SLICE
-    positions of logits. `positional_layers`: residual layers (0 = embeddings) whose positional vectors are also
+    length, in one forward per batch, never holding a pattern larger than one block of `rows` query rows and at most
+    LOSS_SLICE positions of logits. `statistics`: sinks (always), "distance", "entropy"; on CPU they come from the
+    fused attention kernel where the layer allows (model/attention_chunks.py: sinks alone cost what SDPA costs), from
+    pattern blocks otherwise. `positional_layers`: residual layers (0 = embeddings) whose positional vectors are also
     accumulated (float64 [layers, pos, d_model], the only part that grows with length times width)."""
     from tqdm.auto import tqdm
 
-    from residscope.model.attention_chunks import chunked_patterns
+    from residscope.model.attention_chunks import STATISTICS, chunked_statistics
 
     from .positional import PositionalDecomposition, _MomentAccumulator, resid_hook_name
 
     if isinstance(first_k, bool) or not isinstance(first_k, int) or first_k < 1:
         raise InputError(f"first_k must be a whole number >= 1, got {first_k!r}")
+    if isinstance(statistics, str) or any(x not in STATISTICS for x in statistics):
+        raise InputError(f"statistics: expected a list from {', '.join(STATISTICS)}, got {statistics!r}")
+    need = tuple(statistics)
     layers = model.attention_layers()
     if not layers:
         raise InputError("attention statistics: the model has no attention layers")
@@ -145,7 +152,7 @@ def long_context_statistics(model, batches: Iterable[torch.Tensor], *, first_k: 
         elif ids.shape[1] != seq_len:
             raise InputError(f"all batches must have the same sequence length: got {ids.shape[1]} after {seq_len}")
         reducers = {i: _OnDevice(sums[i], ids.device) for i in layers}
-        with chunked_patterns(model, reducers, rows=rows), model.hooks(fwd_hooks=pv_hooks):
+        with chunked_statistics(model, reducers, first_k, need, rows=rows), model.hooks(fwd_hooks=pv_hooks):
             resid = model(ids, stop_at_layer=model.cfg.n_layers)  # [batch, pos, d_model]: the final residual stream
         for r in reducers.values():
             r.flush()
@@ -165,9 +172,12 @@ def long_context_statistics(model, batches: Iterable[torch.Tensor], *, first_k: 
                                              hook_names=[resid_hook_name(x) for x in pv_layers])
     return LongContextStatistics(
         seq_len=seq_len, n_samples=n, first_k=first_k, layers=layers, sink_mass=first.sum(-1), first_k_mass=first,
-        entropy=stack(lambda s: s.entropy) / (n * seq_len), mean_distance=stack(lambda s: s.distance) / (n * seq_len),
-        sink_by_position=stack(lambda s: s.sink_pos) / n, entropy_by_position=stack(lambda s: s.entropy_pos) / n,
-        distance_by_position=stack(lambda s: s.distance_pos) / n, loss_by_position=(loss_sum / n).numpy(),
+        entropy=stack(lambda s: s.entropy) / (n * seq_len) if "entropy" in need else None,
+        mean_distance=stack(lambda s: s.distance) / (n * seq_len) if "distance" in need else None,
+        sink_by_position=stack(lambda s: s.sink_pos) / n,
+        entropy_by_position=stack(lambda s: s.entropy_pos) / n if "entropy" in need else None,
+        distance_by_position=stack(lambda s: s.distance_pos) / n if "distance" in need else None,
+        loss_by_position=(loss_sum / n).numpy(),
         source=source, positional=positional)
 
 
@@ -179,8 +189,8 @@ class _OnDevice:
         self.target = target
         self.local = _BlockReducer(target.first_k.shape[0], target.t, target.k, device)
 
-    def __call__(self, block: torch.Tensor, first_row: int) -> None:
-        self.local(block, first_row)
+    def __call__(self, stats, first_row: int) -> None:
+        self.local(stats, first_row)
 
     def flush(self) -> None:
         for name in ("first_k", "entropy", "distance", "sink_pos", "entropy_pos", "distance_pos"):

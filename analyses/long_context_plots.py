@@ -7,6 +7,8 @@ import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from residscope.model.errors import InputError
+
 from .long_context import LongContextStatistics
 
 
@@ -23,6 +25,8 @@ def statistics_figure(stats: LongContextStatistics, *, title: str | None = None,
         "next-token loss against position"))
     layers = stats.layers
     for (r, c), values in (((1, 1), stats.sink_mass), ((1, 2), stats.entropy), ((2, 1), stats.mean_distance)):
+        if values is None:  # not among the statistics computed
+            continue
         fig.add_trace(go.Bar(x=layers, y=values.mean(-1), showlegend=False,
                              hovertemplate="block %{x}: %{y:.3f}<extra></extra>"), row=r, col=c)
         fig.update_xaxes(title_text="block", row=r, col=c)
@@ -39,6 +43,8 @@ def by_position_figure(stats: LongContextStatistics, which: str = "sink", *, bin
     """One statistic (sink, entropy or distance; mean over heads) against query position, one line per block."""
     series = {"sink": stats.sink_by_position, "entropy": stats.entropy_by_position,
               "distance": stats.distance_by_position}[which]
+    if series is None:
+        raise InputError(f"which: {which!r} was not among the statistics computed")
     fig = go.Figure()
     for row, layer in zip(series, stats.layers):
         x, y = _binned(row, bins)

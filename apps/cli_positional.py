@@ -109,6 +109,9 @@ def long_context(
                              help="long-document text: builtin:plays/<split>, builtin:pydoc/<split> or a .txt/.jsonl file"),
     first_k: int = typer.Option(4, "--first-k", help="initial tokens counted as sinks"),
     rows: int = typer.Option(256, "--rows", help="query rows per attention block (memory: batch x heads x rows x seq-len)"),
+    statistics: str = typer.Option("sinks,distance,entropy", "--statistics",
+                                   help="sinks (always) plus distance and/or entropy; each adds value columns to the "
+                                        "fused attention kernel (sinks alone cost what SDPA costs)"),
     positional_layers: str = typer.Option("", "--positional-layers",
                                           help="residual layers (0 = embeddings) whose positional vectors to accumulate "
                                                "(float64 [layers, seq-len, d_model]); empty for none"),
@@ -133,6 +136,10 @@ def long_context(
         raise InputError(f"--seq-len must be >= 2 and --samples >= 1, got {seq_len} and {samples}")
     if not 1 <= first_k < seq_len:
         raise InputError(f"--first-k must be in 1..--seq-len - 1 ({seq_len - 1}), got {first_k}")
+    need = tuple(x.strip() for x in statistics.split(",") if x.strip())
+    unknown = [x for x in need if x not in ("sinks", "distance", "entropy")]
+    if unknown:
+        raise InputError(f"--statistics: unknown {unknown[0]!r} (choose from sinks, distance, entropy)")
     html = check_output_file(html, "--html") if html is not None else None
     m = load(model, device, dtype)
     pv_layers = parse_indices(positional_layers, "--positional-layers", m.cfg.n_layers + 1,
@@ -141,7 +148,7 @@ def long_context(
     name = method or "none"
     f, kw = extension_settings(m, name, [seq_len]) if method else (1.0, {})
     with apply_method(m, name, f, **kw):
-        stats = long_context_statistics(m, batches, first_k=first_k, rows=rows, positional_layers=pv_layers,
+        stats = long_context_statistics(m, batches, first_k=first_k, rows=rows, statistics=need, positional_layers=pv_layers,
                                         source=source, progress=not as_json)
     if html is not None:
         write_figure(statistics_figure(stats, title=f"{model_name(model)}: attention and loss at {seq_len:,} tokens "
@@ -152,8 +159,9 @@ def long_context(
     print(f"{model_name(model)} at {seq_len:,} tokens ({source}, method {name}): loss {stats.loss:.4f}")
     print(f"{'block':>5}  {'sink':>6}  {'entropy':>7}  {'distance':>9}")
     for i, layer in enumerate(stats.layers):
-        print(f"{layer:>5}  {stats.sink_mass[i].mean():>6.3f}  {stats.entropy[i].mean():>7.3f}  "
-              f"{stats.mean_distance[i].mean():>9.1f}")
+        entropy = "-" if stats.entropy is None else f"{stats.entropy[i].mean():.3f}"
+        distance = "-" if stats.mean_distance is None else f"{stats.mean_distance[i].mean():.1f}"
+        print(f"{layer:>5}  {stats.sink_mass[i].mean():>6.3f}  {entropy:>7}  {distance:>9}")
     if html is not None:
         print(f"figure: {html}")
 

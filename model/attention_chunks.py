@@ -10,11 +10,21 @@ does not fit in memory (SmolLM2 at 16k tokens: 9 heads x 16k x 16k float32 = 9.7
   than one block exists; everything the explicit path does (causal and sliding-window masks, padding, ALiBi, soft-capping,
   logit scale, Dual Chunk Attention) happens per block. `analyses/long_context.py` reduces blocks to statistics.
 - A soft-capped layer (which cannot use SDPA) takes this path by itself at long lengths, with no callback.
+- `chunked_statistics(model, {layer: fn}, first_k, need)` hands out per-query statistics instead of patterns
+  (`RowStats`: attention on the first k keys, and on request the entropy and the mean attended key index). Where the
+  scores are scale * q.k plus an additive bias (causal / window / padding mask, ALiBi), they come from the fused
+  attention kernel with no pattern at all: the kernel returns the log-sum-exp lse of each query's scores, so
+  p_j = exp(s_j - lse) for the first k keys; extra value columns give sum_j p_j j (a column holding j) and
+  sum_j p_j k_j (the keys themselves), whence the entropy -sum_j p_j ln p_j = lse - sum_j p_j s_j with
+  sum_j p_j s_j = scale * q . sum_j p_j k_j (+ ALiBi's slope * (sum_j p_j j - i)). The kernel needs equal q/k/v widths,
+  so q and k are zero-padded to the values' width: sinks alone cost what SDPA costs; the mean distance adds 8 columns,
+  the entropy d_head more. Soft-capped or DCA layers fall back to pattern blocks, reduced to the same RowStats.
 """
 
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
@@ -26,6 +36,27 @@ PATTERN_LIMIT = 8192  # positions: hook_pattern / hook_attn_scores are refused w
 DEFAULT_ROWS = 256  # query rows per block
 
 PatternFn = Callable[[torch.Tensor, int], None]
+STATISTICS = ("sinks", "distance", "entropy")
+
+
+@dataclass
+class RowStats:
+    """Statistics of the attention of query rows first_row.. (see the module docstring); None where not asked for."""
+
+    first_k: torch.Tensor  # [batch, head, rows, k]: attention on each of the first k keys
+    entropy: torch.Tensor | None  # [batch, head, rows]: -sum_j p_j ln p_j (nats)
+    mean_key: torch.Tensor | None  # [batch, head, rows]: sum_j p_j j, the attended key index
+
+    @classmethod
+    def from_pattern(cls, p: torch.Tensor, first_k: int, need: tuple[str, ...]) -> "RowStats":
+        """From a pattern block [batch, head, rows, keys] whose keys start at 0."""
+        keys = torch.arange(p.shape[-1], device=p.device, dtype=p.dtype)
+        return cls(first_k=p[..., :first_k],
+                   entropy=-torch.special.xlogy(p, p).sum(-1) if "entropy" in need else None,
+                   mean_key=p @ keys if "distance" in need else None)
+
+
+StatsFn = Callable[[RowStats, int], None]
 
 
 def too_long(q_len: int, k_len: int) -> bool:
@@ -60,6 +91,103 @@ def chunked_patterns(model, fns: dict[int, PatternFn], rows: int = DEFAULT_ROWS)
     finally:
         for i, a in attns.items():
             a.pattern_chunks = saved[i]
+
+
+@contextlib.contextmanager
+def chunked_statistics(model, fns: dict[int, StatsFn], first_k: int, need: tuple[str, ...] = STATISTICS,
+                       rows: int = DEFAULT_ROWS) -> Iterator[None]:
+    """Inside the block, attention layer i hands RowStats of its queries to fns[i](stats, first_row), by chunks of
+    query rows (fused kernel: chunks of 4 x `rows` where a mask is needed, one call for plain causal attention;
+    fallback: pattern blocks of `rows` rows). `need` adds "distance" and/or "entropy" to the sinks."""
+    unknown = [x for x in need if x not in STATISTICS]
+    if unknown:
+        raise InputError(f"statistics: unknown {unknown[0]!r} (choose from {', '.join(STATISTICS)})")
+    if isinstance(first_k, bool) or not isinstance(first_k, int) or first_k < 1:
+        raise InputError(f"first_k must be a whole number >= 1, got {first_k!r}")
+    need = tuple(x for x in STATISTICS if x in need)
+
+    def from_blocks(fn: StatsFn) -> PatternFn:  # the fallback: reduce pattern blocks to the same RowStats
+        return lambda block, first_row: fn(RowStats.from_pattern(block, first_k, need), first_row)
+
+    with chunked_patterns(model, {i: from_blocks(fn) for i, fn in fns.items()}, rows=rows):
+        attns = {i: model.blocks[i].attn for i in fns}
+        try:
+            for i, a in attns.items():
+                a.row_statistics = (fns[i], first_k, need, rows)
+            yield
+        finally:
+            for a in attns.values():
+                a.row_statistics = None
+
+
+def fusable(attn, q: torch.Tensor, q_far) -> bool:
+    """True when the layer's scores are scale * q.k plus an additive bias, which the fused kernel computes."""
+    return (q_far is None and attn.softcap is None and q.device.type == "cpu"
+            and q.dtype in (torch.float32, torch.float64) and attn.positional in ("rope", "alibi", "none"))
+
+
+def _bias(attn, q_idx: torch.Tensor, k_idx: torch.Tensor, key_valid, dtype) -> torch.Tensor:
+    """Additive mask [batch | 1, head | 1, rows, keys]: -inf where a key is not attended, ALiBi's slope * (j - i)."""
+    from .decoder import alibi_slopes, attention_allowed
+
+    allowed = attention_allowed(q_idx, k_idx, attn.window)[None, None]  # [1, 1, rows, keys]
+    if key_valid is not None:
+        allowed = allowed & key_valid[:, None, None, k_idx]
+        allowed = allowed | (q_idx[:, None] == k_idx[None, :])[None, None]  # a padding query sees itself
+    bias = torch.zeros(allowed.shape, dtype=dtype, device=q_idx.device)
+    if attn.positional == "alibi":
+        rel = (k_idx[None, :] - q_idx[:, None]).to(dtype)  # [rows, keys]
+        bias = bias + alibi_slopes(attn.n_heads, dtype=dtype).to(q_idx.device)[None, :, None, None] * rel
+    return bias.masked_fill(~allowed, float("-inf"))
+
+
+def fused_statistics(attn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos, scale: float) -> torch.Tensor:
+    """The layer's attention output [batch, head, q_pos, d_head] from the fused kernel, with the RowStats of every
+    query handed to the layer's `row_statistics` callback (module docstring); no pattern is formed."""
+    from .decoder import alibi_slopes, repeat_kv
+
+    fn, first_k, need, rows = attn.row_statistics
+    k, v = repeat_kv(k, attn.n_rep), repeat_kv(v, attn.n_rep)  # [batch, head, k_pos, d_head]
+    b, h, n_q, d = q.shape
+    n_k = k.shape[-2]
+    extra = ([k] if "entropy" in need else [])  # the entropy also needs the key index under ALiBi: always given
+    if "distance" in need or "entropy" in need:
+        extra.append(torch.arange(n_k, dtype=v.dtype, device=v.device)[None, None, :, None].expand(b, h, n_k, 1))
+    width = d + sum(x.shape[-1] for x in extra)
+    width += -width % 8 if extra else 0  # a multiple of 8 keeps the kernel's inner loops vectorised
+    values = F.pad(torch.cat([v, *extra], -1), (0, width - d - sum(x.shape[-1] for x in extra)))  # [b, h, k_pos, width]
+    q_wide, k_wide = F.pad(q, (0, width - d)), F.pad(k, (0, width - d))  # zero columns: the scores do not change
+    kernel = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    out = torch.empty_like(q)
+    plain = (pos.past == 0 and pos.key_valid is None and attn.window is None and attn.positional != "alibi")
+    step = n_q if plain else 4 * rows
+    for start in range(0, n_q, step):
+        stop = min(start + step, n_q)
+        q_idx = torch.arange(pos.past + start, pos.past + stop, device=q.device)
+        lo = 0 if attn.window is None else max(0, pos.past + start - attn.window + 1)
+        hi = pos.past + stop  # keys after the chunk's last query are masked for every row
+        k_idx = torch.arange(lo, hi, device=q.device)
+        if plain:
+            o, lse = kernel(q_wide, k_wide, values, 0.0, True, scale=scale)
+        else:
+            o, lse = kernel(q_wide[..., start:stop, :], k_wide[..., lo:hi, :], values[..., lo:hi, :], 0.0, False,
+                            attn_mask=_bias(attn, q_idx, k_idx, pos.key_valid, q.dtype), scale=scale)
+        out[..., start:stop, :] = o[..., :d]  # [batch, head, rows, d_head]
+        q_rows = q[..., start:stop, :]
+        first_idx = torch.arange(min(first_k, n_k), device=q.device)
+        s_first = (q_rows @ k[..., :first_k, :].transpose(-1, -2)) * scale  # [batch, head, rows, k]
+        s_first = s_first + _bias(attn, q_idx, first_idx, pos.key_valid, q.dtype)
+        stats = RowStats(first_k=(s_first - lse[..., None]).exp(), entropy=None, mean_key=None)
+        mean_key = o[..., d + (d if "entropy" in need else 0)] if extra else None  # [batch, head, rows]: sum_j p_j j
+        if "entropy" in need:
+            expected = scale * (q_rows * o[..., d:2 * d]).sum(-1)  # sum_j p_j s_j without the bias
+            if attn.positional == "alibi":
+                slopes = alibi_slopes(attn.n_heads, dtype=q.dtype).to(q.device)[None, :, None]
+                expected = expected + slopes * (mean_key - q_idx.to(q.dtype))
+            stats.entropy = lse - expected
+        stats.mean_key = mean_key if "distance" in need else None
+        fn(stats, pos.past + start)
+    return out
 
 
 def block_scores(attn, q: torch.Tensor, q_far, k: torch.Tensor, pos, scale: float, rows: slice) -> torch.Tensor:

@@ -349,6 +349,7 @@ class Attention(AttentionWeights, nn.Module):
         self.rope, self.window, self.logit_scale = self.default_rope, self.default_window, 1.0
         self.dca = self.default_dca  # Dual Chunk Attention (model/dca.py), a run-time setting like rope
         self.pattern_chunks = None  # (callback(pattern block, first row), rows per block): see model/attention_chunks.py
+        self.row_statistics = None  # (callback(RowStats, first row), first_k, statistics, rows): the same module
         self.output_normed = cfg.post_norms  # Gemma 3: the block RMS-normalises this module's output (ln1_post)
         self.rope_wide = cfg.rope_wide  # OLMo 2/3 rotate with float32 cos/sin and round the result
         self.residual_scale = cfg.residual_scale  # Granite: applied here, so per-head results (hook_result) carry it
@@ -407,7 +408,10 @@ class Attention(AttentionWeights, nn.Module):
         if cache is not None:
             k, v = cache.update(self, k, v)  # [batch, kv_head, past + pos, d_head]
         scale = self.scale * self.logit_scale
-        if self.pattern_chunks is not None or (self.softcap is not None and not self.wants_pattern_hook()
+        if (self.row_statistics is not None and not self.wants_pattern_hook()
+                and attention_chunks.fusable(self, q, q_far)):
+            z = attention_chunks.fused_statistics(self, q, k, v, pos, scale)
+        elif self.pattern_chunks is not None or (self.softcap is not None and not self.wants_pattern_hook()
                                                and attention_chunks.too_long(pos.q_len, pos.k_len)):
             z = attention_chunks.chunked_explicit(self, q, q_far, k, v, pos, scale)
         elif self.wants_pattern() or (self.fp32_scores and q.dtype.itemsize < 4):

@@ -62,6 +62,45 @@ def test_chunked_statistics_equal_explicit(tiny, ids, rows):
     torch.testing.assert_close(torch.from_numpy(stats.loss_by_position), loss, rtol=1e-10, atol=1e-12)
 
 
+@pytest.fixture(scope="module")
+def tiny_alibi(tmp_path_factory):
+    torch.manual_seed(0)
+    cfg = transformers.BloomConfig(vocab_size=96, hidden_size=60, n_layer=2, n_head=6)  # 6 heads: not a power of two
+    folder = save_hf(transformers.BloomForCausalLM(cfg), tmp_path_factory.mktemp("tiny_alibi"))
+    return load_model(folder, dtype="float64", load_tokenizer=False)
+
+
+SETUPS = {"plain": None, "window": lambda m: m.set_window(7), "logit-scale": lambda m: m.set_attn_logit_scale(1.7),
+          "dca": lambda m: m.set_dual_chunk_attention(10, 3, 8), "alibi": None}
+
+
+@pytest.mark.parametrize("rows", [2, 256])
+@pytest.mark.parametrize("setup", SETUPS)
+def test_fused_statistics_equal_explicit(tiny, tiny_alibi, ids, setup, rows, monkeypatch):
+    """Sinks, entropy and distance from the fused kernel (lse and extra value columns; no pattern) equal the explicit
+    pattern's in float64, with masks by query chunks (window), a logit scale and ALiBi; DCA falls back to blocks."""
+    model = tiny_alibi if setup == "alibi" else tiny
+    fused = []
+    real = attention_chunks.fused_statistics
+    monkeypatch.setattr(attention_chunks, "fused_statistics", lambda *a: fused.append(1) or real(*a))
+    with model.positional_overrides():
+        if SETUPS[setup] is not None:
+            SETUPS[setup](model)
+        ref, loss = explicit_statistics(model, ids)
+        stats = long_context_statistics(model, ids.split(2), first_k=K, rows=rows, progress=False)
+        sinks_only = long_context_statistics(model, ids.split(2), first_k=K, rows=rows, statistics=("sinks",),
+                                             progress=False)
+    assert bool(fused) == (setup != "dca")
+    for i in range(2):
+        for got, want in ((stats.first_k_mass[i], ref[i]["first"]), (sinks_only.first_k_mass[i], ref[i]["first"]),
+                          (stats.entropy[i], ref[i]["entropy"]), (stats.mean_distance[i], ref[i]["distance"]),
+                          (stats.entropy_by_position[i], ref[i]["entropy_pos"]),
+                          (stats.distance_by_position[i], ref[i]["distance_pos"])):
+            torch.testing.assert_close(torch.from_numpy(got), want, rtol=1e-9, atol=1e-10)
+    assert sinks_only.entropy is None and sinks_only.mean_distance is None and sinks_only.summary()["entropy_by_layer"] is None
+    torch.testing.assert_close(torch.from_numpy(stats.loss_by_position), loss, rtol=1e-10, atol=1e-12)
+
+
 def test_chunked_output_equals_sdpa_with_dca_and_window(tiny, ids):
     """The chunked explicit path computes the same layer outputs as SDPA / DCA's fast path."""
     seen = []
@@ -102,6 +141,8 @@ def test_bad_inputs(tiny, ids):
     with pytest.raises(InputError, match="rows"):
         with attention_chunks.chunked_patterns(tiny, {0: print}, rows=0):
             pass
+    with pytest.raises(InputError, match="statistics"):
+        long_context_statistics(tiny, [ids], statistics=("sinks", "variance"), progress=False)
 
 
 def test_plays_corpus_split():
@@ -145,3 +186,8 @@ def test_cli_long_context(tmp_path, capsys):
     assert code == 2 and "--first-k" in err and len(err.strip().splitlines()) == 1
     code, out, err = cli(["long-context", "--model", "zoo-rope", "--seq-len", "300", "--text", "builtin:nope"], capsys)
     assert code == 2 and "builtin:" in err and len(err.strip().splitlines()) == 1
+    code, out, err = cli(["long-context", "--model", "zoo-rope", "--seq-len", "300", "--statistics", "sinks"], capsys)
+    assert code == 0, err
+    assert out.splitlines()[-1].split()[2:] == ["-", "-"]  # entropy and distance not computed
+    code, out, err = cli(["long-context", "--model", "zoo-rope", "--seq-len", "300", "--statistics", "sinks,var"], capsys)
+    assert code == 2 and "--statistics" in err and len(err.strip().splitlines()) == 1
