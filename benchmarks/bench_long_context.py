@@ -73,6 +73,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", default="16384,32768")
     parser.add_argument("--skip-hf", action="store_true")
+    parser.add_argument("--cases", default="sinks,stats", help="residscope cases to run: sinks, stats or both")
     parser.add_argument("--case", choices=("sinks", "stats", "hf"), help=argparse.SUPPRESS)
     parser.add_argument("--length", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -82,7 +83,7 @@ def main() -> None:
     results = []
     for length in [int(x) for x in args.lengths.split(",")]:
         # the transformers baseline only at the first length (its logits alone are 6.4 GB at 32k)
-        cases = ["sinks", "stats"] + ([] if args.skip_hf or results else ["hf"])
+        cases = [c for c in args.cases.split(",") if c in ("sinks", "stats")] + ([] if args.skip_hf or results else ["hf"])
         for case in cases:
             out = subprocess.run([sys.executable, __file__, "--case", case, "--length", str(length)],
                                  capture_output=True, text=True, check=True)
@@ -94,7 +95,7 @@ def main() -> None:
     by = {(r["case"], r["length"]): r for r in results}
     for length in sorted({r["length"] for r in results}):
         if ("hf", length) in by:
-            for case in ("sinks", "stats"):
+            for case in [c for c in ("sinks", "stats") if (c, length) in by]:
                 ratio = by[case, length]["cpu_seconds"] / by["hf", length]["cpu_seconds"]
                 print(f"ratio {case} / transformers SDPA forward at {length:,} tokens: {ratio:.2f}x (process CPU seconds)")
     print(json.dumps(results))
