@@ -10,7 +10,10 @@ Per block and head (all means over samples; "queries" are every query position u
     first_k           [k]: attention on each of the first k keys, mean over queries q >= k (sums to sink_mass)
     entropy           -sum_j p_j ln p_j (nats), mean over queries
     mean_distance     sum_j p_j (q - j), the mean attended distance in tokens, mean over queries
-and by query position (mean over heads): sink_by_position, entropy_by_position, distance_by_position [layer, pos];
+With learned attention sinks (gpt-oss) the blocks are hook_pattern's rows over the real keys, which sum to 1 - m (m: the
+learned sink's mass): entropy counts the sink as one more outcome (-m ln m added), mean_distance is over real keys
+only (sum_j p_j (q - j)), sink_mass / first_k are the first real tokens' attention.
+By query position (mean over heads): sink_by_position, entropy_by_position, distance_by_position [layer, pos];
 loss_by_position [pos - 1]: next-token NLL of position t+1 from position t, mean over samples. Optionally the positional
 vectors (means of the residual stream over samples) at chosen residual layers, streamed in float64.
 """
@@ -69,8 +72,8 @@ class LongContextStatistics:
 class _BlockReducer:
     """Float64 sums of the statistics of one layer's pattern blocks over a forward (see the module docstring)."""
 
-    def __init__(self, n_heads: int, seq_len: int, first_k: int, device):
-        self.k, self.t = first_k, seq_len
+    def __init__(self, n_heads: int, seq_len: int, first_k: int, device, learned_sink: bool = False):
+        self.k, self.t, self.learned_sink = first_k, seq_len, learned_sink
         z = lambda *shape: torch.zeros(*shape, dtype=torch.float64, device=device)  # noqa: E731
         self.first_k, self.entropy, self.distance = z(n_heads, first_k), z(n_heads), z(n_heads)
         self.sink_pos, self.entropy_pos, self.distance_pos = z(seq_len), z(seq_len), z(seq_len)
@@ -82,6 +85,11 @@ class _BlockReducer:
         k_idx = torch.arange(keys, device=p.device, dtype=p.dtype)
         entropy = -torch.special.xlogy(p, p).sum(-1)  # [batch, head, rows]
         distance = q_idx.to(p.dtype) - p @ k_idx  # [batch, head, rows]: sum_j p_j (q - j)
+        if self.learned_sink:  # rows sum to 1 - m: the sink is one more outcome of the softmax, at no distance
+            mass = p.sum(-1)  # [batch, head, rows]
+            m = (1 - mass).clamp(min=0)
+            entropy = entropy - torch.special.xlogy(m, m)
+            distance = q_idx.to(p.dtype) * mass - p @ k_idx
         sinks = p[..., :self.k]  # [batch, head, rows, k]
         counted = (q_idx >= self.k).to(p.dtype)  # [rows]: queries past the first k
         self.first_k += (sinks * counted[:, None]).sum((0, 2)).double()
@@ -140,7 +148,8 @@ def long_context_statistics(model, batches: Iterable[torch.Tensor], *, first_k: 
             seq_len = ids.shape[1]
             if first_k >= seq_len:
                 raise InputError(f"first_k must be smaller than the sequence length ({seq_len}), got {first_k}")
-            sums = {i: _BlockReducer(model.blocks[i].attn.n_heads, seq_len, first_k, "cpu") for i in layers}
+            sums = {i: _BlockReducer(model.blocks[i].attn.n_heads, seq_len, first_k, "cpu",
+                                     learned_sink=model.blocks[i].attn.sinks is not None) for i in layers}
             loss_sum = torch.zeros(seq_len - 1, dtype=torch.float64)
         elif ids.shape[1] != seq_len:
             raise InputError(f"all batches must have the same sequence length: got {ids.shape[1]} after {seq_len}")

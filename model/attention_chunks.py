@@ -8,7 +8,8 @@ does not fit in memory (SmolLM2 at 16k tokens: 9 heads x 16k x 16k float32 = 9.7
   block's last query, masked for all its rows, are left out, so keys = first_row + rows), first_row is the query index
   of its first row. The layer's output is computed from the same blocks (block @ v), so nothing larger
   than one block exists; everything the explicit path does (causal and sliding-window masks, padding, ALiBi, soft-capping,
-  logit scale, Dual Chunk Attention) happens per block. `analyses/long_context.py` reduces blocks to statistics.
+  logit scale, Dual Chunk Attention, gpt-oss's attention sinks) happens per block. With sinks, a block's rows are the
+  softmax over real keys plus the sink, sink column dropped (hook_pattern's convention): they sum to 1 - sink mass. `analyses/long_context.py` reduces blocks to statistics.
 - A soft-capped layer (which cannot use SDPA) takes this path by itself at long lengths, with no callback.
 """
 
@@ -18,7 +19,6 @@ import contextlib
 from typing import Callable, Iterator
 
 import torch
-import torch.nn.functional as F
 
 from .errors import InputError
 
@@ -92,7 +92,7 @@ def block_scores(attn, q: torch.Tensor, q_far, k: torch.Tensor, pos, scale: floa
 def chunked_explicit(attn, q: torch.Tensor, q_far, k: torch.Tensor, v: torch.Tensor, pos, scale: float) -> torch.Tensor:
     """The explicit attention path by blocks of query rows: [batch, head, q_pos, d_head]. Each block's pattern goes to
     the layer's `pattern_chunks` callback (if any) before it is multiplied by v."""
-    from .decoder import repeat_kv
+    from .decoder import attention_softmax, repeat_kv
 
     fn, n_rows = attn.pattern_chunks if attn.pattern_chunks is not None else (None, DEFAULT_ROWS)
     k, v = repeat_kv(k, attn.n_rep), repeat_kv(v, attn.n_rep)  # [batch, head, k_pos, d_head]
@@ -102,7 +102,7 @@ def chunked_explicit(attn, q: torch.Tensor, q_far, k: torch.Tensor, v: torch.Ten
         rows = slice(start, min(start + n_rows, q.shape[-2]))
         last = pos.past + rows.stop  # keys after the block's last query are masked for every row: left out
         scores = block_scores(attn, q, q_far, k[..., :last, :], pos, scale, rows)  # [batch, head, rows, last]
-        pattern = F.softmax(scores, dim=-1, dtype=softmax_dtype).to(q.dtype)
+        pattern = attention_softmax(scores, attn.sinks, softmax_dtype).to(q.dtype)
         if fn is not None:
             fn(pattern, pos.past + start)
         out[..., rows, :] = pattern @ v[..., :last, :]
