@@ -186,7 +186,7 @@ class _OnDevice:
 
     def __init__(self, target: _BlockReducer, device):
         self.target = target
-        self.local = _BlockReducer(target.first_k.shape[0], target.t, target.k, device)
+        self.local = _BlockReducer(target.first_k.shape[0], target.t, target.k, device, target.learned_sink)
 
     def __call__(self, block: torch.Tensor, first_row: int) -> None:
         self.local(block, first_row)

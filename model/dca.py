@@ -211,11 +211,12 @@ def merge_parts(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.T
 
 
 def chunked_attention(q: torch.Tensor, q_far: tuple[torch.Tensor, torch.Tensor], k: torch.Tensor, v: torch.Tensor,
-                      dca: DualChunk, past: int, scale: float) -> torch.Tensor:
+                      dca: DualChunk, past: int, scale: float, sinks: torch.Tensor | None = None) -> torch.Tensor:
     """DCA output [batch, head, q_pos, d_head] by query chunks, never a [q_pos, k_pos] matrix.
 
     q (intra), q_far = (successive, inter): [batch, head, q_pos, d_head] for tokens past..; k, v: [batch, head, k_pos,
-    d_head] with k_pos = past + q_pos (key/value heads already repeated to the query heads)."""
+    d_head] with k_pos = past + q_pos (key/value heads already repeated to the query heads). sinks [head]: gpt-oss's
+    learned sink logits, one more softmax column: the merged output is scaled by sigmoid(lse - sink)."""
     q_succ, q_inter = q_far
     n_q, n_k, cl = q.shape[-2], k.shape[-2], dca.chunk_len
     out = torch.empty_like(q)
@@ -232,7 +233,10 @@ def chunked_attention(q: torch.Tensor, q_far: tuple[torch.Tensor, torch.Tensor],
         if c >= 2:
             far = slice(0, (c - 1) * cl)
             parts.append(attend_with_lse(q_inter[..., rows, :], k[..., far, :], v[..., far, :], scale))
-        out[..., rows, :] = merge_parts(parts)[0].to(out.dtype)
+        merged, lse = merge_parts(parts)  # [batch, head, rows, d_head], [batch, head, rows]
+        if sinks is not None:
+            merged = merged * torch.sigmoid(lse - sinks.to(lse.dtype)[None, :, None])[..., None].to(merged.dtype)
+        out[..., rows, :] = merged.to(out.dtype)
         start = end
     return out
 

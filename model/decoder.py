@@ -438,7 +438,7 @@ class Attention(AttentionWeights, nn.Module):
             z = self._explicit(q, k, v, pos, scale, q_far)
         elif q_far is not None:
             k, v = repeat_kv(k, self.n_rep), repeat_kv(v, self.n_rep)
-            z = dca.chunked_attention(q, q_far, k, v, self.dca, pos.past, scale)
+            z = dca.chunked_attention(q, q_far, k, v, self.dca, pos.past, scale, self.sinks)
         else:
             z = self._sdpa(q, k, v, pos, scale)
         z = self.hook_z(z.transpose(1, 2))  # [batch, pos, head, d_head]

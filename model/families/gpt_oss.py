@@ -94,8 +94,6 @@ def rope_block(cfg: dict) -> dict:
 
 def read_config(cfg: dict, common: dict, source: str) -> dict:
     n_layers = common["n_layers"]
-    if cfg.get("dual_chunk_attention_config") is not None:
-        raise ConfigError(f"{source}: dual_chunk_attention_config is not supported with gpt_oss's attention sinks")
     n_experts = positive_int(cfg, "num_local_experts", source, 128)
     k = positive_int(cfg, "num_experts_per_tok", source, 4)
     if k > n_experts:
