@@ -122,11 +122,14 @@ def check_sampling(max_new_tokens, temperature, top_k, top_p) -> None:
 def attention_softmax(scores: torch.Tensor, sinks: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
     """softmax over the keys of scores [batch, head, q, k], computed in `dtype`. With sinks [head] (gpt-oss), each
     head's learned sink logit joins every row as one more column and is dropped after the softmax: the pattern over the
-    real keys sums to 1 - the sink's mass (transformers' eager_attention_forward)."""
+    real keys sums to 1 - the sink's mass. That softmax is transformers' gpt-oss eager_attention_forward step for step
+    (row max subtracted, softmax in the scores' own dtype, so bf16 models match it bitwise), not `dtype`."""
     if sinks is None:
         return F.softmax(scores, dim=-1, dtype=dtype)
     sink = sinks.to(scores.dtype)[None, :, None, None].expand(*scores.shape[:-1], 1)  # [batch, head, q, 1]
-    return F.softmax(torch.cat((scores, sink), dim=-1), dim=-1, dtype=dtype)[..., :-1]
+    combined = torch.cat((scores, sink), dim=-1)  # [batch, head, q, k + 1]
+    combined = combined - combined.max(dim=-1, keepdim=True).values
+    return F.softmax(combined, dim=-1, dtype=combined.dtype)[..., :-1]
 
 
 def sink_factor(lse: torch.Tensor, sinks: torch.Tensor) -> torch.Tensor:
@@ -430,10 +433,12 @@ class Attention(AttentionWeights, nn.Module):
         if cache is not None:
             k, v = cache.update(self, k, v)  # [batch, kv_head, past + pos, d_head]
         scale = self.scale * self.logit_scale
-        if self.pattern_chunks is not None or (self.softcap is not None and not self.wants_pattern_hook()
+        # half-precision sink layers take transformers' eager arithmetic (bitwise equal), by row blocks when long
+        eager_sinks = self.sinks is not None and q.dtype.itemsize < 4
+        if self.pattern_chunks is not None or ((self.softcap is not None or eager_sinks) and not self.wants_pattern_hook()
                                                and attention_chunks.too_long(pos.q_len, pos.k_len)):
             z = attention_chunks.chunked_explicit(self, q, q_far, k, v, pos, scale)
-        elif self.wants_pattern() or (self.fp32_scores and q.dtype.itemsize < 4):
+        elif self.wants_pattern() or (self.fp32_scores and q.dtype.itemsize < 4) or eager_sinks:
             attention_chunks.check_pattern_size(self, pos.q_len, pos.k_len)
             z = self._explicit(q, k, v, pos, scale, q_far)
         elif q_far is not None:

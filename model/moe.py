@@ -62,10 +62,17 @@ class Expert(MLPWeights, nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """[..., d_model] -> [..., d_model]."""
-        gate, up = self.gate_proj(x), self.up_proj(x)  # [..., d_mlp] each
+        gate, up = unfused_linear(self.gate_proj, x), unfused_linear(self.up_proj, x)  # [..., d_mlp] each
         if self.limit is None:
-            return self.down_proj(self.act(gate) * up)
-        return self.down_proj(clamped_swiglu(gate, up, self.limit, self.alpha))
+            return unfused_linear(self.down_proj, self.act(gate) * up)
+        return unfused_linear(self.down_proj, clamped_swiglu(gate, up, self.limit, self.alpha))
+
+
+def unfused_linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """x W^T, then + b as a separate step: transformers' fused experts (gpt-oss) add their biases after the matmul, which
+    rounds differently from one addmm in half precision; without a bias this is the plain product."""
+    out = F.linear(x, layer.weight)
+    return out if layer.bias is None else out + layer.bias
 
 
 def route(probs: torch.Tensor, idx: torch.Tensor, renormalise: bool) -> torch.Tensor:

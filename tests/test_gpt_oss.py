@@ -122,6 +122,28 @@ def test_dual_chunk_attention_keeps_the_sinks(gpt_oss):
     assert_close(fast, slow, atol=1e-5, rtol=1e-5)
 
 
+def test_bfloat16_is_bitwise_transformers(tmp_path):
+    """transformers' gpt-oss eager arithmetic in bf16: softmax with the sink in bf16 after the row max is subtracted,
+    expert biases added after the matmul. Weights rounded to bf16 first, so both load the same numbers (transformers
+    keeps the norms' weights in float32)."""
+    from transformers import AutoModelForCausalLM
+
+    hf = CASES["gpt_oss"]()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.copy_(p.to(torch.bfloat16).float())
+    hf.save_pretrained(tmp_path / "bf16")
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "bf16", dtype=torch.bfloat16).eval()
+    hf.set_experts_implementation("eager")
+    m = load_model(tmp_path / "bf16", dtype=torch.bfloat16)
+    tokens = ids()
+    with torch.no_grad():
+        ref = hf(tokens).logits
+        assert torch.equal(m(tokens), ref)
+        hooked, _ = m.run_with_cache(tokens, names_filter=lambda n: n.endswith("hook_pattern"))
+        assert torch.equal(hooked, ref)
+
+
 def test_clamped_swiglu_bites_and_matches_transformers(gpt_oss):
     hf, m, _ = gpt_oss
     tokens = ids()
