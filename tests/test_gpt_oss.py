@@ -266,3 +266,18 @@ def test_mxfp4_checkpoints_are_refused_in_one_line():
         DecoderConfig.from_hf(raw)
     msg = str(e.value)
     assert "\n" not in msg and "MXFP4" in msg and "quantization_config" in msg and "dequantize" in msg
+
+
+def test_bad_configs_are_one_line():
+    from transformers import GptOssConfig
+
+    raw = GptOssConfig(num_hidden_layers=2, num_local_experts=4, num_experts_per_tok=2).to_dict()
+    for change, culprit in (({"num_experts_per_tok": 5}, "num_experts_per_tok 5 > num_local_experts 4"),
+                            ({"layer_types": ["sliding_attention", "local"]}, "layer_types"),
+                            ({"swiglu_limit": -1.0}, "swiglu_limit"),
+                            ({"sliding_window": 0}, "sliding_window")):
+        with pytest.raises(ConfigError, match=culprit) as e:
+            DecoderConfig.from_hf({**raw, **change})
+        assert "\n" not in str(e.value)
+    alias = {k: v for k, v in raw.items() if k != "num_local_experts"}
+    assert DecoderConfig.from_hf({**alias, "num_experts": 4}).n_experts == 4
