@@ -10,7 +10,10 @@ Per block and head (all means over samples; "queries" are every query position u
     first_k           [k]: attention on each of the first k keys, mean over queries q >= k (sums to sink_mass)
     entropy           -sum_j p_j ln p_j (nats), mean over queries
     mean_distance     sum_j p_j (q - j), the mean attended distance in tokens, mean over queries
-and by query position (mean over heads): sink_by_position, entropy_by_position, distance_by_position [layer, pos];
+With learned attention sinks (gpt-oss) the blocks are hook_pattern's rows over the real keys, which sum to 1 - m (m: the
+learned sink's mass): entropy counts the sink as one more outcome (-m ln m added), mean_distance is over real keys
+only (sum_j p_j (q - j)), sink_mass / first_k are the first real tokens' attention.
+By query position (mean over heads): sink_by_position, entropy_by_position, distance_by_position [layer, pos];
 loss_by_position [pos - 1]: next-token NLL of position t+1 from position t, mean over samples. Optionally the positional
 vectors (means of the residual stream over samples) at chosen residual layers, streamed in float64.
 """
@@ -89,7 +92,8 @@ class _BlockReducer:
             self.entropy += entropy.sum((0, 2))
             self.entropy_pos[r] += entropy.mean(1).sum(0)
         if stats.mean_key is not None:
-            distance = q_idx.double() - stats.mean_key.double()  # [batch, head, rows]: sum_j p_j (q - j)
+            mass = 1.0 if stats.mass is None else stats.mass.double()  # attention on real keys (learned sinks: < 1)
+            distance = q_idx.double() * mass - stats.mean_key.double()  # [batch, head, rows]: sum_j p_j (q - j)
             self.distance += distance.sum((0, 2))
             self.distance_pos[r] += distance.mean(1).sum(0)
 

@@ -265,6 +265,9 @@ def lying_files(work: Path) -> None:
     case("quantization_config in config.json",
          ["ppl", "--model", zoo_copy(work, "rope", quantization_config={"quant_method": "gptq", "bits": 4}), *FAST],
          culprit="quantization_config")
+    case("gpt-oss MXFP4 experts (quantization_config mxfp4)",
+         ["ppl", "--model", zoo_copy(work, "rope", model_type="gpt_oss", quantization_config={"quant_method": "mxfp4"}),
+          *FAST], culprit="MXFP4 expert weights")
     case("config vocab_size smaller than the tokenizer's",
          ["ppl", "--model", zoo_copy(work, "rope", vocab_size=1000), *FAST], culprit="vocab_size 1000")
 

@@ -8,7 +8,8 @@ does not fit in memory (SmolLM2 at 16k tokens: 9 heads x 16k x 16k float32 = 9.7
   block's last query, masked for all its rows, are left out, so keys = first_row + rows), first_row is the query index
   of its first row. The layer's output is computed from the same blocks (block @ v), so nothing larger
   than one block exists; everything the explicit path does (causal and sliding-window masks, padding, ALiBi, soft-capping,
-  logit scale, Dual Chunk Attention) happens per block. `analyses/long_context.py` reduces blocks to statistics.
+  logit scale, Dual Chunk Attention, gpt-oss's attention sinks) happens per block. With sinks, a block's rows are the
+  softmax over real keys plus the sink, sink column dropped (hook_pattern's convention): they sum to 1 - sink mass. `analyses/long_context.py` reduces blocks to statistics.
 - A soft-capped layer (which cannot use SDPA) takes this path by itself at long lengths, with no callback.
 - `chunked_statistics(model, {layer: fn}, first_k, need)` hands out per-query statistics instead of patterns
   (`RowStats`: attention on the first k keys, and on request the entropy and the mean attended key index). Where the
@@ -46,14 +47,21 @@ class RowStats:
     first_k: torch.Tensor  # [batch, head, rows, k]: attention on each of the first k keys
     entropy: torch.Tensor | None  # [batch, head, rows]: -sum_j p_j ln p_j (nats)
     mean_key: torch.Tensor | None  # [batch, head, rows]: sum_j p_j j, the attended key index
+    mass: torch.Tensor | None = None  # [batch, head, rows]: attention on real keys, 1 - the learned sink's (None: 1)
 
     @classmethod
-    def from_pattern(cls, p: torch.Tensor, first_k: int, need: tuple[str, ...]) -> "RowStats":
-        """From a pattern block [batch, head, rows, keys] whose keys start at 0."""
+    def from_pattern(cls, p: torch.Tensor, first_k: int, need: tuple[str, ...], learned_sink: bool = False) -> "RowStats":
+        """From a pattern block [batch, head, rows, keys] whose keys start at 0. With a learned sink (gpt-oss) the rows
+        sum to 1 - m: the entropy counts the sink as one more outcome (-m ln m), the distance is over real keys."""
+        p = p.float() if p.dtype in (torch.float16, torch.bfloat16) else p
         keys = torch.arange(p.shape[-1], device=p.device, dtype=p.dtype)
-        return cls(first_k=p[..., :first_k],
-                   entropy=-torch.special.xlogy(p, p).sum(-1) if "entropy" in need else None,
-                   mean_key=p @ keys if "distance" in need else None)
+        entropy = -torch.special.xlogy(p, p).sum(-1) if "entropy" in need else None
+        mass = p.sum(-1) if learned_sink else None
+        if learned_sink and entropy is not None:
+            m = (1 - mass).clamp(min=0)
+            entropy = entropy - torch.special.xlogy(m, m)
+        return cls(first_k=p[..., :first_k], entropy=entropy, mean_key=p @ keys if "distance" in need else None,
+                   mass=mass)
 
 
 StatsFn = Callable[[RowStats, int], None]
@@ -106,10 +114,11 @@ def chunked_statistics(model, fns: dict[int, StatsFn], first_k: int, need: tuple
         raise InputError(f"first_k must be a whole number >= 1, got {first_k!r}")
     need = tuple(x for x in STATISTICS if x in need)
 
-    def from_blocks(fn: StatsFn) -> PatternFn:  # the fallback: reduce pattern blocks to the same RowStats
-        return lambda block, first_row: fn(RowStats.from_pattern(block, first_k, need), first_row)
+    def from_blocks(fn: StatsFn, learned_sink: bool) -> PatternFn:  # the fallback: pattern blocks to the same RowStats
+        return lambda block, first_row: fn(RowStats.from_pattern(block, first_k, need, learned_sink), first_row)
 
-    with chunked_patterns(model, {i: from_blocks(fn) for i, fn in fns.items()}, rows=rows):
+    sinks = {i: 0 <= i < len(model.blocks) and getattr(model.blocks[i].attn, "sinks", None) is not None for i in fns}
+    with chunked_patterns(model, {i: from_blocks(fn, sinks[i]) for i, fn in fns.items()}, rows=rows):
         attns = {i: model.blocks[i].attn for i in fns}
         try:
             for i, a in attns.items():
@@ -122,7 +131,7 @@ def chunked_statistics(model, fns: dict[int, StatsFn], first_k: int, need: tuple
 
 def fusable(attn, q: torch.Tensor, q_far) -> bool:
     """True when the layer's scores are scale * q.k plus an additive bias, which the fused kernel computes."""
-    return (q_far is None and attn.softcap is None and q.device.type == "cpu"
+    return (q_far is None and attn.softcap is None and getattr(attn, "sinks", None) is None and q.device.type == "cpu"
             and q.dtype in (torch.float32, torch.float64) and attn.positional in ("rope", "alibi", "none"))
 
 
@@ -220,7 +229,7 @@ def block_scores(attn, q: torch.Tensor, q_far, k: torch.Tensor, pos, scale: floa
 def chunked_explicit(attn, q: torch.Tensor, q_far, k: torch.Tensor, v: torch.Tensor, pos, scale: float) -> torch.Tensor:
     """The explicit attention path by blocks of query rows: [batch, head, q_pos, d_head]. Each block's pattern goes to
     the layer's `pattern_chunks` callback (if any) before it is multiplied by v."""
-    from .decoder import repeat_kv
+    from .decoder import attention_softmax, repeat_kv
 
     fn, n_rows = attn.pattern_chunks if attn.pattern_chunks is not None else (None, DEFAULT_ROWS)
     k, v = repeat_kv(k, attn.n_rep), repeat_kv(v, attn.n_rep)  # [batch, head, k_pos, d_head]
@@ -230,7 +239,7 @@ def chunked_explicit(attn, q: torch.Tensor, q_far, k: torch.Tensor, v: torch.Ten
         rows = slice(start, min(start + n_rows, q.shape[-2]))
         last = pos.past + rows.stop  # keys after the block's last query are masked for every row: left out
         scores = block_scores(attn, q, q_far, k[..., :last, :], pos, scale, rows)  # [batch, head, rows, last]
-        pattern = F.softmax(scores, dim=-1, dtype=softmax_dtype).to(q.dtype)
+        pattern = attention_softmax(scores, attn.sinks, softmax_dtype).to(q.dtype)
         if fn is not None:
             fn(pattern, pos.past + start)
         out[..., rows, :] = pattern @ v[..., :last, :]

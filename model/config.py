@@ -87,6 +87,8 @@ class DecoderConfig:
     attn_scale: float | None = None  # None: 1/sqrt(d_head)
     attn_fp32: bool = False  # q·k and softmax in at least float32 (GPT-Neo, GPT-J); half-precision models take the explicit path
     attn_softcap: float | None = None
+    attn_sinks: bool = False  # a learned logit per head (`attn.sinks`) joins every softmax row as an extra column,
+    # then is dropped: pattern rows over the real keys sum to 1 - sink mass (gpt-oss)
     final_softcap: float | None = None
     max_position_embeddings: int | None = None
     bos_token_id: int | None = None
@@ -101,6 +103,12 @@ class DecoderConfig:
     sparse_layers: tuple[int, ...] = ()  # layers whose MLP is a mixture of experts (current numbering)
     router_bias: bool = False  # the router linear has a bias (gpt-oss)
     routing_fp32: bool = False  # routing weights stay float32 until each expert's output is scaled (Mixtral)
+    topk_then_softmax: bool = False  # top-k of the router LOGITS, then softmax over the k chosen in the logits' dtype
+    # (gpt-oss); else softmax over all experts in float32, then top-k (then renormalise when norm_topk_prob)
+    expert_bias: bool = False  # routed experts' projections have biases (gpt-oss)
+    swiglu_limit: float | None = None  # routed experts' clamped SwiGLU (gpt-oss): gate.clamp(max=L), up.clamp(-L, L),
+    # out = (up + 1) * gate * sigmoid(swiglu_alpha * gate); None: act(gate) * up
+    swiglu_alpha: float = 1.702  # sigmoid gain of the clamped SwiGLU (used only with swiglu_limit)
     removed_attn: tuple[int, ...] = ()  # blocks built without attention (sub-block surgery), current numbering
     removed_mlp: tuple[int, ...] = ()  # blocks built without an MLP
     hf_config: dict[str, Any] = field(default_factory=dict, repr=False)  # the source config.json, for export

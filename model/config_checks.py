@@ -24,23 +24,25 @@ ROPE_REQUIRED = {
 _LAYER_TYPE_BLOCKS = ("full_attention", "sliding_attention")
 
 
-def check_config_keys(cfg: dict[str, Any], source: str) -> None:
-    """Refuse, in one line naming `source` and the key, what the rest of the reader would take silently."""
-    check_quantization(cfg, source)
+def check_config_keys(cfg: dict[str, Any], source: str, family=None) -> None:
+    """Refuse, in one line naming `source` and the key, what the rest of the reader would take silently. `family`
+    (model/families/base.Family) may word the quantization refusal for its checkpoints."""
+    check_quantization(cfg, source, getattr(family, "quantization_note", None))
     check_token_ids(cfg, source)
     for where, block in rope_blocks(cfg, source):
         check_rope_block(block, f"{source}: {where}")
 
 
-def check_quantization(cfg: dict, source: str) -> None:
+def check_quantization(cfg: dict, source: str, note: str | None = None) -> None:
     """A quantized checkpoint stores integer codes plus scales; residscope reads plain float weights only, so taking
-    the codes as weights would compute garbage. (GGUF files are dequantised by residscope's converter instead.)"""
+    the codes as weights would compute garbage. (GGUF files are dequantised by residscope's converter instead.)
+    `note`: the family's own advice (gpt-oss: its MXFP4 experts), said instead of the generic one."""
     quant = cfg.get("quantization_config")
     if quant in (None, {}):
         return
     method = quant.get("quant_method", "?") if isinstance(quant, dict) else type(quant).__name__
     raise ConfigError(f"{source}: quantization_config (quant_method {method!r}) is not implemented by residscope; "
-                      "dequantize the checkpoint to float weights first")
+                      + (note or "dequantize the checkpoint to float weights first"))
 
 
 def check_token_ids(cfg: dict, source: str) -> None:

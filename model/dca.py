@@ -161,20 +161,23 @@ def config_dual_chunk(cfg, layer: int) -> DualChunk | None:
 # attention
 # ---------------------------------------------------------------------------------------------------------------------
 def attend_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-                    causal_offset: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                    causal_offset: int | None = None, allowed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(softmax(q k^T scale) v [batch, head, q, d_head], log-sum-exp of the scaled scores [batch, head, q]).
 
-    causal_offset o: query t sees keys j <= t + o (None: every key). On CPU this is the fused flash kernel behind
-    SDPA, which returns its log-sum-exp; elsewhere an explicit computation by key blocks (same result)."""
+    causal_offset o: query t sees keys j <= t + o (None: every key). `allowed` instead: a bool mask broadcastable to
+    [batch, head, q, k] (True where the query sees the key; every row needs one). On CPU this is the fused flash kernel
+    behind SDPA, which returns its log-sum-exp; elsewhere an explicit computation by key blocks (same result). Also
+    used by attention sinks (decoder.Attention), which rescale the output by the real keys' log-sum-exp."""
     nq, nk = q.shape[-2], k.shape[-2]
     if causal_offset is not None and causal_offset >= nk - 1:
         causal_offset = None  # every key visible to every query
     fused = q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16)
-    square = causal_offset == 0 and nq == nk  # plain causal: the kernel's is_causal, no mask tensor
+    square = allowed is None and causal_offset == 0 and nq == nk  # plain causal: the kernel's is_causal, no mask tensor
     mask = None
-    if causal_offset is not None and not (square and fused):
+    if causal_offset is not None and allowed is None and not (square and fused):
         allowed = torch.arange(nk, device=q.device)[None, :] <= torch.arange(nq, device=q.device)[:, None] + causal_offset
-        mask = torch.zeros(nq, nk, dtype=q.dtype, device=q.device).masked_fill(~allowed, float("-inf"))  # [q, k]
+    if allowed is not None:
+        mask = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill(~allowed, float("-inf"))  # [.., q, k]
     if fused:
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, square, attn_mask=mask,
                                                                           scale=scale)
@@ -188,7 +191,7 @@ def _explicit_with_lse(q, k, v, scale, mask, block: int = 4096) -> tuple[torch.T
         scores = q @ k[..., s:s + block, :].transpose(-1, -2)  # [batch, head, q, block]
         scores = scores.to(torch.promote_types(scores.dtype, torch.float32)) * scale
         if mask is not None:
-            scores = scores + mask[:, s:s + block]
+            scores = scores + mask[..., s:s + block]
         lse = scores.logsumexp(-1)  # [batch, head, q]
         p = (scores - lse[..., None].clamp(min=torch.finfo(scores.dtype).min)).exp()
         parts.append(((p.to(v.dtype) @ v[..., s:s + block, :]), lse))
@@ -208,11 +211,12 @@ def merge_parts(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.T
 
 
 def chunked_attention(q: torch.Tensor, q_far: tuple[torch.Tensor, torch.Tensor], k: torch.Tensor, v: torch.Tensor,
-                      dca: DualChunk, past: int, scale: float) -> torch.Tensor:
+                      dca: DualChunk, past: int, scale: float, sinks: torch.Tensor | None = None) -> torch.Tensor:
     """DCA output [batch, head, q_pos, d_head] by query chunks, never a [q_pos, k_pos] matrix.
 
     q (intra), q_far = (successive, inter): [batch, head, q_pos, d_head] for tokens past..; k, v: [batch, head, k_pos,
-    d_head] with k_pos = past + q_pos (key/value heads already repeated to the query heads)."""
+    d_head] with k_pos = past + q_pos (key/value heads already repeated to the query heads). sinks [head]: gpt-oss's
+    learned sink logits, one more softmax column: the merged output is scaled by sigmoid(lse - sink)."""
     q_succ, q_inter = q_far
     n_q, n_k, cl = q.shape[-2], k.shape[-2], dca.chunk_len
     out = torch.empty_like(q)
@@ -229,7 +233,10 @@ def chunked_attention(q: torch.Tensor, q_far: tuple[torch.Tensor, torch.Tensor],
         if c >= 2:
             far = slice(0, (c - 1) * cl)
             parts.append(attend_with_lse(q_inter[..., rows, :], k[..., far, :], v[..., far, :], scale))
-        out[..., rows, :] = merge_parts(parts)[0].to(out.dtype)
+        merged, lse = merge_parts(parts)  # [batch, head, rows, d_head], [batch, head, rows]
+        if sinks is not None:
+            merged = merged * torch.sigmoid(lse - sinks.to(lse.dtype)[None, :, None])[..., None].to(merged.dtype)
+        out[..., rows, :] = merged.to(out.dtype)
         start = end
     return out
 

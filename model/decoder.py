@@ -24,6 +24,8 @@ logit soft-capping); then an explicit path computes the same result and exposes 
 refused beyond 8,192 x 8,192 positions; `model.attention_chunks.chunked_patterns` hands them out by blocks of query rows.
 With Dual Chunk Attention (`set_dual_chunk_attention`, model/dca.py) hook_rot_q holds the intra-chunk queries and
 hook_rot_k the keys at j % chunk_len; hook_attn_scores / hook_pattern hold the merged scores and pattern.
+With attention sinks (gpt-oss, `cfg.attn_sinks`) hook_attn_scores holds the real keys' scores and hook_pattern the
+softmax over real keys plus the head's sink logit, sink column dropped: rows sum to 1 - sink mass (see Attention).
 """
 
 from __future__ import annotations
@@ -115,6 +117,25 @@ def check_sampling(max_new_tokens, temperature, top_k, top_p) -> None:
         raise InputError(f"top_k must be an integer >= 1 (or None), got {top_k!r}")
     if top_p is not None and not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
         raise InputError(f"top_p must be in (0, 1] (or None), got {top_p!r}")
+
+
+def attention_softmax(scores: torch.Tensor, sinks: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """softmax over the keys of scores [batch, head, q, k], computed in `dtype`. With sinks [head] (gpt-oss), each
+    head's learned sink logit joins every row as one more column and is dropped after the softmax: the pattern over the
+    real keys sums to 1 - the sink's mass. That softmax is transformers' gpt-oss eager_attention_forward step for step
+    (row max subtracted, softmax in the scores' own dtype, so bf16 models match it bitwise), not `dtype`."""
+    if sinks is None:
+        return F.softmax(scores, dim=-1, dtype=dtype)
+    sink = sinks.to(scores.dtype)[None, :, None, None].expand(*scores.shape[:-1], 1)  # [batch, head, q, 1]
+    combined = torch.cat((scores, sink), dim=-1)  # [batch, head, q, k + 1]
+    combined = combined - combined.max(dim=-1, keepdim=True).values
+    return F.softmax(combined, dim=-1, dtype=combined.dtype)[..., :-1]
+
+
+def sink_factor(lse: torch.Tensor, sinks: torch.Tensor) -> torch.Tensor:
+    """[batch, head, q, 1]: the share of a row's softmax mass the real keys keep next to a sink logit,
+    sum_j e^s_j / (sum_j e^s_j + e^sink) = sigmoid(lse - sink), from their log-sum-exp lse [batch, head, q]."""
+    return torch.sigmoid(lse - sinks.to(lse.dtype)[None, :, None])[..., None]
 
 
 def attention_allowed(q_idx: torch.Tensor, k_idx: torch.Tensor, window: int | None) -> torch.Tensor:
@@ -320,7 +341,11 @@ class Attention(AttentionWeights, nn.Module):
     """Grouped-query attention with RoPE or ALiBi, optional q/k norms, sliding window and logit soft-capping.
 
     It copies the scalars it needs from the config, so a block keeps working after surgery renumbers or drops its
-    neighbours. `rope`, `window` and `logit_scale` are run-time settings (Decoder.set_rope / set_window /
+    neighbours. With `cfg.attn_sinks` (gpt-oss) a learned logit per head, `sinks` [head], is one more softmax column
+    that attends to nothing: hook_attn_scores holds the scores of the real keys only, hook_pattern the softmax over
+    real keys AND sink with the sink column dropped, so a row sums to 1 - sink mass (the sink's mass is 1 - row sum).
+    The SDPA path gets the same output from the real keys' log-sum-exp: out = sdpa_out * sigmoid(lse - sink)
+    (`sink_factor`). `rope`, `window` and `logit_scale` are run-time settings (Decoder.set_rope / set_window /
     set_attn_logit_scale); `default_rope` / `default_window` are what the checkpoint was built with. TransformerLens'
     weight names (W_Q, W_O, QK, ...) come from AttentionWeights.
     """
@@ -339,6 +364,7 @@ class Attention(AttentionWeights, nn.Module):
         self.k_proj = nn.Linear(cfg.d_model, kvh * d, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(cfg.d_model, kvh * d, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(h * d, cfg.d_model, bias=cfg.o_bias)
+        self.sinks = nn.Parameter(torch.zeros(h)) if cfg.attn_sinks else None  # [head] learned sink logits (gpt-oss)
         if cfg.qk_norm == "head":  # per head, over d_head (Gemma 3, Qwen3)
             self.q_norm, self.k_norm = make_norm(cfg, d), make_norm(cfg, d)
         elif cfg.qk_norm == "full":  # over the whole projection, before it splits into heads (OLMo 2)
@@ -408,18 +434,20 @@ class Attention(AttentionWeights, nn.Module):
         if cache is not None:
             k, v = cache.update(self, k, v)  # [batch, kv_head, past + pos, d_head]
         scale = self.scale * self.logit_scale
+        # half-precision sink layers take transformers' eager arithmetic (bitwise equal), by row blocks when long
+        eager_sinks = self.sinks is not None and q.dtype.itemsize < 4
         if (self.row_statistics is not None and not self.wants_pattern_hook()
                 and attention_chunks.fusable(self, q, q_far)):
             z = attention_chunks.fused_statistics(self, q, k, v, pos, scale)
-        elif self.pattern_chunks is not None or (self.softcap is not None and not self.wants_pattern_hook()
+        elif self.pattern_chunks is not None or ((self.softcap is not None or eager_sinks) and not self.wants_pattern_hook()
                                                and attention_chunks.too_long(pos.q_len, pos.k_len)):
             z = attention_chunks.chunked_explicit(self, q, q_far, k, v, pos, scale)
-        elif self.wants_pattern() or (self.fp32_scores and q.dtype.itemsize < 4):
+        elif self.wants_pattern() or (self.fp32_scores and q.dtype.itemsize < 4) or eager_sinks:
             attention_chunks.check_pattern_size(self, pos.q_len, pos.k_len)
             z = self._explicit(q, k, v, pos, scale, q_far)
         elif q_far is not None:
             k, v = repeat_kv(k, self.n_rep), repeat_kv(v, self.n_rep)
-            z = dca.chunked_attention(q, q_far, k, v, self.dca, pos.past, scale)
+            z = dca.chunked_attention(q, q_far, k, v, self.dca, pos.past, scale, self.sinks)
         else:
             z = self._sdpa(q, k, v, pos, scale)
         z = self.hook_z(z.transpose(1, 2))  # [batch, pos, head, d_head]
@@ -484,6 +512,8 @@ class Attention(AttentionWeights, nn.Module):
         return (slopes[:, None, None] * rel).to(dtype)[None]
 
     def _sdpa(self, q, k, v, pos: Positions, scale: float) -> torch.Tensor:
+        if self.sinks is not None:
+            return self._sdpa_with_sinks(q, k, v, pos, scale)
         alibi = self.positional == "alibi"
         if not alibi and not pos.needs_mask(self.window):
             is_causal = pos.q_len > 1
@@ -493,6 +523,15 @@ class Attention(AttentionWeights, nn.Module):
             mask = self._alibi_bias(pos, q.dtype).masked_fill(~mask, float("-inf"))
         k, v = repeat_kv(k, self.n_rep), repeat_kv(v, self.n_rep)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+    def _sdpa_with_sinks(self, q, k, v, pos: Positions, scale: float) -> torch.Tensor:
+        """SDPA over the real keys (the fused kernel that also returns their log-sum-exp, dca.attend_with_lse), scaled
+        by the mass a sink leaves them: equal to the explicit path's softmax with the sink column."""
+        k, v = repeat_kv(k, self.n_rep), repeat_kv(v, self.n_rep)  # [batch, head, k_pos, d_head]
+        allowed = pos.mask(self.window) if pos.needs_mask(self.window) else None  # [batch or 1, 1, q, k]
+        causal = 0 if allowed is None and pos.q_len > 1 else None
+        out, lse = dca.attend_with_lse(q, k, v, scale, causal_offset=causal, allowed=allowed)  # [b, h, q, d], [b, h, q]
+        return (out * sink_factor(lse, self.sinks).to(out.dtype)).to(q.dtype)
 
     def _explicit(self, q, k, v, pos: Positions, scale: float, q_far=None) -> torch.Tensor:
         k, v = repeat_kv(k, self.n_rep), repeat_kv(v, self.n_rep)  # [batch, head, k_pos, d_head]
@@ -512,7 +551,7 @@ class Attention(AttentionWeights, nn.Module):
         scores = self.hook_attn_scores(scores)
         # softmax in at least float32 (like transformers' eager path), in float64 for float64 models (like SDPA)
         softmax_dtype = torch.promote_types(scores.dtype, torch.float32)
-        pattern = self.hook_pattern(F.softmax(scores, dim=-1, dtype=softmax_dtype).to(q.dtype))  # [batch, head, q_pos, k_pos]
+        pattern = self.hook_pattern(attention_softmax(scores, self.sinks, softmax_dtype).to(q.dtype))  # [batch, head, q_pos, k_pos]
         return pattern @ v  # [batch, head, q_pos, d_head]
 
 

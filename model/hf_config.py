@@ -167,7 +167,7 @@ def decoder_kwargs(cfg: dict[str, Any], *, source: str = "config.json", position
     if family is None:
         raise ConfigError(f"{source}: unsupported model_type {model_type!r} (supported: {', '.join(sorted(FAMILIES))})")
     _check_refused(cfg, source, family)
-    check_config_keys(cfg, source)  # quantization, RoPE blocks, token ids (model/config_checks.py)
+    check_config_keys(cfg, source, family)  # quantization, RoPE blocks, token ids (model/config_checks.py)
     _check_dual_chunk(cfg, source)
     if position_embedding is not None and model_type != "baichuan":
         raise ConfigError(f"position_embedding override is only for baichuan configs, not {model_type!r}")

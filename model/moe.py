@@ -1,11 +1,15 @@
-"""Mixture-of-experts MLP (Qwen2-MoE, Qwen3-MoE, Mixtral, OLMoE): a router picks k of E SwiGLU experts per token, and
-an optional shared expert, scaled by a sigmoid gate, runs on every token.
+"""Mixture-of-experts MLP (Qwen2-MoE, Qwen3-MoE, Mixtral, OLMoE, gpt-oss): a router picks k of E SwiGLU experts per
+token, and an optional shared expert, scaled by a sigmoid gate, runs on every token.
 
     logits  = x W_router^T (+ b)                               hook_router_logits   [batch, pos, n_experts]
     probs   = softmax(logits) in float32 (float64 for float64 models)
     idx     = top-k(probs)                                     hook_expert_indices  [batch, pos, k]
     w       = probs[idx] (/ their sum when norm_topk_prob)     hook_expert_weights  [batch, pos, k]
     out     = sum_j w_j expert_{idx_j}(x) + sigmoid(x W_sg^T) shared(x)     hook_shared_gate [batch, pos, 1]
+
+gpt-oss (`topk_then_softmax`) takes the top-k of the logits first and softmaxes the k chosen logits in their own dtype
+(the same weights as renormalised top-k probabilities, rounded as transformers rounds them); its router and experts
+have biases, and its experts apply the clamped SwiGLU `clamped_swiglu` (`swiglu_limit`).
 
 This is transformers' arithmetic step for step (softmax in float32, weights cast to the model dtype before they scale an
 expert's output, except Mixtral's which stay float32), so logits match it. The forward groups the routed (token, slot)
@@ -32,26 +36,66 @@ from .errors import InputError
 from .tl_weights import MLPWeights
 
 
-class Expert(MLPWeights, nn.Module):
-    """One SwiGLU expert down(act(gate(x)) * up(x)); TransformerLens' W_in / W_gate / W_out come from MLPWeights."""
+def clamped_swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float, alpha: float) -> torch.Tensor:
+    """gpt-oss's expert activation, step for step as transformers' GptOssExperts._apply_gate: the gate clamped from
+    above, the linear branch on both sides, a sigmoid of gain alpha, and the linear branch offset by 1."""
+    gate = gate.clamp(max=limit)
+    up = up.clamp(min=-limit, max=limit)
+    return (up + 1) * (gate * torch.sigmoid(gate * alpha))
 
-    def __init__(self, d_model: int, d_mlp: int, act: str, bias: bool = False):
+
+class Expert(MLPWeights, nn.Module):
+    """One SwiGLU expert down(act(gate(x)) * up(x)), or with `limit` gpt-oss's down(clamped_swiglu(gate(x), up(x)));
+    TransformerLens' W_in / W_gate / W_out (and b_*) come from MLPWeights."""
+
+    gated = True  # MLPWeights' W_gate / b_gate
+
+    def __init__(self, d_model: int, d_mlp: int, act: str, bias: bool = False, limit: float | None = None,
+                 alpha: float = 1.702):
         super().__init__()
         self.gate_proj = nn.Linear(d_model, d_mlp, bias=bias)
         self.up_proj = nn.Linear(d_model, d_mlp, bias=bias)
         self.down_proj = nn.Linear(d_mlp, d_model, bias=bias)
         self.act = ACTIVATIONS[act]
+        self.limit, self.alpha = limit, alpha
         self.hook_out = HookPoint()  # [batch, pos, d_model], weighted output; with use_expert_outputs only
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """[..., d_model] -> [..., d_model]."""
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = unfused_linear(self.gate_proj, x), unfused_linear(self.up_proj, x)  # [..., d_mlp] each
+        if self.limit is None:
+            return unfused_linear(self.down_proj, self.act(gate) * up)
+        return unfused_linear(self.down_proj, clamped_swiglu(gate, up, self.limit, self.alpha))
+
+
+def unfused_linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """x W^T, then + b as a separate step: transformers' fused experts (gpt-oss) add their biases after the matmul, which
+    rounds differently from one addmm in half precision; without a bias this is the plain product."""
+    out = F.linear(x, layer.weight)
+    return out if layer.bias is None else out + layer.bias
 
 
 def route(probs: torch.Tensor, idx: torch.Tensor, renormalise: bool) -> torch.Tensor:
     """The routing weights of the chosen experts `idx` [..., k] from the router's probabilities [..., n_experts]."""
     weights = probs.gather(-1, idx)  # [..., k]
     return weights / weights.sum(-1, keepdim=True) if renormalise else weights
+
+
+def top_k_routing(logits: torch.Tensor, k: int, *, topk_then_softmax: bool, renormalise: bool,
+                  forced: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(expert indices [..., k], weights [..., k]) from router logits [..., n_experts], before any cast to the model
+    dtype. `forced`: indices to use instead of the top k (a patched hook_expert_indices); their weights are what the
+    router gives them. topk_then_softmax (gpt-oss): top-k of the logits, softmax over the k in the logits' dtype."""
+    if topk_then_softmax:
+        idx = logits.topk(k, dim=-1).indices if forced is None else forced  # [..., k]
+        chosen = logits.gather(-1, idx)  # [..., k], in descending order unless forced
+        return idx, chosen.softmax(-1, dtype=chosen.dtype)
+    probs = logits.softmax(-1, dtype=torch.promote_types(logits.dtype, torch.float32))  # [..., n_experts]
+    if forced is None:
+        top, idx = probs.topk(k, dim=-1)  # [..., k]
+    else:
+        idx, top = forced, probs.gather(-1, forced)
+    return idx, (top / top.sum(-1, keepdim=True) if renormalise else top)
 
 
 class MoE(nn.Module):
@@ -61,8 +105,10 @@ class MoE(nn.Module):
         super().__init__()
         self.n_experts, self.top_k = cfg.n_experts, cfg.experts_per_tok
         self.norm_topk_prob, self.routing_fp32 = cfg.norm_topk_prob, cfg.routing_fp32
+        self.topk_then_softmax = cfg.topk_then_softmax
         self.router = nn.Linear(cfg.d_model, cfg.n_experts, bias=cfg.router_bias)
-        self.experts = nn.ModuleList(Expert(cfg.d_model, cfg.d_expert, cfg.act) for _ in range(cfg.n_experts))
+        self.experts = nn.ModuleList(Expert(cfg.d_model, cfg.d_expert, cfg.act, cfg.expert_bias, cfg.swiglu_limit,
+                                            cfg.swiglu_alpha) for _ in range(cfg.n_experts))
         if cfg.d_shared_expert:
             self.shared_expert = Expert(cfg.d_model, cfg.d_shared_expert, cfg.act)
             self.shared_expert_gate = nn.Linear(cfg.d_model, 1, bias=False)
@@ -86,17 +132,19 @@ class MoE(nn.Module):
     def routing(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(logits [batch, pos, n_experts], indices [batch, pos, k], weights [batch, pos, k]) through the hooks."""
         logits = self.hook_router_logits(self.router(x))  # [batch, pos, n_experts]
-        probs = logits.softmax(-1, dtype=torch.promote_types(logits.dtype, torch.float32))  # [batch, pos, n_experts]
-        top, idx = probs.topk(self.top_k, dim=-1)  # [batch, pos, k]
+        idx, weights = self.weights_of(logits)  # [batch, pos, k] each
         if hooked(self.hook_expert_indices):
             seen = self.hook_expert_indices(idx.clone())
             if not torch.equal(seen, idx):
-                idx = self._check_indices(seen, idx.shape)
-                top = probs.gather(-1, idx)
-        weights = top / top.sum(-1, keepdim=True) if self.norm_topk_prob else top
+                idx, weights = self.weights_of(logits, forced=self._check_indices(seen, idx.shape))
         if not self.routing_fp32:
             weights = weights.to(x.dtype)
         return logits, idx, self.hook_expert_weights(weights)
+
+    def weights_of(self, logits: torch.Tensor, forced: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(indices, weights) [..., k] this layer's routing gives router logits [..., n_experts] (`top_k_routing`)."""
+        return top_k_routing(logits, self.top_k, topk_then_softmax=self.topk_then_softmax,
+                             renormalise=self.norm_topk_prob, forced=forced)
 
     def _check_indices(self, idx: torch.Tensor, shape: torch.Size) -> torch.Tensor:
         if idx.shape != shape or idx.dtype not in (torch.int64, torch.int32):

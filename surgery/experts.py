@@ -110,9 +110,7 @@ def subset_output(moe: MoE, expert_out: torch.Tensor, logits: torch.Tensor, subs
     """The routed part of `moe`'s output when only `subset` remains: expert_out [E, tok, d_model] (every expert on every
     token), logits [tok, E] -> [tok, d_model], routed exactly as the pruned layer would (softmax over the kept rows)."""
     sub = torch.tensor(subset, device=logits.device)
-    probs = logits[:, sub].softmax(-1, dtype=torch.promote_types(logits.dtype, torch.float32))  # [tok, keep]
-    top, idx = probs.topk(moe.top_k, dim=-1)  # [tok, k]
-    w = top / top.sum(-1, keepdim=True) if moe.norm_topk_prob else top
+    idx, w = moe.weights_of(logits[:, sub])  # [tok, k] each, indices into `subset`
     w = w if moe.routing_fp32 else w.to(expert_out.dtype)
     chosen = expert_out[sub[idx], torch.arange(len(idx), device=idx.device)[:, None]]  # [tok, k, d_model]
     return (chosen * w[..., None]).sum(1).to(expert_out.dtype)

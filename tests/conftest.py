@@ -137,6 +137,11 @@ def hf_norms_in_float64(monkeypatch):
         module = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
         monkeypatch.setattr(getattr(module, f"{prefix}RMSNorm"), "forward", llama)
         monkeypatch.setattr(getattr(module, f"{prefix}TopKRouter"), "forward", router)
+    # gpt-oss: its norm multiplies the weight before the cast, as OLMo 2's; its router's softmax already runs in the
+    # logits' dtype, float64 for float64 models
+    from transformers.models.gpt_oss import modeling_gpt_oss
+
+    monkeypatch.setattr(modeling_gpt_oss.GptOssRMSNorm, "forward", olmo)
     _hf_attention_in_float64(monkeypatch)
 
 

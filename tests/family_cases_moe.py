@@ -4,6 +4,7 @@ in float64 (its default grouped_mm does not)."""
 
 from __future__ import annotations
 
+import torch
 from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
 
 from family_zoo import VOCAB, build
@@ -46,4 +47,40 @@ CASES.update({
     # q/k norms over the whole projection, top-3 of 6 not renormalised
     "olmoe": eager(build(OlmoeConfig, OlmoeForCausalLM, seed=6, **SMALL, num_hidden_layers=3, intermediate_size=40,
                          num_experts=6, num_experts_per_tok=3, eos_token_id=None, pad_token_id=None)),
+})
+
+from transformers import GptOssConfig, GptOssForCausalLM  # noqa: E402
+
+
+def with_sinks(factory, seed: int):
+    """gpt-oss's learned attention sinks spread over [-2, 2] (transformers initialises them near 0, where they hardly
+    matter), so the sink column carries real mass in the parity tests."""
+    def make():
+        model = factory()
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for layer in model.model.layers:
+                layer.self_attn.sinks.copy_(torch.rand(layer.self_attn.sinks.shape, generator=gen) * 4 - 2)
+        return model
+    return make
+
+
+GPT_OSS = dict(vocab_size=VOCAB, hidden_size=64, max_position_embeddings=64, eos_token_id=None, pad_token_id=None)
+
+CASES.update({
+    # sliding (window 7 < the tests' 20 tokens) / full / sliding, GQA with head_dim 24 != 64 / 4, top-2 of 6, YaRN
+    # without truncation, and a SwiGLU limit low enough that the clamps bite on these random weights
+    "gpt_oss": eager(with_sinks(build(
+        GptOssConfig, GptOssForCausalLM, seed=7, **GPT_OSS, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=24, intermediate_size=32, num_local_experts=6, num_experts_per_tok=2,
+        sliding_window=7, layer_types=["sliding_attention", "full_attention", "sliding_attention"], swiglu_limit=0.3,
+        rope_parameters=dict(rope_type="yarn", factor=4.0, beta_fast=8.0, beta_slow=1.0, truncate=False,
+                             original_max_position_embeddings=16, rope_theta=1000.0)), seed=7)),
+    # full then sliding, no attention biases, multi-head (kv = heads), top-4 of 8, truncated YaRN, the default limit
+    "gpt_oss-top4": eager(with_sinks(build(
+        GptOssConfig, GptOssForCausalLM, seed=8, **GPT_OSS, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=4, head_dim=8, intermediate_size=24, num_local_experts=8, num_experts_per_tok=4,
+        sliding_window=5, layer_types=["full_attention", "sliding_attention"], attention_bias=False,
+        rope_parameters=dict(rope_type="yarn", factor=2.0, original_max_position_embeddings=32, rope_theta=500.0)),
+        seed=8)),
 })

@@ -78,7 +78,15 @@ def test_explicit_pattern_path_equals_sdpa(pair):
     assert_close(logits, fast, atol=1e-5, rtol=1e-5)
     pattern = cache[f"blocks.{ours.cfg.n_layers - 1}.attn.hook_pattern"]  # [batch, head, q, k]
     assert pattern.shape == (2, ours.cfg.n_heads, SEQ, SEQ)
-    assert_close(pattern.sum(-1), torch.ones(2, ours.cfg.n_heads, SEQ))
+    sinks = ours.blocks[-1].attn.sinks
+    if sinks is None:
+        assert_close(pattern.sum(-1), torch.ones(2, ours.cfg.n_heads, SEQ))
+    else:  # gpt-oss: a row holds the real keys' share; the learned sink takes the rest
+        _, cache = ours.run_with_cache(tokens, names_filter=lambda n: n.endswith("hook_attn_scores"))
+        scores = cache[f"blocks.{ours.cfg.n_layers - 1}.attn.hook_attn_scores"].double()  # [batch, head, q, k]
+        sink_mass = torch.sigmoid(sinks.double()[None, :, None] - scores.logsumexp(-1))  # e^sink / (e^sink + sum e^s)
+        assert_close(pattern.sum(-1).double(), 1 - sink_mass.detach(), atol=1e-6, rtol=1e-5)
+        assert (sink_mass > 0.01).all()
 
 
 def test_kv_cache_generation_equals_full_forward(pair):

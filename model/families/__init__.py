@@ -14,7 +14,7 @@ from .base import Family, Packed, WeightMap, local_parts
 
 _MODULES = ("llama", "mistral", "qwen2", "gemma3_text", "baichuan", "gpt2", "gpt_neox", "gptj", "gpt_neo", "opt", "bloom",
             "qwen3", "gemma", "gemma2", "phi3", "olmo2", "olmo3", "granite", "smollm3",
-            "qwen2_moe", "qwen3_moe", "mixtral", "olmoe")
+            "qwen2_moe", "qwen3_moe", "mixtral", "olmoe", "gpt_oss")
 
 FAMILIES: dict[str, Family] = {}
 for _name in _MODULES:

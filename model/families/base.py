@@ -132,3 +132,4 @@ class Family:
     tie_default: bool = False  # tie_word_embeddings when config.json does not say
     gguf_arch: str | None = None  # llama.cpp's general.architecture for this family
     accepts: tuple[str, ...] = ()  # keys of hf_config's generic refusal list this family reads (and refuses) itself
+    quantization_note: str | None = None  # the refusal of a quantization_config says this instead of the generic advice
