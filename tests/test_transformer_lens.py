@@ -495,3 +495,40 @@ def test_smollm2_demo_calls(smollm2):
 
         patched = m.run_with_hooks(short_corrupt, fwd_hooks=[(get_act_name("resid_pre", layer), put_back)])
         assert_close(result[layer, 0], metric(patched))
+
+
+def smollm2_like_tokenizer() -> PreTrainedTokenizerFast:
+    """BOS == EOS == id 0 and no pad token, so the pad id falls back to 0 (SmolLM2's arrangement); chars from id 4."""
+    specials = ["<|endoftext|>", "<unk>", "<x>", "<y>"]
+    tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(specials + list(CHARS))}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+                                   unk_token="<unk>")
+
+
+@pytest.mark.parametrize("tokenizer_side", ["right", "left"])
+def test_ids_sharing_the_fallback_pad_id_are_not_padding(llama, tokenizer_side):
+    """A BOS or a document separator that shares the (EOS fallback) pad id is a token: ids the caller did not pad get
+    no inferred mask, whatever the tokenizer's side; a batch to_tokens padded on the left still gets its mask."""
+    llama.tokenizer = smollm2_like_tokenizer()
+    llama.tokenizer.padding_side = tokenizer_side
+    assert llama.tokenizer.pad_token_id is None and llama.cfg.default_prepend_bos
+    for rows in ([[0, 5, 0, 7, 0]], [[0, 0, 5, 0, 7]], [[0, 0, 5, 0, 7], [0, 5, 6, 0, 7]], [[0, 0, 0, 9, 8]]):
+        ids = torch.tensor(rows)
+        assert_close(llama(ids), llama(ids, attention_mask=torch.ones_like(ids)), atol=0, rtol=0)
+        assert_close(llama.generate(ids, max_new_tokens=3, use_cache=True),
+                     llama.generate(ids, max_new_tokens=3, use_cache=True, attention_mask=torch.ones_like(ids)))
+    # a genuinely left-padded batch: to_tokens pads "a" with two 0s before its BOS 0
+    texts = ["a", "abc"]
+    padded = llama.to_tokens(texts, padding_side="left")
+    assert padded[0].tolist()[:3] == [0, 0, 0]
+    reference = llama(texts, padding_side="left")
+    assert_close(llama(padded, padding_side="left"), reference)
+    assert_close(llama(padded.clone(), padding_side="left"), reference)  # told by the call
+    if tokenizer_side == "left":  # TransformerLens's switch: the mask is inferred for the ids to_tokens padded
+        assert_close(llama(padded), reference)
+    else:
+        with pytest.raises(ValueError, match=r"row\(s\) start with the pad token"):
+            llama(padded)
+    assert_close(llama(padded.clone())[1], reference[1])  # a copy is plain ids: row 1 (unpadded) is unchanged
