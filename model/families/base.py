@@ -67,6 +67,28 @@ class Packed:
         return out.T if self.transpose and out.dim() == 2 else out
 
 
+QKV = ("attn.q_proj", "attn.k_proj", "attn.v_proj")
+
+
+def with_bias(checkpoint: str, ours: str) -> dict[str, str]:
+    """A layer with a weight and a bias (LayerNorm, biased Linear): both tensors, checkpoint name -> residscope name."""
+    return {f"{checkpoint}.{p}": f"{ours}.{p}" for p in ("weight", "bias")}
+
+
+def qkv_per_head(checkpoint: str) -> dict[str, Packed]:
+    """q, k and v fused per head in one tensor and its bias, rows [head, (q, k, v), d_head] (GPT-NeoX's and BLOOM's
+    query_key_value, from Megatron-LM)."""
+    return {f"{checkpoint}.{p}": Packed(tuple(f"{n}.{p}" for n in QKV), layout="heads") for p in ("weight", "bias")}
+
+
+def megatron_block(attention: str) -> dict[str, str | Packed]:
+    """A block as Megatron-LM's descendants (BLOOM, GPT-NeoX) name it, every layer biased: input / post-attention
+    LayerNorms, `{attention}.query_key_value` fused per head, `{attention}.dense` out, dense_h_to_4h / dense_4h_to_h."""
+    return {**with_bias("input_layernorm", "ln1"), **with_bias("post_attention_layernorm", "ln2"),
+            **qkv_per_head(f"{attention}.query_key_value"), **with_bias(f"{attention}.dense", "attn.o_proj"),
+            **with_bias("mlp.dense_h_to_4h", "mlp.up_proj"), **with_bias("mlp.dense_4h_to_h", "mlp.down_proj")}
+
+
 @dataclass(frozen=True)
 class WeightMap:
     """Checkpoint names of one model: `top` maps whole keys, `block` maps suffixes inside `layer_prefix` (with `{i}`),
