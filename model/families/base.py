@@ -4,6 +4,8 @@ A `Family` (one per `model_type`, one file each in this folder) holds
 - `read_config(config_json, common, source) -> dict`: the DecoderConfig fields this family adds to `common` (the fields
   every family shares, read by `hf_config.common_fields` through the family's `keys`);
 - `keys`: where the shared fields live in this family's config.json (GPT-2 says `n_embd`, Llama `hidden_size`);
+- `aliases`: other spellings transformers reads for a key (its config class's `attribute_map`, GPT-2's
+  `hidden_size` for `n_embd`), so a config.json written with either loads;
 - `weights(cfg) -> WeightMap`: Hugging Face tensor names <-> residscope parameter names, with fused tensors split
   (`Packed`) on load and fused again on export;
 - `export_config(config_json, cfg) -> dict`: the config.json of a model after surgery (per-layer lists cut to the kept
@@ -154,3 +156,5 @@ class Family:
     tie_default: bool = False  # tie_word_embeddings when config.json does not say
     gguf_arch: str | None = None  # llama.cpp's general.architecture for this family
     accepts: tuple[str, ...] = ()  # keys of hf_config's generic refusal list this family reads (and refuses) itself
+    # config.json spelling -> the key this family reads under it (transformers' attribute_map, either direction)
+    aliases: dict[str, str] = field(default_factory=dict)

@@ -10,6 +10,8 @@ from .base import Family, WeightMap, megatron_block, with_bias
 
 KEYS = {"hidden_size": "hidden_size", "num_hidden_layers": "n_layer", "num_attention_heads": "n_head",
         "vocab_size": "vocab_size", "norm_eps": "layer_norm_epsilon", "max_position_embeddings": "seq_length"}
+# BloomConfig.attribute_map, and the n_embed its __init__ takes for hidden_size (older BLOOM configs)
+ALIASES = {"num_hidden_layers": "n_layer", "num_attention_heads": "n_head", "n_embed": "hidden_size"}
 
 
 def read_config(cfg: dict, common: dict, source: str) -> dict:
@@ -36,4 +38,4 @@ def weights(cfg) -> WeightMap:
 
 
 FAMILY = Family(model_type="bloom", architecture="BloomForCausalLM", read_config=read_config, weights=weights,
-                keys=KEYS, prepend_bos=False, tie_default=True, accepts=("pretraining_tp",), gguf_arch="bloom")
+                keys=KEYS, aliases=ALIASES, prepend_bos=False, tie_default=True, accepts=("pretraining_tp",), gguf_arch="bloom")

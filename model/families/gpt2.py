@@ -11,6 +11,8 @@ from .base import QKV, Family, Packed, WeightMap, with_bias
 KEYS = {"hidden_size": "n_embd", "num_hidden_layers": "n_layer", "num_attention_heads": "n_head",
         "intermediate_size": "n_inner", "vocab_size": "vocab_size", "norm_eps": "layer_norm_epsilon",
         "max_position_embeddings": "n_positions"}
+ALIASES = {"hidden_size": "n_embd", "max_position_embeddings": "n_positions", "num_attention_heads": "n_head",
+           "num_hidden_layers": "n_layer"}  # GPT2Config.attribute_map (GPTJConfig's too)
 
 
 def read_config(cfg: dict, common: dict, source: str) -> dict:
@@ -51,4 +53,4 @@ def weights(cfg) -> WeightMap:
 
 
 FAMILY = Family(model_type="gpt2", architecture="GPT2LMHeadModel", read_config=read_config, weights=weights,
-                keys=KEYS, tie_default=True, gguf_arch="gpt2")
+                keys=KEYS, aliases=ALIASES, tie_default=True, gguf_arch="gpt2")

@@ -12,6 +12,7 @@ from .gpt2 import gpt2_weight_map
 KEYS = {"hidden_size": "hidden_size", "num_hidden_layers": "num_layers", "num_attention_heads": "num_heads",
         "intermediate_size": "intermediate_size", "vocab_size": "vocab_size", "norm_eps": "layer_norm_epsilon",
         "max_position_embeddings": "max_position_embeddings"}
+ALIASES = {"num_attention_heads": "num_heads", "num_hidden_layers": "num_layers"}  # GPTNeoConfig.attribute_map
 
 
 def layer_types(cfg: dict, n_layers: int, source: str) -> list[str]:
@@ -57,4 +58,4 @@ def export_config(out: dict, cfg) -> dict:
 
 
 FAMILY = Family(model_type="gpt_neo", architecture="GPTNeoForCausalLM", read_config=read_config, weights=weights,
-                keys=KEYS, tie_default=True, export_config=export_config)
+                keys=KEYS, aliases=ALIASES, tie_default=True, export_config=export_config)
