@@ -375,6 +375,31 @@ def test_config_carries_transformer_lens_fields(model):
     assert cfg.device == torch.device("cpu") and cfg.dtype == torch.float32
 
 
+@pytest.mark.parametrize("family, divisor", [("llama_gqa", 16**0.5), ("gemma3", 24**0.5)])
+def test_attn_scale_is_transformer_lens_divisor(tmp_path_factory, family, divisor):
+    """cfg.attn_scale means what it means in TransformerLens: attention scores are q·k DIVIDED by it (sqrt(d_head),
+    Gemma's sqrt(query_pre_attn_scalar)); residscope's multiplier is cfg.scale."""
+    m = load_model(_hf_folder(tmp_path_factory, family), load_tokenizer=False)
+    assert m.cfg.attn_scale == pytest.approx(divisor) and m.cfg.use_attn_scale
+    assert m.cfg.scale == pytest.approx(1 / divisor)
+    ids = torch.randint(4, VOCAB, (1, 5), generator=torch.Generator().manual_seed(0))
+    _, cache = m.run_with_cache(ids, names_filter=lambda n: n.startswith("blocks.1.attn.hook_"))
+    q, k = cache["blocks.1.attn.hook_rot_q"], cache["blocks.1.attn.hook_rot_k"]  # [batch, pos, head(_kv), d_head]
+    k = k.repeat_interleave(q.shape[2] // k.shape[2], dim=2)
+    scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / m.cfg.attn_scale  # [batch, head, q_pos, k_pos]
+    causal = torch.ones(5, 5, dtype=torch.bool).tril()
+    assert_close(cache["blocks.1.attn.hook_attn_scores"][..., causal], scores[..., causal], atol=1e-5, rtol=1e-5)
+
+
+def test_unscaled_attention_reports_no_attn_scale():
+    from residscope.model.config import DecoderConfig
+
+    neo = DecoderConfig.from_hf({"model_type": "gpt_neo", "vocab_size": VOCAB, "hidden_size": 64, "num_layers": 2,
+                                 "num_heads": 4, "max_position_embeddings": 32,
+                                 "attention_types": [[["global", "local"], 1]]})
+    assert neo.attn_scale == 1.0 and not neo.use_attn_scale and neo.attn_multiplier == 1.0
+
+
 def test_config_follows_to_and_surgery(llama):
     llama.to(torch.float64)
     assert llama.cfg.dtype == torch.float64

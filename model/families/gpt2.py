@@ -23,7 +23,7 @@ def read_config(cfg: dict, common: dict, source: str) -> dict:
     return dict(common, act=activation(cfg, source, "activation_function", "gelu_new"), mlp="plain", norm="layer",
                 qkv_bias=True, o_bias=True, mlp_bias=True, positional="learned", rope={},
                 # scale_attn_weights=False: scores are not divided by sqrt(d_head)
-                attn_scale=None if cfg.get("scale_attn_weights", True) else 1.0,
+                attn_multiplier=None if cfg.get("scale_attn_weights", True) else 1.0,
                 # reorder_and_upcast_attn changes only the precision: q·k and softmax in float32 (half-precision models)
                 attn_fp32=bool(cfg.get("reorder_and_upcast_attn", False)))
 

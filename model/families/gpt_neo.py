@@ -38,7 +38,7 @@ def read_config(cfg: dict, common: dict, source: str) -> dict:
     types = layer_types(cfg, common["n_layers"], source)
     return dict(common, act=activation(cfg, source, "activation_function", "gelu_new"), mlp="plain", norm="layer",
                 qkv_bias=False, o_bias=True, mlp_bias=True, positional="learned", rope={}, layer_types=types,
-                sliding_window=positive_int(cfg, "window_size", source, 256), attn_scale=1.0, attn_fp32=True)
+                sliding_window=positive_int(cfg, "window_size", source, 256), attn_multiplier=1.0, attn_fp32=True)
 
 
 def weights(cfg) -> WeightMap:
