@@ -361,9 +361,7 @@ def sliding_window_perplexity(model, tokens: torch.Tensor, length: int, *, strid
         ids = torch.stack([tokens[s:e] for s, e, _ in g])  # [batch, body]
         if bos is not None:
             ids = torch.cat((torch.full((ids.shape[0], 1), bos, dtype=ids.dtype), ids), dim=1)  # [batch, length]
-        # windows of running text are never padded: an explicit all-ones mask keeps a document separator that shares
-        # the pad id (right after BOS) from being taken for left padding
-        batches.append((ids, torch.ones_like(ids)))
+        batches.append(ids)  # running text, never padded (a separator sharing the pad id is a token: model/tokens.py)
     total, count = 0.0, 0
     offset = bos is not None
     # already sharded above (the windows of each batch are needed below): forward_batches runs them all (LOCAL)
@@ -442,8 +440,7 @@ def passkey_accuracy(model, lengths: Sequence[int], depths: Sequence[float] = (0
                      leave=False):
         length, depth = grid[g]
         ids = passkey_prompt(model.tokenizer, length, depth, keys[k])[None].to(model.device)  # [1, n]
-        # one unpadded prompt: the all-ones mask keeps a BOS that shares the pad id from being taken for padding
-        out = model.generate(ids, max_new_tokens=len(keys[k]) + 3, use_cache=use_cache, attention_mask=torch.ones_like(ids))
+        out = model.generate(ids, max_new_tokens=len(keys[k]) + 3, use_cache=use_cache)
         text = model.tokenizer.decode(out[0, ids.shape[1]:].tolist(), skip_special_tokens=True)
         found = re.search(r"\d+", text)
         answers[g, k] = found.group(0) if found else ""

@@ -35,6 +35,36 @@ OFFLOAD = typer.Option(False, "--offload", help="keep the blocks on disk and str
                                                  "than memory; safetensors only)")
 
 
+def samples_option(default: int = 32, help: str = "calibration sequences"):
+    """--samples (range in RANGES): how many sequences a command reads; commands differ in default and in what for."""
+    return typer.Option(default, "--samples", help=help)
+
+
+def eval_samples_option(default: int = 32, help: str = "held-out evaluation sequences"):
+    """--eval-samples (range in RANGES): the held-out sequences a command scores after its calibration ones."""
+    return typer.Option(default, "--eval-samples", help=help)
+
+
+SAMPLES = samples_option()
+EVAL_SAMPLES = eval_samples_option()
+OUT_CHECKPOINT = typer.Option(None, "--out", help="folder for the pruned checkpoint")
+FORCE = typer.Option(False, "--force", help="replace a non-empty --out folder")
+
+
+def calibration_and_heldout(m, *, seq_len: int, samples: int, eval_samples: int, batch_size: int, seed: int,
+                            text: Optional[Path], dataset: Optional[str]) -> tuple[tuple[list, str], tuple[list, str]]:
+    """((batches, source), (held-out batches, source)): --samples sequences of the calibration text (--text /
+    --dataset, else the built-in calibration split) and --eval-samples of the built-in evaluation split, as the
+    commands that fit on one and score on the other (prune-experts, heal) read them."""
+    from residscope.analyses.corpus import calibration_batches
+
+    calib = calibration_batches(m, seq_len=seq_len, samples=samples, batch_size=batch_size, seed=seed, text_file=text,
+                                dataset=dataset)
+    evals = calibration_batches(m, seq_len=seq_len, samples=eval_samples, batch_size=batch_size, seed=seed,
+                                split="evaluation")
+    return calib, evals
+
+
 # ---- the declared range of every numeric option ---------------------------------------------------------------------
 @dataclass(frozen=True)
 class Range:

@@ -11,7 +11,8 @@ import typer
 
 from residscope.model.errors import InputError
 
-from .cli_common import (BATCH, DATASET, DEVICE, DTYPE, JSON, MODEL, NPROC, OFFLOAD, SEED, SEQ_LEN, TEXT, echo_err, load,
+from .cli_common import (BATCH, DATASET, DEVICE, DTYPE, EVAL_SAMPLES, FORCE, JSON, MODEL, NPROC, OFFLOAD, OUT_CHECKPOINT,
+                         SAMPLES, SEED, SEQ_LEN, TEXT, calibration_and_heldout, echo_err, load,
                          model_name, n_batches)
 from .cli_output import json_text
 
@@ -46,7 +47,7 @@ def _tok(tokenizer, t: int) -> str:
 def experts(
     model: Optional[str] = MODEL,
     seq_len: int = SEQ_LEN,
-    samples: int = typer.Option(32, "--samples", help="calibration sequences"),
+    samples: int = SAMPLES,
     batch_size: int = BATCH,
     seed: int = SEED,
     text: Optional[Path] = TEXT,
@@ -91,11 +92,11 @@ def prune_experts(
     model: Optional[str] = MODEL,
     keep: int = typer.Option(..., "--keep", help="experts kept per mixture-of-experts layer"),
     criterion: str = typer.Option("reap", "--criterion", help="frequency, weight, reap or reconstruction"),
-    out: Optional[Path] = typer.Option(None, "--out", help="folder for the pruned checkpoint"),
-    force: bool = typer.Option(False, "--force", help="replace a non-empty --out folder"),
+    out: Optional[Path] = OUT_CHECKPOINT,
+    force: bool = FORCE,
     seq_len: int = SEQ_LEN,
-    samples: int = typer.Option(32, "--samples", help="calibration sequences"),
-    eval_samples: int = typer.Option(32, "--eval-samples", help="held-out evaluation sequences"),
+    samples: int = SAMPLES,
+    eval_samples: int = EVAL_SAMPLES,
     batch_size: int = BATCH,
     seed: int = SEED,
     text: Optional[Path] = TEXT,
@@ -106,7 +107,6 @@ def prune_experts(
 ) -> None:
     """Keep --keep of the experts in every MoE layer (chosen by --criterion on calibration text), report held-out
     perplexity before and after, and save a standard checkpoint (num_experts lowered, router rows removed)."""
-    from residscope.analyses.corpus import calibration_batches
     from residscope.analyses.perplexity import perplexity
     from residscope.common.atomic import check_output_dir
     from residscope.surgery.experts import CRITERIA, check_keep, choose_experts, expert_pruning_record, prune_experts as cut
@@ -118,10 +118,9 @@ def prune_experts(
     check_output_dir(out, "--out", force=force)  # before the slow part
     m = load(model, device, dtype)
     check_keep(m, keep)
-    calib, calib_source = calibration_batches(m, seq_len=seq_len, samples=samples, batch_size=batch_size, seed=seed,
-                                              text_file=text, dataset=dataset)
-    evals, eval_source = calibration_batches(m, seq_len=seq_len, samples=eval_samples, batch_size=batch_size, seed=seed,
-                                             split="evaluation")
+    (calib, calib_source), (evals, eval_source) = calibration_and_heldout(
+        m, seq_len=seq_len, samples=samples, eval_samples=eval_samples, batch_size=batch_size, seed=seed, text=text,
+        dataset=dataset)
     before = perplexity(m, evals)
     choice = choose_experts(m, calib, keep, criterion)
     pruned = cut(m, choice.keep, copy=False)

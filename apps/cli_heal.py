@@ -11,7 +11,8 @@ import typer
 
 from residscope.model.errors import InputError
 
-from .cli_common import DTYPE, DEVICE, JSON, SEED, TEXT, DATASET, echo_err, load, model_name, parse_list
+from .cli_common import (DATASET, DEVICE, DTYPE, FORCE, JSON, SEED, TEXT, calibration_and_heldout, echo_err,
+                         eval_samples_option, load, model_name, parse_list, samples_option)
 from .cli_output import json_text
 
 
@@ -41,7 +42,7 @@ def heal(
     model: Optional[str] = typer.Option(None, "--model", help="the pruned checkpoint folder (from `residscope prune`), "
                                         "or any model residscope loads"),
     out: Path = typer.Option(..., "--out", help="folder for the healed checkpoint"),
-    force: bool = typer.Option(False, "--force", help="replace a non-empty --out folder"),
+    force: bool = FORCE,
     method: str = typer.Option("partial", "--method", help="partial (last --last-k blocks + lm_head) or lora"),
     last_k: int = typer.Option(2, "--last-k", help="partial: blocks trained, counted from the top"),
     lora_modules: str = typer.Option("gate_proj,up_proj,down_proj", "--lora-modules",
@@ -56,8 +57,8 @@ def heal(
     weight_decay: float = typer.Option(0.0, "--weight-decay"),
     seq_len: int = typer.Option(128, "--seq-len", help="tokens per training and evaluation sequence"),
     batch_size: int = typer.Option(2, "--batch-size", help="sequences per micro-batch"),
-    samples: int = typer.Option(256, "--samples", help="calibration-split sequences trained on (cycled)"),
-    eval_samples: int = typer.Option(8, "--eval-samples", help="held-out evaluation sequences for the curve"),
+    samples: int = samples_option(256, "calibration-split sequences trained on (cycled)"),
+    eval_samples: int = eval_samples_option(8, "held-out evaluation sequences for the curve"),
     eval_every: Optional[int] = typer.Option(None, "--eval-every", help="steps between held-out evaluations "
                                              "(default: 5 points over the run)"),
     seed: int = SEED,
@@ -70,7 +71,6 @@ def heal(
     device: str = DEVICE,
 ) -> None:
     """Heal a pruned model by a short fine-tune; report held-out perplexity before, along and after."""
-    from residscope.analyses.corpus import calibration_batches
     from residscope.common.atomic import atomic_write_text, check_output_dir, check_output_file
     from residscope.surgery import save_pretrained
     from residscope.surgery.heal import check_heal_options, heal as heal_model
@@ -86,10 +86,9 @@ def heal(
         echo_err("note: this model has nothing removed (no removed layers in its residscope_pruning.json); healing "
                  "fine-tunes it as it is")
     m = load(model, device, dtype)
-    train, train_source = calibration_batches(m, seq_len=seq_len, samples=samples, batch_size=batch_size, seed=seed,
-                                              text_file=text, dataset=dataset)
-    evals, eval_source = calibration_batches(m, seq_len=seq_len, samples=eval_samples, batch_size=batch_size, seed=seed,
-                                             split="evaluation")
+    (train, train_source), (evals, eval_source) = calibration_and_heldout(
+        m, seq_len=seq_len, samples=samples, eval_samples=eval_samples, batch_size=batch_size, seed=seed, text=text,
+        dataset=dataset)
     result = heal_model(m, train, evals, method=method, last_k=last_k, lora_modules=modules, lora_rank=lora_rank,
                         lora_alpha=lora_alpha, steps=steps, grad_accum=grad_accum, lr=lr, weight_decay=weight_decay,
                         eval_every=eval_every, seed=seed, nothing_removed=nothing_removed, eval_source=eval_source,

@@ -11,7 +11,8 @@ import typer
 
 from residscope.model.errors import InputError
 
-from .cli_common import DEVICE, DTYPE, MODEL, NPROC, OFFLOAD, inputs_of, load, model_name, n_batches, parse_indices
+from .cli_common import (DEVICE, DTYPE, FORCE, MODEL, NPROC, OFFLOAD, eval_samples_option, inputs_of, samples_option,
+                         load, model_name, n_batches, parse_indices)
 from .cli_output import json_text
 
 
@@ -35,10 +36,10 @@ def _table(summary: dict, n_resid_layers: int, out: Path) -> str:
 
 def positional(
     model: Optional[str] = MODEL,
-    samples: int = typer.Option(64, "--samples", help="calibration sequences for the decomposition"),
+    samples: int = samples_option(64, "calibration sequences for the decomposition"),
     seq_len: int = typer.Option(128, "--seq-len", help="tokens per sequence"),
     out: Path = typer.Option(..., "--out", help="output folder (created if missing; must be empty unless --force)"),
-    force: bool = typer.Option(False, "--force", help="replace a non-empty --out folder"),
+    force: bool = FORCE,
     batch_size: int = typer.Option(8, "--batch-size"),
     seed: int = typer.Option(0, "--seed", help="seed of the chunk order"),
     text: Optional[Path] = typer.Option(None, "--text", help=".txt or .jsonl text file instead of the built-in corpus"),
@@ -47,7 +48,7 @@ def positional(
     remove_layers: str = typer.Option("1,4", "--remove-layers",
                                       help="residual layers (0 = embeddings) at which to remove positional vectors, one "
                                            "experiment per layer; empty to skip"),
-    eval_samples: int = typer.Option(16, "--eval-samples", help="held-out sequences for perplexity with/without removal"),
+    eval_samples: int = eval_samples_option(16, "held-out sequences for perplexity with/without removal"),
     probe_tokens: int = typer.Option(4096, "--probe-tokens", help="token cap for probe activations (0 = no probes)"),
     as_json: bool = typer.Option(False, "--json", help="print the JSON summary instead of a table"),
     dtype: str = DTYPE,
@@ -104,7 +105,7 @@ def positional(
 def long_context(
     model: Optional[str] = MODEL,
     seq_len: int = typer.Option(16384, "--seq-len", help="tokens per sequence (16k-32k is what this command is for)"),
-    samples: int = typer.Option(1, "--samples", help="sequences (one forward each)"),
+    samples: int = samples_option(1, "sequences (one forward each)"),
     text: str = typer.Option("builtin:plays/evaluation", "--text",
                              help="long-document text: builtin:plays/<split>, builtin:pydoc/<split> or a .txt/.jsonl file"),
     first_k: int = typer.Option(4, "--first-k", help="initial tokens counted as sinks"),

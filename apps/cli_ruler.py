@@ -10,7 +10,8 @@ import typer
 
 from residscope.model.errors import InputError
 
-from .cli_common import DEVICE, DTYPE, MODEL, NPROC, load, model_name, parse_fractions, parse_lengths, write_figure
+from .cli_common import (DEVICE, DTYPE, MODEL, NPROC, load, model_name, parse_fractions, parse_lengths, samples_option,
+                         write_figure)
 from .cli_output import json_text
 
 
@@ -21,7 +22,7 @@ def ruler(
     lengths: str = typer.Option("1024,2048,4096", "--lengths", help="comma-separated lengths in tokens (prompt + the "
                                                                      "task's generation budget)"),
     depths: str = typer.Option("0,0.5,1", "--depths", help="comma-separated needle depths in [0, 1] (cwe and fwe have none)"),
-    samples: int = typer.Option(3, "--samples", help="samples per task, length and depth"),
+    samples: int = samples_option(3, "samples per task, length and depth"),
     seed: int = typer.Option(42, "--seed", help="seed of keys, values, words and distractor positions"),
     method: str = typer.Option("none", "--method", help="context-extension method, any of `residscope extend --method` "
                                                         "(none, pi, ntk, yarn, window, ...)"),

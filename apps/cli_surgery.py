@@ -10,7 +10,8 @@ import typer
 
 from residscope.model.errors import InputError
 
-from .cli_common import (BATCH, DATASET, DEVICE, DTYPE, JSON, MODEL, NPROC, OFFLOAD, SEED, SEQ_LEN, TEXT, echo_err,
+from .cli_common import (BATCH, DATASET, DEVICE, DTYPE, EVAL_SAMPLES, JSON, MODEL, NPROC, OFFLOAD, OUT_CHECKPOINT,
+                         SAMPLES, SEED, SEQ_LEN, TEXT, samples_option, echo_err,
                          inputs_of, load, model_name, n_batches, parse_list, write_figure)
 from .cli_output import json_text
 
@@ -100,7 +101,7 @@ def bi(
     shortgpt_compat: bool = typer.Option(False, "--shortgpt-compat",
                                          help="reproduce the reference code: last layer vs final-norm output, NaN cos = 0.5"),
     seq_len: int = SEQ_LEN,
-    samples: int = typer.Option(32, "--samples", help="calibration sequences"),
+    samples: int = SAMPLES,
     batch_size: int = BATCH,
     seed: int = SEED,
     text: Optional[Path] = TEXT,
@@ -143,7 +144,7 @@ def ppl(
     text: Optional[Path] = typer.Option(None, "--text", help="text file (default: the built-in evaluation split)"),
     dataset: Optional[str] = DATASET,
     seq_len: int = SEQ_LEN,
-    samples: int = typer.Option(32, "--samples", help="evaluation sequences"),
+    samples: int = samples_option(32, "evaluation sequences"),
     batch_size: int = BATCH,
     seed: int = SEED,
     as_json: bool = JSON,
@@ -176,7 +177,7 @@ def prune(
     metric: str = typer.Option("bi", "--metric", help="bi, angular, relative-magnitude, attn-bi, mlp-bi, angular-block, "
                                "ppl, taylor, sleb, blockprune, or a baseline: sequential, reverse, random"),
     shortgpt_compat: bool = typer.Option(False, "--shortgpt-compat"),
-    out: Optional[Path] = typer.Option(None, "--out", help="folder for the pruned checkpoint"),
+    out: Optional[Path] = OUT_CHECKPOINT,
     force: bool = typer.Option(False, "--force", help="replace a non-empty --out folder (and an existing --gguf file)"),
     gguf: Optional[Path] = typer.Option(None, "--gguf", help="also write the pruned model as a GGUF file for llama.cpp"),
     quant: str = typer.Option("f32", "--quant", help="with --gguf: f32, f16, q8_0 or q4_0"),
@@ -187,8 +188,8 @@ def prune(
                                            "reverse (default: all)"),
     seeds: int = typer.Option(5, "--seeds", help="random-baseline seeds averaged by --compare"),
     seq_len: int = SEQ_LEN,
-    samples: int = typer.Option(32, "--samples", help="calibration sequences"),
-    eval_samples: int = typer.Option(32, "--eval-samples", help="held-out evaluation sequences"),
+    samples: int = SAMPLES,
+    eval_samples: int = EVAL_SAMPLES,
     batch_size: int = BATCH,
     seed: int = SEED,
     text: Optional[Path] = TEXT,

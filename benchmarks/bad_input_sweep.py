@@ -340,6 +340,86 @@ def limits(work: Path) -> None:
                                                         "1", "--depths", "0.5"], after=40)
 
 
+def absent(*paths: Path):
+    """A check: none of `paths` was written."""
+    return lambda p: not any(path.exists() for path in paths)
+
+
+def new_commands(work: Path) -> None:
+    CLASS[0] = "8. commands of the third wave"
+    moe = ZOO / "moe"
+    out = work / "nc-out"
+    report_json = work / "nc-report.json"
+    for label, argv, culprit in [
+        ("evaluate --tasks with an unknown task", ["evaluate", "--model", "zoo-rope", "--tasks", "addition,bogus",
+                                                    "--out", report_json], "--tasks"),
+        ("evaluate --cut without --baseline", ["evaluate", "--model", "zoo-rope", "--cut", "--out", report_json],
+         "--baseline"),
+        ("evaluate --n 0", ["evaluate", "--model", "zoo-rope", "--n", "0", "--out", report_json], "--n"),
+        ("heal --steps 0", ["heal", "--model", "zoo-rope", "--steps", "0", "--out", out], "--steps"),
+        ("heal --method bogus", ["heal", "--model", "zoo-rope", "--method", "bogus", "--out", out], "--method"),
+        ("experts on a dense model", ["experts", "--model", "zoo-rope", *FAST], "--model"),
+        ("experts --position-buckets 0", ["experts", "--model", moe, "--position-buckets", "0", *FAST],
+         "--position-buckets"),
+        ("prune-experts --keep 99", ["prune-experts", "--model", moe, "--keep", "99", "--out", out, *FAST], "--keep"),
+        ("prune-experts --criterion nope", ["prune-experts", "--model", moe, "--keep", "4", "--criterion", "nope",
+                                            "--out", out, *FAST], "--criterion"),
+        ("prune-experts on a dense model", ["prune-experts", "--model", "zoo-rope", "--keep", "2", "--out", out, *FAST],
+         "--model"),
+        ("ruler --tasks with an unknown task", ["ruler", "--model", "zoo-rope", "--tasks", "niah_single_1,bogus",
+                                                 "--out", report_json], "--tasks"),
+        ("ruler --depths 0.5,2", ["ruler", "--model", "zoo-rope", "--depths", "0.5,2", "--out", report_json],
+         "--depths"),
+        ("long-context --text builtin:nope", ["long-context", "--model", "zoo-rope", "--seq-len", "300", "--text",
+                                              "builtin:nope", "--html", work / "lc.html"], "--text"),
+        ("long-context --first-k >= --seq-len", ["long-context", "--model", "zoo-rope", "--seq-len", "300",
+                                                 "--first-k", "300", "--html", work / "lc.html"], "--first-k"),
+        ("export --gguf --quant nope", ["export", "--model", "zoo-rope", "--gguf", work / "x.gguf", "--quant", "nope"],
+         "--quant"),
+    ]:
+        case(label, argv, culprit=culprit, check=absent(out, report_json, work / "lc.html", work / "x.gguf"))
+    existing = work / "mine.gguf"
+    existing.write_bytes(b"my file")
+    case("export --gguf over an existing file without --force",
+         ["export", "--model", "zoo-rope", "--gguf", existing], culprit="--force",
+         check=lambda p: existing.read_bytes() == b"my file")
+
+
+def gpt2_checkpoint(work: Path, **config) -> Path:
+    """A tiny random GPT-2 saved by transformers, with `config` keys set in its config.json."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    folder = work / f"gpt2-{len(list(work.iterdir()))}"
+    GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=0,
+                                eos_token_id=0)).save_pretrained(folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, **config}))
+    return folder
+
+
+def family_refusals(work: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    CLASS[0] = "9. refused config keys and tensors of the new families"
+    case("gpt2 scale_attn_by_inverse_layer_idx: true",
+         ["ppl", "--model", gpt2_checkpoint(work, scale_attn_by_inverse_layer_idx=True), *FAST],
+         culprit="scale_attn_by_inverse_layer_idx")
+    case("gpt2 add_cross_attention: true", ["ppl", "--model", gpt2_checkpoint(work, add_cross_attention=True), *FAST],
+         culprit="add_cross_attention")
+    case("gpt2 n_layer and num_hidden_layers disagree",
+         ["ppl", "--model", gpt2_checkpoint(work, num_hidden_layers=5), *FAST], culprit="num_hidden_layers=5")
+    case("unknown model_type", ["ppl", "--model", zoo_copy(work, "rope", model_type="mamba"), *FAST],
+         culprit="model_type 'mamba'")
+    missing = zoo_copy(work, "moe")
+    state = load_file(missing / "model.safetensors")
+    expert = next(k for k in sorted(state) if ".experts.3." in k)
+    del state[expert]
+    save_file(state, str(missing / "model.safetensors"), metadata={"format": "pt"})
+    case("qwen2_moe checkpoint missing an expert tensor", ["ppl", "--model", missing, *FAST], culprit="missing tensor")
+
+
 def interrupt(label: str, argv: list, *, after: float) -> None:
     """SIGINT to the whole process group after `after` seconds, as a terminal's Ctrl-C does; clean when the command
     says "interrupted" and exits with 130 within a minute, without a traceback."""
@@ -367,7 +447,8 @@ def table() -> str:
 def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="residscope-sweep-"))
     groups = [files_at_risk, silent_wrong_results, tracebacks_and_messages, hangs, output_safety,
-              tied_checkpoints, lying_files, tokenizer_failures, offload_identity, nproc_paths, limits]
+              tied_checkpoints, lying_files, tokenizer_failures, offload_identity, nproc_paths, limits, new_commands,
+              family_refusals]
     only = sys.argv[1:]  # e.g. `python benchmarks/bad_input_sweep.py output_safety limits`: some groups only
     try:
         for group in groups:

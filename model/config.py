@@ -84,7 +84,8 @@ class DecoderConfig:
     pos_offset: int = 0  # learned positions: position p reads row p + pos_offset (OPT: 2)
     layer_types: list[str] = field(default_factory=list)  # FULL or SLIDING per layer
     sliding_window: int | None = None
-    attn_scale: float | None = None  # None: 1/sqrt(d_head)
+    # what q·k is multiplied by; None: 1/sqrt(d_head). (TransformerLens's `attn_scale` is the divisor: see the property)
+    attn_multiplier: float | None = None
     attn_fp32: bool = False  # q·k and softmax in at least float32 (GPT-Neo, GPT-J); half-precision models take the explicit path
     attn_softcap: float | None = None
     attn_sinks: bool = False  # a learned logit per head (`attn.sinks`) joins every softmax row as an extra column,
@@ -164,7 +165,8 @@ class DecoderConfig:
 
     @property
     def scale(self) -> float:
-        return self.attn_scale if self.attn_scale is not None else 1.0 / math.sqrt(self.d_head)
+        """What q·k is multiplied by."""
+        return self.attn_multiplier if self.attn_multiplier is not None else 1.0 / math.sqrt(self.d_head)
 
     def has_attn(self, layer: int) -> bool:
         return layer not in self.removed_attn
@@ -300,6 +302,18 @@ class DecoderConfig:
     @property
     def layer_norm_folding(self) -> bool:
         return False  # residscope never folds norms into weights
+
+    @property
+    def attn_scale(self) -> float:
+        """TransformerLens's attn_scale: what q·k is DIVIDED by (sqrt(d_head) by default, sqrt(query_pre_attn_scalar)
+        for Gemma 2/3, 1 for GPT-Neo's unscaled attention); residscope's own `scale` / `attn_multiplier` is its
+        inverse."""
+        return 1.0 / self.scale
+
+    @property
+    def use_attn_scale(self) -> bool:
+        """TransformerLens's switch: False where q·k is not scaled at all (GPT-Neo, GPT-2 with scale_attn_weights=False)."""
+        return self.scale != 1.0
 
     @property
     def num_experts(self) -> int | None:

@@ -792,7 +792,9 @@ class Decoder(DecoderWeights, HookedRootModule):
         attention_mask [batch, pos] (1 = token, 0 = padding, left or right): padded keys are hidden and positions count
         only real tokens, so a padded row equals the unpadded sequence. Without it, ids whose rows start with the pad
         token get the mask inferred (TransformerLens's get_attention_mask) when the padding side is known to be left
-        (`padding_side="left"` or `tokenizer.padding_side == "left"`), and are refused otherwise. With `kv_cache`, pass
+        (`padding_side="left"` or `tokenizer.padding_side == "left"`), and are refused otherwise; but where the pad id
+        is shared with BOS / EOS (the EOS fallback), only ids `to_tokens` padded or a call's `padding_side="left"` are
+        read as padded, other ids are taken as they are (a BOS then a separator is not padding). With `kv_cache`, pass
         the mask of the new tokens only. `start_at_layer=L`: input is the residual stream [batch, pos, d_model] entering
         block L (pass `tokens` for a loss). `stop_at_layer=L`: returns the residual stream entering block L.
         """
@@ -877,8 +879,8 @@ class Decoder(DecoderWeights, HookedRootModule):
         tok = self.tokenizer
         pad = tokenizing.pad_token_id(tok) if attention_mask is None and past == 0 else None
         rows_starting_with_pad = tokenizing.check_ids(ids, self.cfg.d_vocab, pad)
-        if not rows_starting_with_pad:
-            return ids, attention_mask
+        if not rows_starting_with_pad or not tokenizing.leading_pad_is_padding(ids, tok, padding_side == "left"):
+            return ids, attention_mask  # a leading BOS / EOS that shares the pad id is a token, not padding
         mask = tokenizing.left_padding_mask(ids, pad, bos_is_pad=tokenizing.bos_token_id(tok) == pad,
                                         prepend_bos=self.cfg.default_prepend_bos)  # [batch, pos]
         if bool(mask.all()):
@@ -1296,8 +1298,10 @@ class Decoder(DecoderWeights, HookedRootModule):
         texts of unequal length padded on `padding_side` (default the tokenizer's, else right) with the pad token;
         cut to `cfg.n_ctx` when `truncate`. A forward on these ids finds left padding by itself when told the side
         (`padding_side="left"`); `model(texts)` knows the mask directly."""
-        ids, _ = self._tokenize(input, prepend_bos, padding_side, truncate)
-        return ids if move_to_device else ids.cpu()
+        ids, mask = self._tokenize(input, prepend_bos, padding_side, truncate)
+        ids = ids if move_to_device else ids.cpu()
+        # a padded batch is remembered, so a forward on these very ids knows its leading pad ids are padding
+        return ids if bool(mask.all()) else tokenizing.remember_padded(ids)
 
     def to_string(self, tokens: torch.Tensor | list | int) -> str | list[str]:
         """Text of ids: [pos], 0-d or a list of ints -> str; [batch, pos] or a list of lists -> list[str]."""

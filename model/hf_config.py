@@ -154,6 +154,22 @@ def _removed_sublayers(cfg: dict, source: str, n_layers: int) -> dict[str, tuple
     return out
 
 
+def resolve_aliases(cfg: dict[str, Any], aliases: dict[str, str], source: str) -> dict[str, Any]:
+    """cfg with each alias spelling renamed to the key the family reads (transformers reads both through its config
+    class's attribute_map: GPT-2's `num_hidden_layers` is `n_layer`). Both spellings with different values are refused,
+    naming the two keys; the returned dict (kept as `hf_config` for export) holds one spelling only."""
+    out = dict(cfg)
+    for alias, key in aliases.items():
+        if alias not in out:
+            continue
+        value = out.pop(alias)
+        if key in out and out[key] != value:
+            raise ConfigError(f"{source}: {alias}={value!r} and {key}={out[key]!r} name the same setting with different "
+                              "values; keep one")
+        out[key] = value
+    return out
+
+
 def decoder_kwargs(cfg: dict[str, Any], *, source: str = "config.json", position_embedding: str | None = None) -> dict:
     """The DecoderConfig keyword arguments of a transformers config dict: the fields every family reads alike
     (`common_fields`), then the family's own (`residscope.model.families`, one file per model_type). `source` names
@@ -166,6 +182,7 @@ def decoder_kwargs(cfg: dict[str, Any], *, source: str = "config.json", position
     family = FAMILIES.get(model_type) if isinstance(model_type, str) else None
     if family is None:
         raise ConfigError(f"{source}: unsupported model_type {model_type!r} (supported: {', '.join(sorted(FAMILIES))})")
+    cfg = resolve_aliases(cfg, family.aliases, source)
     _check_refused(cfg, source, family)
     check_config_keys(cfg, source, family)  # quantization, RoPE blocks, token ids (model/config_checks.py)
     _check_dual_chunk(cfg, source)

@@ -9,9 +9,17 @@ tokenizer added. So BOS is never doubled and never missing, whichever tokenizer 
 Padding: rows of unequal length are padded with the pad token (the EOS token where the tokenizer has no pad token, as
 TransformerLens does), on the right unless asked otherwise, and `encode` returns the mask with the ids. Ids that arrive
 without a mask are handled by `left_padding_mask`, TransformerLens's `get_attention_mask` for left padding.
+
+Which ids may be read as padded (`leading_pad_is_padding`): a leading pad id means padding only when it cannot be a real
+token (a pad token of its own), when the caller says the ids are left padded, or when `to_tokens` padded this very
+tensor (`remember_padded`). Where the pad id is the EOS fallback or BOS (SmolLM2: BOS, EOS and pad one id), a row
+starting with it is as likely a BOS followed by a document separator; nothing in the ids tells them apart, so they are
+taken as they are, as transformers does for a pad id equal to EOS.
 """
 
 from __future__ import annotations
+
+import weakref
 
 import torch
 
@@ -36,6 +44,28 @@ def pad_token_id(tokenizer) -> int | None:
     if tokenizer is None:
         return None
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def pad_is_own_token(tokenizer) -> bool:
+    """Whether the pad id can only be padding: the tokenizer has a pad token that is neither its BOS nor its EOS."""
+    pad = tokenizer.pad_token_id if tokenizer is not None else None
+    return pad is not None and pad not in (tokenizer.bos_token_id, tokenizer.eos_token_id)
+
+
+# ids tensors that `to_tokens` padded, by id(); weak, so a tensor's entry goes with the tensor (and a reused id() is
+# told apart by `is`)
+_PADDED: weakref.WeakValueDictionary[int, torch.Tensor] = weakref.WeakValueDictionary()
+
+
+def remember_padded(ids: torch.Tensor) -> torch.Tensor:
+    """Mark ids [batch, pos] as a batch the tokenizer padded (returned unchanged)."""
+    _PADDED[id(ids)] = ids
+    return ids
+
+
+def leading_pad_is_padding(ids: torch.Tensor, tokenizer, told_left: bool) -> bool:
+    """Whether rows of ids [batch, pos] that start with the pad id may be read as left padded (see the module doc)."""
+    return told_left or pad_is_own_token(tokenizer) or _PADDED.get(id(ids)) is ids
 
 
 def bos_token_id(tokenizer) -> int | None:

@@ -42,6 +42,21 @@ def byte_tokenizer():
     return transformers.PreTrainedTokenizerFast(tokenizer_object=tok)
 
 
+def run_cli(argv, capsys) -> tuple[int, str, str]:
+    """Run `residscope argv` in this process the way the console script does (one-line errors, exit codes):
+    (exit code, stdout, stderr)."""
+    from residscope.apps.cli import app
+    from residscope.apps.errors import run_cli as run
+
+    try:
+        run(app, [str(a) for a in argv])
+        code = 0
+    except SystemExit as e:
+        code = e.code if e.code is not None else 0
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
 @pytest.fixture(scope="session")
 def real_model():
     """The bundled SmolLM2-135M (float32); skipped where it is not installed."""

@@ -19,24 +19,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import run_cli
 from residscope.model.errors import InputError
 
 ZOO = Path(__file__).resolve().parent.parent / "model" / "zoo"
 FAST = ["--seq-len", "32", "--samples", "2", "--batch-size", "2"]
-
-
-def cli(argv: list[str], capsys) -> tuple[int, str, str]:
-    """Run `residscope argv` in this process: (exit code, stdout, stderr)."""
-    from residscope.apps.cli import app
-    from residscope.apps.errors import run_cli
-
-    try:
-        run_cli(app, [str(a) for a in argv])
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def assert_one_line_error(result, *culprits: str) -> str:
@@ -91,7 +78,7 @@ def test_positional_refuses_a_non_empty_out_folder(tmp_path, capsys):
     (out / "summary.json").write_text('{"mine": 1}')
     (out / "norms.html").write_text("<html>my figure</html>")
     before = snapshot(out)
-    assert_one_line_error(cli(["positional", "--model", "zoo-rope", "--out", out, *FAST], capsys), "--out", "--force")
+    assert_one_line_error(run_cli(["positional", "--model", "zoo-rope", "--out", out, *FAST], capsys), "--out", "--force")
     assert snapshot(out) == before
 
 
@@ -99,7 +86,7 @@ def test_positional_force_replaces_the_folder_whole(tmp_path, capsys):
     out = tmp_path / "results"
     out.mkdir()
     (out / "summary.json").write_text('{"mine": 1}')
-    code, _, err = cli(["positional", "--model", "zoo-rope", "--out", out, "--force", *FAST, "--remove-layers", "",
+    code, _, err = run_cli(["positional", "--model", "zoo-rope", "--out", out, "--force", *FAST, "--remove-layers", "",
                         "--probe-tokens", "0", "--json"], capsys)
     assert code == 0, err
     summary = json.loads((out / "summary.json").read_text())
@@ -120,7 +107,7 @@ def test_bi_html_is_written_to_a_temp_name_then_renamed(tmp_path, capsys, monkey
 
     monkeypatch.setattr(go.Figure, "write_html", half_then_fail)
     with pytest.raises(OSError, match="No space"):  # an OS failure is not bad input: it keeps its traceback
-        cli(["bi", "--model", "zoo-rope", *FAST, "--html", target], capsys)
+        run_cli(["bi", "--model", "zoo-rope", *FAST, "--html", target], capsys)
     assert snapshot(tmp_path) == before  # the old file intact, no temp file left
 
 
@@ -136,7 +123,7 @@ def test_bi_html_is_written_to_a_temp_name_then_renamed(tmp_path, capsys, monkey
 def test_unwritable_output_is_refused_before_the_work(unwritable_dir, argv, culprit, capsys):
     """The model does not exist, so a message about the output proves the output was checked first."""
     argv = [a.replace("{locked}", str(unwritable_dir)) for a in argv]
-    line = assert_one_line_error(cli(argv, capsys), culprit, "cannot write in")
+    line = assert_one_line_error(run_cli(argv, capsys), culprit, "cannot write in")
     assert str(unwritable_dir) in line
 
 
@@ -145,7 +132,7 @@ def test_output_below_a_file_is_refused(tmp_path, option, capsys):
     (tmp_path / "notes.txt").write_text("mine")
     argv = (["positional", "--model", "zoo-rope", "--out", tmp_path / "notes.txt" / "out", *FAST] if option == "--out"
             else ["bi", "--model", "zoo-rope", "--html", tmp_path / "notes.txt" / "bi.html"])
-    assert_one_line_error(cli(argv, capsys), option, "notes.txt", "not a folder")
+    assert_one_line_error(run_cli(argv, capsys), option, "notes.txt", "not a folder")
     assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
@@ -190,7 +177,7 @@ def nan_weight_model(tmp_path: Path) -> Path:
 def test_ppl_never_prints_nan(tmp_path, capsys):
     folder = nan_weight_model(tmp_path)
     for extra in ([], ["--json"]):
-        code, out, err = cli(["ppl", "--model", folder, "--seq-len", "32", "--samples", "2", *extra], capsys)
+        code, out, err = run_cli(["ppl", "--model", folder, "--seq-len", "32", "--samples", "2", *extra], capsys)
         assert code == 2 and out == "", out
         line = err.strip().splitlines()[-1]
         assert line.startswith("residscope: error: ") and ("finite" in line or "NaN" in line or "nan" in line), err
@@ -232,12 +219,12 @@ def test_json_writer_refuses_nan_naming_the_field():
     (["rope-bound", "--base", "inf"], "--base"),
 ])
 def test_absurd_numbers_are_one_line_errors(argv, culprit, capsys):
-    assert_one_line_error(cli(argv, capsys), culprit)
+    assert_one_line_error(run_cli(argv, capsys), culprit)
 
 
 def test_rope_bound_refuses_a_model_with_zero_positions(tmp_path, capsys):
     folder = copy_zoo(tmp_path, max_position_embeddings=0)
-    assert_one_line_error(cli(["rope-bound", "--model", folder], capsys), "max_position_embeddings")
+    assert_one_line_error(run_cli(["rope-bound", "--model", folder], capsys), "max_position_embeddings")
 
 
 def test_extension_api_validates_its_arguments():
@@ -283,7 +270,7 @@ def test_rope_bound_api_validates_and_limits_its_arguments():
 @pytest.mark.parametrize("command", ["ppl", "positional"])
 def test_seq_len_beyond_max_positions_warns_once(command, tmp_path, capsys):
     out = ["--out", tmp_path / "out", "--remove-layers", "", "--probe-tokens", "0"] if command == "positional" else []
-    code, _, err = cli([command, "--model", "zoo-rope", "--seq-len", "200", "--samples", "2", "--batch-size", "2",
+    code, _, err = run_cli([command, "--model", "zoo-rope", "--seq-len", "200", "--samples", "2", "--batch-size", "2",
                         *out, "--json"], capsys)
     assert code == 0, err
     warnings_ = [line for line in err.splitlines() if "warning" in line]
@@ -303,19 +290,19 @@ def test_text_file_that_cannot_be_read(tmp_path, capsys, monkeypatch):
         return real(self)
 
     monkeypatch.setattr(Path, "read_bytes", denied)  # root reads any file, so deny it here
-    assert_one_line_error(cli(["ppl", "--model", "zoo-rope", "--text", text, *FAST], capsys),
+    assert_one_line_error(run_cli(["ppl", "--model", "zoo-rope", "--text", text, *FAST], capsys),
                           "corpus.txt", "Permission denied")
 
 
 def test_text_folder_and_missing_text(tmp_path, capsys):
-    assert_one_line_error(cli(["ppl", "--model", "zoo-rope", "--text", tmp_path, *FAST], capsys), str(tmp_path), "folder")
-    assert_one_line_error(cli(["bi", "--model", "zoo-rope", "--text", tmp_path / "no.txt", *FAST], capsys), "no.txt")
+    assert_one_line_error(run_cli(["ppl", "--model", "zoo-rope", "--text", tmp_path, *FAST], capsys), str(tmp_path), "folder")
+    assert_one_line_error(run_cli(["bi", "--model", "zoo-rope", "--text", tmp_path / "no.txt", *FAST], capsys), "no.txt")
 
 
 def test_non_utf8_text_names_the_file_and_the_offset(tmp_path, capsys):
     text = tmp_path / "latin1.txt"
     text.write_bytes("hello world ".encode() + "café".encode("latin-1"))  # é is byte 0xe9 at offset 15
-    line = assert_one_line_error(cli(["ppl", "--model", "zoo-rope", "--text", text, *FAST], capsys), "latin1.txt")
+    line = assert_one_line_error(run_cli(["ppl", "--model", "zoo-rope", "--text", text, *FAST], capsys), "latin1.txt")
     assert "offset 15" in line and "0xe9" in line
 
 
@@ -324,7 +311,7 @@ def test_non_utf8_text_names_the_file_and_the_offset(tmp_path, capsys):
 def test_device_that_is_not_there(device, culprit, capsys):
     if device.startswith("cuda") and torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    assert_one_line_error(cli(["ppl", "--model", "zoo-rope", "--device", device, *FAST], capsys), "device", culprit)
+    assert_one_line_error(run_cli(["ppl", "--model", "zoo-rope", "--device", device, *FAST], capsys), "device", culprit)
 
 
 def test_app_with_a_missing_model_is_one_line(capsys, monkeypatch):
@@ -332,7 +319,7 @@ def test_app_with_a_missing_model_is_one_line(capsys, monkeypatch):
         raise AssertionError("streamlit must not start for a model that does not exist")
 
     monkeypatch.setattr(os, "execve", no_exec)
-    assert_one_line_error(cli(["app", "--model", "does-not-exist"], capsys), "does-not-exist", "not a model alias")
+    assert_one_line_error(run_cli(["app", "--model", "does-not-exist"], capsys), "does-not-exist", "not a model alias")
 
 
 def test_explorer_logs_bad_input_in_one_line_and_bugs_with_traceback(caplog):
@@ -367,7 +354,7 @@ def test_explorer_logs_bad_input_in_one_line_and_bugs_with_traceback(caplog):
 ])
 def test_hopeless_sizes_are_refused_at_once(argv, culprit, capsys):
     t0 = time.perf_counter()
-    assert_one_line_error(cli(argv, capsys), culprit)
+    assert_one_line_error(run_cli(argv, capsys), culprit)
     assert time.perf_counter() - t0 < 60  # generous: a hang would take hours, not a flaky timing assertion
 
 
@@ -379,7 +366,7 @@ def test_ctrl_c_stops_cleanly_and_leaves_nothing(tmp_path, capsys, monkeypatch):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(safetensors.torch, "save_file", interrupted_midway)
-    code, out, err = cli(["prune", "--model", "zoo-rope", "--remove", "1", "--out", tmp_path / "pruned", *FAST,
+    code, out, err = run_cli(["prune", "--model", "zoo-rope", "--remove", "1", "--out", tmp_path / "pruned", *FAST,
                           "--eval-samples", "2", "--json"], capsys)
     assert code == 130 and err.strip().splitlines()[-1] == "residscope: interrupted", err
     assert list(tmp_path.iterdir()) == []  # neither the target nor a temp folder
@@ -437,7 +424,7 @@ def test_demo_refuses_a_non_empty_out_and_leaves_the_users_files(tmp_path, capsy
     (out / "summary.json").write_text('{"mine": 1}')
     (out / "pruned" / "notes.txt").write_text("my notes")
     before = snapshot(out)
-    assert_one_line_error(cli(["demo", "--model", "zoo-rope", "--out", out], capsys), "--out", "not empty", "--force")
+    assert_one_line_error(run_cli(["demo", "--model", "zoo-rope", "--out", out], capsys), "--out", "not empty", "--force")
     assert snapshot(out) == before
 
 
@@ -447,7 +434,7 @@ def test_prune_never_writes_over_the_checkpoint_it_reads_even_with_force(tmp_pat
     model = copy_zoo(tmp_path)
     before = snapshot(model)
     target = out.format(model=model, tmp=tmp_path)
-    assert_one_line_error(cli(["prune", "--model", model, "--layers", "1", "--out", target, "--force"], capsys),
+    assert_one_line_error(run_cli(["prune", "--model", model, "--layers", "1", "--out", target, "--force"], capsys),
                           "--out", culprit)
     assert snapshot(model) == before
 
@@ -456,15 +443,15 @@ def test_html_output_inside_the_model_folder_or_over_the_text_file_is_refused(tm
     model = copy_zoo(tmp_path)
     text = tmp_path / "corpus.txt"
     text.write_text("some text " * 500)
-    assert_one_line_error(cli(["bi", "--model", model, "--html", model / "bi.html", *FAST], capsys), "--html", "inside")
-    assert_one_line_error(cli(["bi", "--model", model, "--text", text, "--html", text, *FAST], capsys), "--html",
+    assert_one_line_error(run_cli(["bi", "--model", model, "--html", model / "bi.html", *FAST], capsys), "--html", "inside")
+    assert_one_line_error(run_cli(["bi", "--model", model, "--text", text, "--html", text, *FAST], capsys), "--html",
                           "is the input")
 
 
 def test_output_checks_follow_symlinks(tmp_path, capsys):
     model = copy_zoo(tmp_path)
     (tmp_path / "link").symlink_to(model)
-    assert_one_line_error(cli(["positional", "--model", model, "--out", tmp_path / "link", "--force", *FAST], capsys),
+    assert_one_line_error(run_cli(["positional", "--model", model, "--out", tmp_path / "link", "--force", *FAST], capsys),
                           "is the input")
 
 
@@ -513,13 +500,13 @@ def test_every_numeric_option_has_a_declared_range():
     (["app", "--port", "0"], "--port"),
 ])
 def test_numeric_options_outside_their_range_are_refused_before_any_work(argv, culprit, capsys):
-    assert_one_line_error(cli(argv, capsys), culprit)
+    assert_one_line_error(run_cli(argv, capsys), culprit)
 
 
 def test_whitespace_only_text_is_refused(tmp_path, capsys):
     text = tmp_path / "blank.txt"
     text.write_text(" \n\t\n  " * 300)
-    assert_one_line_error(cli(["ppl", "--model", "zoo-rope", "--text", text, *FAST], capsys), str(text), "no text")
+    assert_one_line_error(run_cli(["ppl", "--model", "zoo-rope", "--text", text, *FAST], capsys), str(text), "no text")
 
 
 # ---- issue 24: Decoder API arguments ---------------------------------------------------------------------------------

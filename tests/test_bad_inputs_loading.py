@@ -152,17 +152,12 @@ def test_offloaded_block_with_nan_is_refused_when_it_streams_and_allowed_on_requ
 
 
 def test_cli_allow_nonfinite_flag_reaches_the_loader(zoo_copy, monkeypatch, capsys):
-    from residscope.apps.cli import app
+    from conftest import run_cli
     from residscope.apps.cli_common import ALLOW_NONFINITE_ENV
-    from residscope.apps.errors import run_cli
 
     def run(*argv: str) -> tuple[int, str]:
-        try:
-            run_cli(app, list(argv))
-            code = 0
-        except SystemExit as e:
-            code = e.code or 0
-        return code, capsys.readouterr().err.strip()
+        code, _, err = run_cli(argv, capsys)
+        return code, err.strip()
 
     monkeypatch.setenv(ALLOW_NONFINITE_ENV, "0")  # restored (removed) after the test: the flag sets it in-process
     edit_tensors(zoo_copy, lambda t: t[Q_PROJ].__setitem__((0, 0), float("nan")))
@@ -537,7 +532,8 @@ def test_tokenizer_files_that_fail_are_named_with_the_reason(zoo_copy, name, dam
 
 
 def test_cli_names_the_tokenizer_file(zoo_copy, capsys):
-    from test_bad_inputs import assert_one_line_error, cli
+    from conftest import run_cli as cli
+    from test_bad_inputs import assert_one_line_error
 
     path = zoo_copy / "tokenizer.json"
     path.write_text(path.read_text()[:3000])

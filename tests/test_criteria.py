@@ -17,7 +17,8 @@ from residscope.runtime.forks import Fork
 from residscope.surgery import CRITERIA, remove_layers, remove_sublayers, select_layers, selection
 from residscope.surgery.criteria import (angular_distances, blockprune_order, fork_nll, half_params, one_shot_ppl,
                                          sleb_order, taylor_scores)
-from test_surgery import VOCAB, make_hf, run_cli, save
+from conftest import run_cli
+from test_surgery import VOCAB, make_hf, save
 
 N_LAYERS = 5
 

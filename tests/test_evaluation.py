@@ -14,6 +14,7 @@ import sys
 import pytest
 import torch
 
+from conftest import run_cli
 from residscope.analyses import eval_tasks
 from residscope.analyses.evaluation import (EvaluationReport, compare_reports, context_continuation_ids, evaluate_model,
                                             greedy_until, loglikelihoods, parse_tasks, rolling_loglikelihood)
@@ -30,19 +31,6 @@ def tiny_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tiny(tiny_dir):
     return load_model(tiny_dir)
-
-
-def cli(argv, capsys):
-    from residscope.apps.cli import app
-    from residscope.apps.errors import run_cli
-
-    try:
-        run_cli(app, [str(a) for a in argv])
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 # ---- items -----------------------------------------------------------------------------------------------------------
@@ -198,22 +186,22 @@ def test_evaluate_command_json_and_baseline(tiny_dir, tmp_path, capsys):
     from residscope.surgery import remove_layers
 
     report = tmp_path / "dense.json"
-    code, out, err = cli(["evaluate", "--model", tiny_dir, "--tasks", "addition,cloze", "--n", "3", "--out", report,
+    code, out, err = run_cli(["evaluate", "--model", tiny_dir, "--tasks", "addition,cloze", "--n", "3", "--out", report,
                           "--json"], capsys)
     assert code == 0, err
     data = json.loads(out)
     assert json.loads(report.read_text()) == data and data["results"]["addition"]["n"] == 3
     pruned_dir = tmp_path / "pruned"
     remove_layers(load_model(tiny_dir), [2]).save_pretrained(pruned_dir)
-    code, out, err = cli(["evaluate", "--model", pruned_dir, "--tasks", "addition,cloze", "--n", "3",
+    code, out, err = run_cli(["evaluate", "--model", pruned_dir, "--tasks", "addition,cloze", "--n", "3",
                           "--baseline", report], capsys)
     assert code == 0, err
     assert "baseline" in out and "delta" in out and "cloze" in out
-    code, out, err = cli(["evaluate", "--model", pruned_dir, "--tasks", "cloze", "--n", "2", "--baseline", tiny_dir,
+    code, out, err = run_cli(["evaluate", "--model", pruned_dir, "--tasks", "cloze", "--n", "2", "--baseline", tiny_dir,
                           "--cut", "--json"], capsys)
     assert code == 0, err
     assert json.loads(out)["cut"]["removed"] == [2]
-    code, out, err = cli(["evaluate", "--model", tiny_dir, "--tasks", "addition", "--n", "2",
+    code, out, err = run_cli(["evaluate", "--model", tiny_dir, "--tasks", "addition", "--n", "2",
                           "--lm-eval", "residscope_addition", "--json"], capsys)
     assert code == 0, err
     data = json.loads(out)
@@ -231,7 +219,7 @@ def test_evaluate_bad_inputs_are_one_line(tiny_dir, tmp_path, capsys, argv, mess
     existing = tmp_path / "r.json"
     existing.write_text("{}")
     argv = [str(existing) if a == "EXISTING" else a for a in argv]
-    code, out, err = cli(["evaluate", "--model", tiny_dir, *argv], capsys)
+    code, out, err = run_cli(["evaluate", "--model", tiny_dir, *argv], capsys)
     assert code == 2 and err.count("\n") == 1 and message in err
     assert existing.read_text() == "{}"
 
@@ -239,19 +227,19 @@ def test_evaluate_bad_inputs_are_one_line(tiny_dir, tmp_path, capsys, argv, mess
 def test_export_command(tiny_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("RESIDSCOPE_CACHE", str(tmp_path / "cache"))
     target = tmp_path / "m.gguf"
-    code, out, err = cli(["export", "--model", tiny_dir, "--gguf", target, "--quant", "q8_0"], capsys)
+    code, out, err = run_cli(["export", "--model", tiny_dir, "--gguf", target, "--quant", "q8_0"], capsys)
     assert code == 0, err
     assert "Q8_0" in out and target.is_file()
-    code, out, err = cli(["export", "--model", tiny_dir, "--gguf", target], capsys)
+    code, out, err = run_cli(["export", "--model", tiny_dir, "--gguf", target], capsys)
     assert code == 2 and "exists (pass --force" in err and err.count("\n") == 1
-    code, out, err = cli(["export", "--model", tiny_dir, "--gguf", tmp_path / "n.gguf", "--quant", "q5_k"], capsys)
+    code, out, err = run_cli(["export", "--model", tiny_dir, "--gguf", tmp_path / "n.gguf", "--quant", "q5_k"], capsys)
     assert code == 2 and err == "residscope: error: --quant must be one of f32, f16, q8_0, q4_0; got 'q5_k'\n"
     assert not (tmp_path / "n.gguf").exists()
-    code, out, err = cli(["prune", "--model", tiny_dir, "--layers", "1", "--out", tmp_path / "pruned", "--gguf",
+    code, out, err = run_cli(["prune", "--model", tiny_dir, "--layers", "1", "--out", tmp_path / "pruned", "--gguf",
                           tmp_path / "p.gguf", "--quant", "q4_0", "--seq-len", "16", "--eval-samples", "2"], capsys)
     assert code == 0, err
     assert "p.gguf (q4_0" in out and load_model(tmp_path / "p.gguf").cfg.n_layers == 3
-    code, out, err = cli(["prune", "--model", tiny_dir, "--layers", "1", "--out", tmp_path / "pruned2", "--gguf",
+    code, out, err = run_cli(["prune", "--model", tiny_dir, "--layers", "1", "--out", tmp_path / "pruned2", "--gguf",
                           tmp_path / "p.gguf"], capsys)
     assert code == 2 and "--gguf" in err and "exists" in err and not (tmp_path / "pruned2").exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []

@@ -228,6 +228,28 @@ def test_sliding_window_perplexity_without_overlap_equals_plain_perplexity():
     assert nw_b == 5 and n_b == 200
 
 
+class _PadFallsBackToBos:
+    """The token facts of SmolLM2's tokenizer that padding inference reads: BOS == EOS == 0 and no pad token."""
+
+    bos_token_id = eos_token_id = 0
+    pad_token_id = None
+    padding_side = "left"
+
+    def encode(self, text):
+        return [4]  # adds neither BOS nor EOS by itself
+
+
+def test_sliding_windows_keep_a_separator_that_shares_the_pad_id():
+    """A window [BOS 0, separator 0, ...] is running text: no position of it is taken for left padding (the windows are
+    passed without a mask)."""
+    model = _model("rope")
+    tokens = _ids(1, 200, seed=3)[0]
+    tokens[::40] = 0  # a separator right after each window's BOS
+    plain = ext.sliding_window_perplexity(model, tokens, 41, stride=40, bos=0, progress=False)
+    model.tokenizer = _PadFallsBackToBos()
+    assert ext.sliding_window_perplexity(model, tokens, 41, stride=40, bos=0, progress=False) == plain
+
+
 class _DigitTokenizer:
     """Characters as tokens (enough to check prompt construction)."""
 

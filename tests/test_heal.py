@@ -9,6 +9,7 @@ import pytest
 import torch
 import transformers
 
+from conftest import run_cli
 from residscope.analyses.perplexity import perplexity
 from residscope.model import load_model
 from residscope.surgery import heal, remove_layers, save_pretrained
@@ -67,24 +68,6 @@ def test_heal_of_an_unpruned_model_is_allowed_and_says_so(tiny):
     assert "nothing removed" in result.note
 
 
-def run_heal(argv, capsys):
-    import typer
-
-    from residscope.apps import cli_heal
-    from residscope.apps.errors import run_cli as run
-
-    app = typer.Typer(pretty_exceptions_enable=False)
-    cli_heal.register(app)
-    app.command("noop", hidden=True)(lambda: None)
-    try:
-        run(app, argv)
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
 SMALL = ["--steps", "2", "--seq-len", "16", "--samples", "4", "--eval-samples", "2", "--batch-size", "2"]
 
 
@@ -92,7 +75,7 @@ def test_cli_heal_writes_a_checkpoint_and_the_curve(tiny, tmp_path, capsys):
     _, folder = tiny
     pruned = save_pretrained(remove_layers(load_model(folder), [2]), tmp_path / "pruned",
                              pruning_info={"removed_layers": [2], "metric": "bi"})
-    code, out, err = run_heal(["heal", "--model", str(pruned), "--out", str(tmp_path / "healed"), *SMALL,
+    code, out, err = run_cli(["heal", "--model", str(pruned), "--out", str(tmp_path / "healed"), *SMALL,
                                "--curve-json", str(tmp_path / "curve.json")], capsys)
     assert code == 0, err
     assert "held-out perplexity:" in out and "nothing removed" not in err
@@ -102,7 +85,7 @@ def test_cli_heal_writes_a_checkpoint_and_the_curve(tiny, tmp_path, capsys):
     assert info["removed_layers"] == [2] and info["healing"]["method"] == "partial"
     assert transformers.AutoConfig.from_pretrained(tmp_path / "healed").num_hidden_layers == 3
 
-    code, out, err = run_heal(["heal", "--model", str(folder), "--out", str(tmp_path / "dense"), *SMALL], capsys)
+    code, out, err = run_cli(["heal", "--model", str(folder), "--out", str(tmp_path / "dense"), *SMALL], capsys)
     assert code == 0 and "nothing removed" in err and "note:" in out
 
 
@@ -119,7 +102,7 @@ def test_cli_heal_bad_input_is_one_line(tiny, tmp_path, capsys, argv, message):
     (tmp_path / "FULL" / "x").write_text("x")
     argv = [str(tmp_path / a) if a == "FULL" else a for a in argv]
     out_dir = [] if "--out" in argv else ["--out", str(tmp_path / "OUT")]
-    code, out, err = run_heal(["heal", "--model", str(folder), *out_dir, *SMALL, *argv], capsys)  # argv last: it wins
+    code, out, err = run_cli(["heal", "--model", str(folder), *out_dir, *SMALL, *argv], capsys)  # argv last: it wins
     lines = err.strip().splitlines()
     assert code == 2 and message in lines[-1] and lines[-1].startswith("residscope: error:"), err
     assert not (tmp_path / "OUT").exists()

@@ -167,7 +167,7 @@ def test_cli_long_context(tmp_path, capsys):
     """`residscope long-context` on the zoo model: table, JSON and figure; bad input in one line naming the option."""
     import json
 
-    from test_bad_inputs import cli
+    from conftest import run_cli as cli
 
     pytest.importorskip("importlib.metadata")
     from residscope.analyses.corpus import plays

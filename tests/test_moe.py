@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch.testing import assert_close
 
+from conftest import run_cli
 from family_zoo import CASES, VOCAB
 from residscope.analyses.experts import expert_attribution, routing_statistics
 from residscope.model import CheckpointError, InputError, load_model
@@ -264,31 +265,18 @@ def moe_folder(tmp_path_factory):
     return folder
 
 
-def cli(argv, capsys):
-    from residscope.apps.cli import app
-    from residscope.apps.errors import run_cli
-
-    try:
-        run_cli(app, [str(a) for a in argv])
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
 FAST = ["--seq-len", "32", "--samples", "4", "--batch-size", "2"]
 
 
 def test_cli_experts_and_prune_experts(moe_folder, tmp_path, capsys):
-    code, out, err = cli(["experts", "--model", moe_folder, *FAST, "--json"], capsys)
+    code, out, err = run_cli(["experts", "--model", moe_folder, *FAST, "--json"], capsys)
     assert code == 0, err
     report = json.loads(out)
     assert report["routing"]["layers"] == [0, 1] and report["routing"]["n_tokens"] == 4 * 32
     assert len(report["attribution"]["per_expert"]) == 2
-    code, out, err = cli(["experts", "--model", moe_folder, *FAST, "--no-attribution"], capsys)
+    code, out, err = run_cli(["experts", "--model", moe_folder, *FAST, "--no-attribution"], capsys)
     assert code == 0 and "imbalance" in out and "top tokens" in out
-    code, out, err = cli(["prune-experts", "--model", moe_folder, "--keep", "3", "--criterion", "frequency",
+    code, out, err = run_cli(["prune-experts", "--model", moe_folder, "--keep", "3", "--criterion", "frequency",
                           "--out", tmp_path / "p", *FAST, "--eval-samples", "2", "--json"], capsys)
     assert code == 0, err
     report = json.loads(out)
@@ -303,7 +291,7 @@ def test_cli_experts_and_prune_experts(moe_folder, tmp_path, capsys):
 ])
 def test_cli_prune_experts_bad_input_is_one_line(moe_folder, tmp_path, capsys, argv, culprit):
     out_dir = tmp_path / "never"
-    code, out, err = cli(["prune-experts", "--model", moe_folder, "--out", out_dir, *FAST, *argv], capsys)
+    code, out, err = run_cli(["prune-experts", "--model", moe_folder, "--out", out_dir, *FAST, *argv], capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1 and culprit in err, err
     assert not out_dir.exists()
 
@@ -313,7 +301,7 @@ def test_cli_prune_experts_refuses_a_dense_model(tmp_path, capsys):
 
     dense = make_tiny_checkpoint(tmp_path / "dense", n_layers=1)
     capsys.readouterr()  # the checkpoint writer's progress bar
-    code, out, err = cli(["prune-experts", "--model", dense, "--keep", "2", "--out", tmp_path / "o", *FAST], capsys)
+    code, out, err = run_cli(["prune-experts", "--model", dense, "--keep", "2", "--out", tmp_path / "o", *FAST], capsys)
     assert code == 2 and "no experts to prune" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "o").exists()
 

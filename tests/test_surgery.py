@@ -12,6 +12,7 @@ import torch
 import transformers
 
 from conftest import byte_tokenizer
+from conftest import run_cli
 from residscope.model import load_model
 from residscope.surgery import (
     PRUNING_FILE,
@@ -309,24 +310,6 @@ def test_errors_name_the_argument(tiny, tmp_path):
 
 
 # ---- CLI -----------------------------------------------------------------------------------------------------------
-def run_cli(argv, capsys):
-    import typer
-
-    from residscope.apps import cli_surgery
-    from residscope.apps.errors import run_cli as run
-
-    app = typer.Typer(pretty_exceptions_enable=False)
-    cli_surgery.register(app)
-    app.command("noop", hidden=True)(lambda: None)  # keep subcommand routing with several commands
-    try:
-        run(app, argv)
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
 CALIB = ["--seq-len", "32", "--samples", "4", "--batch-size", "2"]
 
 

@@ -375,6 +375,31 @@ def test_config_carries_transformer_lens_fields(model):
     assert cfg.device == torch.device("cpu") and cfg.dtype == torch.float32
 
 
+@pytest.mark.parametrize("family, divisor", [("llama_gqa", 16**0.5), ("gemma3", 24**0.5)])
+def test_attn_scale_is_transformer_lens_divisor(tmp_path_factory, family, divisor):
+    """cfg.attn_scale means what it means in TransformerLens: attention scores are q·k DIVIDED by it (sqrt(d_head),
+    Gemma's sqrt(query_pre_attn_scalar)); residscope's multiplier is cfg.scale."""
+    m = load_model(_hf_folder(tmp_path_factory, family), load_tokenizer=False)
+    assert m.cfg.attn_scale == pytest.approx(divisor) and m.cfg.use_attn_scale
+    assert m.cfg.scale == pytest.approx(1 / divisor)
+    ids = torch.randint(4, VOCAB, (1, 5), generator=torch.Generator().manual_seed(0))
+    _, cache = m.run_with_cache(ids, names_filter=lambda n: n.startswith("blocks.1.attn.hook_"))
+    q, k = cache["blocks.1.attn.hook_rot_q"], cache["blocks.1.attn.hook_rot_k"]  # [batch, pos, head(_kv), d_head]
+    k = k.repeat_interleave(q.shape[2] // k.shape[2], dim=2)
+    scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / m.cfg.attn_scale  # [batch, head, q_pos, k_pos]
+    causal = torch.ones(5, 5, dtype=torch.bool).tril()
+    assert_close(cache["blocks.1.attn.hook_attn_scores"][..., causal], scores[..., causal], atol=1e-5, rtol=1e-5)
+
+
+def test_unscaled_attention_reports_no_attn_scale():
+    from residscope.model.config import DecoderConfig
+
+    neo = DecoderConfig.from_hf({"model_type": "gpt_neo", "vocab_size": VOCAB, "hidden_size": 64, "num_layers": 2,
+                                 "num_heads": 4, "max_position_embeddings": 32,
+                                 "attention_types": [[["global", "local"], 1]]})
+    assert neo.attn_scale == 1.0 and not neo.use_attn_scale and neo.attn_multiplier == 1.0
+
+
 def test_config_follows_to_and_surgery(llama):
     llama.to(torch.float64)
     assert llama.cfg.dtype == torch.float64
@@ -495,3 +520,40 @@ def test_smollm2_demo_calls(smollm2):
 
         patched = m.run_with_hooks(short_corrupt, fwd_hooks=[(get_act_name("resid_pre", layer), put_back)])
         assert_close(result[layer, 0], metric(patched))
+
+
+def smollm2_like_tokenizer() -> PreTrainedTokenizerFast:
+    """BOS == EOS == id 0 and no pad token, so the pad id falls back to 0 (SmolLM2's arrangement); chars from id 4."""
+    specials = ["<|endoftext|>", "<unk>", "<x>", "<y>"]
+    tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(specials + list(CHARS))}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+                                   unk_token="<unk>")
+
+
+@pytest.mark.parametrize("tokenizer_side", ["right", "left"])
+def test_ids_sharing_the_fallback_pad_id_are_not_padding(llama, tokenizer_side):
+    """A BOS or a document separator that shares the (EOS fallback) pad id is a token: ids the caller did not pad get
+    no inferred mask, whatever the tokenizer's side; a batch to_tokens padded on the left still gets its mask."""
+    llama.tokenizer = smollm2_like_tokenizer()
+    llama.tokenizer.padding_side = tokenizer_side
+    assert llama.tokenizer.pad_token_id is None and llama.cfg.default_prepend_bos
+    for rows in ([[0, 5, 0, 7, 0]], [[0, 0, 5, 0, 7]], [[0, 0, 5, 0, 7], [0, 5, 6, 0, 7]], [[0, 0, 0, 9, 8]]):
+        ids = torch.tensor(rows)
+        assert_close(llama(ids), llama(ids, attention_mask=torch.ones_like(ids)), atol=0, rtol=0)
+        assert_close(llama.generate(ids, max_new_tokens=3, use_cache=True),
+                     llama.generate(ids, max_new_tokens=3, use_cache=True, attention_mask=torch.ones_like(ids)))
+    # a genuinely left-padded batch: to_tokens pads "a" with two 0s before its BOS 0
+    texts = ["a", "abc"]
+    padded = llama.to_tokens(texts, padding_side="left")
+    assert padded[0].tolist()[:3] == [0, 0, 0]
+    reference = llama(texts, padding_side="left")
+    assert_close(llama(padded, padding_side="left"), reference)
+    assert_close(llama(padded.clone(), padding_side="left"), reference)  # told by the call
+    if tokenizer_side == "left":  # TransformerLens's switch: the mask is inferred for the ids to_tokens padded
+        assert_close(llama(padded), reference)
+    else:
+        with pytest.raises(ValueError, match=r"row\(s\) start with the pad token"):
+            llama(padded)
+    assert_close(llama(padded.clone())[1], reference[1])  # a copy is plain ids: row 1 (unpadded) is unchanged

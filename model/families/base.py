@@ -4,6 +4,8 @@ A `Family` (one per `model_type`, one file each in this folder) holds
 - `read_config(config_json, common, source) -> dict`: the DecoderConfig fields this family adds to `common` (the fields
   every family shares, read by `hf_config.common_fields` through the family's `keys`);
 - `keys`: where the shared fields live in this family's config.json (GPT-2 says `n_embd`, Llama `hidden_size`);
+- `aliases`: other spellings transformers reads for a key (its config class's `attribute_map`, GPT-2's
+  `hidden_size` for `n_embd`), so a config.json written with either loads;
 - `weights(cfg) -> WeightMap`: Hugging Face tensor names <-> residscope parameter names, with fused tensors split
   (`Packed`) on load and fused again on export;
 - `export_config(config_json, cfg) -> dict`: the config.json of a model after surgery (per-layer lists cut to the kept
@@ -65,6 +67,28 @@ class Packed:
         else:
             out = torch.cat(tensors, dim=0)
         return out.T if self.transpose and out.dim() == 2 else out
+
+
+QKV = ("attn.q_proj", "attn.k_proj", "attn.v_proj")
+
+
+def with_bias(checkpoint: str, ours: str) -> dict[str, str]:
+    """A layer with a weight and a bias (LayerNorm, biased Linear): both tensors, checkpoint name -> residscope name."""
+    return {f"{checkpoint}.{p}": f"{ours}.{p}" for p in ("weight", "bias")}
+
+
+def qkv_per_head(checkpoint: str) -> dict[str, Packed]:
+    """q, k and v fused per head in one tensor and its bias, rows [head, (q, k, v), d_head] (GPT-NeoX's and BLOOM's
+    query_key_value, from Megatron-LM)."""
+    return {f"{checkpoint}.{p}": Packed(tuple(f"{n}.{p}" for n in QKV), layout="heads") for p in ("weight", "bias")}
+
+
+def megatron_block(attention: str) -> dict[str, str | Packed]:
+    """A block as Megatron-LM's descendants (BLOOM, GPT-NeoX) name it, every layer biased: input / post-attention
+    LayerNorms, `{attention}.query_key_value` fused per head, `{attention}.dense` out, dense_h_to_4h / dense_4h_to_h."""
+    return {**with_bias("input_layernorm", "ln1"), **with_bias("post_attention_layernorm", "ln2"),
+            **qkv_per_head(f"{attention}.query_key_value"), **with_bias(f"{attention}.dense", "attn.o_proj"),
+            **with_bias("mlp.dense_h_to_4h", "mlp.up_proj"), **with_bias("mlp.dense_4h_to_h", "mlp.down_proj")}
 
 
 @dataclass(frozen=True)
@@ -133,3 +157,5 @@ class Family:
     gguf_arch: str | None = None  # llama.cpp's general.architecture for this family
     accepts: tuple[str, ...] = ()  # keys of hf_config's generic refusal list this family reads (and refuses) itself
     quantization_note: str | None = None  # the refusal of a quantization_config says this instead of the generic advice
+    # config.json spelling -> the key this family reads under it (transformers' attribute_map, either direction)
+    aliases: dict[str, str] = field(default_factory=dict)

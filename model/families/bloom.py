@@ -6,10 +6,12 @@ default_prepend_bos=False)."""
 from __future__ import annotations
 
 from ..errors import ConfigError
-from .base import Family, Packed, WeightMap
+from .base import Family, WeightMap, megatron_block, with_bias
 
 KEYS = {"hidden_size": "hidden_size", "num_hidden_layers": "n_layer", "num_attention_heads": "n_head",
         "vocab_size": "vocab_size", "norm_eps": "layer_norm_epsilon", "max_position_embeddings": "seq_length"}
+# BloomConfig.attribute_map, and the n_embed its __init__ takes for hidden_size (older BLOOM configs)
+ALIASES = {"num_hidden_layers": "n_layer", "num_attention_heads": "n_head", "n_embed": "hidden_size"}
 
 
 def read_config(cfg: dict, common: dict, source: str) -> dict:
@@ -25,26 +27,15 @@ def read_config(cfg: dict, common: dict, source: str) -> dict:
 
 
 def weights(cfg) -> WeightMap:
-    qkv = ("attn.q_proj", "attn.k_proj", "attn.v_proj")
     return WeightMap(
         layer_prefix="transformer.h.{i}.",
         base_prefix="transformer.",
         top={"transformer.word_embeddings.weight": "embed.weight",
-             "transformer.word_embeddings_layernorm.weight": "ln_embed.weight",
-             "transformer.word_embeddings_layernorm.bias": "ln_embed.bias",
-             "transformer.ln_f.weight": "ln_final.weight", "transformer.ln_f.bias": "ln_final.bias",
+             **with_bias("transformer.word_embeddings_layernorm", "ln_embed"), **with_bias("transformer.ln_f", "ln_final"),
              "lm_head.weight": "unembed.weight"},
-        block={
-            "input_layernorm.weight": "ln1.weight", "input_layernorm.bias": "ln1.bias",
-            "post_attention_layernorm.weight": "ln2.weight", "post_attention_layernorm.bias": "ln2.bias",
-            "self_attention.query_key_value.weight": Packed(tuple(f"{n}.weight" for n in qkv), layout="heads"),
-            "self_attention.query_key_value.bias": Packed(tuple(f"{n}.bias" for n in qkv), layout="heads"),
-            "self_attention.dense.weight": "attn.o_proj.weight", "self_attention.dense.bias": "attn.o_proj.bias",
-            "mlp.dense_h_to_4h.weight": "mlp.up_proj.weight", "mlp.dense_h_to_4h.bias": "mlp.up_proj.bias",
-            "mlp.dense_4h_to_h.weight": "mlp.down_proj.weight", "mlp.dense_4h_to_h.bias": "mlp.down_proj.bias",
-        },
+        block=megatron_block("self_attention"),
     )
 
 
 FAMILY = Family(model_type="bloom", architecture="BloomForCausalLM", read_config=read_config, weights=weights,
-                keys=KEYS, prepend_bos=False, tie_default=True, accepts=("pretraining_tp",), gguf_arch="bloom")
+                keys=KEYS, aliases=ALIASES, prepend_bos=False, tie_default=True, accepts=("pretraining_tp",), gguf_arch="bloom")

@@ -32,7 +32,7 @@ def read_config(cfg: dict, common: dict, source: str) -> dict:
         layer_types=list(layer_types),
         sliding_window=positive_int(cfg, "sliding_window", source) if "sliding_window" in cfg else 4096,
         rope={t: rope_params(cfg, source, common["max_position_embeddings"]) for t in set(layer_types)},
-        attn_scale=positive_float(cfg, "query_pre_attn_scalar", source, 256.0) ** -0.5,
+        attn_multiplier=positive_float(cfg, "query_pre_attn_scalar", source, 256.0) ** -0.5,
         attn_softcap=optional_positive(cfg, "attn_logit_softcapping", source, 50.0),
         final_softcap=optional_positive(cfg, "final_logit_softcapping", source, 30.0),
     )

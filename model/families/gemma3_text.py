@@ -51,7 +51,7 @@ def read_config(cfg: dict, common: dict, source: str) -> dict:
         },
         layer_types=list(layer_types),
         sliding_window=cfg.get("sliding_window"),
-        attn_scale=positive_float(cfg, "query_pre_attn_scalar", source, 256.0) ** -0.5,  # Gemma3TextConfig's default
+        attn_multiplier=positive_float(cfg, "query_pre_attn_scalar", source, 256.0) ** -0.5,  # Gemma3TextConfig's default
         # Gemma 3 replaced Gemma 2's attention soft-capping by q/k norms: transformers keeps the config key but never
         # applies it (only the final one), so neither do we.
         attn_softcap=None,

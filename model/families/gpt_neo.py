@@ -6,11 +6,13 @@ from __future__ import annotations
 
 from ..errors import ConfigError
 from ..hf_config import FULL, SLIDING, activation, positive_int
-from .base import Family, WeightMap
+from .base import Family, WeightMap, with_bias
+from .gpt2 import gpt2_weight_map
 
 KEYS = {"hidden_size": "hidden_size", "num_hidden_layers": "num_layers", "num_attention_heads": "num_heads",
         "intermediate_size": "intermediate_size", "vocab_size": "vocab_size", "norm_eps": "layer_norm_epsilon",
         "max_position_embeddings": "max_position_embeddings"}
+ALIASES = {"num_attention_heads": "num_heads", "num_hidden_layers": "num_layers"}  # GPTNeoConfig.attribute_map
 
 
 def layer_types(cfg: dict, n_layers: int, source: str) -> list[str]:
@@ -36,25 +38,15 @@ def read_config(cfg: dict, common: dict, source: str) -> dict:
     types = layer_types(cfg, common["n_layers"], source)
     return dict(common, act=activation(cfg, source, "activation_function", "gelu_new"), mlp="plain", norm="layer",
                 qkv_bias=False, o_bias=True, mlp_bias=True, positional="learned", rope={}, layer_types=types,
-                sliding_window=positive_int(cfg, "window_size", source, 256), attn_scale=1.0, attn_fp32=True)
+                sliding_window=positive_int(cfg, "window_size", source, 256), attn_multiplier=1.0, attn_fp32=True)
 
 
 def weights(cfg) -> WeightMap:
-    return WeightMap(
-        layer_prefix="transformer.h.{i}.",
-        base_prefix="transformer.",
-        top={"transformer.wte.weight": "embed.weight", "transformer.wpe.weight": "pos_embed.weight",
-             "transformer.ln_f.weight": "ln_final.weight", "transformer.ln_f.bias": "ln_final.bias",
-             "lm_head.weight": "unembed.weight"},
-        block={
-            "ln_1.weight": "ln1.weight", "ln_1.bias": "ln1.bias", "ln_2.weight": "ln2.weight", "ln_2.bias": "ln2.bias",
-            **{f"attn.attention.{n}_proj.weight": f"attn.{n}_proj.weight" for n in ("q", "k", "v")},
-            "attn.attention.out_proj.weight": "attn.o_proj.weight", "attn.attention.out_proj.bias": "attn.o_proj.bias",
-            "mlp.c_fc.weight": "mlp.up_proj.weight", "mlp.c_fc.bias": "mlp.up_proj.bias",
-            "mlp.c_proj.weight": "mlp.down_proj.weight", "mlp.c_proj.bias": "mlp.down_proj.bias",
-        },
-        ignored=(r"\.attn\.attention\.bias$", r"\.attn\.attention\.masked_bias$"),
-    )
+    return gpt2_weight_map({
+        **{f"attn.attention.{n}_proj.weight": f"attn.{n}_proj.weight" for n in ("q", "k", "v")},
+        **with_bias("attn.attention.out_proj", "attn.o_proj"),
+        **with_bias("mlp.c_fc", "mlp.up_proj"), **with_bias("mlp.c_proj", "mlp.down_proj"),
+    }, ignored=(r"\.attn\.attention\.bias$", r"\.attn\.attention\.masked_bias$"))
 
 
 def export_config(out: dict, cfg) -> dict:
@@ -66,4 +58,4 @@ def export_config(out: dict, cfg) -> dict:
 
 
 FAMILY = Family(model_type="gpt_neo", architecture="GPTNeoForCausalLM", read_config=read_config, weights=weights,
-                keys=KEYS, tie_default=True, export_config=export_config)
+                keys=KEYS, aliases=ALIASES, tie_default=True, export_config=export_config)

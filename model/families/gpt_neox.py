@@ -6,7 +6,7 @@ plain GELU MLP, untied `embed_out`. Trained without a BOS token in front (Transf
 from __future__ import annotations
 
 from ..hf_config import FULL, activation, rope_params
-from .base import Family, Packed, WeightMap
+from .base import Family, WeightMap, megatron_block, with_bias
 
 KEYS = {"hidden_size": "hidden_size", "num_hidden_layers": "num_hidden_layers",
         "num_attention_heads": "num_attention_heads", "intermediate_size": "intermediate_size",
@@ -33,23 +33,13 @@ def read_config(cfg: dict, common: dict, source: str) -> dict:
 
 
 def weights(cfg) -> WeightMap:
-    qkv = ("attn.q_proj", "attn.k_proj", "attn.v_proj")
     return WeightMap(
         layer_prefix="gpt_neox.layers.{i}.",
         base_prefix="gpt_neox.",
         # transformers 5 names the head lm_head; Pythia's checkpoints say embed_out (export writes lm_head)
-        top={"gpt_neox.embed_in.weight": "embed.weight", "gpt_neox.final_layer_norm.weight": "ln_final.weight",
-             "gpt_neox.final_layer_norm.bias": "ln_final.bias", "lm_head.weight": "unembed.weight",
-             "embed_out.weight": "unembed.weight"},
-        block={
-            "input_layernorm.weight": "ln1.weight", "input_layernorm.bias": "ln1.bias",
-            "post_attention_layernorm.weight": "ln2.weight", "post_attention_layernorm.bias": "ln2.bias",
-            "attention.query_key_value.weight": Packed(tuple(f"{n}.weight" for n in qkv), layout="heads"),
-            "attention.query_key_value.bias": Packed(tuple(f"{n}.bias" for n in qkv), layout="heads"),
-            "attention.dense.weight": "attn.o_proj.weight", "attention.dense.bias": "attn.o_proj.bias",
-            "mlp.dense_h_to_4h.weight": "mlp.up_proj.weight", "mlp.dense_h_to_4h.bias": "mlp.up_proj.bias",
-            "mlp.dense_4h_to_h.weight": "mlp.down_proj.weight", "mlp.dense_4h_to_h.bias": "mlp.down_proj.bias",
-        },
+        top={"gpt_neox.embed_in.weight": "embed.weight", **with_bias("gpt_neox.final_layer_norm", "ln_final"),
+             "lm_head.weight": "unembed.weight", "embed_out.weight": "unembed.weight"},
+        block=megatron_block("attention"),
         # causal-mask buffers and rotary inv_freq of older checkpoints
         ignored=(r"\.attention\.bias$", r"\.attention\.masked_bias$", r"rotary_emb\.inv_freq$"),
     )

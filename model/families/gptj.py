@@ -7,7 +7,7 @@ from __future__ import annotations
 from ..errors import ConfigError
 from ..hf_config import FULL, activation, positive_int, rope_params
 from .base import Family, WeightMap
-from .gpt2 import KEYS
+from .gpt2 import ALIASES, KEYS
 
 
 def read_config(cfg: dict, common: dict, source: str) -> dict:
@@ -41,4 +41,4 @@ def weights(cfg) -> WeightMap:
 
 
 FAMILY = Family(model_type="gptj", architecture="GPTJForCausalLM", read_config=read_config, weights=weights,
-                keys=KEYS, gguf_arch="gptj")
+                keys=KEYS, aliases=ALIASES, gguf_arch="gptj")

@@ -19,7 +19,7 @@ def multiplier(cfg: dict, key: str, source: str) -> float | None:
 def read_config(cfg: dict, common: dict, source: str) -> dict:
     return dict(llama_layout(cfg, common, source),
                 embed_scale=multiplier(cfg, "embedding_multiplier", source), embed_scale_rounded=False,
-                attn_scale=positive_float(cfg, "attention_multiplier", source, 1.0),
+                attn_multiplier=positive_float(cfg, "attention_multiplier", source, 1.0),
                 residual_scale=multiplier(cfg, "residual_multiplier", source),
                 logit_divisor=multiplier(cfg, "logits_scaling", source))
 

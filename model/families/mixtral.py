@@ -40,4 +40,4 @@ def export_config(out: dict, cfg) -> dict:
 
 
 FAMILY = Family(model_type="mixtral", architecture="MixtralForCausalLM", read_config=read_config, weights=weights,
-                export_config=export_config)
+                export_config=export_config, aliases={"num_experts": "num_local_experts"})  # MixtralConfig.attribute_map

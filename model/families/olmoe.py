@@ -35,4 +35,4 @@ def export_config(out: dict, cfg) -> dict:
 
 
 FAMILY = Family(model_type="olmoe", architecture="OlmoeForCausalLM", read_config=read_config, weights=weights,
-                export_config=export_config)
+                export_config=export_config, aliases={"num_local_experts": "num_experts"})  # OlmoeConfig.attribute_map

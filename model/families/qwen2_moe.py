@@ -89,8 +89,6 @@ def moe_fields(cfg: dict, common: dict, source: str, *, shared: bool, norm_defau
                experts_key: str = "num_experts") -> dict:
     """The DecoderConfig mixture-of-experts fields of a Qwen-style config (decoder_sparse_step, mlp_only_layers)."""
     n_layers = common["n_layers"]
-    if experts_key not in cfg and "num_local_experts" in cfg:  # transformers 5 writes Qwen3-MoE's count under this name
-        experts_key = "num_local_experts"
     n_experts = count(cfg, experts_key, source)
     k = positive_int(cfg, "num_experts_per_tok", source, 1)
     step = positive_int(cfg, "decoder_sparse_step", source, 1)
@@ -131,7 +129,7 @@ def export_config(out: dict, cfg) -> dict:
     """After surgery: explicit layer types, the sparse layers as mlp_only_layers (layer removal shifts the step
     pattern), and the experts left after expert pruning."""
     out["layer_types"] = list(cfg.layer_types)
-    out["num_local_experts" if "num_local_experts" in out else "num_experts"] = cfg.n_experts
+    out["num_local_experts" if "num_local_experts" in out else "num_experts"] = cfg.n_experts  # as the family reads it
     out["decoder_sparse_step"] = 1
     out["mlp_only_layers"] = [i for i in range(cfg.n_layers) if i not in cfg.sparse_layers]
     return out

@@ -20,8 +20,10 @@ def read_config(cfg: dict, common: dict, source: str) -> dict:
     bias = bool(cfg.get("attention_bias", False))
     return dict(common, qkv_bias=bias, o_bias=bias, qk_norm="head", layer_types=types, sliding_window=window,
                 rope={t: rope_params(cfg, source, common["max_position_embeddings"]) for t in set(types)},
-                **moe_fields(cfg, common, source, shared=False, norm_default=False))
+                **moe_fields(cfg, common, source, shared=False, norm_default=False, experts_key="num_local_experts"))
 
 
 FAMILY = Family(model_type="qwen3_moe", architecture="Qwen3MoeForCausalLM", read_config=read_config, weights=weights,
-                prepend_bos=False, export_config=export_config)
+                prepend_bos=False, export_config=export_config,
+                # Qwen3MoeConfig.attribute_map: Qwen's config.json says num_experts, transformers 5 saves num_local_experts
+                aliases={"num_experts": "num_local_experts"})
