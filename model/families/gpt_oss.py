@@ -94,11 +94,10 @@ def rope_block(cfg: dict) -> dict:
 
 def read_config(cfg: dict, common: dict, source: str) -> dict:
     n_layers = common["n_layers"]
-    experts_key = "num_experts" if "num_local_experts" not in cfg and "num_experts" in cfg else "num_local_experts"
-    n_experts = positive_int(cfg, experts_key, source, 128)  # transformers maps num_experts onto num_local_experts
+    n_experts = positive_int(cfg, "num_local_experts", source, 128)  # num_experts is renamed to it (FAMILY.aliases)
     k = positive_int(cfg, "num_experts_per_tok", source, 4)
     if k > n_experts:
-        raise ConfigError(f"{source}: num_experts_per_tok {k} > {experts_key} {n_experts}")
+        raise ConfigError(f"{source}: num_experts_per_tok {k} > num_local_experts {n_experts}")
     window = positive_int(cfg, "sliding_window", source, 128) if "sliding_window" not in cfg or cfg["sliding_window"] is not None else None
     types = cfg.get("layer_types") or [SLIDING if (i + 1) % 2 else FULL for i in range(n_layers)]
     if not isinstance(types, list) or any(t not in (SLIDING, FULL) for t in types):
@@ -125,6 +124,7 @@ def export_config(out: dict, cfg) -> dict:
 
 FAMILY = Family(model_type="gpt_oss", architecture="GptOssForCausalLM", read_config=read_config, weights=weights,
                 prepend_bos=False, export_config=export_config,
+                aliases={"num_experts": "num_local_experts"},  # GptOssConfig.attribute_map
                 quantization_note="gpt-oss's MXFP4 expert weights (*_blocks / *_scales) are not read; dequantize to "
                                   "bf16 with transformers first (GptOssForCausalLM.from_pretrained(path, "
                                   "quantization_config=Mxfp4Config(dequantize=True)), then save_pretrained)")
