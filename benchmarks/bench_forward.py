@@ -156,6 +156,10 @@ FAMILY_SHAPES = {
     "mixtral": ("mistralai/Mixtral-8x7B-v0.1 (layers and vocabulary shrunk)", dict(
         hidden_size=4096, num_hidden_layers=1, num_attention_heads=32, num_key_value_heads=8,
         intermediate_size=14336, num_local_experts=8, num_experts_per_tok=2, vocab_size=32000)),
+    "gpt_oss": ("openai/gpt-oss-20b (24 -> 2 layers: sliding, full; vocabulary shrunk)", dict(
+        hidden_size=2880, num_hidden_layers=2, num_attention_heads=64, num_key_value_heads=8, head_dim=64,
+        intermediate_size=2880, num_local_experts=32, num_experts_per_tok=4, sliding_window=128,
+        layer_types=["sliding_attention", "full_attention"], vocab_size=32000)),
     "olmoe": ("allenai/OLMoE-1B-7B-0924 (layers and vocabulary shrunk)", dict(
         hidden_size=2048, num_hidden_layers=1, num_attention_heads=16, num_key_value_heads=16,
         intermediate_size=1024, num_experts=64, num_experts_per_tok=8, vocab_size=32000)),
