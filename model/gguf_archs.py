@@ -53,6 +53,12 @@ class Arch:
     fixed: dict = field(default_factory=dict)
     flags: dict[str, str] = field(default_factory=dict)  # config field -> tensor whose presence makes it True
     undo: dict[str, Callable[[np.ndarray, dict], np.ndarray]] = field(default_factory=dict)
+    # tokenizer.ggml.bos_token_id is the tokenizer's BOS; whether it is also the config's bos_token_id (which decides
+    # residscope's default_prepend_bos) is the family's: OLMo 2's configs leave it null, so no BOS goes in front
+    config_bos: bool = True
+    # export (gguf_export.py): the same table read the other way
+    encode: Callable[[dict], dict] = lambda cfg: {}  # transformers config -> the keys `derive` reads (field None)
+    redo: dict[str, Callable[[np.ndarray, dict], np.ndarray]] = field(default_factory=dict)  # inverse of `undo`
 
 
 # the keys TextModel.set_gguf_parameters writes for every architecture
@@ -70,6 +76,17 @@ def _heads_regrouped(data: np.ndarray, cfg: dict) -> np.ndarray:
     n_head = cfg["num_attention_heads"]
     parts = data.reshape(3, n_head, -1, *data.shape[1:])  # [part, head, d_head, (d_model)]
     return np.ascontiguousarray(parts.swapaxes(0, 1).reshape(data.shape))  # [head, part, d_head, ...] flattened
+
+
+def _heads_interleaved(data: np.ndarray, cfg: dict) -> np.ndarray:
+    """GPTNeoXModel.modify_tensors: per head [q, k, v] rows -> rows [q; k; v]."""
+    n_head = cfg["num_attention_heads"]
+    per_head = data.reshape(n_head, 3, -1, *data.shape[1:])  # [head, part, d_head, (d_model)]
+    return np.ascontiguousarray(per_head.swapaxes(0, 1).reshape(data.shape))
+
+
+def _rope_block(cfg: dict) -> dict:
+    return cfg.get("rope_parameters") or {}
 
 
 def _partial_rope(cfg: dict, stated: dict) -> dict:
@@ -98,7 +115,10 @@ ARCHS: dict[str, Arch] = {a.arch: a for a in (
                   "attention.key_length": _head_dim, "attention.value_length": _head_dim},
          fixed={"hidden_act": "gelu"},  # Pythia's exact GELU (llama.cpp computes ggml_gelu, its tanh approximation)
          flags={"attention_bias": "blk.0.attn_qkv.bias"},
-         undo={"attn_qkv.weight": _heads_regrouped, "attn_qkv.bias": _heads_regrouped}),
+         undo={"attn_qkv.weight": _heads_regrouped, "attn_qkv.bias": _heads_regrouped},
+         encode=lambda cfg: {"rope.dimension_count": int(_head_dim(cfg) * _rope_block(cfg).get("partial_rotary_factor", 1.0)),
+                             "rope.freq_base": float(_rope_block(cfg).get("rope_theta", 10000.0))},
+         redo={"attn_qkv.weight": _heads_interleaved, "attn_qkv.bias": _heads_interleaved}),
     Arch("olmo2", "olmo2",  # convert_hf_to_gguf.py Olmo2Model (TextModel's keys, tensors unchanged: NEOX-style RoPE)
          meta=(*_SHAPE, Meta("attention.head_count_kv", "num_key_value_heads", None),
                Meta("attention.layer_norm_rms_epsilon", "rms_norm_eps"), Meta("rope.freq_base", None, 10000.0)),
@@ -106,7 +126,8 @@ ARCHS: dict[str, Arch] = {a.arch: a for a in (
          checked={"rope.dimension_count": _head_dim, "attention.key_length": _head_dim,
                   "attention.value_length": _head_dim},
          fixed={"hidden_act": "silu"},
-         flags={"attention_bias": "blk.0.attn_q.bias"}),
+         flags={"attention_bias": "blk.0.attn_q.bias"}, config_bos=False,
+         encode=lambda cfg: {"rope.freq_base": float(_rope_block(cfg).get("rope_theta", 10000.0))}),
 )}
 _ANY_ARCH_CHECKED = {"vocab_size": lambda cfg: cfg["vocab_size"]}
 
@@ -114,6 +135,11 @@ _ANY_ARCH_CHECKED = {"vocab_size": lambda cfg: cfg["vocab_size"]}
 def own_mapping(arch: str) -> Arch | None:
     """The entry for a GGUF architecture residscope converts itself (None: transformers' reader, or nobody)."""
     return ARCHS.get(arch)
+
+
+def for_model_type(model_type: str) -> Arch | None:
+    """The entry that writes a transformers model_type (GGUF export), None when the table has none."""
+    return next((a for a in ARCHS.values() if a.model_type == model_type), None)
 
 
 # ---- metadata -> config --------------------------------------------------------------------------------------------
@@ -167,6 +193,8 @@ def config_fields(reader, spec: Arch, path: Path) -> dict:
     for name, key in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"),
                       ("pad_token_id", "padding_token_id")):
         cfg[name] = reader.fields[f"tokenizer.ggml.{key}"].contents() if f"tokenizer.ggml.{key}" in reader.fields else None
+    if not spec.config_bos:
+        cfg["bos_token_id"] = None
     tensors = {t.name: t for t in reader.tensors}
     if "token_embd.weight" not in tensors:
         raise CheckpointError(f"{path}: GGUF has no tensor token_embd.weight")
@@ -285,3 +313,63 @@ def _tokenizer(gguf_path: Path, model_type: str):
         return cls.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
     except (KeyError, ValueError) as e:
         raise CheckpointError(f"{gguf_path}: cannot build its tokenizer ({str(e).splitlines()[0]})") from None
+
+
+# ---- export: the table read the other way --------------------------------------------------------------------------
+
+def metadata_of(spec: Arch, hf: dict) -> dict:
+    """{key inside `{arch}.`: value} that convert_hf_to_gguf.py would write for a transformers config dict (as
+    `PretrainedConfig.to_dict()` gives it), including the keys whose default llama.cpp would assume."""
+    stated = {m.key: hf[m.field] for m in spec.meta if m.field is not None and hf.get(m.field) is not None}
+    stated.update(spec.encode(hf))
+    return stated
+
+
+def unexpressed(spec: Arch, hf: dict, stated: dict) -> str | None:
+    """The first config field (`name=value`) the metadata would not give back when loaded, None when every one does:
+    what the architecture's GGUF cannot say (a RoPE scaling, another activation) must not be exported silently."""
+    cfg = {m.field: stated.get(m.key, m.default) for m in spec.meta if m.field is not None}
+    try:
+        cfg.update(spec.derive(cfg, {**{m.key: m.default for m in spec.meta}, **stated}))
+    except ValueError as e:
+        return str(e)
+    cfg.update(spec.fixed)
+    for name, value in cfg.items():
+        given = hf.get(name)
+        if name == "rope_parameters":
+            given = {k: v for k, v in (given or {}).items() if v is not None}
+            value = {k: v for k, v in value.items() if v is not None}
+            given.setdefault("partial_rotary_factor", value.get("partial_rotary_factor", 1.0))
+            value.setdefault("partial_rotary_factor", 1.0)
+        if given != value:
+            return f"{name}={given!r} (the {spec.arch} GGUF metadata would say {value!r})"
+    return None
+
+
+def gguf_name_of(spec: Arch, hf_name: str, n_layers: int) -> str:
+    """The GGUF name convert gives a transformers tensor (the gguf package's table); KeyError when it has none."""
+    import gguf
+
+    arch_id = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == spec.arch)
+    name = gguf.get_tensor_name_map(arch_id, n_layers).get_name(hf_name, try_suffixes=(".weight", ".bias"))
+    if name is None:
+        raise KeyError(hf_name)
+    return name
+
+
+def converted(spec: Arch, gguf_name: str, data: np.ndarray, hf: dict) -> np.ndarray:
+    """`data` rewritten as convert writes it under `gguf_name` (the inverse of `undo`)."""
+    inner = gguf_name.split(".", 2)[2] if gguf_name.startswith("blk.") else gguf_name
+    return spec.redo[inner](data, hf) if inner in spec.redo else data
+
+
+def add_metadata(writer, spec: Arch, stated: dict) -> None:
+    """Typed as llama.cpp's loader reads them: bool, uint32 counts, float32 reals."""
+    for key, value in stated.items():
+        full = f"{spec.arch}.{key}"
+        if isinstance(value, bool):
+            writer.add_bool(full, value)
+        elif isinstance(value, int):
+            writer.add_uint32(full, value)
+        else:
+            writer.add_float32(full, float(value))

@@ -26,14 +26,16 @@ N_VOCAB = len(TOKENS) + 4  # embedding rows beyond the tokenizer's, as real chec
 def make(arch: str, **kw):
     torch.manual_seed(0)
     if arch == "gptneox":  # rotary_pct 0.25 of d_head 16: 4 rotated dims; rope base 10000 (convert never writes it)
-        cfg = GPTNeoXConfig(vocab_size=N_VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                            num_attention_heads=4, max_position_embeddings=128, rotary_pct=0.25, layer_norm_eps=1e-5,
-                            bos_token_id=len(TOKENS) - 1, eos_token_id=len(TOKENS) - 1, **kw)
+        cfg = GPTNeoXConfig(**{**dict(vocab_size=N_VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                      num_attention_heads=4, max_position_embeddings=128, rotary_pct=0.25,
+                                      layer_norm_eps=1e-5, bos_token_id=len(TOKENS) - 1,
+                                      eos_token_id=len(TOKENS) - 1), **kw})
         return randomize(GPTNeoXForCausalLM(cfg))
-    cfg = Olmo2Config(vocab_size=N_VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-6,
-                      pad_token_id=None, bos_token_id=None, eos_token_id=len(TOKENS) - 1,
-                      **{"rope_parameters": {"rope_type": "default", "rope_theta": 5000.0}, **kw})
+    cfg = Olmo2Config(**{**dict(vocab_size=N_VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                rms_norm_eps=1e-6, pad_token_id=None, bos_token_id=None,
+                                eos_token_id=len(TOKENS) - 1,
+                                rope_parameters={"rope_type": "default", "rope_theta": 5000.0}), **kw})
     return randomize(Olmo2ForCausalLM(cfg))
 
 
@@ -169,6 +171,7 @@ def test_gguf_loads_with_the_source_models_logits_and_config(case, tmp_path):
         assert cfg.normalization_type == "LN" and not cfg.default_prepend_bos  # Pythia: no BOS, as TransformerLens
     else:
         assert cfg.n_key_value_heads == 2 and cfg.norm_eps == 1e-6 and cfg.rope["full_attention"].theta == 5000.0
+        assert not cfg.default_prepend_bos  # OLMo 2's configs name no BOS (the file's BOS id is its tokenizer's)
     assert model.to_str_tokens(" the a", prepend_bos=False) == [" the", " ", "a"]  # the file's merges
 
 
@@ -251,3 +254,63 @@ def test_contradicting_metadata_is_refused(tmp_path):
     path = tmp_path / "bad-key-length.gguf"
     convert(make("olmo2"), path, "olmo2", extra=lambda w: w.add_key_length(32))
     _refused(path, "olmo2.attention.key_length=32")
+
+
+# ---- export: residscope's GGUF writer for the same architectures (the table read the other way) -------------------
+@pytest.fixture(scope="module")
+def tokenizer():
+    from tiny_llama import tiny_tokenizer
+
+    return tiny_tokenizer(300)
+
+
+def saved(tmp_path, arch: str, tokenizer, **kw):
+    """A three-layer source checkpoint with a real byte-level BPE tokenizer (export writes the tokenizer too)."""
+    hf = make(arch, vocab_size=len(tokenizer), num_hidden_layers=3, **kw)
+    folder = tmp_path / f"src-{arch}"
+    hf.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return hf, folder
+
+
+@pytest.mark.parametrize("quant", ["f32", "f16"])
+@pytest.mark.parametrize("arch", ["gptneox", "olmo2"])
+def test_export_round_trips_through_the_gguf_loader(arch, quant, tmp_path, tokenizer):
+    """A pruned model exported as the architecture's GGUF reads back with the in-memory logits (f16: the logits of the
+    model with its matrices rounded to f16, which the writer stores exactly)."""
+    import gguf
+
+    from residscope.model.gguf_export import write_gguf
+    from residscope.surgery import remove_layers
+
+    hf, folder = saved(tmp_path, arch, tokenizer)
+    if quant == "f16":
+        as_stored(hf, "f16").save_pretrained(folder)
+    pruned = remove_layers(load_model(folder), [1])
+    out = write_gguf(pruned, tmp_path / f"{arch}-{quant}.gguf", quant=quant)
+    fields = {k: f.contents() for k, f in gguf.GGUFReader(out.path).fields.items() if k.startswith(arch)}
+    assert fields[f"{arch}.block_count"] == 2 and out.n_layers == 2
+    back = load_model(out.path)
+    tokens = pruned.to_tokens("The capital of France is Paris.")
+    with torch.no_grad():
+        assert_close(back(tokens), pruned(tokens), atol=1e-5, rtol=1e-5)
+    assert back.to_str_tokens("The capital") == pruned.to_str_tokens("The capital")
+
+
+def test_export_refuses_what_the_architecture_cannot_say(tmp_path, tokenizer):
+    from residscope.model.errors import InputError
+    from residscope.model.gguf_export import write_gguf
+    from residscope.surgery import remove_sublayers
+
+    _, folder = saved(tmp_path, "gptneox", tokenizer, hidden_act="gelu_new")  # llama.cpp's gptneox: exact GELU only
+    with pytest.raises(InputError, match="cannot express hidden_act='gelu_new'") as err:
+        write_gguf(load_model(folder), tmp_path / "x.gguf")
+    assert "\n" not in str(err.value) and not (tmp_path / "x.gguf").exists()
+    _, folder = saved(tmp_path, "olmo2", tokenizer,
+                      rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 5000.0})
+    with pytest.raises(InputError, match="rope_parameters"):
+        write_gguf(load_model(folder), tmp_path / "x.gguf")
+    _, folder = saved(tmp_path / "half", "olmo2", tokenizer)
+    with pytest.raises(InputError, match="halves"):
+        write_gguf(remove_sublayers(load_model(folder), mlp=[0]), tmp_path / "x.gguf")
+    assert not (tmp_path / "x.gguf").exists()
