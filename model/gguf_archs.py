@@ -19,6 +19,8 @@ meta device, and each of its parameter names goes through `gguf.get_tensor_name_
 direction convert uses, which is unambiguous); inverting that gives GGUF name -> transformers name for this model.
 Quantized tensors are dequantized with `gguf.quants.dequantize`. The tokenizer is transformers' own GGUF tokenizer
 converter (byte-level BPE from `tokenizer.ggml.*`), built as the family's tokenizer class.
+Read the other way (`encode`, `redo`, `metadata_of`, `unexpressed`), the same table is GGUF export's for these
+architectures (model/gguf_export.py): a config the metadata could not give back is refused rather than written.
 """
 
 from __future__ import annotations
