@@ -276,7 +276,10 @@ def _write_hf_folder(gguf_path: Path, out_dir: Path) -> None:
 def _architecture(gguf_path: Path) -> str | None:
     import gguf
 
-    field = gguf.GGUFReader(str(gguf_path)).fields.get("general.architecture")  # the shared parse
+    try:
+        field = gguf.GGUFReader(str(gguf_path)).fields.get("general.architecture")  # the shared parse
+    except ValueError as e:  # bad magic, version, duplicate tensor names
+        raise CheckpointError(f"{gguf_path}: not a readable GGUF file ({str(e).splitlines()[0]})") from None
     return None if field is None else field.contents()
 
 
