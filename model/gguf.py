@@ -278,8 +278,8 @@ def _architecture(gguf_path: Path) -> str | None:
 
     try:
         field = gguf.GGUFReader(str(gguf_path)).fields.get("general.architecture")  # the shared parse
-    except ValueError as e:  # bad magic, version, duplicate tensor names
-        raise CheckpointError(f"{gguf_path}: not a readable GGUF file ({str(e).splitlines()[0]})") from None
+    except (ValueError, IndexError) as e:  # bad magic, version, duplicate tensor names; a truncated file
+        raise CheckpointError(f"{gguf_path}: truncated, corrupt or not a GGUF file ({str(e).splitlines()[0]})") from None
     return None if field is None else field.contents()
 
 
