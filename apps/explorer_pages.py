@@ -34,6 +34,21 @@ def prompt_text() -> str:
     return st.session_state.get("prompt") or DEFAULT_PROMPT
 
 
+def position_limit(source: str) -> int | None:
+    """The longest sequence the model can take at all: the size of its learned position table (GPT-2, OPT). None for
+    relative positions (RoPE, ALiBi, none), which run past their trained window (an extension study's subject)."""
+    cfg = cache.model(source).cfg
+    return cfg.max_position_embeddings if cfg.positional == "learned" else None
+
+
+def tokens_per_sample(container, source: str, key: str, default: int = 128) -> int:
+    """The "Tokens per sample" input, capped at the learned position table where there is one."""
+    limit = position_limit(source)
+    top = min(2048, limit) if limit else 2048
+    return int(container.number_input("Tokens per sample", 8, top, min(default, top), step=32, key=key,
+                                      help=f"at most {limit}: the model's learned positions" if limit else None))
+
+
 # ---- 1. prompt, tokens, next-token predictions, logit lens --------------------------------------------------------
 def page_tokens(source: str) -> None:
     st.header("Prompt, tokens and the logit lens")
@@ -116,7 +131,7 @@ def page_attention(source: str) -> None:
     st.subheader("Over the calibration corpus")
     c1, c2 = st.columns(2)
     samples = c1.number_input("Samples", 1, 256, 8, key="attn_samples")
-    seq_len = c2.number_input("Tokens per sample", 8, 2048, 128, step=32, key="attn_seq_len")
+    seq_len = tokens_per_sample(c2, source, "attn_seq_len")
     if st.button("Compute sink statistics over the corpus", key="attn_corpus_button"):
         st.session_state["attn_corpus"] = (int(samples), int(seq_len), int(first_k))
     if st.session_state.get("attn_corpus"):
@@ -138,8 +153,13 @@ def page_attention(source: str) -> None:
     st.caption("Sink mass, attention entropy, attended distance and per-position loss in one forward per sample; the "
                "pattern is reduced a block of query rows at a time and never held whole (whole patterns are refused "
                "past 8,192 tokens). Text: Shakespeare's plays (builtin:plays/evaluation). SmolLM2 at 16k takes minutes.")
+    limit = position_limit(source)
+    if limit is not None and limit < 256:
+        st.info(f"This model has {limit} learned positions: no sequence reaches the lengths this section studies.")
+        return
     c1, c2, c3 = st.columns(3)
-    lc_len = c1.number_input("Tokens", 256, 65536, 4096, step=1024, key="lc_len")
+    lc_len = c1.number_input("Tokens", 256, min(65536, limit or 65536), min(4096, limit or 4096), step=1024,
+                             key="lc_len")
     lc_samples = c2.number_input("Samples", 1, 16, 1, key="lc_samples")
     methods = ["none", *[m for m in cache.extension_methods(source) if m not in ("none", "pv-replace")]]
     lc_method = c3.selectbox("Extension method", methods, key="lc_method")
@@ -170,7 +190,7 @@ def page_residual(source: str) -> None:
                "residual stream at layer l and position t over samples (layer 0 = embeddings).")
     c1, c2, c3, c4 = st.columns(4)
     samples = int(c1.number_input("Samples", 2, 512, 8, key="pos_samples"))
-    seq_len = int(c2.number_input("Tokens per sample", 8, 2048, 128, step=32, key="pos_seq_len"))
+    seq_len = tokens_per_sample(c2, source, "pos_seq_len")
     first_k = int(c3.number_input("First k tokens", 1, 16, 4, key="pos_first_k"))
     threshold = float(c4.slider("Cosine for 'same vector'", 0.5, 1.0, 0.95, key="pos_cos"))
     with computing(f"Decomposing {samples} x {seq_len} tokens..."):
@@ -214,6 +234,9 @@ def page_rope(source: str) -> None:
     lm = cache.model(source)
     cfg = lm.cfg
     own = cache.model_bounds(source)
+    if own is None:
+        st.info(f"This {cfg.model_type} model has no rotary positions ({cfg.positional!r}): it has no RoPE bound. The "
+                "calculator below is for a RoPE head you describe, not for this model.")
     base0 = float(own[0].base) if own else 10000.0
     c1, c2, c3, c4, c5 = st.columns(5)
     base = float(c1.number_input("Base θ", 2.0, 1e12, base0, format="%g", key="rope_base"))
@@ -256,7 +279,7 @@ def page_rope(source: str) -> None:
 
     st.subheader("The model's own RoPE")
     if own is None:
-        st.info(f"{source} uses {cfg.positional!r} positions, not RoPE.")
+        st.caption(f"None: {source} uses {cfg.positional!r} positions.")
     else:
         st.dataframe([{"layers": f"{k.layer_kind} ({len(k.layers)})", "head dim": k.head_dim, "rotary dim": k.rotary_dim,
                        "base": f"{k.base:g}", "scaling": "none" if k.rope_type == "default" else f"{k.rope_type} x{k.factor:g}",
@@ -309,7 +332,7 @@ def page_pruning(source: str) -> None:
     c1, c2, c3 = st.columns(3)
     metric = c1.selectbox("Metric", METRICS, key="bi_metric")
     samples = int(c2.number_input("Calibration samples", 1, 256, 8, key="bi_samples"))
-    seq_len = int(c3.number_input("Tokens per sample", 8, 2048, 128, step=32, key="bi_seq_len"))
+    seq_len = tokens_per_sample(c3, source, "bi_seq_len")
     with computing(f"Scoring {n_layers} blocks on {samples} x {seq_len} tokens..."):
         result = cache.influence(source, metric, samples, seq_len)
     n_remove = st.slider("Layers to remove", 1, n_layers - 1, max(1, round(0.25 * n_layers)), key="bi_n_remove")
@@ -487,8 +510,13 @@ def page_extension(source: str) -> None:
     max_tokens = int(c3.number_input("Evaluation tokens read", 256, 1 << 20, 2048, step=256, key="ext_max_tokens"))
     methods_all = cache.extension_methods(source)
     st.caption(f"Trained window W = {w:,} tokens. Methods that apply to this model: {', '.join(methods_all)}.")
+    limit = position_limit(source)
     default_lengths = f"{w},{2 * w},{4 * w}" if w <= 512 else "128,256,512"
-    if w > 512:
+    if limit is not None:
+        st.info(f"This model's positions are a learned table of {limit}: nothing runs past position {limit}, so "
+                "lengths stay within it.")
+        default_lengths = ",".join(str(n) for n in sorted({max(8, limit // 4), max(8, limit // 2), limit}))
+    elif w > 512:
         st.info(f"W = {w:,} is long for a CPU: the default lengths stay inside it. Set W smaller to study "
                 "extension on this model, or pick a zoo model.")
     methods = st.multiselect("Methods", methods_all, default=[m for m in methods_all if m != "pv-replace"],
@@ -514,7 +542,7 @@ def page_extension(source: str) -> None:
 
     st.subheader("Passkey retrieval")
     c1, c2, c3 = st.columns(3)
-    pk_lengths = c1.text_input("Prompt lengths", str(min(max(w, 256), 512)), key=f"pk_lengths_{w}")
+    pk_lengths = c1.text_input("Prompt lengths", str(min(max(w, 256), 512, limit or 512)), key=f"pk_lengths_{w}")
     pk_depths = c2.text_input("Key depths", "0.5", key="pk_depths")
     n_keys = int(c3.number_input("Keys per cell", 1, 20, 3, key="pk_keys"))
     if st.button("Run passkey", key="pk_button", disabled=not methods):
@@ -546,7 +574,8 @@ def page_ruler(source: str) -> None:
     w = cache.trained_window(source)
     tasks = st.multiselect("Tasks", list(TASKS), default=["niah_single_1"], key="ruler_tasks")
     c1, c2, c3, c4 = st.columns(4)
-    lengths_text = c1.text_input("Lengths (prompt + answer budget)", "1024", key="ruler_lengths")
+    limit = position_limit(source)
+    lengths_text = c1.text_input("Lengths (prompt + answer budget)", str(min(1024, limit or 1024)), key="ruler_lengths")
     depths_text = c2.text_input("Needle depths", "0.5", key="ruler_depths")
     samples = int(c3.number_input("Samples per cell", 1, 50, 1, key="ruler_samples"))
     seed = int(c4.number_input("Seed", 0, 1 << 30, 42, key="ruler_seed"))
@@ -556,12 +585,19 @@ def page_ruler(source: str) -> None:
     factor_in = float(c2.number_input("Factor s (0 = longest length / W)", 0.0, 1024.0, 0.0, key="ruler_factor"))
     st.caption(f"Trained window W = {w:,} tokens; every sample decodes up to 128 tokens (niah), 120 (cwe), 50 (fwe) or "
                "30 (vt): a few seconds per sample per thousand tokens on a CPU.")
+    if limit is not None:
+        st.info(f"This model's positions are a learned table of {limit}: a prompt and its answer must fit in it.")
     if tasks:
         with st.expander(f"Sample prompt of {tasks[0]}"):
             lengths_ = _lengths(lengths_text, "lengths")
-            p = cache.ruler_prompt(source, tasks[0], lengths_[0], _depths(depths_text)[0], seed)
-            st.caption(f"{len(p.ids):,} tokens + {p.max_new_tokens} to generate; references: {', '.join(p.references)}")
-            st.text(p.text if len(p.text) < 6000 else p.text[:3000] + "\n[...]\n" + p.text[-3000:])
+            try:
+                p = cache.ruler_prompt(source, tasks[0], lengths_[0], _depths(depths_text)[0], seed)
+            except InputError as e:  # the length is too short for the task: the preview says so, the run would too
+                st.warning(str(e))
+            else:
+                st.caption(f"{len(p.ids):,} tokens + {p.max_new_tokens} to generate; references: "
+                           f"{', '.join(p.references)}")
+                st.text(p.text if len(p.text) < 6000 else p.text[:3000] + "\n[...]\n" + p.text[-3000:])
     if st.button("Run RULER", key="ruler_button", disabled=not tasks):
         st.session_state["ruler"] = (tuple(tasks), _lengths(lengths_text, "lengths"), _depths(depths_text), samples, seed,
                                      method, factor_in if factor_in >= 1 else None)
@@ -590,7 +626,7 @@ def page_experts(source: str) -> None:
     lm = cache.model(source)
     c1, c2 = st.columns(2)
     samples = int(c1.number_input("Calibration samples", 1, 256, 8, key="moe_samples"))
-    seq_len = int(c2.number_input("Tokens per sample", 8, 2048, 128, step=32, key="moe_seq_len"))
+    seq_len = tokens_per_sample(c2, source, "moe_seq_len")
     with computing(f"Routing {samples} x {seq_len} tokens through {len(layers)} MoE layers..."):
         stats, attr = cache.routing(source, samples, seq_len)
     m1, m2, m3 = st.columns(3)

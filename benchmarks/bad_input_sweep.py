@@ -271,6 +271,60 @@ def lying_files(work: Path) -> None:
     case("config vocab_size smaller than the tokenizer's",
          ["ppl", "--model", zoo_copy(work, "rope", vocab_size=1000), *FAST], culprit="vocab_size 1000")
 
+    # GGUF files of residscope's own table (model/gguf_archs.py): a key the converter always writes, missing; a key
+    # the table does not read; a tensor missing. The file: a random GPT-NeoX with the zoo's tokenizer, exported.
+    good = neox_gguf(work)
+    case("gptneox GGUF without use_parallel_residual",
+         ["ppl", "--model", gguf_edit(good, work / "no-key.gguf", remove="gptneox.use_parallel_residual"), *FAST],
+         culprit="gptneox.use_parallel_residual")
+    case("gptneox GGUF with a key the mapping does not read",
+         ["ppl", "--model", gguf_edit(good, work / "swa.gguf", add=("gptneox.attention.sliding_window", 16)), *FAST],
+         culprit="gptneox.attention.sliding_window")
+    case("gptneox GGUF without one tensor",
+         ["ppl", "--model", gguf_edit(good, work / "no-tensor.gguf", drop_tensor="blk.1.ffn_up.weight"), *FAST],
+         culprit="blk.1.ffn_up.weight")
+
+
+def neox_gguf(work: Path) -> Path:
+    """A tiny random GPT-NeoX (the zoo's tokenizer) written by `residscope.model.gguf_export` as llama.cpp's gptneox."""
+    from transformers import AutoTokenizer, GPTNeoXConfig, GPTNeoXForCausalLM
+
+    from residscope.model import load_model
+    from residscope.model.gguf_export import write_gguf
+
+    folder = work / "neox"
+    tokenizer = AutoTokenizer.from_pretrained(ZOO / "rope")
+    GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                                     num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=128,
+                                     rotary_pct=0.25)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return Path(write_gguf(load_model(folder), work / "neox.gguf").path)
+
+
+def gguf_edit(source: Path, target: Path, *, remove: str | None = None, add: tuple | None = None,
+              drop_tensor: str | None = None) -> Path:
+    """`source` rewritten by the gguf package's writer without one key or tensor, or with one more uint32 key."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(source))
+    writer = gguf.GGUFWriter(str(target), reader.fields["general.architecture"].contents())
+    for key, f in reader.fields.items():
+        if key.startswith("GGUF.") or key in ("general.architecture", remove):
+            continue
+        value_type = f.types[0]
+        sub_type = f.types[-1] if value_type == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(key, f.contents(), value_type, sub_type=sub_type)
+    if add is not None:
+        writer.add_uint32(*add)
+    for t in reader.tensors:
+        if t.name != drop_tensor:
+            writer.add_tensor(t.name, t.data, raw_shape=list(reversed(t.shape.tolist())), raw_dtype=t.tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return target
+
 
 def tokenizer_failures(work: Path) -> None:
     CLASS[0] = "4. config and tokenizer failures"

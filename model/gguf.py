@@ -1,13 +1,14 @@
 """GGUF file -> Hugging Face-layout folder (config.json, model.safetensors, tokenizer files), cached on disk.
 
-The conversion is transformers' own GGUF support, not ours: `AutoConfig` / `AutoTokenizer` with `gguf_file=` for the
-config and tokenizer, and `load_gguf_checkpoint` (the `gguf` package's reader and dequantiser plus transformers'
+For the architectures transformers' GGUF reader lacks (gptneox, olmo2) the conversion is residscope's own table of
+llama.cpp's converter, inverted (model/gguf_archs.py). For the others it is transformers' own GGUF support:
+`AutoConfig` / `AutoTokenizer` with `gguf_file=` for the config and tokenizer, and `load_gguf_checkpoint` (the `gguf` package's reader and dequantiser plus transformers'
 per-architecture fixes) for the weights. Those fixes are what make the folder equal to transformers' GGUF loading:
 - llama: llama.cpp permutes the rows of q/k into interleaved-pair RoPE order; transformers undoes the permutation.
 - gemma3: llama.cpp stores every `*norm.weight` as w + 1 (Gemma's RMSNorm multiplies by 1 + w); transformers subtracts 1.
 What a file states and transformers' reader drops (LongRoPE factor tensors, a partial rotary dimension, Gemma 2's
 soft-caps or attention scale other than its defaults) would make a different model: such a file is refused
-(`_unread_by_transformers`), as is an architecture transformers cannot read at all (OLMo 2).
+(`_unread_by_transformers`), as is an architecture neither transformers nor gguf_archs reads.
 We write the result in float32 with the names and layout `save_pretrained` would use, so every loader (ours,
 transformers' `from_pretrained(folder)`) reads the same numbers.
 
@@ -40,6 +41,7 @@ from pathlib import Path
 from residscope.common.atomic import atomic_dir
 
 from .errors import CheckpointError, MissingFileError
+from .gguf_archs import own_mapping, write_own_hf_folder
 
 log = logging.getLogger(__name__)
 
@@ -227,6 +229,10 @@ def _write_hf_folder(gguf_path: Path, out_dir: Path) -> None:
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
     folder, name = str(gguf_path.parent), gguf_path.name
+    spec = own_mapping(_architecture(gguf_path))
+    if spec is not None:
+        write_own_hf_folder(gguf_path, out_dir, spec)
+        return
     try:
         config = AutoConfig.from_pretrained(folder, gguf_file=name)
     except (ValueError, KeyError, NotImplementedError) as e:
@@ -265,6 +271,16 @@ def _write_hf_folder(gguf_path: Path, out_dir: Path) -> None:
 
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     tokenizer.save_pretrained(out_dir)
+
+
+def _architecture(gguf_path: Path) -> str | None:
+    import gguf
+
+    try:
+        field = gguf.GGUFReader(str(gguf_path)).fields.get("general.architecture")  # the shared parse
+    except (ValueError, IndexError) as e:  # bad magic, version, duplicate tensor names; a truncated file
+        raise CheckpointError(f"{gguf_path}: truncated, corrupt or not a GGUF file ({str(e).splitlines()[0]})") from None
+    return None if field is None else field.contents()
 
 
 def _unread_by_transformers(gguf_path: Path, config) -> str | None:

@@ -182,8 +182,11 @@ def check_exportable(hf: dict) -> None:
     """One line for a model llama.cpp's llama architecture cannot express."""
     model_type = hf.get("model_type")
     if model_type not in ARCHITECTURES:
-        raise InputError(f"GGUF export supports {', '.join(ARCHITECTURES)} models (llama.cpp's llama architecture); "
-                         f"this model is {model_type!r}")
+        from .gguf_archs import ARCHS
+
+        own = ", ".join(a.model_type for a in ARCHS.values())
+        raise InputError(f"GGUF export supports {', '.join(ARCHITECTURES)} models (llama.cpp's llama architecture) and "
+                         f"{own} (residscope's GGUF table); this model is {model_type!r}")
     if hf.get("mlp_bias"):
         raise InputError("GGUF export: llama.cpp's llama architecture has no MLP biases (mlp_bias=true)")
     if model_type == "mistral" and hf.get("sliding_window"):
@@ -229,6 +232,12 @@ def add_llama_metadata(writer, hf: dict, *, n_layers: int, n_vocab: int, quant: 
     if rope.get("rope_type", rope.get("type")) == "linear":
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(float(rope["factor"]))
+    add_file_type(writer, quant)
+
+
+def add_file_type(writer, quant: str) -> None:
+    import gguf
+
     file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                  "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}[quant]
     writer.add_file_type(file_type)
@@ -329,13 +338,60 @@ def gguf_tensors(model, hf: dict, quant: str):
     return out, zeroed
 
 
+def own_arch_tensors(model, spec, hf: dict, quant: str):
+    """`gguf_tensors` for an architecture of residscope's GGUF table (model/gguf_archs.py): convert's names from the
+    gguf package's table, convert's rewrites (`Arch.redo`). Sub-block pruning has no expression there: refused."""
+    from .export import hf_state_dict
+    from .gguf_archs import converted, gguf_name_of
+
+    removed = {"attn": list(model.cfg.removed_attn), "mlp": list(model.cfg.removed_mlp)}
+    if removed["attn"] or removed["mlp"]:
+        raise InputError(f"GGUF export of {spec.model_type}: removed attention/MLP halves {removed} cannot be written "
+                         "(only llama blocks are written with zero halves); remove whole layers instead")
+    state = hf_state_dict(model)
+    tied = "lm_head.weight" not in state
+    out = []
+    for hf_name, t in state.items():
+        try:
+            name = gguf_name_of(spec, hf_name, model.cfg.n_layers)
+        except KeyError:
+            raise InputError(f"GGUF export: tensor {hf_name!r} has no place in llama.cpp's {spec.arch} "
+                             "architecture") from None
+        data = converted(spec, name, t.detach().to("cpu", torch.float32).numpy(), hf)
+        ggml_type = tensor_type(name, tuple(data.shape), quant, tied)
+        raw_data, raw = encode_tensor(torch.from_numpy(np.ascontiguousarray(data)), ggml_type)
+        out.append((name, raw_data, raw, ggml_type))
+    return out, {"attn": [], "mlp": []}
+
+
+def _own_arch(hf: dict):
+    """(table entry, normalised config dict, metadata) when residscope's GGUF table writes this model_type, else None;
+    InputError for a config whose metadata could not say everything it computes."""
+    from transformers import AutoConfig
+
+    from .gguf_archs import for_model_type, metadata_of, unexpressed
+
+    spec = for_model_type(hf.get("model_type"))
+    if spec is None:
+        return None
+    skip = ("model_type", "architectures", "transformers_version", "_name_or_path")
+    normal = AutoConfig.for_model(spec.model_type, **{k: v for k, v in hf.items() if k not in skip}).to_dict()
+    stated = metadata_of(spec, normal)
+    problem = unexpressed(spec, normal, stated)
+    if problem is not None:
+        raise InputError(f"GGUF export: llama.cpp's {spec.arch} architecture cannot express {problem}")
+    return spec, normal, stated
+
+
 def write_gguf(model, path: str | os.PathLike, *, quant: str = "f32", force: bool = False,
                name: str | None = None) -> GGUFExport:
-    """Write `model` (dense or pruned, llama architecture, byte-level BPE tokenizer) to `path` as GGUF; see the module
-    docstring. Every refusal is one line and happens before anything is written."""
+    """Write `model` (dense or pruned, byte-level BPE tokenizer) to `path` as GGUF: llama architecture for
+    llama/mistral models, else the architecture residscope's GGUF table (model/gguf_archs.py) has for its model_type
+    (gptneox, olmo2); see the module docstring. Every refusal is one line and happens before anything is written."""
     import gguf
 
     from .export import hf_config_of
+    from .gguf_archs import add_metadata
 
     check_quant(quant)
     path = check_gguf_target(path, force=force)
@@ -344,9 +400,14 @@ def write_gguf(model, path: str | os.PathLike, *, quant: str = "f32", force: boo
     if model.tokenizer is None:
         raise InputError("GGUF export needs the model's tokenizer (llama.cpp reads it from the file)")
     hf = hf_config_of(model)
-    check_exportable(hf)
+    own = _own_arch(hf)
+    if own is None:
+        check_exportable(hf)
     n_layers = model.cfg.n_layers
-    tensors, zeroed = gguf_tensors(model, hf, quant)
+    if own is None:
+        tensors, zeroed = gguf_tensors(model, hf, quant)
+    else:
+        tensors, zeroed = own_arch_tensors(model, own[0], own[1], quant)
     n_vocab = dict((n, d) for n, d, _, _ in tensors)["token_embd.weight"].shape[0]
     if zeroed["attn"] or zeroed["mlp"]:
         warnings.warn(f"{path}: removed attention/MLP halves {zeroed} are written as zero tensors (llama.cpp's llama "
@@ -359,8 +420,16 @@ def write_gguf(model, path: str | os.PathLike, *, quant: str = "f32", force: boo
         types[t] = types.get(t, 0) + 1
 
     def write(tmp: Path) -> None:
-        writer = gguf.GGUFWriter(tmp, "llama")
-        add_llama_metadata(writer, hf, n_layers=n_layers, n_vocab=n_vocab, quant=quant, name=label)
+        if own is None:
+            writer = gguf.GGUFWriter(tmp, "llama")
+            add_llama_metadata(writer, hf, n_layers=n_layers, n_vocab=n_vocab, quant=quant, name=label)
+        else:
+            spec, _, stated = own
+            writer = gguf.GGUFWriter(tmp, spec.arch)
+            writer.add_type(gguf.GGUFType.MODEL)
+            writer.add_name(label)
+            add_metadata(writer, spec, {**stated, "vocab_size": n_vocab})
+            add_file_type(writer, quant)
         with tempfile.TemporaryDirectory() as scratch:
             pre_box.append(add_tokenizer(writer, model.tokenizer, n_vocab, Path(scratch)))
         writer.add_array("residscope.layer_origin", origin)

@@ -223,7 +223,7 @@ def test_offloaded_gpt_neox_is_bit_exact(saved):
         assert torch.equal(streamed(tokens), plain(tokens))
 
 
-# ---- GGUF: the GPT-lineage architectures transformers' GGUF loader reads (gpt2, bloom; not gptneox) ------------------
+# ---- GGUF: the GPT-lineage architectures transformers' GGUF loader reads (gpt2, bloom; gptneox: test_gguf_archs) -----
 def _write_gguf(path, hf, arch: str, params: dict) -> None:
     """`hf` as llama.cpp's convert_hf_to_gguf.py writes it: tensor names from gguf.TensorNameMap, GPT-2's Conv1D weights
     transposed to [out, in], BLOOM's per-head query_key_value regrouped into [q; k; v] rows, a byte-level BPE vocabulary
@@ -292,26 +292,6 @@ def test_gguf_files_load_equal_to_the_model_written(tmp_path, monkeypatch, arch)
     tokens = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert_close(ours(tokens), hf(tokens).logits, atol=1e-4, rtol=1e-4)
-
-
-def test_gptneox_gguf_is_refused_in_one_line(tmp_path, monkeypatch):
-    """transformers' GGUF loader has no gptneox architecture: the refusal says so instead of guessing a conversion."""
-    import gguf
-
-    from residscope.model.errors import CheckpointError
-
-    monkeypatch.setenv("RESIDSCOPE_CACHE", str(tmp_path / "cache"))
-    path = tmp_path / "tiny-gptneox.gguf"
-    w = gguf.GGUFWriter(str(path), "gptneox")
-    w.add_block_count(1)
-    w.add_tensor("token_embd.weight", torch.zeros(4, 8).numpy())
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    with pytest.raises(CheckpointError, match="transformers cannot read this GGUF file") as e:
-        load_model(path)
-    assert "\n" not in str(e.value)
 
 
 def test_offloaded_pruned_gpt2_exports_to_transformers(saved, tmp_path):

@@ -1,9 +1,9 @@
 """GGUF files of the RMSNorm families, written from random transformers models by the `gguf` package's writer the way
 llama.cpp's convert_hf_to_gguf.py writes them (its tensor names through `gguf.TensorNameMap`, its metadata keys, Gemma's
 norms stored as w + 1), then loaded by residscope through transformers' GGUF reader: the logits must be the source
-model's. Qwen3, Gemma 2 and Phi-3 load; what transformers' reader cannot read is refused, never approximated (OLMo 2:
-no GGUF support in transformers; Phi-3 with LongRoPE factors or a partial rotary dimension; Qwen3 with a head_dim
-other than the 128 its reader assumes)."""
+model's. Qwen3, Gemma 2 and Phi-3 load; what transformers' reader cannot read is refused, never approximated (Phi-3
+with LongRoPE factors or a partial rotary dimension; Qwen3 with a head_dim other than the 128 its reader assumes).
+OLMo 2, which transformers cannot read, loads through residscope's own mapping (tests/test_gguf_archs.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from torch.testing import assert_close
-from transformers import (Gemma2Config, Gemma2ForCausalLM, Olmo2Config, Olmo2ForCausalLM, Phi3Config, Phi3ForCausalLM,
+from transformers import (Gemma2Config, Gemma2ForCausalLM, Phi3Config, Phi3ForCausalLM,
                           Qwen3Config, Qwen3ForCausalLM)
 
 from family_zoo import randomize
@@ -169,12 +169,3 @@ def test_gemma2_gguf_whose_soft_cap_transformers_would_not_use_is_refused(tmp_pa
     write_gguf(path, source, "gemma2", gemma2_keys)
     with pytest.raises(CheckpointError, match="attn_logit_softcapping=20"):
         load_model(path)
-
-
-def test_olmo2_gguf_is_refused_in_one_line(tmp_path, cache):
-    source = build(Olmo2Config, Olmo2ForCausalLM, **SHAPE, rope_parameters={"rope_theta": 1000.0})
-    path = tmp_path / "tiny-olmo2.gguf"
-    write_gguf(path, source, "olmo2", lambda w, cfg: None)
-    with pytest.raises(CheckpointError, match="olmo2") as err:
-        load_model(path)
-    assert "\n" not in str(err.value)

@@ -11,18 +11,9 @@ MAX_POSITIONS = 128  # the "trained window" of the tiny model, so context extens
 def make_tiny_checkpoint(folder: Path, *, n_layers: int = 4, vocab_size: int = 512, seed: int = 0) -> Path:
     """Write config.json, model.safetensors and tokenizer files of a random LlamaForCausalLM to `folder`."""
     import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-    from residscope.analyses.corpus import builtin_text
-
-    bpe = Tokenizer(models.BPE(unk_token=None))
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    bpe.train_from_iterator([builtin_text("calibration")[:60_000]], trainer=trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|endoftext|>", eos_token="<|endoftext|>")
+    tokenizer = tiny_tokenizer(vocab_size)
     eos = tokenizer.eos_token_id
 
     torch.manual_seed(seed)
@@ -34,3 +25,19 @@ def make_tiny_checkpoint(folder: Path, *, n_layers: int = 4, vocab_size: int = 5
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def tiny_tokenizer(vocab_size: int = 512):
+    """A byte-level BPE trained here on the built-in corpus, BOS = EOS = <|endoftext|> (SmolLM2's shape)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from residscope.analyses.corpus import builtin_text
+
+    bpe = Tokenizer(models.BPE(unk_token=None))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    bpe.train_from_iterator([builtin_text("calibration")[:60_000]], trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|endoftext|>", eos_token="<|endoftext|>")
