@@ -257,12 +257,13 @@ def tokenizer_description(tokenizer) -> dict:
 
 def pre_tokenizer_name(description: dict) -> str:
     """llama.cpp's `tokenizer.ggml.pre` for a byte-level BPE tokenizer, from its tokenizer.json pre_tokenizer:
-    ByteLevel with the GPT-2 regex -> "gpt2"; individual digits then ByteLevel (SmolLM's) -> "smollm"."""
+    ByteLevel with the GPT-2 regex -> "gpt-2" (llama.cpp's name: convert_hf_to_gguf writes it, llama-vocab reads it;
+    "gpt2" is the tokenizer *model* name and an unknown pre-tokenizer); individual digits then ByteLevel -> "smollm"."""
     pre = description.get("pre_tokenizer") or {}
     parts = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
     kinds = [(p.get("type"), p.get("individual_digits"), p.get("use_regex", True)) for p in parts]
     if kinds == [("ByteLevel", None, True)]:
-        return "gpt2"
+        return "gpt-2"
     if kinds == [("Digits", True, True), ("ByteLevel", None, True)]:
         return "smollm"
     raise InputError(f"GGUF export: pre-tokenizer {json.dumps(pre)[:120]} has no llama.cpp name here "

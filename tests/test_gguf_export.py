@@ -63,7 +63,7 @@ def test_permute_is_llama_cpp_s():
 
 def test_f32_round_trip_is_exact_and_carries_llama_cpp_keys(tiny, tmp_path):
     out = write_gguf(tiny, tmp_path / "tiny.gguf", quant="f32")
-    assert out.tensor_types == {"F32": out.n_tensors} and out.tokenizer_pre == "gpt2"
+    assert out.tensor_types == {"F32": out.n_tensors} and out.tokenizer_pre == "gpt-2"
     back = load_model(tmp_path / "tiny.gguf")
     ids = _ids(tiny)
     assert torch.equal(back(ids), tiny(ids))
@@ -75,7 +75,7 @@ def test_f32_round_trip_is_exact_and_carries_llama_cpp_keys(tiny, tmp_path):
     assert fields["llama.attention.head_count"] == hf["num_attention_heads"]
     assert fields["llama.attention.head_count_kv"] == hf["num_key_value_heads"]
     assert fields["llama.rope.dimension_count"] == hf["hidden_size"] // hf["num_attention_heads"]
-    assert fields["tokenizer.ggml.model"] == "gpt2" and fields["tokenizer.ggml.pre"] == "gpt2"
+    assert fields["tokenizer.ggml.model"] == "gpt2" and fields["tokenizer.ggml.pre"] == "gpt-2"
     vocab = tiny.tokenizer.get_vocab()
     assert fields["tokenizer.ggml.tokens"] == sorted(vocab, key=vocab.get)
     assert len(fields["tokenizer.ggml.merges"]) == len(json.loads(tiny.tokenizer.backend_tokenizer.to_str())["model"]["merges"])
