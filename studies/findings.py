@@ -410,6 +410,7 @@ def parse_plan(spec: str) -> list[tuple[str, int]]:
 
 def rope_retrieval(model, *, bases: Sequence[float], plan: Sequence[tuple[str, int]], n_keys: int = 4,
                    depths: Sequence[float] = (0.0, 0.5, 1.0), eval_tokens: int | None = None,
+                   methods: Sequence[str] = ("none",), text: str | None = None,
                    deadline: float | None = None, done: dict | None = None,
                    on_cell: Callable[[dict], None] | None = None, progress: bool = False) -> dict:
     """One-window perplexity (per position), sliding-window perplexity over the whole evaluation split and passkey
@@ -417,15 +418,23 @@ def rope_retrieval(model, *, bases: Sequence[float], plan: Sequence[tuple[str, i
     cell by cell in `plan` order ((kind, length) pairs, each run for every base). `on_cell(results)` after each cell
     lets a caller save partial results; cells already in `done` (earlier results) are kept, not rerun; a cell whose
     estimated time would pass `deadline` (a time.time()) is skipped and listed, and so is passkey at a length for a
-    base that retrieved no key at a shorter length."""
-    from residscope.analyses.extension import bos_token_id, evaluation_tokens, passkey_accuracy, sliding_window_perplexity, sliding_windows
+    base that retrieved no key at a shorter length.
+
+    `methods` other than "none" (context-extension methods of `analyses.extension`, e.g. ntk, yarn, dca) are applied on
+    top of each base at factor max(1, length / trained window), the setting a model extended to that length would use;
+    every row names its method. `text` replaces the evaluation split (e.g. builtin:plays/evaluation for windows longer
+    than the split's 14k tokens)."""
+    from residscope.analyses.extension import (apply_method, bos_token_id, evaluation_tokens, passkey_accuracy,
+                                               sliding_window_perplexity, sliding_windows, trained_window)
     from residscope.analyses.rope_bound import context_bound
 
     head_dim = model.cfg.d_head
-    tokens = evaluation_tokens(model, eval_tokens)  # [n]: the whole held-out split unless eval_tokens
+    tokens = evaluation_tokens(model, eval_tokens, text)  # [n]: the whole held-out split unless eval_tokens
     bos = bos_token_id(model)
+    window = trained_window(model)
     res: dict = {"head_dim": head_dim, "trained_base": model.cfg.rope_of(0).theta,
-                 "max_position_embeddings": model.cfg.max_position_embeddings,
+                 "max_position_embeddings": model.cfg.max_position_embeddings, "methods": list(methods),
+                 "text": text or "builtin:pydoc/evaluation",
                  "bounds": {f"{b:g}": context_bound(b, head_dim).bound for b in bases},
                  # a resumed run adds its plan to the earlier one and keeps the earlier skips it does not retry
                  "plan": list(dict.fromkeys([*(done or {}).get("plan", []), *(f"{k}:{n}" for k, n in plan)])),
@@ -433,7 +442,8 @@ def rope_retrieval(model, *, bases: Sequence[float], plan: Sequence[tuple[str, i
                  **{kind: list((done or {}).get(kind, [])) for kind in ("perplexity", "sliding", "passkey")},
                  "eval_tokens": eval_tokens,
                  "skipped": [s for s in (done or {}).get("skipped", [])
-                             if (s["kind"], s["length"]) not in set(plan) or s["base"] not in bases]}
+                             if (s["kind"], s["length"]) not in set(plan) or s["base"] not in bases
+                             or s.get("method", "none") not in methods]}
 
     def ppl_cell(length: int) -> dict:
         nll = position_nll(model, tokens, length, bos)  # [length - 1]
@@ -449,8 +459,9 @@ def rope_retrieval(model, *, bases: Sequence[float], plan: Sequence[tuple[str, i
         ppl, nll, n, n_windows = sliding_window_perplexity(model, tokens, length, bos=bos, batch_size=1, progress=progress)
         return {"ppl": ppl, "nll": nll, "n_tokens": n, "n_windows": n_windows, "stride": stride(length)}
 
-    def passkey_cell(length: int) -> dict:
-        rows = passkey_accuracy(model, [length], depths, n_keys=n_keys, progress=progress)
+    def passkey_cell(length: int, ext=None) -> dict:
+        rows = passkey_accuracy(model, [length], depths, n_keys=n_keys, progress=progress, ext=ext,
+                                method=ext.method if ext is not None else "none")
         return {"accuracy": statistics.fmean(r.accuracy for r in rows), "prompt_tokens": rows[0].prompt_tokens,
                 "by_depth": {f"{r.depth:g}": r.accuracy for r in rows}, "answers": {f"{r.depth:g}": r.answers for r in rows}}
 
@@ -467,26 +478,38 @@ def rope_retrieval(model, *, bases: Sequence[float], plan: Sequence[tuple[str, i
             return forward * len(sliding_windows(tokens.numel(), body, stride(length), bos=bos is not None))
         return forward * (n_keys * len(depths) if kind == "passkey" else 1)
 
-    cells = {"perplexity": ppl_cell, "sliding": sliding_cell, "passkey": passkey_cell}
+    cells = {"perplexity": ppl_cell, "sliding": sliding_cell}
+
+    def method_of(row: dict) -> str:
+        return row.get("method", "none")  # rows written before methods existed are direct (no extension)
+
     for kind, length in plan:
-        for base in bases:
-            if any(r["base"] == base and r["length"] == length for r in res[kind]):
-                continue
-            failed = [r["length"] for r in res["passkey"] if r["base"] == base and r["accuracy"] == 0 and r["length"] < length]
-            if kind == "passkey" and failed:
-                res["skipped"].append({"kind": kind, "base": base, "length": length,
-                                       "why": f"no key retrieved at {min(failed)} tokens already"})
-                continue
-            if deadline is not None and time.time() + estimate(kind, length) > deadline:
-                res["skipped"].append({"kind": kind, "base": base, "length": length, "why": "would not finish in time"})
-                continue
-            t = Timer()
-            with model.positional_overrides():
-                model.set_rope(theta=base)
-                row = cells[kind](length)
-            res[kind].append({"base": base, "length": length, "seconds": t.seconds(), **row})
-            if on_cell is not None:
-                on_cell(res)
+        for method in methods:
+            for base in bases:
+                if any(r["base"] == base and r["length"] == length and method_of(r) == method for r in res[kind]):
+                    continue
+                cell = {"kind": kind, "base": base, "length": length, "method": method}
+                failed = [r["length"] for r in res["passkey"] if r["base"] == base and method_of(r) == method
+                          and r["accuracy"] == 0 and r["length"] < length]
+                if kind == "passkey" and failed:
+                    res["skipped"].append({**cell, "why": f"no key retrieved at {min(failed)} tokens already"})
+                    continue
+                if deadline is not None and time.time() + estimate(kind, length) > deadline:
+                    res["skipped"].append({**cell, "why": "would not finish in time"})
+                    continue
+                t = Timer()
+                with model.positional_overrides():
+                    model.set_rope(theta=base)
+                    with apply_method(model, method, max(1.0, length / window)) as ext:
+                        if ext.fwd_hooks:
+                            raise InputError(f"--methods: {method} works through hooks; rope-retrieval takes ntk, yarn, "
+                                             "pi, dynamic-ntk, dca or window")
+                        row = passkey_cell(length, ext) if kind == "passkey" else cells[kind](length)
+                        settings = ext.settings
+                res[kind].append({"base": base, "length": length, "method": method, "settings": settings,
+                                  "seconds": t.seconds(), **row})
+                if on_cell is not None:
+                    on_cell(res)
     return res
 
 
@@ -495,25 +518,29 @@ def rope_retrieval_figure(res: dict):
 
     fig = make_subplots(rows=1, cols=2, subplot_titles=("keys retrieved (solid: key at the start, dashed: middle)",
                                                         "perplexity (solid: sliding, dashed: one window's 2nd half)"))
-    colors = ["#d62728", "#1f77b4", "#2ca02c", "#9467bd"]
-    for i, (label, bound) in enumerate(res["bounds"].items()):
+    colors = ["#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2"]
+    methods = res.get("methods", ["none"])
+    series = [(label, bound, m) for label, bound in res["bounds"].items() for m in methods]
+    for i, (label, bound, method) in enumerate(series):
         base = float(label)
         c = colors[i % len(colors)]
-        name = f"base {label} (bound {bound:,})"
+        name = f"base {label} (bound {bound:,})" + (f", {method}" if method != "none" else "")
+        label = f"{label}-{method}"
         # depth 0 and 0.5 put the key about L and L/2 tokens from the question: the depths that test distance
         curves = [(1, "passkey", lambda r: r["by_depth"].get("0"), "solid"),
                   (1, "passkey", lambda r: r["by_depth"].get("0.5"), "dash"),
                   (2, "sliding", lambda r: r["ppl"], "solid"), (2, "perplexity", lambda r: r["ppl_second_half"], "dash")]
         shown = False
         for col, kind, value, dash in curves:
-            xy = sorted((r["length"], value(r)) for r in res.get(kind, []) if r["base"] == base and value(r) is not None)
+            xy = sorted((r["length"], value(r)) for r in res.get(kind, [])
+                        if r["base"] == base and r.get("method", "none") == method and value(r) is not None)
             # shifted sideways by base (2.5% of the longest length), so equal accuracies stay visible
             dodge = (i - 1) * 0.025 * max((r["length"] for r in res["passkey"]), default=0) if col == 1 else 0
             if xy:
                 fig.add_scatter(x=[x + dodge for x, _ in xy], y=[y for _, y in xy], mode="lines+markers", name=name,
                                 line=dict(color=c, dash=dash), legendgroup=label, showlegend=not shown, row=1, col=col)
                 shown = True
-        for col in (1, 2):
+        for col in (1, 2) if method == methods[0] else ():
             fig.add_vline(x=bound, line_dash="dot", line_color=c, row=1, col=col)
     fig.update_xaxes(title_text="tokens (dotted: context bound of each base)")
     fig.update_annotations(font_size=13)
@@ -529,6 +556,16 @@ def rope_retrieval_figure(res: dict):
 # ---------------------------------------------------------------------------------------------------------------------
 def _floats(s: str) -> list[float]:
     return [float(x) for x in s.split(",") if x]
+
+
+def _depths(s: str) -> list[float]:
+    try:
+        depths = _floats(s)
+    except ValueError:
+        depths = []
+    if not depths or not all(0 <= d <= 1 for d in depths):
+        raise InputError(f"--depths: expected comma-separated numbers in [0, 1], got {s!r}")
+    return depths
 
 
 def _ints(s: str) -> list[int]:
@@ -554,7 +591,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                    "perplexity, sliding-window perplexity, passkey; default: all three at each length, shortest first)")
     p.add_argument("--resume", action="store_true", help="keep the results of an earlier run in --out (models / cells done)")
     p.add_argument("--force", action="store_true", help="replace this question's earlier results in --out")
+    p.add_argument("--depths", default="0,0.5,1", help="rope-retrieval: passkey depths in [0, 1]")
     p.add_argument("--keys", type=int, default=4, help="rope-retrieval: passkeys per length and depth")
+    p.add_argument("--methods", default="none", help="rope-retrieval: context-extension methods applied on top of each "
+                   "base at factor length / trained window (none, pi, ntk, dynamic-ntk, yarn, dca, window)")
+    p.add_argument("--text", default=None, help="rope-retrieval: text for the perplexity cells instead of the evaluation "
+                   "split (e.g. builtin:plays/evaluation for windows past its 14k tokens)")
     p.add_argument("--eval-tokens", type=int, default=None, help="rope-retrieval: read only the first N tokens of the "
                    "evaluation split (default: all of it)")
     p.add_argument("--deadline", default=None, help="rope-retrieval: HH:MM (UTC) after which no new cell starts")
@@ -602,8 +644,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         previous = out / "rope-retrieval.json"
         done = json.loads(previous.read_text()) if args.resume and previous.exists() else None
-        for key, value in (("model", model_name), ("eval_tokens", args.eval_tokens)):
-            if done is not None and done.get(key) != value:
+        methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+        from residscope.analyses.extension import METHODS
+        for m in methods:
+            if m not in METHODS or m == "pv-replace":
+                raise InputError(f"--methods: unknown or unsupported method {m!r} (choose from none, pi, ntk, "
+                                 "dynamic-ntk, yarn, dca, window)")
+        text = args.text or "builtin:pydoc/evaluation"
+        for key, value in (("model", model_name), ("eval_tokens", args.eval_tokens), ("text", text)):
+            if done is not None and done.get(key, "builtin:pydoc/evaluation" if key == "text" else None) != value:
                 raise InputError(f"--resume: {previous} holds results for {key} {done.get(key)!r}, not {value!r}; "
                                  "use another --out")
 
@@ -613,7 +662,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         plan = parse_plan(args.plan) if args.plan else default_plan(_ints(args.lengths))
         res = rope_retrieval(model, bases=_floats(args.bases), plan=plan, n_keys=args.keys, deadline=deadline,
-                             eval_tokens=args.eval_tokens, done=done, on_cell=save)
+                             depths=_depths(args.depths),
+                             eval_tokens=args.eval_tokens, methods=methods, text=args.text, done=done, on_cell=save)
         save(res)
         write_figure(rope_retrieval_figure(res), out, "rope-retrieval")
     print(f"{args.question}: done in {t.seconds()} s -> {out}")

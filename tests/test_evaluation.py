@@ -160,8 +160,11 @@ def test_offline_tasks_through_lm_eval_simple_evaluate(tiny, tmp_path, monkeypat
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    from residscope.analyses.lm_eval_model import ResidscopeLM, write_lm_eval_tasks
+    from lm_eval.api.registry import get_model
 
+    from residscope.evaluate import ResidscopeLM, write_lm_eval_tasks  # the documented name; registers the model type
+
+    assert get_model("residscope") is ResidscopeLM
     files = write_lm_eval_tasks(tmp_path / "tasks", n=4, seed=0, tasks=("addition", "cloze"))
     assert set(files) == {"residscope_addition", "residscope_cloze"}
     out = lm_eval.simple_evaluate(model=ResidscopeLM(model=tiny, batch_size=4), tasks=list(files),

@@ -85,6 +85,19 @@ def test_rope_retrieval_on_zoo(tmp_path):
     assert again["seconds"] >= data["seconds"]
 
 
+def test_rope_retrieval_with_extension_methods(tmp_path):
+    """Q1 at lengths past the trained window: each method's rows apply it at factor length / window on top of the base."""
+    data = _run(tmp_path, "rope-retrieval", "--models", "zoo-rope", "--bases", "1e4", "--plan", "ppl:256,pk:256",
+                "--methods", "none,dca,yarn", "--keys", "1", "--eval-tokens", "600")
+    rows = {r["method"]: r for r in data["perplexity"]}
+    assert set(rows) == {"none", "dca", "yarn"} and data["methods"] == ["none", "dca", "yarn"]
+    assert rows["dca"]["settings"]["chunk_size"] == 96 and rows["yarn"]["settings"]["factor"] == 2.0  # window 128
+    assert len({round(r["ppl"], 6) for r in rows.values()}) == 3  # three different models
+    assert {r["method"] for r in data["passkey"]} == {"none", "dca", "yarn"}
+    with pytest.raises(ValueError, match="--methods: unknown or unsupported method 'pv-replace'"):
+        findings.main(["rope-retrieval", "--models", "zoo-rope", "--methods", "pv-replace", "--out", str(tmp_path / "x")])
+
+
 def test_plan_and_anchor_helpers():
     assert findings.parse_plan("ppl:8,spl:8,pk:16") == [("perplexity", 8), ("sliding", 8), ("passkey", 16)]
     with pytest.raises(ValueError, match="--plan"):

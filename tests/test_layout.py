@@ -1,4 +1,5 @@
-"""Imports run one way: common <- model <- runtime <- analyses <- probes / surgery <- studies <- apps (README "Layout")."""
+"""Imports run one way: common <- model <- runtime <- analyses <- probes / surgery <- evaluate / studies <- apps
+(README "Layout")."""
 
 from __future__ import annotations
 
@@ -15,8 +16,9 @@ MAY_IMPORT = {
     "analyses": {"common", "model", "runtime"},
     "probes": {"common", "model", "runtime", "analyses"},
     "surgery": {"common", "model", "runtime", "analyses"},
+    "evaluate": {"common", "model", "runtime", "analyses", "probes", "surgery"},
     "studies": {"common", "model", "runtime", "analyses", "probes", "surgery"},
-    "apps": {"common", "model", "runtime", "analyses", "probes", "surgery", "studies"},
+    "apps": {"common", "model", "runtime", "analyses", "probes", "surgery", "evaluate", "studies"},
 }
 
 
