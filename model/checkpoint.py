@@ -51,6 +51,21 @@ def hf_to_local(key: str, tensor: torch.Tensor, cfg: DecoderConfig,
     return list(zip(names, split_tensor(key, tensor, cfg, shapes)))
 
 
+def hf_key_for(name: str, cfg: DecoderConfig) -> str | None:
+    """The checkpoint key that holds residscope parameter `name` (a fused key when several parameters share it), as the
+    loader reads it; None when no rule names it. For error messages: a missing tensor is named as the file names it."""
+    wmap = weight_map(cfg)
+    for key, rule in wmap.top.items():
+        if name in local_parts(None, rule):
+            return key
+    if name.startswith("blocks."):
+        layer = int(name.split(".")[1])
+        for suffix, rule in wmap.block.items():
+            if not getattr(rule, "load_only", False) and name in local_parts(layer, rule):
+                return wmap.layer_key(layer, suffix)
+    return None
+
+
 def local_to_hf(state: dict[str, torch.Tensor], cfg: DecoderConfig) -> dict[str, torch.Tensor]:
     """Hugging Face state dict from a residscope state dict (fused tensors fused back). A tied unembedding is left out,
     as transformers expects; a rule whose parameters are all absent (a removed half, an absent bias) writes nothing."""

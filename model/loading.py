@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import local_names, needs_split, split_tensor
+from .checkpoint import hf_key_for, local_names, needs_split, split_tensor
 from .config import DecoderConfig
 from .decoder import Decoder
 from .errors import CheckpointError, InputError
@@ -222,7 +222,10 @@ def _load_weights(model: Decoder, folder: Path, *, allow_pickle: bool, allow_non
                     place(path, entry.name, part.shape, name, target, lambda t, part=part: t.copy_(part))
     missing = [n for n in params if n not in filled and not (n == "unembed.weight" and cfg.tie_embeddings)]
     if missing:
-        raise CheckpointError(f"{folder}: missing tensor for {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        key = hf_key_for(missing[0], cfg)
+        what = f"missing tensor {key!r} (residscope's {missing[0]})" if key else f"missing tensor for {missing[0]}"
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise CheckpointError(f"{folder}: {what}{more}")
     if tied_head:
         resolve_tied_head(model, tied_head[0][1], tied_head[0][0])
 

@@ -75,12 +75,6 @@ def unfused_linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return out if layer.bias is None else out + layer.bias
 
 
-def route(probs: torch.Tensor, idx: torch.Tensor, renormalise: bool) -> torch.Tensor:
-    """The routing weights of the chosen experts `idx` [..., k] from the router's probabilities [..., n_experts]."""
-    weights = probs.gather(-1, idx)  # [..., k]
-    return weights / weights.sum(-1, keepdim=True) if renormalise else weights
-
-
 def top_k_routing(logits: torch.Tensor, k: int, *, topk_then_softmax: bool, renormalise: bool,
                   forced: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(expert indices [..., k], weights [..., k]) from router logits [..., n_experts], before any cast to the model

@@ -69,7 +69,7 @@ def test_incomplete_expert_tensors_are_refused(qwen, tmp_path):
     broken.mkdir()
     (broken / "config.json").write_text((folder / "config.json").read_text())
     save_file(state, str(broken / "model.safetensors"))
-    with pytest.raises(CheckpointError, match=r"missing tensor for blocks\.2\.mlp\.experts\.4\.up_proj\.weight"):
+    with pytest.raises(CheckpointError, match=r"missing tensor 'model\.layers\.2\.mlp\.experts\.4\.up_proj\.weight' \(residscope's blocks\.2\.mlp\.experts\.4\.up_proj\.weight\)"):
         load_model(broken)
     stacked = {k: v for k, v in load_file(folder / "model.safetensors").items() if ".mlp.experts." not in k or
                not k.startswith("model.layers.0.")}
