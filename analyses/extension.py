@@ -276,6 +276,9 @@ def _pv_replacement(model, factor: float, trained: int, *, ratio, alpha, layer, 
     """The hooks of positional-vector replacement and its settings (vectors decomposed here when not given)."""
     from .positional import pv_replacement_hooks
 
+    if model.cfg.positional == "learned" and factor > 1:
+        raise InputError("method 'pv-replace': this model's learned position table ends at its window "
+                         f"({model.cfg.max_position_embeddings} positions), so there is nothing past it to replace")
     ratio = float(ratio) if ratio is not None else float(factor)
     layer = layer if layer is not None else default_pv_layer(model)
     if decomposition is None:
@@ -518,7 +521,8 @@ def applicable_methods(model) -> list[str]:
         methods += list(ROPE_METHODS)
     if model.cfg.positional == "rope" and ropes:
         methods.append("dca")
-    methods.append("pv-replace")
+    if model.cfg.positional != "learned":  # a learned table has no positions past the window to replace vectors at
+        methods.append("pv-replace")
     if any(w is not None for w in model.windows()):
         methods.append("window")
     return methods

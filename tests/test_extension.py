@@ -191,6 +191,16 @@ def test_errors_name_the_method_and_model():
     assert ext.applicable_methods(_model("rope")) == ["none", "pi", "ntk", "dynamic-ntk", "yarn", "dca", "pv-replace"]
 
 
+def test_pv_replace_is_not_offered_for_a_learned_position_table():
+    torch.manual_seed(0)
+    gpt2 = Decoder(DecoderConfig.from_hf({"model_type": "gpt2", "n_embd": 32, "n_layer": 2, "n_head": 4,
+                                          "vocab_size": VOCAB, "n_positions": WINDOW})).eval()
+    assert ext.applicable_methods(gpt2) == ["none"]
+    with pytest.raises(ValueError, match="method 'pv-replace': this model's learned position table ends at its window"):
+        with ext.apply_method(gpt2, "pv-replace", 2.0):
+            pass
+
+
 def test_settings_are_restored_when_the_block_raises():
     model = _model("rope")
     before = model.positional_state()
