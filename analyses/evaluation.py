@@ -135,7 +135,7 @@ def greedy_until(model, prompts: Sequence[str], *, until: Sequence[str] = ("\n",
         done = torch.zeros(len(rows), dtype=torch.bool, device=ids.device)  # [batch]
         texts = [""] * len(rows)
         for _ in range(max_new_tokens):
-            nxt = model(step, attention_mask=step_mask, kv_cache=cache)[:, -1].argmax(-1)  # [batch]
+            nxt = model(step, attention_mask=step_mask, kv_cache=cache, logits_to_keep=1)[:, -1].argmax(-1)  # [batch]
             new.append(nxt)
             if eos is not None:
                 done |= nxt == eos

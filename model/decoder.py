@@ -784,6 +784,7 @@ class Decoder(DecoderWeights, HookedRootModule):
         start_at_layer: int | None = None,
         stop_at_layer: int | None = None,
         tokens: torch.Tensor | None = None,
+        logits_to_keep: int | None = None,
     ):
         """input: token ids [batch, pos] or [pos], a string or a list of strings (tokenised by `to_tokens`, with
         `prepend_bos` / `padding_side`) -> logits [batch, pos, vocab], or what `return_type` asks for: "loss" (mean
@@ -797,11 +798,18 @@ class Decoder(DecoderWeights, HookedRootModule):
         read as padded, other ids are taken as they are (a BOS then a separator is not padding). With `kv_cache`, pass
         the mask of the new tokens only. `start_at_layer=L`: input is the residual stream [batch, pos, d_model] entering
         block L (pass `tokens` for a loss). `stop_at_layer=L`: returns the residual stream entering block L.
+        `logits_to_keep=n` (return_type "logits"): only the last n positions go through the final norm and unembedding,
+        logits [batch, n, vocab], as transformers' generation does (a 16k-token prompt's full logits are 3 GB for a
+        49k vocabulary).
         """
         if return_type not in RETURN_TYPES:
             if isinstance(return_type, torch.Tensor):
                 raise TypeError("attention_mask is keyword-only: model(ids, attention_mask=mask)")
             raise InputError(f"return_type must be one of {RETURN_TYPES}, got {return_type!r}")
+        if logits_to_keep is not None and (return_type != "logits" or isinstance(logits_to_keep, bool)
+                                           or not isinstance(logits_to_keep, int) or logits_to_keep < 1):
+            raise InputError(f"logits_to_keep must be an int >= 1 with return_type='logits', got {logits_to_keep!r} "
+                             f"with return_type={return_type!r}")
         past = kv_cache.length if kv_cache is not None else 0
         tokenizing.check_layer_arg("stop_at_layer", stop_at_layer, len(self.blocks))
         self._apply_switches()
@@ -824,6 +832,8 @@ class Decoder(DecoderWeights, HookedRootModule):
             return x  # [batch, pos, d_model]
         if return_type is None:
             return None
+        if logits_to_keep is not None:
+            x = x[:, -logits_to_keep:]  # [batch, n, d_model]
         logits = self.unembed_residual(self.ln_final(x))  # [batch, pos, vocab]
         if return_type == "logits":
             return logits
@@ -1056,9 +1066,9 @@ class Decoder(DecoderWeights, HookedRootModule):
                     # the cached keys were rotated with the other LongRoPE factors: recompute the whole sequence once,
                     # as transformers' Phi-3 generation does
                     cache, step_input, step_mask = KVCache(), ids, mask
-                logits = self(step_input, attention_mask=step_mask, kv_cache=cache)[:, -1]  # [batch, vocab]
+                logits = self(step_input, attention_mask=step_mask, kv_cache=cache, logits_to_keep=1)[:, -1]  # [batch, vocab]
             else:
-                logits = self(ids, attention_mask=mask)[:, -1]  # [batch, vocab]
+                logits = self(ids, attention_mask=mask, logits_to_keep=1)[:, -1]  # [batch, vocab]
             nxt = self._choose(logits.float(), do_sample, temperature, top_k, top_p, generator)  # [batch]
             if eos.numel():
                 nxt = torch.where(done, eos[0], nxt)

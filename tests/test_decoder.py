@@ -175,6 +175,16 @@ def test_kv_cache_logits_equal_full_forward(llama):
     assert_close(torch.cat(parts, dim=1), full, atol=1e-5, rtol=1e-5)
 
 
+def test_logits_to_keep_is_the_last_positions_logits(llama):
+    _, ours = llama
+    ids = _ids(2, 9)
+    with torch.no_grad():
+        assert_close(ours(ids, logits_to_keep=3), ours(ids)[:, -3:], atol=1e-6, rtol=1e-6)
+    for bad, kind in ((0, "logits"), (True, "logits"), (2, "loss")):
+        with pytest.raises(ValueError, match="logits_to_keep must be an int >= 1 with return_type='logits'"):
+            ours(ids, return_type=kind, logits_to_keep=bad)
+
+
 def test_generate_cache_equals_recompute_and_transformers(llama):
     hf, ours = llama
     prompt = _ids(2, 5)
