@@ -210,7 +210,9 @@ def test_strings_everywhere(model):
     tokens = model.to_tokens(CLEAN)
     assert_close(model(CLEAN), model(tokens))
     logits, cache = model.run_with_cache(CLEAN)
-    assert_close(logits, model(tokens))
+    # caching hook_pattern takes the explicit attention path, the plain forward SDPA: float32 rounding apart (ALiBi's
+    # bias added before or inside the kernel differed by 2e-5 once)
+    assert_close(logits, model(tokens), atol=1e-4, rtol=1e-4)
     seen = []
     model.run_with_hooks(CLEAN, fwd_hooks=[("blocks.0.hook_resid_pre", lambda t, hook: seen.append(t.shape))])
     assert seen == [(1, tokens.shape[1], model.cfg.d_model)]
