@@ -1,5 +1,7 @@
 """`residscope heal`: fine-tune a pruned model on the calibration split (partial fine-tuning of the last blocks and
-lm_head, or LoRA merged afterwards), with a held-out perplexity curve, and save a checkpoint transformers loads."""
+lm_head, or LoRA merged afterwards), or replace a dense model's most redundant span of blocks by one trained block
+(LLM-Streamline, `--method streamline --remove N`), with a held-out perplexity curve, and save a checkpoint
+transformers loads."""
 
 from __future__ import annotations
 
@@ -43,7 +45,10 @@ def heal(
                                         "or any model residscope loads"),
     out: Path = typer.Option(..., "--out", help="folder for the healed checkpoint"),
     force: bool = FORCE,
-    method: str = typer.Option("partial", "--method", help="partial (last --last-k blocks + lm_head) or lora"),
+    method: str = typer.Option("partial", "--method", help="partial (last --last-k blocks + lm_head), lora, or "
+                               "streamline (LLM-Streamline: --remove N blocks, the N + 1 most redundant consecutive "
+                               "blocks become one trained block)"),
+    remove: Optional[int] = typer.Option(None, "--remove", help="streamline: blocks to remove"),
     last_k: int = typer.Option(2, "--last-k", help="partial: blocks trained, counted from the top"),
     lora_modules: str = typer.Option("gate_proj,up_proj,down_proj", "--lora-modules",
                                      help="lora: linear layers adapted in every block (q_proj, k_proj, v_proj, o_proj, "
@@ -73,29 +78,49 @@ def heal(
     """Heal a pruned model by a short fine-tune; report held-out perplexity before, along and after."""
     from residscope.common.atomic import atomic_write_text, check_output_dir, check_output_file
     from residscope.surgery import save_pretrained
+    from residscope.surgery import layer_origin, streamline
+    from residscope.surgery.cut_lens import restore_layer_origin
     from residscope.surgery.heal import check_heal_options, heal as heal_model
+    from residscope.surgery.streamline import check_streamline
 
     modules = parse_list(lora_modules, "--lora-modules", str, "module names like gate_proj,up_proj")
     check_heal_options(method, lora_modules=modules, steps=steps, grad_accum=grad_accum, lr=lr, lora_rank=lora_rank)
+    if (method == "streamline") != (remove is not None):
+        raise InputError("--remove goes with --method streamline (how many blocks it removes), and only with it")
     check_output_dir(out, "--out", force=force)
     if curve_json is not None:
         curve_json = check_output_file(curve_json, "--curve-json")
     record = _pruning_record(model)
-    nothing_removed = _nothing_removed(record)
+    nothing_removed = _nothing_removed(record) and method != "streamline"
     if nothing_removed:
         echo_err("note: this model has nothing removed (no removed layers in its residscope_pruning.json); healing "
                  "fine-tunes it as it is")
     m = load(model, device, dtype)
+    restore_layer_origin(m)  # a pruned folder: its blocks' original indices, so the saved record stays right
+    if remove is not None:
+        check_streamline(remove, len(m.blocks))
     (train, train_source), (evals, eval_source) = calibration_and_heldout(
         m, seq_len=seq_len, samples=samples, eval_samples=eval_samples, batch_size=batch_size, seed=seed, text=text,
         dataset=dataset)
-    result = heal_model(m, train, evals, method=method, last_k=last_k, lora_modules=modules, lora_rank=lora_rank,
-                        lora_alpha=lora_alpha, steps=steps, grad_accum=grad_accum, lr=lr, weight_decay=weight_decay,
-                        eval_every=eval_every, seed=seed, nothing_removed=nothing_removed, eval_source=eval_source,
-                        train_source=train_source)
+    removed_before = list((record or {}).get("removed_layers", []))
+    metric = (record or {}).get("metric")
+    if method == "streamline":
+        origin = layer_origin(m)
+        result = streamline(m, train, evals, remove, steps=steps, grad_accum=grad_accum, lr=lr,
+                            weight_decay=weight_decay, eval_every=eval_every, seed=seed, eval_source=eval_source,
+                            train_source=train_source)
+        result.streamline["removed_original"] = [origin[i] for i in result.streamline["removed"]]
+        result.streamline["start_original"] = origin[result.streamline["start"]]
+        removed_before += result.streamline["removed_original"]
+        metric = "llm-streamline"
+    else:
+        result = heal_model(m, train, evals, method=method, last_k=last_k, lora_modules=modules, lora_rank=lora_rank,
+                            lora_alpha=lora_alpha, steps=steps, grad_accum=grad_accum, lr=lr,
+                            weight_decay=weight_decay, eval_every=eval_every, seed=seed,
+                            nothing_removed=nothing_removed, eval_source=eval_source, train_source=train_source)
     summary = {k: v for k, v in result.to_dict().items() if k != "losses"}
-    info = {"removed_layers": (record or {}).get("removed_layers", []), "metric": (record or {}).get("metric"),
-            "pruning": record, "healing": summary, "source_model": model_name(model)}
+    info = {"removed_layers": removed_before, "metric": metric, "pruning": record, "healing": summary,
+            "source_model": model_name(model)}
     folder = save_pretrained(m, out, pruning_info=info, force=force)
     text_out = json_text({**result.to_dict(), "model": model_name(model), "out": str(folder)}, indent=2)
     atomic_write_text(folder / "residscope_healing.json", text_out + "\n")
@@ -106,6 +131,11 @@ def heal(
         return
     typer.echo(f"healed by {method} ({result.trainable_params:,} trainable parameters, {steps} steps x {grad_accum} "
                f"micro-batches, {result.train_tokens:,} tokens, {result.seconds:.0f} s)")
+    if result.streamline is not None:
+        span = result.streamline
+        typer.echo(f"replaced blocks {span['start_original']}-{span['removed_original'][-1]} (angular distance "
+                   f"{span['span_distance']:.4f}) by block {span['start_original']}, trained alone; removed "
+                   f"{span['removed_original']}; stream MSE {span['mse_before']:.4g} -> {span['mse_after']:.4g}")
     typer.echo(f"{'step':>6} {'train loss':>11} {'held-out ppl':>13}")
     for point in result.curve:
         loss = f"{point['train_loss']:.4f}" if point["train_loss"] is not None else "-"

@@ -462,8 +462,10 @@ def _criteria_section(source: str, n_layers: int, n_remove: int, samples: int, s
 
 def _healing_section() -> None:
     st.subheader("Healing curve")
-    st.caption("`residscope heal --model PRUNED --out DIR` fine-tunes a pruned model and records held-out perplexity "
-               "along the way; open its residscope_healing.json (or the healed folder) here.")
+    st.caption("`residscope heal --model PRUNED --out DIR` fine-tunes a pruned model, and `residscope heal --model "
+               "DENSE --method streamline --remove N --out DIR` replaces the most redundant N + 1 consecutive blocks "
+               "by one trained block (LLM-Streamline); both record held-out perplexity along the way: open the "
+               "residscope_healing.json (or the folder) here.")
     path = st.text_input("Healing result (JSON file or healed folder)", key="heal_path", placeholder="out/healed")
     if not path.strip():
         return
@@ -478,6 +480,12 @@ def _healing_section() -> None:
     fig.update_layout(title=f"Healing by {result.get('method')}: {result['before']:.3f} → {result['after']:.3f}",
                       xaxis_title="optimizer step", yaxis_title="held-out perplexity", template="plotly_white")
     show(fig, key="heal_curve")
+    span = result.get("streamline")
+    if span:
+        first, removed = span.get("start_original", span["start"]), span.get("removed_original", span["removed"])
+        st.markdown(f"LLM-Streamline replaced blocks {first}-{removed[-1]} (angular distance "
+                    f"{span['span_distance']:.4f} between the streams entering and leaving them) by block {first}, "
+                    f"trained alone: stream MSE {span['mse_before']:.4g} → {span['mse_after']:.4g}; removed {removed}.")
     if result.get("note"):
         st.info(result["note"])
 

@@ -7,7 +7,9 @@
 Every criterion picks `--remove` blocks on the same calibration tokens (builtin calibration split); the pruned model is
 scored on the same held-out tokens (evaluation split), healed by partial fine-tuning (last `--last-k` blocks and
 lm_head, AdamW, `--steps` steps of `--micro` x `--train-len` tokens x `--grad-accum` from the calibration split), and
-scored again. Results are appended to the JSON file after each criterion, so an interrupted run resumes (--resume)
+scored again. `llm-streamline` in --criteria adds LLM-Streamline's row: the most redundant --remove + 1 consecutive
+blocks (angular distance on the calibration tokens) replaced by their first block, trained alone on the same
+training tokens and steps (MSE to the stream leaving the span; `--streamline-lr`, default --lr). Results are appended to the JSON file after each criterion, so an interrupted run resumes (--resume)
 where it stopped. Sizes are options because this is CPU-heavy: the README table states the sizes it ran with.
 """
 
@@ -42,6 +44,7 @@ def main(argv=None) -> int:
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--last-k", type=int, default=2)
     p.add_argument("--method", default="partial")
+    p.add_argument("--streamline-lr", type=float, default=None, help="llm-streamline: learning rate (default --lr)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true")
     p.add_argument("--no-heal", action="store_true", help="only choose, prune and score before healing")
@@ -51,7 +54,7 @@ def main(argv=None) -> int:
     from residscope.analyses.perplexity import perplexity
     from residscope.common.atomic import atomic_write_text
     from residscope.model import load_model
-    from residscope.surgery import remove_layers, remove_sublayers
+    from residscope.surgery import remove_layers, remove_sublayers, streamline
     from residscope.surgery.criteria import selection
     from residscope.surgery.heal import heal
 
@@ -77,6 +80,23 @@ def main(argv=None) -> int:
         if criterion in rows and ("after" in rows[criterion] or (args.no_heal and "before" in rows[criterion])):
             continue
         row = rows.setdefault(criterion, {})
+        if criterion == "llm-streamline":
+            replaced = remove_layers(model, [])  # a copy: streamline changes the model it is given
+            result = streamline(replaced, train, evals, args.remove, select_batches=calib, steps=args.steps,
+                                grad_accum=args.grad_accum, lr=args.streamline_lr or args.lr, seed=args.seed,
+                                eval_every=max(1, args.steps // 2), progress=False)
+            span = result.streamline
+            row.update(order=span["removed"], replaced_by=span["start"], select_seconds=None, before=result.before,
+                       after=result.after, heal_seconds=result.seconds, curve=result.curve,
+                       recovered=result.recovered(report["dense"]["ppl"]), trainable_params=result.trainable_params,
+                       mse_before=span["mse_before"], mse_after=span["mse_after"],
+                       params=sum(p.numel() for p in replaced.parameters()))
+            save()
+            print(f"{criterion:<14} blocks {span['start']}-{span['removed'][-1]} -> block {span['start']}  ppl "
+                  f"{result.before:.2f} -> {result.after:.2f} (stream MSE {span['mse_before']:.4g} -> "
+                  f"{span['mse_after']:.4g}, {result.seconds:.0f} s)", flush=True)
+            del replaced
+            continue
         if "order" not in row:
             sel = selection(model, calib, args.remove, criterion, progress=False, seed=args.seed, source=calib_source)
             row.update(order=sel.to_dict()["order"], select_seconds=sel.seconds)
@@ -118,7 +138,10 @@ def table(report: dict) -> str:
         closed = f"{100 * r['recovered']:.0f}%" if r.get("recovered") is not None else "-"
         after = f"{r['after']:.2f}" if "after" in r else "(not healed)"
         heal_s = f"{r['heal_seconds']:.0f}" if "heal_seconds" in r else "-"
-        lines.append(f"| {name} | {removed} | {r['before']:.2f} | {after} | {closed} | {r['select_seconds']:.0f} | {heal_s} |")
+        select_s = f"{r['select_seconds']:.0f}" if r.get("select_seconds") is not None else "-"
+        if "replaced_by" in r:
+            removed += f" (block {r['replaced_by']} trained in their place)"
+        lines.append(f"| {name} | {removed} | {r['before']:.2f} | {after} | {closed} | {select_s} | {heal_s} |")
     return f"dense {dense:.2f}\n" + "\n".join(lines)
 
 

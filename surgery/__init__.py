@@ -4,7 +4,8 @@ Every criterion for choosing the blocks to remove behind one entry point, `selec
 Influence and the other layer scores of `influence`, angular distance between blocks n apart, one-shot perplexity,
 Taylor importance, SLEB's and BlockPruner's greedy searches, baselines), layer and sub-layer removal (`removal`), the
 comparison of removal choices by held-out perplexity and their stability across calibration slices (`compare`),
-healing by partial or LoRA fine-tuning (`heal`), export as a standard checkpoint (`export`), and their figures
+healing by partial or LoRA fine-tuning (`heal`), LLM-Streamline's replacement of a span of blocks by one trained block
+(`streamline`), export as a standard checkpoint (`export`), and their figures
 (`plots`). May import `residscope.common`, `residscope.model`, `residscope.runtime` (batch loop, data
 parallelism) and `residscope.analyses` (perplexity, corpus); never `studies` or `apps`.
 """
@@ -16,11 +17,12 @@ from .influence import (BASELINES, METRICS, InfluenceResult, block_influence, bl
                         removal_order)
 from .heal import HealResult, heal
 from .removal import layer_origin, remove_layers, remove_sublayers, removed_sublayers
+from .streamline import streamline
 
 __all__ = [
     "BASELINES", "CRITERIA", "METRICS", "PRUNING_FILE", "SUBLAYER_KEY", "HealResult", "InfluenceResult",
     "RemovalComparison", "RemovalRow", "Selection", "apply_removal", "block_influence", "block_influence_result",
     "compare_removals", "heal", "influence_results", "layer_origin", "pruning_record", "remove_layers",
     "remove_sublayers", "removed_sublayers", "removal_for", "removal_order", "save_pretrained", "select_layers",
-    "selection",
+    "selection", "streamline",
 ]

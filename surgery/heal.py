@@ -54,6 +54,7 @@ class HealResult:
     eval_source: str | None = None
     train_source: str | None = None
     losses: list[float] = field(default_factory=list)  # training loss per optimizer step
+    streamline: dict | None = None  # method "streamline": the replaced span and the MSE before / after (streamline.py)
 
     def recovered(self, dense_ppl: float) -> float | None:
         """Share of the perplexity gap to the dense model closed by healing, in log-perplexity (NLL) terms:
@@ -68,8 +69,8 @@ class HealResult:
 def check_heal_options(method: str, *, last_k: int | None = None, n_layers: int | None = None,
                        lora_modules: Sequence[str] = MLP_MODULES, steps: int = 1, grad_accum: int = 1,
                        lr: float = 1e-4, lora_rank: int = 8) -> None:
-    if method not in METHODS:
-        raise InputError(f"--method must be one of {', '.join(METHODS)}; got {method!r}")
+    if method not in (*METHODS, "streamline"):
+        raise InputError(f"--method must be one of {', '.join(METHODS)} or streamline; got {method!r}")
     if steps < 1:
         raise InputError(f"--steps must be >= 1, got {steps}")
     if grad_accum < 1:
@@ -96,6 +97,8 @@ def heal(model, train_batches: Sequence[Batch], eval_batches: Sequence[Batch], *
     from tqdm.auto import tqdm
 
     n_layers = len(model.blocks)
+    if method == "streamline":
+        raise InputError("method 'streamline' removes blocks itself: call residscope.surgery.streamline")
     check_heal_options(method, last_k=last_k, n_layers=n_layers, lora_modules=lora_modules, steps=steps,
                        grad_accum=grad_accum, lr=lr, lora_rank=lora_rank)
     if model.offload is not None:

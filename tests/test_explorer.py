@@ -236,6 +236,14 @@ def test_pruning_page_compares_criteria_and_shows_a_healing_curve(tiny, tiny_mod
     at.text_input(key="heal_path").set_value(str(tmp_path / "healed")).run()
     assert_clean(at)
     assert list(array(chart_spec(at, "heal_curve")["data"][0]["y"])) == [30.0, 25.0]
+    streamlined = {**result, "method": "streamline",
+                   "streamline": {"start": 1, "removed": [2], "start_original": 1, "removed_original": [2],
+                                  "span_distance": 0.0123, "distances": [0.1, 0.0123, 0.2], "mse_before": 0.5,
+                                  "mse_after": 0.25}}
+    (tmp_path / "streamlined.json").write_text(json.dumps(streamlined))
+    at.text_input(key="heal_path").set_value(str(tmp_path / "streamlined.json")).run()
+    assert_clean(at)
+    assert any("LLM-Streamline replaced blocks 1-2" in m.value and "removed [2]" in m.value for m in at.markdown)
     at.text_input(key="heal_path").set_value(str(tmp_path / "missing.json")).run()
     assert len(at.error) == 1 and "no such file" in at.error[0].value
 
