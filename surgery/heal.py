@@ -127,12 +127,7 @@ def heal(model, train_batches: Sequence[Batch], eval_batches: Sequence[Batch], *
         order = _batch_order(len(train_batches), steps * grad_accum, seed)
 
         def evaluate() -> float:
-            was = model.training
-            model.eval()
-            try:
-                return perplexity(model, eval_batches, progress=False).ppl
-            finally:
-                model.train(was)
+            return held_out_ppl(model, eval_batches)
 
         before = evaluate()
         curve = [{"step": 0, "train_loss": None, "ppl": before}]
@@ -167,6 +162,16 @@ def heal(model, train_batches: Sequence[Batch], eval_batches: Sequence[Batch], *
                       grad_accum=grad_accum, lr=lr, seed=seed, train_tokens=tokens, curve=curve, before=before,
                       after=curve[-1]["ppl"], seconds=time.perf_counter() - start, note=note, eval_source=eval_source,
                       train_source=train_source, losses=losses)
+
+
+def held_out_ppl(model, eval_batches: Sequence[Batch]) -> float:
+    """Perplexity on `eval_batches` in eval mode, the model's training mode restored after."""
+    was = model.training
+    model.eval()
+    try:
+        return perplexity(model, eval_batches, progress=False).ppl
+    finally:
+        model.train(was)
 
 
 def _lr_factor(step: int, warmup: int, steps: int) -> float:

@@ -24,12 +24,11 @@ from typing import Sequence
 
 import torch
 
-from residscope.analyses.perplexity import perplexity
 from residscope.common.batches import Batch, unpack_batch
 from residscope.model.errors import InputError
 
 from .criteria import angular_distances
-from .heal import HealResult, _batch_order, _lr_factor
+from .heal import HealResult, _batch_order, _lr_factor, held_out_ppl
 from .removal import remove_layers
 
 CLIP_NORM = 5.0  # LLM-Streamline's clip_grad_norm_ max_norm
@@ -93,12 +92,7 @@ def streamline(model, train_batches: Sequence[Batch], eval_batches: Sequence[Bat
         return sum(float(s) for s, _ in total) / max(1, sum(k for _, k in total))
 
     def evaluate() -> float:
-        was = model.training
-        model.eval()
-        try:
-            return perplexity(model, eval_batches, progress=False).ppl
-        finally:
-            model.train(was)
+        return held_out_ppl(model, eval_batches)
 
     torch.manual_seed(seed)
     flags = {p: p.requires_grad for p in model.parameters()}
