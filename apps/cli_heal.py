@@ -49,6 +49,9 @@ def heal(
                                "streamline (LLM-Streamline: --remove N blocks, the N + 1 most redundant consecutive "
                                "blocks become one trained block)"),
     remove: Optional[int] = typer.Option(None, "--remove", help="streamline: blocks to remove"),
+    streamline_loss: str = typer.Option("relative", "--streamline-loss", help="streamline: relative (each token's "
+                                        "squared error over its target's mean square) or mse (the reference's plain "
+                                        "MSE, dominated by massive activations where a model has them)"),
     last_k: int = typer.Option(2, "--last-k", help="partial: blocks trained, counted from the top"),
     lora_modules: str = typer.Option("gate_proj,up_proj,down_proj", "--lora-modules",
                                      help="lora: linear layers adapted in every block (q_proj, k_proj, v_proj, o_proj, "
@@ -98,7 +101,7 @@ def heal(
     m = load(model, device, dtype)
     restore_layer_origin(m)  # a pruned folder: its blocks' original indices, so the saved record stays right
     if remove is not None:
-        check_streamline(remove, len(m.blocks))
+        check_streamline(remove, len(m.blocks), loss=streamline_loss)
     (train, train_source), (evals, eval_source) = calibration_and_heldout(
         m, seq_len=seq_len, samples=samples, eval_samples=eval_samples, batch_size=batch_size, seed=seed, text=text,
         dataset=dataset)
@@ -106,7 +109,8 @@ def heal(
     metric = (record or {}).get("metric")
     if method == "streamline":
         origin = layer_origin(m)
-        result = streamline(m, train, evals, remove, steps=steps, grad_accum=grad_accum, lr=lr,
+        result = streamline(m, train, evals, remove, loss=streamline_loss, steps=steps, grad_accum=grad_accum,
+                            lr=lr,
                             weight_decay=weight_decay, eval_every=eval_every, seed=seed, eval_source=eval_source,
                             train_source=train_source)
         result.streamline["removed_original"] = [origin[i] for i in result.streamline["removed"]]
@@ -135,7 +139,8 @@ def heal(
         span = result.streamline
         typer.echo(f"replaced blocks {span['start_original']}-{span['removed_original'][-1]} (angular distance "
                    f"{span['span_distance']:.4f}) by block {span['start_original']}, trained alone; removed "
-                   f"{span['removed_original']}; stream MSE {span['mse_before']:.4g} -> {span['mse_after']:.4g}")
+                   f"{span['removed_original']}; {span['loss']} stream error {span['mse_before']:.4g} -> "
+                   f"{span['mse_after']:.4g}")
     typer.echo(f"{'step':>6} {'train loss':>11} {'held-out ppl':>13}")
     for point in result.curve:
         loss = f"{point['train_loss']:.4f}" if point["train_loss"] is not None else "-"

@@ -485,7 +485,8 @@ def _healing_section() -> None:
         first, removed = span.get("start_original", span["start"]), span.get("removed_original", span["removed"])
         st.markdown(f"LLM-Streamline replaced blocks {first}-{removed[-1]} (angular distance "
                     f"{span['span_distance']:.4f} between the streams entering and leaving them) by block {first}, "
-                    f"trained alone: stream MSE {span['mse_before']:.4g} → {span['mse_after']:.4g}; removed {removed}.")
+                    f"trained alone: {span.get('loss', 'mse')} stream error {span['mse_before']:.4g} → "
+                    f"{span['mse_after']:.4g}; removed {removed}.")
     if result.get("note"):
         st.info(result["note"])
 

@@ -9,7 +9,8 @@ scored on the same held-out tokens (evaluation split), healed by partial fine-tu
 lm_head, AdamW, `--steps` steps of `--micro` x `--train-len` tokens x `--grad-accum` from the calibration split), and
 scored again. `llm-streamline` in --criteria adds LLM-Streamline's row: the most redundant --remove + 1 consecutive
 blocks (angular distance on the calibration tokens) replaced by their first block, trained alone on the same
-training tokens and steps (MSE to the stream leaving the span; `--streamline-lr`, default --lr). Results are appended to the JSON file after each criterion, so an interrupted run resumes (--resume)
+training tokens and steps (relative error to the stream leaving the span; `llm-streamline-mse`: the reference's plain
+MSE; `--streamline-lr`, default --lr). Results are appended to the JSON file after each criterion, so an interrupted run resumes (--resume)
 where it stopped. Sizes are options because this is CPU-heavy: the README table states the sizes it ran with.
 """
 
@@ -80,9 +81,10 @@ def main(argv=None) -> int:
         if criterion in rows and ("after" in rows[criterion] or (args.no_heal and "before" in rows[criterion])):
             continue
         row = rows.setdefault(criterion, {})
-        if criterion == "llm-streamline":
+        if criterion in ("llm-streamline", "llm-streamline-mse"):
             replaced = remove_layers(model, [])  # a copy: streamline changes the model it is given
-            result = streamline(replaced, train, evals, args.remove, select_batches=calib, steps=args.steps,
+            loss = "mse" if criterion.endswith("-mse") else "relative"
+            result = streamline(replaced, train, evals, args.remove, select_batches=calib, loss=loss, steps=args.steps,
                                 grad_accum=args.grad_accum, lr=args.streamline_lr or args.lr, seed=args.seed,
                                 eval_every=max(1, args.steps // 2), progress=False)
             span = result.streamline
@@ -93,7 +95,7 @@ def main(argv=None) -> int:
                        params=sum(p.numel() for p in replaced.parameters()))
             save()
             print(f"{criterion:<14} blocks {span['start']}-{span['removed'][-1]} -> block {span['start']}  ppl "
-                  f"{result.before:.2f} -> {result.after:.2f} (stream MSE {span['mse_before']:.4g} -> "
+                  f"{result.before:.2f} -> {result.after:.2f} ({loss} stream error {span['mse_before']:.4g} -> "
                   f"{span['mse_after']:.4g}, {result.seconds:.0f} s)", flush=True)
             del replaced
             continue

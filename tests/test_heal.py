@@ -100,6 +100,10 @@ def test_streamline_replaces_the_closest_span_by_one_trained_block(tiny, tmp_pat
         torch.testing.assert_close(hf(ids).logits, a(ids), rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="--remove: streamline removes 1 to 3 blocks"):
         streamline(load_model(folder), TRAIN, EVAL, 4, progress=False)
+    plain = streamline(load_model(folder), TRAIN, EVAL, 1, loss="mse", steps=8, lr=1e-4, seed=1, progress=False)
+    span = plain.streamline
+    assert span["loss"] == "mse" and span["start"] == start and span["mse_after"] < span["mse_before"]
+    assert span["mse_before"] != pytest.approx(ra.streamline["mse_before"])  # a different measure of the same start
 
 
 SMALL = ["--steps", "2", "--seq-len", "16", "--samples", "4", "--eval-samples", "2", "--batch-size", "2"]
@@ -142,6 +146,7 @@ def test_cli_heal_writes_a_checkpoint_and_the_curve(tiny, tmp_path, capsys):
     (["--method", "streamline"], "--remove goes with --method streamline"),
     (["--remove", "2"], "--remove goes with --method streamline"),
     (["--method", "streamline", "--remove", "4"], "--remove: streamline removes 1 to 3 blocks of this 4-layer model"),
+    (["--method", "streamline", "--remove", "1", "--streamline-loss", "l1"], "--streamline-loss must be one of"),
 ])
 def test_cli_heal_bad_input_is_one_line(tiny, tmp_path, capsys, argv, message):
     _, folder = tiny
