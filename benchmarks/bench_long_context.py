@@ -73,17 +73,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", default="16384,32768")
     parser.add_argument("--skip-hf", action="store_true")
-    parser.add_argument("--cases", default="sinks,stats", help="residscope cases to run: sinks, stats or both")
+    parser.add_argument("--cases", default="sinks,stats", help="comma-separated residscope cases: sinks, stats "
+                        "(default: both)")
     parser.add_argument("--case", choices=("sinks", "stats", "hf"), help=argparse.SUPPRESS)
     parser.add_argument("--length", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.case:
         print(json.dumps(run_case(args.case, args.length)))
         return
+    unknown = [c for c in args.cases.split(",") if c not in ("sinks", "stats")]
+    if unknown:
+        parser.error(f"--cases: unknown case {unknown[0]!r} (choose from sinks, stats)")
     results = []
     for length in [int(x) for x in args.lengths.split(",")]:
         # the transformers baseline only at the first length (its logits alone are 6.4 GB at 32k)
-        cases = [c for c in args.cases.split(",") if c in ("sinks", "stats")] + ([] if args.skip_hf or results else ["hf"])
+        cases = args.cases.split(",") + ([] if args.skip_hf or results else ["hf"])
         for case in cases:
             out = subprocess.run([sys.executable, __file__, "--case", case, "--length", str(length)],
                                  capture_output=True, text=True, check=True)
