@@ -433,7 +433,9 @@ def rope_retrieval(model, *, bases: Sequence[float], plan: Sequence[tuple[str, i
     bos = bos_token_id(model)
     window = trained_window(model)
     res: dict = {"head_dim": head_dim, "trained_base": model.cfg.rope_of(0).theta,
-                 "max_position_embeddings": model.cfg.max_position_embeddings, "methods": list(methods),
+                 "max_position_embeddings": model.cfg.max_position_embeddings,
+                 # a resumed run keeps the methods of the earlier one (rows written before methods existed: none)
+                 "methods": list(dict.fromkeys([*(done or {}).get("methods", ["none"] if done else []), *methods])),
                  "text": text or "builtin:pydoc/evaluation",
                  "bounds": {f"{b:g}": context_bound(b, head_dim).bound for b in bases},
                  # a resumed run adds its plan to the earlier one and keeps the earlier skips it does not retry

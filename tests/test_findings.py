@@ -94,6 +94,9 @@ def test_rope_retrieval_with_extension_methods(tmp_path):
     assert rows["dca"]["settings"]["chunk_size"] == 96 and rows["yarn"]["settings"]["factor"] == 2.0  # window 128
     assert len({round(r["ppl"], 6) for r in rows.values()}) == 3  # three different models
     assert {r["method"] for r in data["passkey"]} == {"none", "dca", "yarn"}
+    again = _run(tmp_path, "rope-retrieval", "--models", "zoo-rope", "--bases", "1e4", "--plan", "ppl:200",
+                 "--methods", "dca", "--keys", "1", "--eval-tokens", "600", "--resume")
+    assert again["methods"] == ["none", "dca", "yarn"] and len(again["perplexity"]) == 4  # earlier methods kept
     with pytest.raises(ValueError, match="--methods: unknown or unsupported method 'pv-replace'"):
         findings.main(["rope-retrieval", "--models", "zoo-rope", "--methods", "pv-replace", "--out", str(tmp_path / "x")])
 
