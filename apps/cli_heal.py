@@ -84,12 +84,14 @@ def heal(
     from residscope.surgery import layer_origin, streamline
     from residscope.surgery.cut_lens import restore_layer_origin
     from residscope.surgery.heal import check_heal_options, heal as heal_model
-    from residscope.surgery.streamline import check_streamline
+    from residscope.surgery.streamline import LOSSES, check_streamline
 
     modules = parse_list(lora_modules, "--lora-modules", str, "module names like gate_proj,up_proj")
     check_heal_options(method, lora_modules=modules, steps=steps, grad_accum=grad_accum, lr=lr, lora_rank=lora_rank)
     if (method == "streamline") != (remove is not None):
         raise InputError("--remove goes with --method streamline (how many blocks it removes), and only with it")
+    if streamline_loss not in LOSSES:  # before loading anything
+        raise InputError(f"--streamline-loss must be one of {', '.join(LOSSES)}; got {streamline_loss!r}")
     check_output_dir(out, "--out", force=force)
     if curve_json is not None:
         curve_json = check_output_file(curve_json, "--curve-json")
@@ -110,9 +112,8 @@ def heal(
     if method == "streamline":
         origin = layer_origin(m)
         result = streamline(m, train, evals, remove, loss=streamline_loss, steps=steps, grad_accum=grad_accum,
-                            lr=lr,
-                            weight_decay=weight_decay, eval_every=eval_every, seed=seed, eval_source=eval_source,
-                            train_source=train_source)
+                            lr=lr, weight_decay=weight_decay, eval_every=eval_every, seed=seed,
+                            eval_source=eval_source, train_source=train_source)
         result.streamline["removed_original"] = [origin[i] for i in result.streamline["removed"]]
         result.streamline["start_original"] = origin[result.streamline["start"]]
         removed_before += result.streamline["removed_original"]
