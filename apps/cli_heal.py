@@ -80,18 +80,16 @@ def heal(
 ) -> None:
     """Heal a pruned model by a short fine-tune; report held-out perplexity before, along and after."""
     from residscope.common.atomic import atomic_write_text, check_output_dir, check_output_file
-    from residscope.surgery import save_pretrained
-    from residscope.surgery import layer_origin, streamline
+    from residscope.surgery import layer_origin, save_pretrained, streamline
     from residscope.surgery.cut_lens import restore_layer_origin
     from residscope.surgery.heal import check_heal_options, heal as heal_model
-    from residscope.surgery.streamline import LOSSES, check_streamline
+    from residscope.surgery.streamline import check_streamline, check_streamline_loss
 
     modules = parse_list(lora_modules, "--lora-modules", str, "module names like gate_proj,up_proj")
     check_heal_options(method, lora_modules=modules, steps=steps, grad_accum=grad_accum, lr=lr, lora_rank=lora_rank)
     if (method == "streamline") != (remove is not None):
         raise InputError("--remove goes with --method streamline (how many blocks it removes), and only with it")
-    if streamline_loss not in LOSSES:  # before loading anything
-        raise InputError(f"--streamline-loss must be one of {', '.join(LOSSES)}; got {streamline_loss!r}")
+    check_streamline_loss(streamline_loss)  # before loading anything
     check_output_dir(out, "--out", force=force)
     if curve_json is not None:
         curve_json = check_output_file(curve_json, "--curve-json")

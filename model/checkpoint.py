@@ -51,19 +51,25 @@ def hf_to_local(key: str, tensor: torch.Tensor, cfg: DecoderConfig,
     return list(zip(names, split_tensor(key, tensor, cfg, shapes)))
 
 
-def hf_key_for(name: str, cfg: DecoderConfig) -> str | None:
-    """The checkpoint key that holds residscope parameter `name` (a fused key when several parameters share it), as the
-    loader reads it; None when no rule names it. For error messages: a missing tensor is named as the file names it."""
-    wmap = weight_map(cfg)
+def export_rules(wmap: WeightMap, n_layers: int):
+    """(checkpoint key, layer or None, rule) in the order export writes them: the top-level keys, then each block's
+    with fused rules first (Baichuan's W_pack before the q/k/v_proj it covers); load-only alternatives (fused experts)
+    left out."""
     for key, rule in wmap.top.items():
-        if name in local_parts(None, rule):
-            return key
-    if name.startswith("blocks."):
-        layer = int(name.split(".")[1])
-        for suffix, rule in wmap.block.items():
-            if not getattr(rule, "load_only", False) and name in local_parts(layer, rule):
-                return wmap.layer_key(layer, suffix)
-    return None
+        if not getattr(rule, "load_only", False):
+            yield key, None, rule
+    fused_first = sorted(wmap.block.items(), key=lambda item: not isinstance(item[1], Packed))
+    for layer in range(n_layers):
+        for suffix, rule in fused_first:
+            if not getattr(rule, "load_only", False):
+                yield wmap.layer_key(layer, suffix), layer, rule
+
+
+def hf_key_for(name: str, cfg: DecoderConfig) -> str | None:
+    """The checkpoint key that holds residscope parameter `name` (a fused key when several parameters share it), as
+    export writes it; None when no rule names it. For error messages: a missing tensor is named as the file names it."""
+    return next((key for key, layer, rule in export_rules(weight_map(cfg), cfg.n_layers)
+                 if name in local_parts(layer, rule)), None)
 
 
 def local_to_hf(state: dict[str, torch.Tensor], cfg: DecoderConfig) -> dict[str, torch.Tensor]:
@@ -74,8 +80,6 @@ def local_to_hf(state: dict[str, torch.Tensor], cfg: DecoderConfig) -> dict[str,
     used: set[str] = set()
 
     def emit(key: str, layer: int | None, rule) -> None:
-        if getattr(rule, "load_only", False):
-            return  # an alternative layout the loader accepts (fused experts); export writes the plain names
         names = local_parts(layer, rule)
         if used.intersection(names):
             return  # already written by a fused rule (Baichuan's W_pack over q/k/v_proj)
@@ -90,15 +94,11 @@ def local_to_hf(state: dict[str, torch.Tensor], cfg: DecoderConfig) -> dict[str,
         else:
             out[key] = state[names[0]]
 
-    for key, rule in wmap.top.items():
-        if rule == "unembed.weight" and cfg.tie_embeddings:
+    for key, layer, rule in export_rules(wmap, cfg.n_layers):
+        if layer is None and rule == "unembed.weight" and cfg.tie_embeddings:
             used.add("unembed.weight")
             continue
-        emit(key, None, rule)
-    fused_first = sorted(wmap.block.items(), key=lambda item: not isinstance(item[1], Packed))
-    for layer in range(cfg.n_layers):
-        for suffix, rule in fused_first:
-            emit(wmap.layer_key(layer, suffix), layer, rule)
+        emit(key, layer, rule)
     unmapped = [n for n in state if n not in used]
     if unmapped:
         raise KeyError(f"no Hugging Face name for parameter {unmapped[0]!r}")

@@ -126,10 +126,7 @@ def heal(model, train_batches: Sequence[Batch], eval_batches: Sequence[Batch], *
         eval_every = eval_every or max(1, steps // 5)
         order = _batch_order(len(train_batches), steps * grad_accum, seed)
 
-        def evaluate() -> float:
-            return held_out_ppl(model, eval_batches)
-
-        before = evaluate()
+        before = held_out_ppl(model, eval_batches)
         curve = [{"step": 0, "train_loss": None, "ppl": before}]
         losses, tokens = [], 0
         model.train()
@@ -143,7 +140,8 @@ def heal(model, train_batches: Sequence[Batch], eval_batches: Sequence[Batch], *
             bar.set_postfix(loss=f"{loss:.3f}")
             if (step + 1) % eval_every == 0 or step + 1 == steps:
                 recent = losses[-eval_every:]
-                curve.append({"step": step + 1, "train_loss": sum(recent) / len(recent), "ppl": evaluate()})
+                curve.append({"step": step + 1, "train_loss": sum(recent) / len(recent),
+                              "ppl": held_out_ppl(model, eval_batches)})
         model.eval()
         if lora is not None:
             _merge_lora(model)

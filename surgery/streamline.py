@@ -18,7 +18,7 @@ contiguous span of blocks and train one block to do the span's work.
 
 The streams are taken from the dense model once, before anything is removed; the held-out perplexity is measured with
 the span removed and block l untrained (`before`), during training and after (`HealResult.curve`, whose train_loss is
-the MSE here). The model is changed in place and must be in memory.
+the stream loss here, relative or MSE). The model is changed in place and must be in memory.
 """
 
 from __future__ import annotations
@@ -40,9 +40,13 @@ CLIP_NORM = 5.0  # LLM-Streamline's clip_grad_norm_ max_norm
 LOSSES = ("relative", "mse")
 
 
-def check_streamline(n: int, n_layers: int, arg: str = "--remove", loss: str = "relative") -> None:
+def check_streamline_loss(loss: str) -> None:
     if loss not in LOSSES:
         raise InputError(f"--streamline-loss must be one of {', '.join(LOSSES)}; got {loss!r}")
+
+
+def check_streamline(n: int, n_layers: int, arg: str = "--remove", loss: str = "relative") -> None:
+    check_streamline_loss(loss)
     if not 1 <= n <= n_layers - 1:
         raise InputError(f"{arg}: streamline removes 1 to {n_layers - 1} blocks of this {n_layers}-layer model "
                          f"(n + 1 consecutive blocks become one), got {n}")
@@ -51,7 +55,8 @@ def check_streamline(n: int, n_layers: int, arg: str = "--remove", loss: str = "
 def streamline(model, train_batches: Sequence[Batch], eval_batches: Sequence[Batch], n: int, *,
                select_batches: Sequence[Batch] | None = None, loss: str = "relative", steps: int = 100,
                grad_accum: int = 1, lr: float = 1e-4, weight_decay: float = 0.0, warmup: int | None = None,
-               eval_every: int | None = None, seed: int = 0, progress: bool = True, eval_source: str | None = None, train_source: str | None = None) -> HealResult:
+               eval_every: int | None = None, seed: int = 0, progress: bool = True, eval_source: str | None = None,
+               train_source: str | None = None) -> HealResult:
     """Replace the most redundant n + 1 consecutive blocks of `model` by one trained block, in place (see the module
     doc). `select_batches` choose the span (default: the training batches). Returns the healing record, with
     `streamline` = {"start", "removed", "loss", "span_distance", "distances", "mse_before", "mse_after"} (the
@@ -102,9 +107,6 @@ def streamline(model, train_batches: Sequence[Batch], eval_batches: Sequence[Bat
             total = [mse(i) for i in range(len(pairs))]
         return sum(float(s) for s, _ in total) / max(1, sum(k for _, k in total))
 
-    def evaluate() -> float:
-        return held_out_ppl(model, eval_batches)
-
     torch.manual_seed(seed)
     flags = {p: p.requires_grad for p in model.parameters()}
     try:
@@ -120,7 +122,7 @@ def streamline(model, train_batches: Sequence[Batch], eval_batches: Sequence[Bat
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, warmup, steps))
         eval_every = eval_every or max(1, steps // 5)
         order = _batch_order(len(pairs), steps * grad_accum, seed)
-        mse_before, before = mean_mse(), evaluate()
+        mse_before, before = mean_mse(), held_out_ppl(model, eval_batches)
         curve = [{"step": 0, "train_loss": None, "ppl": before}]
         losses, tokens = [], 0
         model.train()
@@ -143,7 +145,8 @@ def streamline(model, train_batches: Sequence[Batch], eval_batches: Sequence[Bat
             bar.set_postfix(mse=f"{losses[-1]:.4g}")
             if (step + 1) % eval_every == 0 or step + 1 == steps:
                 recent = losses[-eval_every:]
-                curve.append({"step": step + 1, "train_loss": sum(recent) / len(recent), "ppl": evaluate()})
+                curve.append({"step": step + 1, "train_loss": sum(recent) / len(recent),
+                              "ppl": held_out_ppl(model, eval_batches)})
         model.eval()
         mse_after = mean_mse()
     finally:
